@@ -1,2 +1,80 @@
-//! placeholder
-fn main() {}
+//! `splitvisor-blk` command line: parse flags, set up logging, call `run`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use splitvisor_blk::{run, Config};
+
+/// vhost-user-blk backend daemon of splitvisor: serves a raw disk image to a VMM over a
+/// vhost-user Unix socket, one frontend at a time, accepting the next one after a disconnect.
+#[derive(Debug, Parser)]
+#[command(name = "splitvisor-blk", version)]
+struct Cli {
+    /// Unix socket to listen on (created with mode 0600; PATH.lock guards against a second daemon).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Raw disk image; its size is rounded down to whole 512-byte sectors.
+    #[arg(long, value_name = "PATH")]
+    image: PathBuf,
+    /// Expose the disk read-only (VIRTIO_BLK_F_RO); writes fail with IOERR.
+    #[arg(long)]
+    readonly: bool,
+    /// Number of virtqueues, each served by its own worker thread (1-64).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    queues: usize,
+    /// Maximum size of each virtqueue (a power of two).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    queue_size: usize,
+    /// Open the image with O_DIRECT (unaligned transfers fall back to buffered I/O).
+    #[arg(long)]
+    direct: bool,
+    /// Disk ID returned by GET_ID (at most 20 bytes) [default: image file name, truncated].
+    #[arg(long, visible_alias = "id", value_name = "ID")]
+    serial: Option<String>,
+    /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+fn default_serial(image: &std::path::Path) -> String {
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut end = name.len().min(20);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_string()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .parse_filters(&cli.log_level)
+        .parse_env("RUST_LOG")
+        .init();
+    let config = Config {
+        serial: cli.serial.unwrap_or_else(|| default_serial(&cli.image)),
+        socket: cli.socket,
+        image: cli.image,
+        readonly: cli.readonly,
+        queues: cli.queues,
+        queue_size: cli.queue_size,
+        direct: cli.direct,
+    };
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("splitvisor-blk: error: {e}");
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                msg.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! The `Disk` trait the request executor works against: a raw image file and an in-memory disk.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use log::warn;
+use vmm_sys_util::fallocate::{fallocate, FallocateMode};
+
+/// Byte alignment O_DIRECT transfers are attempted with (buffer address, offset and length).
+pub const DIRECT_ALIGN: usize = 512;
+
+/// Block storage behind the device. Offsets and lengths are in bytes and already range-checked
+/// by the caller against `len()`.
+pub trait Disk: Send + Sync {
+    /// Size of the disk in bytes.
+    fn len(&self) -> u64;
+    /// True when the disk has no bytes at all.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Fill `buf` from `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make completed writes durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Tell the storage a range is no longer needed (its contents become unspecified).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Make a range read back as zeroes; `unmap` allows deallocating it.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+}
+
+/// Errors opening an image file.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot open image {path} (check that it exists and is {mode}; use --readonly for a read-only image)")]
+    Open {
+        path: PathBuf,
+        mode: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "cannot open image {path} with O_DIRECT (the filesystem may not support it; drop --direct)"
+    )]
+    OpenDirect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the size of image {path}")]
+    Metadata {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image {path} is not a regular file or block device")]
+    NotAFile { path: PathBuf },
+    #[error("image {path} is smaller than one 512-byte sector")]
+    TooSmall { path: PathBuf },
+}
+
+/// A raw image file, optionally opened a second time with O_DIRECT for the data path.
+pub struct FileDisk {
+    file: File,
+    direct: Option<File>,
+    direct_fallback_warned: AtomicBool,
+    len: u64,
+}
+
+impl FileDisk {
+    /// Open `path`; the usable size is rounded down to whole 512-byte sectors.
+    pub fn open(path: &Path, readonly: bool, direct: bool) -> Result<Self, DiskError> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(!readonly);
+        let file = opts.open(path).map_err(|source| DiskError::Open {
+            path: path.to_owned(),
+            mode: if readonly {
+                "readable"
+            } else {
+                "readable and writable"
+            },
+            source,
+        })?;
+        let meta = file.metadata().map_err(|source| DiskError::Metadata {
+            path: path.to_owned(),
+            source,
+        })?;
+        let raw_len = if meta.file_type().is_file() {
+            meta.len()
+        } else if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+            seek_end(&file).map_err(|source| DiskError::Metadata {
+                path: path.to_owned(),
+                source,
+            })?
+        } else {
+            return Err(DiskError::NotAFile {
+                path: path.to_owned(),
+            });
+        };
+        let len = raw_len - raw_len % 512;
+        if len == 0 {
+            return Err(DiskError::TooSmall {
+                path: path.to_owned(),
+            });
+        }
+        if len != raw_len {
+            warn!(
+                "image {} is {raw_len} bytes, not a multiple of 512: the last {} bytes are not visible to the guest",
+                path.display(),
+                raw_len - len
+            );
+        }
+        let direct = if direct {
+            let f = opts
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .map_err(|source| DiskError::OpenDirect {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            Some(f)
+        } else {
+            None
+        };
+        Ok(FileDisk {
+            file,
+            direct,
+            direct_fallback_warned: AtomicBool::new(false),
+            len,
+        })
+    }
+
+    /// The O_DIRECT file when this transfer meets its alignment rules.
+    fn direct_for(&self, ptr: *const u8, len: usize, offset: u64) -> Option<&File> {
+        let aligned = (ptr as usize) % DIRECT_ALIGN == 0
+            && len % DIRECT_ALIGN == 0
+            && offset % DIRECT_ALIGN as u64 == 0;
+        self.direct.as_ref().filter(|_| aligned)
+    }
+
+    fn warn_fallback(&self, err: &io::Error) {
+        if !self.direct_fallback_warned.swap(true, Ordering::Relaxed) {
+            warn!("O_DIRECT transfer failed ({err}); using buffered I/O for such transfers");
+        }
+    }
+}
+
+impl FileDisk {
+    /// `Ok(false)` when the filesystem does not support `mode`.
+    fn try_fallocate(&self, mode: FallocateMode, offset: u64, len: u64) -> io::Result<bool> {
+        match fallocate(&self.file, mode, true, offset, len) {
+            Ok(()) => Ok(true),
+            Err(e) if e.errno() == libc::EOPNOTSUPP => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn seek_end(file: &File) -> io::Result<u64> {
+    use std::io::Seek;
+    let mut f = file;
+    f.seek(io::SeekFrom::End(0))
+}
+
+impl Disk for FileDisk {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(f) = self.direct_for(buf.as_ptr(), buf.len(), offset) {
+            match f.read_exact_at(buf, offset) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.warn_fallback(&e),
+                other => return other,
+            }
+        }
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if let Some(f) = self.direct_for(buf.as_ptr(), buf.len(), offset) {
+            match f.write_all_at(buf, offset) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.warn_fallback(&e),
+                other => return other,
+            }
+        }
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        match fallocate(&self.file, FallocateMode::PunchHole, true, offset, len) {
+            // Discard is a hint: a filesystem without hole punching just keeps the data.
+            Err(e) if e.errno() == libc::EOPNOTSUPP => Ok(()),
+            other => other.map_err(io::Error::from),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        // A punched hole reads back as zeroes; fall back to zeroing, then to writing zeroes.
+        if unmap && self.try_fallocate(FallocateMode::PunchHole, offset, len)? {
+            return Ok(());
+        }
+        if self.try_fallocate(FallocateMode::ZeroRange, offset, len)? {
+            return Ok(());
+        }
+        write_zero_chunks(|buf, off| self.file.write_all_at(buf, off), offset, len)
+    }
+}
+
+/// Write zeroes through a small buffer (fallback when fallocate is not supported).
+fn write_zero_chunks(
+    mut write: impl FnMut(&[u8], u64) -> io::Result<()>,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    const CHUNK: u64 = 64 * 1024;
+    let zeroes = vec![0u8; CHUNK as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK);
+        // n <= CHUNK, which fits in usize.
+        write(&zeroes[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// An in-memory disk for tests; counts flushes and discards.
+pub struct MemDisk {
+    data: Mutex<Vec<u8>>,
+    pub flushes: AtomicU64,
+    pub discards: AtomicU64,
+}
+
+impl MemDisk {
+    pub fn new(len: usize) -> Self {
+        MemDisk {
+            data: Mutex::new(vec![0; len]),
+            flushes: AtomicU64::new(0),
+            discards: AtomicU64::new(0),
+        }
+    }
+
+    /// A copy of the disk contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        // A panic while holding the lock cannot leave the Vec invalid.
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn range(&self, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let end = start.checked_add(len).ok_or(io::ErrorKind::InvalidInput)?;
+        if end as u64 > self.len() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(start..end)
+    }
+}
+
+impl Disk for MemDisk {
+    fn len(&self) -> u64 {
+        self.lock().len() as u64
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let r = self.range(offset, buf.len())?;
+        buf.copy_from_slice(&self.lock()[r]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let r = self.range(offset, buf.len())?;
+        self.lock()[r].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+        self.range(offset, len)?;
+        self.discards.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let r = self.range(offset, len)?;
+        self.lock()[r].fill(0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::tempfile::TempFile;
+
+    #[test]
+    fn file_disk_rounds_down_and_round_trips() {
+        let tmp = TempFile::new().unwrap();
+        tmp.as_file().set_len(4096 + 100).unwrap();
+        let disk = FileDisk::open(tmp.as_path(), false, false).unwrap();
+        assert_eq!(disk.len(), 4096);
+        disk.write_at(&[7u8; 512], 512).unwrap();
+        let mut buf = [0u8; 512];
+        disk.read_at(&mut buf, 512).unwrap();
+        assert_eq!(buf, [7u8; 512]);
+        disk.write_zeroes(512, 512, true).unwrap();
+        disk.read_at(&mut buf, 512).unwrap();
+        assert_eq!(buf, [0u8; 512]);
+        disk.discard(0, 4096).unwrap();
+        disk.flush().unwrap();
+    }
+
+    #[test]
+    fn file_disk_errors_name_the_path() {
+        let err = FileDisk::open(Path::new("/nonexistent/img"), false, false)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("/nonexistent/img"));
+        let tmp = TempFile::new().unwrap();
+        let err = FileDisk::open(tmp.as_path(), true, false).err().unwrap();
+        assert!(matches!(err, DiskError::TooSmall { .. }));
+    }
+
+    #[test]
+    fn mem_disk_bounds() {
+        let d = MemDisk::new(1024);
+        assert!(d.write_at(&[1; 512], 768).is_err());
+        d.write_zeroes(0, 1024, false).unwrap();
+        assert_eq!(d.contents(), vec![0; 1024]);
+    }
+}
