@@ -1,6 +1,7 @@
 //! The guest's tasks (selected by the command line) and their common outcome type.
 
 mod exit;
+mod fault;
 mod selftest;
 
 use crate::bootinfo::BootInfo;
@@ -47,10 +48,11 @@ pub fn run(task: &Task, ctx: &Context, report: &mut Report) -> Outcome {
     match task.name {
         "selftest" => selftest::run(task, ctx, report),
         "exit" => exit::run(task, report),
+        "fault" => fault::run(task, report),
         other => {
             report.str(
                 "error",
-                format_args!("unknown task `{other}` (known: selftest, exit=N)"),
+                format_args!("unknown task `{other}` (known: selftest, exit=N, fault=KIND)"),
             );
             Outcome::BadCmdline
         }
