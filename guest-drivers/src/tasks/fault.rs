@@ -1,5 +1,6 @@
 //! `fault=KIND`: raises a CPU exception on purpose to test the fatal-exception path (report on
-//! the console, exit status 3). KIND: `ud` (#UD), `int3` (#BP), `gp` (non-canonical address), `pf` (unmapped address), `de` (divide by zero).
+//! the console, exit status 3). KIND: `ud` (#UD), `int3` (#BP), `gp` (non-canonical address),
+//! `pf` (unmapped address), `de` (divide by zero).
 
 use super::{no_params, Outcome, Task};
 use crate::json::Report;
@@ -23,9 +24,7 @@ pub fn run(task: &Task, report: &mut Report) -> Outcome {
     match kind {
         "ud" => unsafe { asm!("ud2", options(nomem, nostack)) },
         "int3" => unsafe { asm!("int3", options(nomem, nostack)) },
-        "gp" => unsafe {
-            asm!("out dx, al", in("dx") CLOSED_PORT, in("al") 0u8, options(nomem, nostack))
-        },
+        "gp" => unsafe { asm!("mov {0}, [{0}]", inout(reg) NON_CANONICAL => _, options(nostack)) },
         "pf" => unsafe { asm!("mov {0}, [{0}]", inout(reg) UNMAPPED => _, options(nostack)) },
         "de" => unsafe {
             asm!("xor edx, edx", "div ecx", in("ecx") 0, inout("eax") 1 => _, out("edx") _, options(nomem, nostack))
