@@ -1,2 +1,150 @@
-//! placeholder
-fn main() {}
+//! `splitvisor-net`: vhost-user-net backend daemon (TAP, or a learning switch between VMs).
+//! Parses flags and calls `daemon::run`.
+
+mod backend;
+mod daemon;
+mod device;
+mod ring;
+mod rxtx;
+mod socket;
+mod stats;
+mod switch;
+mod tap;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::daemon::{Config, Mode};
+use crate::switch::{MacAddr, MAX_PORTS};
+
+/// Most queue pairs (each pair is two bits of vhost-user-backend's 64-bit thread mask).
+const MAX_QUEUE_PAIRS: u16 = 32;
+
+#[derive(Parser, Debug)]
+#[command(name = "splitvisor-net", version, about = "vhost-user-net backend: TAP or L2 switch")]
+struct Args {
+    /// vhost-user socket path (one in TAP mode; one per port with --switch).
+    #[arg(long = "socket", required = true)]
+    sockets: Vec<PathBuf>,
+    /// TAP device to attach to (created if missing). Needs CAP_NET_ADMIN.
+    #[arg(long, conflicts_with = "switch", required_unless_present = "switch")]
+    tap: Option<String>,
+    /// Number of RX/TX queue pairs (TAP mode; one TAP queue and one worker thread each).
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Switch frames between the sockets' frontends instead of using a TAP.
+    #[arg(long)]
+    switch: bool,
+    /// MAC address to report to the guest (repeat once per socket). Default: 52:54:00:xx:xx:NN.
+    #[arg(long = "mac", value_parser = parse_mac)]
+    macs: Vec<MacAddr>,
+    /// MTU to advertise (VIRTIO_NET_F_MTU).
+    #[arg(long)]
+    mtu: Option<u16>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ArgsError {
+    #[error("--queues must be between 1 and {MAX_QUEUE_PAIRS}")]
+    Queues,
+    #[error("TAP mode serves exactly one --socket")]
+    TapSockets,
+    #[error("--switch takes between 1 and {MAX_PORTS} sockets")]
+    SwitchSockets,
+    #[error("--switch has one queue pair per port; drop --queues")]
+    SwitchQueues,
+    #[error("give one --mac per socket (or none): {0} MACs for {1} sockets")]
+    MacCount(usize, usize),
+}
+
+fn parse_mac(s: &str) -> Result<MacAddr, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = MacAddr::default();
+    if parts.len() != mac.len() {
+        return Err(format!("{s:?} is not a MAC address like 52:54:00:12:34:56"));
+    }
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16)
+            .map_err(|_| format!("{s:?}: {part:?} is not a hex byte"))?;
+    }
+    if mac[0] & 1 == 1 {
+        return Err(format!("{s:?} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// A stable locally administered default MAC: derived from the socket path and port index.
+fn default_mac(path: &std::path::Path, index: usize) -> MacAddr {
+    let hash = path
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193));
+    let [a, b, ..] = hash.to_le_bytes();
+    [0x52, 0x54, 0x00, a, b, index as u8]
+}
+
+fn config(args: Args) -> Result<Config, ArgsError> {
+    let mode = match args.tap {
+        Some(name) if !args.switch => {
+            if !(1..=MAX_QUEUE_PAIRS).contains(&args.queues) {
+                return Err(ArgsError::Queues);
+            }
+            if args.sockets.len() != 1 {
+                return Err(ArgsError::TapSockets);
+            }
+            Mode::Tap {
+                name,
+                queues: args.queues,
+            }
+        }
+        _ => {
+            if args.sockets.is_empty() || args.sockets.len() > MAX_PORTS {
+                return Err(ArgsError::SwitchSockets);
+            }
+            if args.queues != 1 {
+                return Err(ArgsError::SwitchQueues);
+            }
+            Mode::Switch
+        }
+    };
+    let macs = if args.macs.is_empty() {
+        let first = &args.sockets[0];
+        (0..args.sockets.len()).map(|i| default_mac(first, i)).collect()
+    } else if args.macs.len() == args.sockets.len() {
+        args.macs
+    } else {
+        return Err(ArgsError::MacCount(args.macs.len(), args.sockets.len()));
+    };
+    Ok(Config {
+        mode,
+        sockets: args.sockets,
+        macs,
+        mtu: args.mtu,
+    })
+}
+
+fn report(error: &dyn std::error::Error) -> ExitCode {
+    let mut message = format!("splitvisor-net: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    eprintln!("{message}");
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let config = match config(Args::parse()) {
+        Ok(config) => config,
+        Err(e) => return report(&e),
+    };
+    match daemon::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report(&e),
+    }
+}

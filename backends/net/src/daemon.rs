@@ -1,0 +1,211 @@
+//! `run(config)`: binds the sockets, opens the TAP or builds the switch, and serves frontends one
+//! connection after another, printing a STATS line after each disconnect.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+
+use crate::backend::{tap_event, Engine, NetBackend, TapPair};
+use crate::device::{DeviceModel, ALL_TAP_OFFLOADS};
+use crate::ring::Mem;
+use crate::socket::{self, BoundSocket, SocketError};
+use crate::stats::PortStats;
+use crate::switch::{MacAddr, Switch};
+use crate::tap::{TapError, TapQueue};
+
+/// What to serve.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// One socket, one TAP with `queues` queue pairs.
+    Tap { name: String, queues: u16 },
+    /// One port per socket, frames switched between them.
+    Switch,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub mode: Mode,
+    pub sockets: Vec<PathBuf>,
+    /// One MAC per socket.
+    pub macs: Vec<MacAddr>,
+    pub mtu: Option<u16>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("failed to set up signal handling")]
+    Signals(#[source] std::io::Error),
+    #[error("failed to bind the vhost-user socket")]
+    Socket(#[from] SocketError),
+    #[error("failed to set up the TAP device")]
+    Tap(#[from] TapError),
+    #[error("vhost-user daemon on {path}: {reason}")]
+    Serve { path: PathBuf, reason: String },
+    #[error("failed to start the thread for {0}")]
+    SpawnPort(PathBuf, #[source] std::io::Error),
+}
+
+/// How to build one connection's backend on a port.
+struct PortSpec {
+    name: String,
+    model: DeviceModel,
+    stats: Arc<PortStats>,
+    engine: Box<dyn Fn() -> Engine + Send>,
+    on_disconnect: Box<dyn Fn() + Send>,
+    tap_fds: Vec<i32>,
+}
+
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    let bound = config
+        .sockets
+        .iter()
+        .map(|path| socket::bind(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let all_stats: Vec<Arc<PortStats>> = match &config.mode {
+        Mode::Tap { queues, .. } => vec![port_stats(&bound[0], usize::from(*queues))],
+        Mode::Switch => bound.iter().map(|b| port_stats(b, 1)).collect(),
+    };
+    let printed = all_stats.clone();
+    socket::handle_termination(move || {
+        for stats in &printed {
+            eprintln!("STATS {}", stats.to_json());
+        }
+    })
+    .map_err(DaemonError::Signals)?;
+    let result = match &config.mode {
+        Mode::Tap { name, queues } => run_tap(&config, bound, all_stats, name, *queues),
+        Mode::Switch => run_switch(&config, bound, all_stats),
+    };
+    socket::cleanup();
+    result
+}
+
+fn port_stats(bound: &BoundSocket, pairs: usize) -> Arc<PortStats> {
+    Arc::new(PortStats::new(bound.path.display().to_string(), pairs))
+}
+
+fn run_tap(
+    config: &Config,
+    mut bound: Vec<BoundSocket>,
+    stats: Vec<Arc<PortStats>>,
+    name: &str,
+    queues: u16,
+) -> Result<(), DaemonError> {
+    let taps = TapQueue::open_all(name, usize::from(queues))?;
+    let offloads = taps[0].set_offload(ALL_TAP_OFFLOADS).is_ok();
+    if !offloads {
+        log::warn!("TAP {name} refuses checksum/TSO offloads; not offering them");
+    }
+    if let Err(e) = taps[0].set_offload(0) {
+        log::warn!("{e}");
+    }
+    log::info!("attached to TAP {name} with {queues} queue pair(s)");
+    let tap_fds = taps.iter().map(TapQueue::fd).collect();
+    let pairs = Arc::new(taps.into_iter().map(TapPair::new).collect::<Vec<_>>());
+    let spec = PortSpec {
+        name: format!("splitvisor-net-{name}"),
+        model: DeviceModel {
+            mac: config.macs[0],
+            pairs: queues,
+            mtu: config.mtu,
+            offloads,
+        },
+        stats: stats[0].clone(),
+        engine: Box::new(move || Engine::Tap(pairs.clone())),
+        on_disconnect: Box::new(|| {}),
+        tap_fds,
+    };
+    serve(bound.remove(0), spec)
+}
+
+fn run_switch(
+    config: &Config,
+    bound: Vec<BoundSocket>,
+    stats: Vec<Arc<PortStats>>,
+) -> Result<(), DaemonError> {
+    let switch = Arc::new(Switch::new(stats.clone()));
+    let mut threads = Vec::new();
+    for (port, sock) in bound.into_iter().enumerate() {
+        let path = sock.path.clone();
+        let (sw_engine, sw_detach) = (switch.clone(), switch.clone());
+        let spec = PortSpec {
+            name: format!("splitvisor-net-port{port}"),
+            model: DeviceModel {
+                mac: config.macs[port],
+                pairs: 1,
+                mtu: config.mtu,
+                offloads: false,
+            },
+            stats: stats[port].clone(),
+            engine: Box::new(move || Engine::Switch {
+                switch: sw_engine.clone(),
+                port,
+            }),
+            on_disconnect: Box::new(move || sw_detach.detach(port)),
+            tap_fds: Vec::new(),
+        };
+        let handle = thread::Builder::new()
+            .name(format!("port{port}"))
+            .spawn(move || serve(sock, spec))
+            .map_err(|e| DaemonError::SpawnPort(path, e))?;
+        threads.push(handle);
+    }
+    // Ports serve forever; the first one to fail ends the daemon with its error.
+    for handle in threads {
+        if let Ok(Err(e)) = handle.join() {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Accept frontends on one socket forever, a fresh backend (and worker threads) per connection.
+fn serve(bound: BoundSocket, spec: PortSpec) -> Result<(), DaemonError> {
+    let path = bound.path.clone();
+    let fail = |reason: String| DaemonError::Serve {
+        path: path.clone(),
+        reason,
+    };
+    let BoundSocket {
+        listener, lock: _lock, ..
+    } = bound;
+    let mut listener = Listener::from(listener);
+    loop {
+        let mem = GuestMemoryAtomic::new(Mem::default());
+        let backend = Arc::new(NetBackend::new(
+            spec.model.clone(),
+            (spec.engine)(),
+            spec.stats.clone(),
+            mem.clone(),
+        ));
+        let num_queues = usize::from(spec.model.pairs) * 2;
+        let mut daemon = VhostUserDaemon::new(spec.name.clone(), backend, mem)
+            .map_err(|e| fail(e.to_string()))?;
+        for (handler, fd) in daemon.get_epoll_handlers().iter().zip(&spec.tap_fds) {
+            handler
+                .register_listener(
+                    *fd,
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    u64::from(tap_event(num_queues)),
+                )
+                .map_err(|e| fail(format!("registering the TAP fd: {e}")))?;
+        }
+        log::info!("waiting for a frontend on {}", path.display());
+        daemon.start(&mut listener).map_err(|e| fail(e.to_string()))?;
+        spec.stats.connections.fetch_add(1, Ordering::Relaxed);
+        log::info!("frontend connected on {}", path.display());
+        if let Err(e) = daemon.wait() {
+            log::warn!("connection on {} ended: {e}", path.display());
+        }
+        (spec.on_disconnect)();
+        // Dropping the daemon stops and joins this connection's worker threads.
+        drop(daemon);
+        eprintln!("STATS {}", spec.stats.to_json());
+    }
+}

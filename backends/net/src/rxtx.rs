@@ -1,0 +1,243 @@
+//! The TAP frame path over descriptor chains: TX (guest -> TAP, header kept, zero copy through
+//! writev) and RX (TAP -> guest, merged buffers), behind a small `Tap` trait.
+
+use std::io;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::ring::{
+    needs_interrupt, write_rx_frame, Mem, RingError, RxOutcome, UsedBatch, MAX_FRAME_LEN,
+    VNET_HDR_LEN,
+};
+use crate::stats::{DropReason, QueueStats};
+
+/// Most segments one TX frame may have (the kernel's UIO_MAXIOV is 1024).
+pub const MAX_TX_SEGMENTS: usize = 256;
+
+/// A TAP queue as the frame path sees it. Frames carry a 12-byte `virtio_net_hdr_v1` in front.
+pub trait Tap {
+    /// Write one frame given as a gather list. Every iovec points into guest memory that stays
+    /// mapped for the duration of the call.
+    fn write_frame(&self, iov: &[libc::iovec]) -> io::Result<usize>;
+    /// Read one frame into `buf`; `WouldBlock` when none is queued.
+    fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+/// Errors that stop processing of a queue (the ring itself is unusable).
+#[derive(Debug, thiserror::Error)]
+pub enum RxTxError {
+    #[error("failed to update the virtqueue")]
+    Ring(#[from] RingError),
+}
+
+/// What one batch did, for the caller to count and signal.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// Used entries published.
+    pub used: usize,
+    /// Whether the driver asked for an interrupt.
+    pub interrupt: bool,
+}
+
+/// Reusable per-queue scratch state, so the data path does not allocate per frame.
+#[derive(Debug)]
+pub struct TxScratch {
+    iov: Vec<libc::iovec>,
+    used: UsedBatch,
+}
+
+// SAFETY: the iovecs are only filled and used within one `process_tx` call on the owning thread;
+// between calls they are stale, never dereferenced.
+unsafe impl Send for TxScratch {}
+
+impl Default for TxScratch {
+    fn default() -> Self {
+        TxScratch {
+            iov: Vec::with_capacity(MAX_TX_SEGMENTS),
+            used: UsedBatch::default(),
+        }
+    }
+}
+
+/// Descriptor ranges of one TX chain, validated against guest memory.
+pub fn gather_tx_chain(
+    chain: DescriptorChain<&Mem>,
+    mem: &Mem,
+    mut visit: impl FnMut(GuestAddress, usize) -> Result<(), DropReason>,
+) -> Result<usize, DropReason> {
+    let mut total = 0usize;
+    for desc in chain {
+        if desc.is_write_only() {
+            return Err(DropReason::WrongDirection);
+        }
+        let len = desc.len() as usize;
+        if !GuestMemoryBackend::check_range(mem, desc.addr(), len) {
+            return Err(DropReason::BadAddress);
+        }
+        total += len;
+        if total > MAX_FRAME_LEN {
+            return Err(DropReason::TxTooLarge);
+        }
+        visit(desc.addr(), len)?;
+    }
+    if total < VNET_HDR_LEN {
+        return Err(DropReason::TxTooShort);
+    }
+    Ok(total)
+}
+
+/// Send every available TX chain to the TAP; every chain goes back to the used ring.
+pub fn process_tx<T: Tap + ?Sized>(
+    queue: &mut Queue,
+    mem: &Mem,
+    tap: &T,
+    scratch: &mut TxScratch,
+    stats: &QueueStats,
+) -> Result<Batch, RxTxError> {
+    let old_used = queue.next_used();
+    loop {
+        let chain = match queue.iter(mem) {
+            Ok(mut iter) => iter.next(),
+            Err(_) => None,
+        };
+        let Some(chain) = chain else { break };
+        let head = chain.head_index();
+        scratch.iov.clear();
+        let iov = &mut scratch.iov;
+        let gathered = gather_tx_chain(chain, mem, |addr, len| {
+            if iov.len() == MAX_TX_SEGMENTS {
+                return Err(DropReason::TooManySegments);
+            }
+            for slice in mem.get_slices(addr, len) {
+                let slice = slice.map_err(|_| DropReason::BadAddress)?;
+                iov.push(libc::iovec {
+                    iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
+                    iov_len: slice.len(),
+                });
+            }
+            Ok(())
+        });
+        match gathered {
+            Ok(len) => match tap.write_frame(&scratch.iov) {
+                Ok(_) => stats.count_tx(len - VNET_HDR_LEN),
+                Err(e) => {
+                    log::debug!("TAP write of a {len}-byte frame failed: {e}");
+                    stats.count_drop(DropReason::TapWrite);
+                }
+            },
+            Err(reason) => {
+                log::warn!("dropping TX chain {head}: {}", reason.name());
+                stats.count_drop(reason);
+            }
+        }
+        scratch.used.push(head, 0);
+    }
+    scratch.iov.clear();
+    let used = scratch.used.publish(queue, mem)?;
+    let interrupt = needs_interrupt(queue, mem, old_used)?;
+    Ok(Batch { used, interrupt })
+}
+
+/// RX state of one queue: the frame read from the TAP that is waiting for guest buffers.
+pub struct RxState {
+    buf: Box<[u8]>,
+    pending: usize,
+    used: UsedBatch,
+}
+
+impl Default for RxState {
+    fn default() -> Self {
+        RxState {
+            buf: vec![0u8; MAX_FRAME_LEN].into_boxed_slice(),
+            pending: 0,
+            used: UsedBatch::default(),
+        }
+    }
+}
+
+/// Why an RX batch stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RxStop {
+    /// The TAP has nothing more to read.
+    TapEmpty,
+    /// The guest has no (more) RX buffers; a frame may be pending.
+    OutOfBuffers,
+}
+
+/// Move frames from the TAP into the RX queue until the TAP is empty or buffers run out.
+pub fn process_rx<T: Tap + ?Sized>(
+    queue: &mut Queue,
+    mem: &Mem,
+    tap: &T,
+    rx: &mut RxState,
+    mrg_rxbuf: bool,
+    stats: &QueueStats,
+) -> Result<(Batch, RxStop), RxTxError> {
+    let old_used = queue.next_used();
+    let stop = loop {
+        if rx.pending == 0 {
+            match tap.read_frame(&mut rx.buf) {
+                Ok(n) if n >= VNET_HDR_LEN => rx.pending = n,
+                Ok(_) => {
+                    stats.count_drop(DropReason::TapRead);
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxStop::TapEmpty,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("TAP read failed: {e}");
+                    stats.count_drop(DropReason::TapRead);
+                    break RxStop::TapEmpty;
+                }
+            }
+        }
+        let frame = &rx.buf[..rx.pending];
+        match write_rx_frame(queue, mem, frame, mrg_rxbuf, &mut rx.used) {
+            RxOutcome::Delivered(_) => stats.count_rx(rx.pending - VNET_HDR_LEN),
+            RxOutcome::NoBuffers => break RxStop::OutOfBuffers,
+            RxOutcome::Dropped(reason) => {
+                log::debug!("dropping RX frame of {} bytes: {}", rx.pending, reason.name());
+                stats.count_drop(reason);
+            }
+        }
+        rx.pending = 0;
+    };
+    let used = rx.used.publish(queue, mem)?;
+    let interrupt = needs_interrupt(queue, mem, old_used)?;
+    Ok((Batch { used, interrupt }, stop))
+}
+
+/// An in-memory TAP for tests: frames written are recorded, frames to read are queued.
+#[cfg(test)]
+#[derive(Default)]
+pub struct MemTap {
+    pub written: std::cell::RefCell<Vec<Vec<u8>>>,
+    pub to_read: std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>,
+}
+
+#[cfg(test)]
+impl Tap for MemTap {
+    fn write_frame(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let mut frame = Vec::new();
+        for v in iov {
+            // SAFETY: `Tap::write_frame`'s contract: each iovec points to `iov_len` mapped bytes.
+            let part = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+            frame.extend_from_slice(part);
+        }
+        let n = frame.len();
+        self.written.borrow_mut().push(frame);
+        Ok(n)
+    }
+
+    fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let frame = self
+            .to_read
+            .borrow_mut()
+            .pop_front()
+            .ok_or(io::ErrorKind::WouldBlock)?;
+        let n = frame.len().min(buf.len());
+        buf[..n].copy_from_slice(&frame[..n]);
+        Ok(n)
+    }
+}

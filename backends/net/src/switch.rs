@@ -1,0 +1,357 @@
+//! The learning L2 switch between VM NICs: MAC learning and forwarding decisions (pure), and
+//! copying frames straight from one guest's TX chain into other guests' RX chains.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{
+    Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+};
+
+use crate::ring::{
+    needs_interrupt, write_rx_frame, FrameSource, Mem, RxOutcome, Slice, UsedBatch, VNET_HDR_LEN,
+};
+use crate::rxtx::{gather_tx_chain, Batch, RxTxError, MAX_TX_SEGMENTS};
+use crate::stats::{DropReason, PortStats, QueueStats};
+
+/// Most ports (bounded by the dirty-port bitmask).
+pub const MAX_PORTS: usize = 64;
+/// Most learned MACs; beyond that, unknown destinations are simply flooded.
+const MAX_MACS: usize = 4096;
+const ETH_ADDR_LEN: usize = 6;
+
+pub type MacAddr = [u8; ETH_ADDR_LEN];
+
+/// Where a frame goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Forward {
+    /// To one known port.
+    Port(usize),
+    /// To every port except the source (broadcast, multicast, unknown unicast).
+    Flood,
+    /// Nowhere (destination is the source port itself).
+    Drop,
+}
+
+/// Learned MAC -> port table.
+#[derive(Debug, Default)]
+pub struct MacTable {
+    entries: HashMap<MacAddr, usize>,
+}
+
+fn is_multicast(mac: &MacAddr) -> bool {
+    mac[0] & 1 == 1
+}
+
+impl MacTable {
+    /// Whether learning `src` on `port` would change the table (lets callers take a read lock).
+    pub fn needs_learning(&self, src: &MacAddr, port: usize) -> bool {
+        !is_multicast(src)
+            && self.entries.get(src) != Some(&port)
+            && (self.entries.len() < MAX_MACS || self.entries.contains_key(src))
+    }
+
+    pub fn learn(&mut self, src: &MacAddr, port: usize) {
+        if self.needs_learning(src, port) {
+            self.entries.insert(*src, port);
+        }
+    }
+
+    pub fn decide(&self, src_port: usize, dst: &MacAddr) -> Forward {
+        if is_multicast(dst) {
+            return Forward::Flood;
+        }
+        match self.entries.get(dst) {
+            Some(&port) if port == src_port => Forward::Drop,
+            Some(&port) => Forward::Port(port),
+            None => Forward::Flood,
+        }
+    }
+
+    /// Forget everything learned on `port` (its frontend went away).
+    pub fn forget_port(&mut self, port: usize) {
+        self.entries.retain(|_, p| *p != port);
+    }
+}
+
+/// A connected port's RX queue, reachable from the other ports' worker threads.
+pub struct RxTarget {
+    pub vring: VringRwLock<GuestMemoryAtomic<Mem>>,
+    pub mem: GuestMemoryAtomic<Mem>,
+    pub mrg_rxbuf: bool,
+    /// `used.idx` when the current batch first touched this queue (interrupt decision).
+    batch_start: Option<u16>,
+    used: UsedBatch,
+}
+
+impl RxTarget {
+    pub fn new(
+        vring: VringRwLock<GuestMemoryAtomic<Mem>>,
+        mem: GuestMemoryAtomic<Mem>,
+        mrg_rxbuf: bool,
+    ) -> Self {
+        RxTarget {
+            vring,
+            mem,
+            mrg_rxbuf,
+            batch_start: None,
+            used: UsedBatch::default(),
+        }
+    }
+}
+
+struct Port {
+    target: Mutex<Option<RxTarget>>,
+    stats: Arc<PortStats>,
+}
+
+/// All ports of one switch.
+pub struct Switch {
+    ports: Vec<Port>,
+    table: RwLock<MacTable>,
+}
+
+/// A frame in a source guest's TX chain, presented with a fresh (zeroed) virtio-net header.
+struct ChainFrame<'a> {
+    mem: &'a Mem,
+    segments: &'a [(GuestAddress, usize)],
+    len: usize,
+}
+
+impl ChainFrame<'_> {
+    /// Copy bytes of the source chain starting at chain offset `offset` into `dst`.
+    fn copy_payload(&self, mut offset: usize, dst: &Slice<'_>) -> Result<usize, DropReason> {
+        let mut copied = 0;
+        for &(addr, len) in self.segments {
+            if copied == dst.len() {
+                break;
+            }
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            let want = (len - offset).min(dst.len() - copied);
+            let src_addr = addr.unchecked_add(offset as u64);
+            let mut done = 0;
+            for src in self.mem.get_slices(src_addr, want) {
+                let src = src.map_err(|_| DropReason::BadAddress)?;
+                let part = dst
+                    .subslice(copied + done, src.len())
+                    .map_err(|_| DropReason::BadAddress)?;
+                src.copy_to_volatile_slice(part);
+                done += src.len();
+            }
+            copied += done;
+            offset = 0;
+        }
+        Ok(copied)
+    }
+}
+
+impl FrameSource for ChainFrame<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn copy_to(&self, offset: usize, dst: &Slice<'_>) -> Result<usize, DropReason> {
+        let mut copied = 0;
+        if offset < VNET_HDR_LEN {
+            let n = (VNET_HDR_LEN - offset).min(dst.len());
+            dst.copy_from(&[0u8; VNET_HDR_LEN][..n]);
+            copied = n;
+        }
+        if copied < dst.len() {
+            let rest = dst.offset(copied).map_err(|_| DropReason::BadAddress)?;
+            // The source chain starts with its own header, so frame offsets are chain offsets.
+            copied += self.copy_payload(offset + copied, &rest)?;
+        }
+        Ok(copied)
+    }
+}
+
+/// Reusable per-port scratch so forwarding does not allocate per frame.
+#[derive(Default)]
+pub struct SwitchScratch {
+    segments: Vec<(GuestAddress, usize)>,
+    used: UsedBatch,
+}
+
+impl Switch {
+    pub fn new(stats: Vec<Arc<PortStats>>) -> Self {
+        Switch {
+            ports: stats
+                .into_iter()
+                .map(|stats| Port {
+                    target: Mutex::new(None),
+                    stats,
+                })
+                .collect(),
+            table: RwLock::new(MacTable::default()),
+        }
+    }
+
+    fn stats(&self, port: usize) -> Option<&QueueStats> {
+        self.ports.get(port).and_then(|p| p.stats.queues.first())
+    }
+
+    /// Make `port`'s RX queue a forwarding destination.
+    pub fn attach(&self, port: usize, target: RxTarget) {
+        if let Some(p) = self.ports.get(port) {
+            *p.target.lock().unwrap_or_else(PoisonError::into_inner) = Some(target);
+        }
+    }
+
+    /// `port`'s frontend went away: stop delivering to it and forget its MACs.
+    pub fn detach(&self, port: usize) {
+        if let Some(p) = self.ports.get(port) {
+            *p.target.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+        self.table
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget_port(port);
+    }
+
+    /// Forward every available chain of `port`'s TX queue; each goes back to its used ring.
+    pub fn process_tx(
+        &self,
+        port: usize,
+        queue: &mut Queue,
+        mem: &Mem,
+        scratch: &mut SwitchScratch,
+    ) -> Result<Batch, RxTxError> {
+        let old_used = queue.next_used();
+        let mut dirty: u64 = 0;
+        loop {
+            let chain = match queue.iter(mem) {
+                Ok(mut iter) => iter.next(),
+                Err(_) => None,
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            scratch.segments.clear();
+            let segments = &mut scratch.segments;
+            let gathered = gather_tx_chain(chain, mem, |addr, len| {
+                if segments.len() == MAX_TX_SEGMENTS {
+                    return Err(DropReason::TooManySegments);
+                }
+                segments.push((addr, len));
+                Ok(())
+            });
+            let result = gathered.and_then(|len| {
+                let frame = ChainFrame {
+                    mem,
+                    segments: &scratch.segments,
+                    len,
+                };
+                self.forward(port, &frame, &mut dirty)
+            });
+            if let Some(stats) = self.stats(port) {
+                match result {
+                    Ok(len) => stats.count_tx(len - VNET_HDR_LEN),
+                    Err(reason) => stats.count_drop(reason),
+                }
+            }
+            scratch.used.push(head, 0);
+        }
+        let used = scratch.used.publish(queue, mem)?;
+        self.signal_dirty(dirty);
+        let interrupt = needs_interrupt(queue, mem, old_used)?;
+        Ok(Batch { used, interrupt })
+    }
+
+    /// Learn the source, pick destinations, copy. Returns the frame length on success.
+    fn forward(&self, port: usize, frame: &ChainFrame, dirty: &mut u64) -> Result<usize, DropReason> {
+        let mut eth = [0u8; 2 * ETH_ADDR_LEN];
+        let got = frame.copy_payload(VNET_HDR_LEN, &Slice::from(&mut eth[..]))?;
+        if got < eth.len() {
+            return Err(DropReason::Filtered);
+        }
+        let mut dst = MacAddr::default();
+        let mut src = MacAddr::default();
+        dst.copy_from_slice(&eth[..ETH_ADDR_LEN]);
+        src.copy_from_slice(&eth[ETH_ADDR_LEN..]);
+        let decision = {
+            let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+            let learn = table.needs_learning(&src, port);
+            let decision = table.decide(port, &dst);
+            drop(table);
+            if learn {
+                let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
+                table.learn(&src, port);
+            }
+            decision
+        };
+        match decision {
+            Forward::Port(to) => self.deliver(to, frame, dirty)?,
+            Forward::Flood => {
+                for to in (0..self.ports.len()).filter(|&p| p != port) {
+                    // A flood succeeds if it was offered; each destination counts its own drops.
+                    if let Err(reason) = self.deliver(to, frame, dirty) {
+                        if let Some(stats) = self.stats(to) {
+                            stats.count_drop(reason);
+                        }
+                    }
+                }
+            }
+            Forward::Drop => return Err(DropReason::Filtered),
+        }
+        Ok(frame.len)
+    }
+
+    fn deliver(&self, to: usize, frame: &ChainFrame, dirty: &mut u64) -> Result<(), DropReason> {
+        let port = self.ports.get(to).ok_or(DropReason::NoRxBuffers)?;
+        let mut slot = port.target.lock().unwrap_or_else(PoisonError::into_inner);
+        let target = slot.as_mut().ok_or(DropReason::NoRxBuffers)?;
+        let mem = target.mem.memory();
+        let mut state = target.vring.get_mut();
+        let queue = state.get_queue_mut();
+        let start = queue.next_used();
+        let outcome = write_rx_frame(queue, &mem, frame, target.mrg_rxbuf, &mut target.used);
+        if target.used.publish(queue, &mem).is_err() {
+            return Err(DropReason::BadAddress);
+        }
+        if queue.next_used() != start {
+            target.batch_start.get_or_insert(start);
+            *dirty |= 1u64 << to;
+        }
+        match outcome {
+            RxOutcome::Delivered(_) => {
+                if let Some(stats) = port.stats.queues.first() {
+                    stats.count_rx(frame.len - VNET_HDR_LEN);
+                }
+                Ok(())
+            }
+            RxOutcome::NoBuffers => Err(DropReason::NoRxBuffers),
+            RxOutcome::Dropped(reason) => Err(reason),
+        }
+    }
+
+    /// Interrupt the ports that received frames in this batch, if their drivers want it.
+    fn signal_dirty(&self, dirty: u64) {
+        for (index, port) in self.ports.iter().enumerate() {
+            if dirty & (1u64 << index) == 0 {
+                continue;
+            }
+            let mut slot = port.target.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(target) = slot.as_mut() else { continue };
+            let Some(start) = target.batch_start.take() else { continue };
+            let mem = target.mem.memory();
+            let state = target.vring.get_ref();
+            let wanted = needs_interrupt(state.get_queue(), &mem, start).unwrap_or(true);
+            if wanted {
+                if let Err(e) = state.signal_used_queue() {
+                    log::warn!("failed to interrupt switch port {index}: {e}");
+                } else if let Some(stats) = port.stats.queues.first() {
+                    QueueStats::bump(&stats.rx_interrupts);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "switch_tests.rs"]
+mod tests;
