@@ -137,9 +137,9 @@ impl FileDisk {
 
     /// The O_DIRECT file when this transfer meets its alignment rules.
     fn direct_for(&self, ptr: *const u8, len: usize, offset: u64) -> Option<&File> {
-        let aligned = (ptr as usize) % DIRECT_ALIGN == 0
-            && len % DIRECT_ALIGN == 0
-            && offset % DIRECT_ALIGN as u64 == 0;
+        let aligned = (ptr as usize).is_multiple_of(DIRECT_ALIGN)
+            && len.is_multiple_of(DIRECT_ALIGN)
+            && offset.is_multiple_of(DIRECT_ALIGN as u64);
         self.direct.as_ref().filter(|_| aligned)
     }
 

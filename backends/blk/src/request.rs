@@ -390,7 +390,7 @@ fn check_data<G: GuestMemory + ?Sized>(
 
 /// Byte offset of a transfer of `len` bytes at `sector`, checked against the capacity.
 fn sector_range(sector: u64, len: u64, capacity: u64) -> Result<u64, RequestError> {
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(RequestError::UnalignedLength(len));
     }
     let sectors = len / SECTOR_SIZE;
@@ -523,7 +523,7 @@ fn read_ranges<G: GuestMemory + ?Sized>(
             VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
         )
     };
-    if data_len == 0 || data_len % RANGE_LEN as u64 != 0 {
+    if data_len == 0 || !data_len.is_multiple_of(RANGE_LEN as u64) {
         return Err(RequestError::BadRangePayload(data_len));
     }
     let count = data_len / RANGE_LEN as u64;
