@@ -10,6 +10,8 @@ mod socket;
 mod stats;
 mod switch;
 mod tap;
+#[cfg(test)]
+mod testutil;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -241,3 +241,7 @@ impl Tap for MemTap {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+#[path = "rxtx_tests.rs"]
+mod tests;

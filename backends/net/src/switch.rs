@@ -110,6 +110,8 @@ struct Port {
 /// All ports of one switch.
 pub struct Switch {
     ports: Vec<Port>,
+    /// `0..ports.len()`, so flooding iterates without allocating.
+    flood_order: Vec<usize>,
     table: RwLock<MacTable>,
 }
 
@@ -180,7 +182,9 @@ pub struct SwitchScratch {
 
 impl Switch {
     pub fn new(stats: Vec<Arc<PortStats>>) -> Self {
+        let flood_order = (0..stats.len()).collect();
         Switch {
+            flood_order,
             ports: stats
                 .into_iter()
                 .map(|stats| Port {
@@ -284,19 +288,22 @@ impl Switch {
             }
             decision
         };
-        match decision {
-            Forward::Port(to) => self.deliver(to, frame, dirty)?,
-            Forward::Flood => {
-                for to in (0..self.ports.len()).filter(|&p| p != port) {
-                    // A flood succeeds if it was offered; each destination counts its own drops.
-                    if let Err(reason) = self.deliver(to, frame, dirty) {
-                        if let Some(stats) = self.stats(to) {
-                            stats.count_drop(reason);
-                        }
-                    }
+        let single;
+        let destinations = match decision {
+            Forward::Port(to) => {
+                single = [to];
+                &single[..]
+            }
+            Forward::Flood => &self.flood_order[..],
+            Forward::Drop => return Err(DropReason::Filtered),
+        };
+        // The frame counts as sent once offered; each destination counts its own drops.
+        for &to in destinations.iter().filter(|&&p| p != port) {
+            if let Err(reason) = self.deliver(to, frame, dirty) {
+                if let Some(stats) = self.stats(to) {
+                    stats.count_drop(reason);
                 }
             }
-            Forward::Drop => return Err(DropReason::Filtered),
         }
         Ok(frame.len)
     }
