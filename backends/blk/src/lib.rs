@@ -168,7 +168,11 @@ fn serve_one(
     }
     let acked = backend.acked();
     match result {
-        Ok(()) => info!(
+        // A frontend closing the socket between messages is an ordinary disconnect.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => info!(
             "frontend disconnected (features {acked:#x}: {})",
             feature_names(acked)
         ),
