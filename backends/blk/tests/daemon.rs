@@ -390,3 +390,19 @@ fn missing_image_is_a_clear_error() {
         "the error chain is printed once: {err}"
     );
 }
+
+#[test]
+fn direct_io_round_trips() {
+    let dir = TempDir::new().unwrap();
+    let image = make_image(dir.as_path());
+    let daemon = Daemon::start(dir.as_path(), &image, &["--direct"]);
+    let ram = GuestRam::new(RAM_GPA, RAM_SIZE);
+    let mut ring = SplitVring::new(&ram, 0x1_0000, QUEUE_SIZE);
+    let (s, _) = handshake(&daemon.socket, &ram, &[&ring]);
+    write_read_check(&s, &ram, &mut ring, 0, &image, 7);
+    assert!(
+        !daemon.log().contains("O_DIRECT transfer failed"),
+        "{}",
+        daemon.log()
+    );
+}
