@@ -112,7 +112,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let stats = Arc::new(DeviceStats::new(config.queues));
     let (listener, guard) = socket::bind(&config.socket)?;
     let guard = Arc::new(guard);
-    handle_signals(guard.clone(), stats.clone()).map_err(RunError::Signals)?;
+    handle_signals(guard.clone(), stats.clone(), disk.clone()).map_err(RunError::Signals)?;
     let mut listener = Listener::from(listener);
     info!(
         "serving {} ({} sectors{}{}) on {} with {} queue(s) of {}",
@@ -181,9 +181,13 @@ fn serve_one(
     Ok(())
 }
 
-/// Block SIGINT/SIGTERM in every thread and handle them in a dedicated one: remove the socket
-/// and lock file, print the counters, exit 0.
-fn handle_signals(guard: Arc<SocketGuard>, stats: Arc<DeviceStats>) -> std::io::Result<()> {
+/// Block SIGINT/SIGTERM in every thread and handle them in a dedicated one: flush the image,
+/// remove the socket and lock file, print the counters, exit 0.
+fn handle_signals(
+    guard: Arc<SocketGuard>,
+    stats: Arc<DeviceStats>,
+    disk: Arc<dyn Disk>,
+) -> std::io::Result<()> {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t owned by this frame.
@@ -209,6 +213,9 @@ fn handle_signals(guard: Arc<SocketGuard>, stats: Arc<DeviceStats>) -> std::io::
             }
             info!("signal {sig} received, removing {}", guard.path().display());
             guard.cleanup();
+            if let Err(e) = disk.flush() {
+                warn!("cannot flush the image on exit: {e}");
+            }
             eprintln!("STATS {}", stats.to_json());
             std::process::exit(0);
         })?;

@@ -367,6 +367,25 @@ fn readonly_rejects_writes() {
     assert_eq!(do_request(&s, &ram, &mut ring, 0, T_OUT, 0, 512), (1, 1));
     assert_eq!(do_request(&s, &ram, &mut ring, 0, T_IN, 0, 512), (0, 513));
     assert_eq!(ram.read(bufs(0).data, 512), vec![0u8; 512]);
+    // A chain whose status byte is not device-writable comes back with length 0...
+    let b = bufs(0);
+    let before = ring.used_idx();
+    ring.add_chain(&[
+        (b.hdr, 16, false),
+        (b.data, 512, true),
+        (b.status, 1, false),
+    ]);
+    s.kicks[0].write(1).unwrap();
+    wait_call(&s.calls[0]);
+    ring.set_used_event(ring.used_idx());
+    assert_eq!(ring.used_elem(before).1, 0);
+    // ...and the daemon keeps serving.
+    assert_eq!(do_request(&s, &ram, &mut ring, 0, T_IN, 0, 512), (0, 513));
+    assert!(
+        daemon.log().contains("no usable status byte"),
+        "{}",
+        daemon.log()
+    );
 }
 
 #[test]
