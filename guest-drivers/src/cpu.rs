@@ -1,13 +1,12 @@
 //! CPU structures and privileged paths: the per-vCPU TSSs (rsp0 and the I/O permission bitmap),
-//! the exception stubs and fatal exception report, and the park gate APs finish in.
+//! the exception stubs and fatal exception report, and the park path APs finish in.
 //!
 //! The GDT and IDT themselves are generated into the linker script by build.rs; this file owns
 //! the code they point at. Exceptions from CPL 3 arrive on the vCPU's own CPL-0 stack (TSS
 //! rsp0), so the CPL-3 red zone is never touched; nothing here returns to the interrupted code.
 
 use crate::layout::{
-    GUEST_PORTS, IO_BITMAP_PORTS, MAX_CPUS, PARK_VECTOR, TSS_IOMAP_BASE, TSS_IOMAP_BYTES,
-    TSS_LIMIT, TSS_STRIDE,
+    GUEST_PORTS, IO_BITMAP_PORTS, MAX_CPUS, TSS_IOMAP_BASE, TSS_IOMAP_BYTES, TSS_LIMIT, TSS_STRIDE,
 };
 use crate::serial;
 use core::fmt::Write;
@@ -57,6 +56,11 @@ core::arch::global_asm!(
     ".irp vector, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
     ".globl splitvisor_exception_\\vector",
     "splitvisor_exception_\\vector:",
+    // A breakpoint whose return address is the one in `splitvisor_park` is a park request.
+    ".if \\vector == 3",
+    "    cmpq $splitvisor_park_return, (%rsp)",
+    "    je splitvisor_park_gate",
+    ".endif",
     ".if (\\vector == 8) || ((\\vector >= 10) && (\\vector <= 14)) || (\\vector == 17) || (\\vector == 21) || (\\vector == 29) || (\\vector == 30)",
     ".else",
     "    pushq $0",
@@ -69,12 +73,18 @@ core::arch::global_asm!(
     "    andq $-16, %rsp",
     "    call splitvisor_exception",
     "    ud2",
-    // The DPL-3 park gate: the calling vCPU stops at CPL 0 with interrupts off.
-    ".globl splitvisor_park_gate",
+    // Where parked vCPUs stop: CPL 0, interrupts off, halted for good.
     "splitvisor_park_gate:",
     "    cli",
     "1:  hlt",
     "    jmp 1b",
+    // Parking from CPL 3: `int3` through its DPL-3 gate, recognised by the return address.
+    // (`int 0x81` through a DPL-3 gate raises #UD on the PVM hosts; int3 works everywhere.)
+    ".globl splitvisor_park",
+    "splitvisor_park:",
+    "    int3",
+    "splitvisor_park_return:",
+    "    jmp splitvisor_park",
     options(att_syntax),
 );
 
@@ -120,14 +130,16 @@ extern "C" fn splitvisor_exception(frame: &ExceptionFrame) -> ! {
     serial::exit(3)
 }
 
-/// Stops the calling vCPU for good: the DPL-3 gate halts it at CPL 0 with interrupts off.
+extern "C" {
+    /// `int3` from a known address, which the #BP stub turns into a halt at CPL 0.
+    fn splitvisor_park() -> !;
+}
+
+/// Stops the calling vCPU for good: it halts at CPL 0 with interrupts off.
 pub fn park() -> ! {
-    const _: () = assert!(PARK_VECTOR == 0x81);
-    loop {
-        // SAFETY: the IDT has a DPL-3 gate at PARK_VECTOR whose handler never returns; it
-        // touches no memory of ours.
-        unsafe { core::arch::asm!("int 0x81", options(nomem, nostack)) };
-    }
+    // SAFETY: splitvisor_park (assembly above) never returns and touches no memory of ours;
+    // it works from CPL 3 and from CPL 0 (the fatal exception path).
+    unsafe { splitvisor_park() }
 }
 
 /// The time-stamp counter (readable at CPL 3 unless CR4.TSD is set, which nobody sets here).

@@ -35,10 +35,10 @@ pub const GUEST_PORTS: [(u16, u16); 4] = [(0x3f8, 8), (0xf4, 1), (0x1f0, 8), (0x
 pub const EXCEPTION_VECTORS: usize = 32;
 /// Exceptions that push an error code (the stubs push a zero for the others).
 pub const VECTORS_WITH_ERROR_CODE: [usize; 10] = [8, 10, 11, 12, 13, 14, 17, 21, 29, 30];
-/// The DPL-3 gate (`int 0x81`) that parks the calling vCPU at CPL 0 for good.
-pub const PARK_VECTOR: usize = 0x81;
-/// IDT entries (16 bytes each): everything up to and including the park gate.
-pub const IDT_ENTRIES: usize = PARK_VECTOR + 1;
+/// IDT entries (16 bytes each): the exceptions only. Parking uses the #BP gate (cpu.rs), as
+/// `int N` through other DPL-3 gates raises #UD on the PVM hosts; a stray external interrupt
+/// (vector >= 32) is beyond the IDT limit and raises #GP, which is reported.
+pub const IDT_ENTRIES: usize = EXCEPTION_VECTORS;
 
 /// Per-vCPU stacks: CPL 0 (the TSS `rsp0`, used only by exception and gate handlers) and CPL 3.
 pub const KERNEL_STACK_SIZE: usize = 8 << 10;
