@@ -1,0 +1,134 @@
+//! The `splitvisor` command line: subcommands and their flags, turned into configs.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ByteSize, KernelSource, SerialConfig, VmConfig};
+
+const EXIT_STATUS_HELP: &str = exit_status_help();
+
+const fn exit_status_help() -> &'static str {
+    "Exit status:\n  \
+     0-255  the status the guest wrote to the debug-exit port (0xf4); the project's guest uses\n         \
+     0 = pass, 1 = fail, 2 = bad command line, 3 = CPU exception\n  \
+     1      also: the VM could not be set up (the message says why)\n  \
+     121    the guest triple-faulted or reset\n  \
+     122    KVM could not run the guest (internal error / emulation failure)\n  \
+     123    a vCPU thread failed\n  \
+     130    stopped by SIGINT or SIGTERM\n\n\
+     Environment:\n  \
+     SPLITVISOR_KVM_DEVICE  the KVM device to open (default /dev/kvm)\n  \
+     RUST_LOG               log level for the VMM's messages on stderr (default: warn)"
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "splitvisor",
+    version,
+    about = "A KVM virtual machine monitor whose disk and network devices run as separate vhost-user backend daemons",
+    long_about = "A KVM virtual machine monitor whose disk and network devices run as separate \
+                  vhost-user backend daemons. The VMM handles only CPU and memory through KVM; \
+                  without --kernel it boots the project's own guest, embedded in this binary."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a VM and run it until the guest exits; the exit status is the guest's.
+    #[command(after_long_help = EXIT_STATUS_HELP)]
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest memory, with an optional K, M, G or T suffix (e.g. 256M, 1G); a whole number of MiB.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    pub memory: ByteSize,
+
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u8,
+
+    /// Kernel to boot: an x86-64 ELF (the project's guest or a vmlinux). Default: the guest
+    /// embedded in this binary.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Kernel command line. For the project's guest, the task to run: `selftest`, `exit=N`, ...
+    #[arg(long, value_name = "STRING", default_value = "")]
+    pub cmdline: String,
+
+    /// Where the serial console goes: stdio, file=PATH, or none.
+    #[arg(long, value_name = "DEST", default_value = "stdio")]
+    pub serial: SerialConfig,
+}
+
+impl RunArgs {
+    pub fn to_config(&self) -> VmConfig {
+        VmConfig {
+            memory: self.memory,
+            vcpus: self.vcpus,
+            kernel: match &self.kernel {
+                Some(path) => KernelSource::File(path.clone()),
+                None => KernelSource::Embedded,
+            },
+            cmdline: self.cmdline.clone(),
+            serial: self.serial.clone(),
+        }
+    }
+}
+
+/// The statuses documented above, checked against the code that produces them.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm_end;
+    use clap::CommandFactory;
+
+    #[test]
+    fn help_documents_every_vmm_status() {
+        for status in [
+            vm_end::STATUS_SHUTDOWN,
+            vm_end::STATUS_INTERNAL_ERROR,
+            vm_end::STATUS_VCPU_FAILED,
+            vm_end::STATUS_INTERRUPTED,
+        ] {
+            assert!(
+                EXIT_STATUS_HELP.contains(&format!("  {status} ")),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_defaults_boot_the_embedded_guest() {
+        let cli = Cli::try_parse_from(["splitvisor", "run", "--cmdline", "selftest"]).unwrap();
+        let Command::Run(args) = cli.command;
+        let config = args.to_config();
+        assert_eq!(config.memory, ByteSize(256 << 20));
+        assert_eq!(config.vcpus, 1);
+        assert_eq!(config.kernel, KernelSource::Embedded);
+        assert_eq!(config.serial, SerialConfig::Stdio);
+    }
+
+    #[test]
+    fn bad_values_are_reported_with_the_flag() {
+        let err = Cli::try_parse_from(["splitvisor", "run", "--memory", "12X"]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--memory") && msg.contains("'12X' is not a size"),
+            "{msg}"
+        );
+        let err = Cli::try_parse_from(["splitvisor", "run", "--vcpus", "300"]).unwrap_err();
+        assert!(err.to_string().contains("--vcpus"), "{err}");
+    }
+}

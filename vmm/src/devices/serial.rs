@@ -1,0 +1,109 @@
+//! The console: vm-superio's 8250 UART on COM1, its output to stdout, a file or nowhere, its
+//! interrupt through an irqfd.
+
+use std::fs::File;
+use std::io::{self, LineWriter, Write};
+
+use log::warn;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+use crate::config::SerialConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("cannot create --serial file {0}")]
+    CreateFile(String, #[source] io::Error),
+    #[error("cannot create the serial interrupt eventfd")]
+    EventFd(#[source] io::Error),
+}
+
+/// Raises the serial IRQ by writing the eventfd KVM routes to GSI 4.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+type Output = Box<dyn Write + Send>;
+
+pub struct SerialConsole {
+    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, Output>,
+}
+
+impl SerialConsole {
+    /// Builds the console; returns it with the eventfd to register as its irqfd.
+    pub fn new(config: &SerialConfig) -> Result<(Self, EventFd), SerialError> {
+        let out: Output = match config {
+            SerialConfig::Stdio => Box::new(LineWriter::new(io::stdout())),
+            SerialConfig::File(path) => {
+                Box::new(LineWriter::new(File::create(path).map_err(|e| {
+                    SerialError::CreateFile(path.display().to_string(), e)
+                })?))
+            }
+            SerialConfig::None => Box::new(io::sink()),
+        };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;
+        let trigger = IrqTrigger(irq.try_clone().map_err(SerialError::EventFd)?);
+        Ok((
+            Self {
+                uart: Serial::new(trigger, out),
+            },
+            irq,
+        ))
+    }
+
+    pub fn flush(&mut self) {
+        if let Err(e) = self.uart.writer_mut().flush() {
+            warn!("flushing the serial console output failed: {e}");
+        }
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = self.uart.read(offset as u8);
+        data.fill(0);
+        if let Some(first) = data.first_mut() {
+            *first = value;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(value) = data.first() {
+            if let Err(e) = self.uart.write(offset as u8, *value) {
+                warn!("serial console write failed: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_written_to_the_data_register_reach_the_file() {
+        let path = std::env::temp_dir().join(format!("splitvisor-serial-{}", std::process::id()));
+        let (mut console, _irq) = SerialConsole::new(&SerialConfig::File(path.clone())).unwrap();
+        for b in b"hello\n" {
+            console.write(0, &[*b]);
+        }
+        console.flush();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "hello\n");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn unwritable_file_is_named_in_the_error() {
+        let err = SerialConsole::new(&SerialConfig::File("/nonexistent/dir/out".into()))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("/nonexistent/dir/out"), "{err}");
+    }
+}

@@ -1,0 +1,14 @@
+//! splitvisor: a KVM virtual machine monitor whose disk and network devices run outside it, as
+//! vhost-user backend daemons. This crate is the VMM: CPU and memory through KVM, a few tiny
+//! emulated devices, and the control plane of the vhost-user devices.
+
+pub mod boot;
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+pub mod vm_end;

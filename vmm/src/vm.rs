@@ -1,0 +1,249 @@
+//! A VM: KVM, its memfd-backed memory, the in-kernel irqchip, the buses and their devices,
+//! and the vCPUs - built from a `VmConfig`, run until it ends.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VmFd};
+use log::{debug, info};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::boot::{self, vcpu_regs, BootError};
+use crate::bus::{Bus, BusError, SharedDevice};
+use crate::config::VmConfig;
+use crate::devices::debug_exit::DebugExit;
+use crate::devices::serial::{SerialConsole, SerialError};
+use crate::layout;
+use crate::memory::{self, GuestMemory, MemoryError};
+use crate::vcpu::{self, ExitCounters, Vcpu, VcpuContext, VcpuError};
+use crate::vm_end::{EndSignal, VmEnd};
+
+/// Where KVM is, unless `SPLITVISOR_KVM_DEVICE` says otherwise.
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open {}: {source}; {hint}", .path.display())]
+    OpenKvm {
+        path: PathBuf,
+        source: kvm_ioctls::Error,
+        hint: &'static str,
+    },
+    #[error("--vcpus {requested} is more than KVM allows on this host ({max})")]
+    TooManyVcpus { requested: u8, max: usize },
+    #[error("KVM_CREATE_VM failed")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("KVM_SET_USER_MEMORY_REGION for guest RAM at {0:#x} failed")]
+    MapMemory(u64, #[source] kvm_ioctls::Error),
+    #[error("creating the in-kernel interrupt controller failed")]
+    Irqchip(#[source] kvm_ioctls::Error),
+    #[error("KVM_SET_TSS_ADDR failed")]
+    TssAddress(#[source] kvm_ioctls::Error),
+    #[error("could not prepare the guest for boot")]
+    Boot(#[from] BootError),
+    #[error("could not write the boot GDT")]
+    BootGdt(#[source] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    #[error("registering the {0} interrupt with KVM failed")]
+    Irqfd(&'static str, #[source] kvm_ioctls::Error),
+    #[error("placing a device on the bus failed")]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("could not start the thread for vCPU {0}")]
+    SpawnVcpu(u8, #[source] std::io::Error),
+    #[error("could not set up signal handling")]
+    Signals(#[source] vmm_sys_util::errno::Error),
+    #[error("could not start the signal-watching thread")]
+    SpawnSignalThread(#[source] std::io::Error),
+}
+
+pub struct Vm {
+    _vm_fd: VmFd,
+    _memory: GuestMemory,
+    vcpus: Vec<Vcpu>,
+    ctx: VcpuContext,
+    serial: Arc<Mutex<SerialConsole>>,
+}
+
+impl Vm {
+    /// Creates the VM and everything in it; the vCPUs are ready at the entry point.
+    pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+        let kvm = open_kvm()?;
+        let max = kvm.get_max_vcpus();
+        if usize::from(config.vcpus) > max {
+            return Err(VmError::TooManyVcpus {
+                requested: config.vcpus,
+                max,
+            });
+        }
+        let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let memory = memory::create_guest_memory(config.memory.0)?;
+        register_memory(&vm_fd, &memory)?;
+        vm_fd
+            .set_tss_address(layout::RAM_HOLE_END as usize - 0x3000)
+            .map_err(VmError::TssAddress)?;
+        vm_fd.create_irq_chip().map_err(VmError::Irqchip)?;
+
+        let boot_entry = boot::prepare(&memory, &config.kernel, &config.cmdline, config.vcpus)?;
+        vcpu_regs::write_boot_gdt(&memory).map_err(VmError::BootGdt)?;
+        debug!("guest entry {:#x}", boot_entry.entry);
+
+        let end = Arc::new(EndSignal::default());
+        let (console, serial_irq) = SerialConsole::new(&config.serial)?;
+        vm_fd
+            .register_irqfd(&serial_irq, layout::SERIAL_GSI)
+            .map_err(|e| VmError::Irqfd("serial", e))?;
+        let serial = Arc::new(Mutex::new(console));
+        let mut pio = Bus::new();
+        pio.insert(
+            layout::SERIAL_PORT.into(),
+            layout::SERIAL_PORT_LEN,
+            "serial",
+            serial.clone() as SharedDevice,
+        )?;
+        pio.insert(
+            layout::DEBUG_EXIT_PORT.into(),
+            1,
+            "debug-exit",
+            Arc::new(Mutex::new(DebugExit::new(end.clone()))),
+        )?;
+        let ctx = VcpuContext {
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            end,
+            exits: Arc::new(ExitCounters::default()),
+        };
+
+        let vcpus = (0..config.vcpus)
+            .map(|i| Vcpu::new(&kvm, &vm_fd, i, config.vcpus, &boot_entry))
+            .collect::<Result<Vec<_>, _>>()?;
+        info!(
+            "VM ready: {} vCPU(s), {} MiB",
+            config.vcpus,
+            config.memory.0 >> 20
+        );
+        Ok(Self {
+            _vm_fd: vm_fd,
+            _memory: memory,
+            vcpus,
+            ctx,
+            serial,
+        })
+    }
+
+    /// Runs the vCPUs until the guest exits, a vCPU fails, or SIGINT/SIGTERM arrives.
+    pub fn run(self) -> Result<VmEnd, VmError> {
+        install_kick_handler()?;
+        watch_termination_signals(self.ctx.end.clone())?;
+        let mut threads = Vec::new();
+        for vcpu in self.vcpus {
+            let index = vcpu.index();
+            let ctx = self.ctx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu::run_catching_panics(vcpu, ctx))
+                .map_err(|e| VmError::SpawnVcpu(index, e))?;
+            threads.push(handle);
+        }
+        let end = self.ctx.end.wait();
+        for thread in threads {
+            stop_vcpu_thread(thread);
+        }
+        self.serial
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .flush();
+        Ok(end)
+    }
+}
+
+fn open_kvm() -> Result<Kvm, VmError> {
+    let path = std::env::var_os("SPLITVISOR_KVM_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_KVM_DEVICE));
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        VmError::OpenKvm {
+            path: path.clone(),
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+            hint: "the path contains a NUL byte",
+        }
+    })?;
+    Kvm::new_with_path(&c_path).map_err(|source| {
+        let hint = match source.errno() {
+            libc::ENOENT => "splitvisor needs KVM: load the kvm module for this CPU (kvm_intel, kvm_amd or kvm_pvm) or run on a host with hardware virtualization",
+            libc::EACCES | libc::EPERM => "add your user to the group that owns it (usually 'kvm') or run as root",
+            _ => "splitvisor needs a working KVM device",
+        };
+        VmError::OpenKvm { path, source, hint }
+    })
+}
+
+fn register_memory(vm: &VmFd, memory: &GuestMemory) -> Result<(), VmError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let start = region.start_addr().0;
+        let mapping = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: start,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the mapping belongs to `memory`, which the `Vm` keeps alive as long as the
+        // VM fd (and so the memslot) exists; the slots do not overlap.
+        unsafe { vm.set_user_memory_region(mapping) }.map_err(|e| VmError::MapMemory(start, e))?;
+    }
+    Ok(())
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// A signal whose only job is to interrupt `KVM_RUN` (EINTR) so a vCPU thread sees the VM end.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+fn install_kick_handler() -> Result<(), VmError> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+        .map_err(VmError::Signals)
+}
+
+/// Kicks a vCPU thread out of `KVM_RUN` until it notices the VM ended, then joins it. The kick
+/// repeats because a signal that lands just before the thread re-enters `KVM_RUN` is lost.
+fn stop_vcpu_thread(thread: JoinHandle<()>) {
+    while !thread.is_finished() {
+        // SAFETY: the thread has not been joined, so its pthread_t is valid.
+        unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // The thread caught its own panics; joining cannot fail.
+    let _ = thread.join();
+}
+
+/// SIGINT/SIGTERM end the VM in order instead of killing the process mid-write.
+fn watch_termination_signals(end: Arc<EndSignal>) -> Result<(), VmError> {
+    let signals = [libc::SIGINT, libc::SIGTERM];
+    let set = vmm_sys_util::signal::create_sigset(&signals).map_err(VmError::Signals)?;
+    // SAFETY: `set` is a valid sigset; blocking here is inherited by the threads spawned later,
+    // so only the watcher below receives these signals.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut signal = 0;
+            // SAFETY: `set` and `signal` are valid for the call.
+            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                info!("received signal {signal}; stopping the VM");
+                end.end(VmEnd::Interrupted);
+            }
+        })
+        .map(|_| ())
+        .map_err(VmError::SpawnSignalThread)
+}
