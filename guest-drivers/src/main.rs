@@ -128,7 +128,8 @@ fn write_result<W: Write>(
     let mut obj = JsonObject::begin(out)?;
     obj.str("task", task)?;
     obj.str("status", outcome.status())?;
-    obj.u64("vcpus", boot.map_or(1, |b| u64::from(b.vcpus)))?;
+    // 0 = unknown: the boot information could not be read.
+    obj.u64("vcpus", boot.map_or(0, |b| u64::from(b.vcpus)))?;
     obj.u64("memory_mib", boot.map_or(0, |b| b.memory_mib()))?;
     report.write_to(&mut obj)?;
     obj.end()
@@ -138,9 +139,10 @@ fn write_result<W: Write>(
 fn panic(info: &core::panic::PanicInfo) -> ! {
     let mut console = serial::Console::new_unlocked();
     let _ = writeln!(console, "\nPANIC: {info}");
+    // Hand-written rather than through Report, which is what might have panicked.
     let _ = writeln!(
         console,
-        "RESULT {{\"task\":\"\",\"status\":\"fail\",\"error\":\"guest panic\"}}"
+        "RESULT {{\"task\":\"\",\"status\":\"fail\",\"vcpus\":0,\"memory_mib\":0,\"error\":\"guest panic\"}}"
     );
     serial::exit(1)
 }

@@ -19,15 +19,21 @@ pub fn run(task: &Task, report: &mut Report) -> Outcome {
     }
     let kind = task.value.unwrap_or("");
     println!("fault: raising `{kind}`; expect an EXCEPTION line and exit status 3");
-    // SAFETY (all arms): each instruction faults before it has any effect; the exception
-    // handler reports it and ends the VM, so control never comes back here.
+    // Each instruction below faults before it has any effect; the exception handler reports
+    // it and ends the VM, so control never comes back here.
     match kind {
+        // SAFETY: ud2 only raises #UD.
         "ud" => unsafe { asm!("ud2", options(nomem, nostack)) },
+        // SAFETY: int3 only raises #BP (not from splitvisor_park, so it is not a park request).
         "int3" => unsafe { asm!("int3", options(nomem, nostack)) },
+        // SAFETY: a load from a non-canonical address raises #GP and reads nothing.
         "gp" => unsafe { asm!("mov {0}, [{0}]", inout(reg) NON_CANONICAL => _, options(nostack)) },
+        // SAFETY: a load from an unmapped address raises #PF and reads nothing.
         "pf" => unsafe { asm!("mov {0}, [{0}]", inout(reg) UNMAPPED => _, options(nostack)) },
+        // SAFETY: dividing by zero raises #DE; only the named registers are touched.
         "de" => unsafe {
-            asm!("xor edx, edx", "div ecx", in("ecx") 0, inout("eax") 1 => _, out("edx") _, options(nomem, nostack))
+            asm!("xor edx, edx", "div ecx", in("ecx") 0, inout("eax") 1 => _, out("edx") _,
+                 options(nomem, nostack))
         },
         _ => {
             report.str(
