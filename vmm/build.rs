@@ -30,7 +30,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=SPLITVISOR_GUEST_ELF");
 
     // An already-built guest can be supplied instead (packagers, cross builds).
-    if let Some(prebuilt) = env::var_os("SPLITVISOR_GUEST_ELF") {
+    if let Some(prebuilt) = env::var_os("SPLITVISOR_GUEST_ELF").filter(|p| !p.is_empty()) {
         copy(Path::new(&prebuilt), &embedded);
         return;
     }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ByteSize, KernelSource, SerialConfig, VmConfig};
+use crate::config::{ByteSize, DiskConfig, KernelSource, NetConfig, SerialConfig, VmConfig};
 
 const EXIT_STATUS_HELP: &str = exit_status_help();
 
@@ -65,6 +65,22 @@ pub struct RunArgs {
     /// Where the serial console goes: stdio, file=PATH, or none.
     #[arg(long, value_name = "DEST", default_value = "stdio")]
     pub serial: SerialConfig,
+
+    /// A disk (repeatable; ids default to disk0, disk1, ...). `socket=PATH[,id=NAME]`: a
+    /// virtio-blk device served by a vhost-user backend (e.g. splitvisor-blk) listening on PATH.
+    /// `path=IMAGE,emulated=ata[,readonly][,id=NAME]`: the image as a legacy ATA disk emulated
+    /// inside the VMM (every register access traps: slow on purpose, for comparison).
+    #[arg(long, value_name = "SPEC")]
+    pub disk: Vec<DiskConfig>,
+
+    /// A network card served by a vhost-user backend (e.g. splitvisor-net), repeatable:
+    /// `socket=PATH[,mac=52:54:00:xx:xx:xx][,id=NAME]` (ids default to net0, net1, ...).
+    #[arg(long, value_name = "SPEC")]
+    pub net: Vec<NetConfig>,
+
+    /// Seconds to keep retrying a backend socket that does not accept connections yet.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub connect_timeout: u64,
 }
 
 impl RunArgs {
@@ -78,6 +94,9 @@ impl RunArgs {
             },
             cmdline: self.cmdline.clone(),
             serial: self.serial.clone(),
+            disks: self.disk.clone(),
+            nets: self.net.clone(),
+            connect_timeout: std::time::Duration::from_secs(self.connect_timeout),
         }
     }
 }

@@ -29,6 +29,29 @@ pub enum ConfigError {
     NoVcpus,
     #[error("--serial '{0}': expected stdio, file=PATH or none")]
     ParseSerial(String),
+    #[error("--{flag} '{value}': '{item}' is not key=value")]
+    NotKeyValue {
+        flag: &'static str,
+        value: String,
+        item: String,
+    },
+    #[error("--{flag} '{value}': unknown key '{key}'; expected one of: {expected}")]
+    UnknownKey {
+        flag: &'static str,
+        value: String,
+        key: String,
+        expected: &'static str,
+    },
+    #[error("--{flag} '{value}': {problem}")]
+    BadDevice {
+        flag: &'static str,
+        value: String,
+        problem: String,
+    },
+    #[error("device id '{0}' is used twice; give each --disk/--net a distinct id=")]
+    DuplicateId(String),
+    #[error("only one emulated ATA disk is supported (the primary IDE master)")]
+    TooManyAtaDisks,
 }
 
 /// A byte count written the way users write memory sizes (`256M`, `1G`, `4096K`, `65536`).
@@ -111,6 +134,168 @@ pub enum KernelSource {
     File(PathBuf),
 }
 
+/// `key=value,key=value` as written on the command line, checked against the keys allowed.
+/// Keys in `switches` may be written bare (`readonly` = `readonly=on`).
+fn parse_key_values(
+    flag: &'static str,
+    value: &str,
+    allowed: &'static str,
+    switches: &[&str],
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut pairs = Vec::new();
+    for item in value.split(',').filter(|i| !i.is_empty()) {
+        let (key, val) = match item.split_once('=') {
+            Some((k, v)) => (k, v),
+            // Boolean flags may be written bare: `readonly`.
+            None if switches.contains(&item) => (item, "on"),
+            None => {
+                return Err(ConfigError::NotKeyValue {
+                    flag,
+                    value: value.to_string(),
+                    item: item.to_string(),
+                })
+            }
+        };
+        if !allowed.split(", ").any(|k| k == key) {
+            return Err(ConfigError::UnknownKey {
+                flag,
+                value: value.to_string(),
+                key: key.to_string(),
+                expected: allowed,
+            });
+        }
+        pairs.push((key.to_string(), val.to_string()));
+    }
+    Ok(pairs)
+}
+
+fn parse_bool(flag: &'static str, value: &str, key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(ConfigError::BadDevice {
+            flag,
+            value: value.to_string(),
+            problem: format!("{key}={v}: expected on or off"),
+        }),
+    }
+}
+
+/// A disk: served by a vhost-user backend daemon, or emulated inside the VMM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskConfig {
+    VhostUser {
+        id: Option<String>,
+        socket: PathBuf,
+    },
+    Ata {
+        id: Option<String>,
+        path: PathBuf,
+        readonly: bool,
+    },
+}
+
+impl DiskConfig {
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            DiskConfig::VhostUser { id, .. } | DiskConfig::Ata { id, .. } => id.as_deref(),
+        }
+    }
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let bad = |problem: &str| ConfigError::BadDevice {
+            flag: "disk",
+            value: value.to_string(),
+            problem: problem.to_string(),
+        };
+        let pairs = parse_key_values(
+            "disk",
+            value,
+            "socket, path, emulated, readonly, id",
+            &["readonly"],
+        )?;
+        let (mut id, mut socket, mut path, mut emulated, mut readonly) =
+            (None, None, None, None, false);
+        for (key, val) in pairs {
+            match key.as_str() {
+                "socket" => socket = Some(PathBuf::from(val)),
+                "path" => path = Some(PathBuf::from(val)),
+                "emulated" => emulated = Some(val),
+                "readonly" => readonly = parse_bool("disk", value, &key, &val)?,
+                _ => id = Some(val),
+            }
+        }
+        match (socket, path, emulated.as_deref()) {
+            (Some(socket), None, None) if !readonly => Ok(DiskConfig::VhostUser { id, socket }),
+            (Some(_), None, None) => Err(bad(
+                "readonly applies to emulated disks; start the backend daemon with --readonly",
+            )),
+            (None, Some(path), Some("ata")) => Ok(DiskConfig::Ata { id, path, readonly }),
+            (None, Some(_), Some(other)) => Err(bad(&format!(
+                "emulated={other}: the only emulated disk is ata"
+            ))),
+            (None, Some(_), None) => Err(bad(
+                "path= needs emulated=ata; a paravirtualized disk is served by a backend daemon (socket=PATH)",
+            )),
+            (Some(_), Some(_), _) => Err(bad("give either socket= or path=, not both")),
+            _ => Err(bad("expected socket=PATH or path=IMAGE,emulated=ata")),
+        }
+    }
+}
+
+/// A network card served by a vhost-user backend daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub id: Option<String>,
+    pub socket: PathBuf,
+    pub mac: Option<[u8; 6]>,
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let bad = |problem: String| ConfigError::BadDevice {
+            flag: "net",
+            value: value.to_string(),
+            problem,
+        };
+        let (mut id, mut socket, mut mac) = (None, None, None);
+        for (key, val) in parse_key_values("net", value, "socket, mac, id", &[])? {
+            match key.as_str() {
+                "socket" => socket = Some(PathBuf::from(val)),
+                "mac" => {
+                    mac = Some(parse_mac(&val).ok_or_else(|| {
+                        bad(format!(
+                            "mac={val}: expected six hex bytes like 52:54:00:12:34:56"
+                        ))
+                    })?)
+                }
+                _ => id = Some(val),
+            }
+        }
+        let socket = socket.ok_or_else(|| bad("expected socket=PATH".to_string()))?;
+        Ok(NetConfig { id, socket, mac })
+    }
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 /// Everything `splitvisor run` needs to build and start a VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -119,6 +304,10 @@ pub struct VmConfig {
     pub kernel: KernelSource,
     pub cmdline: String,
     pub serial: SerialConfig,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    /// How long to wait for a backend's socket to accept a connection.
+    pub connect_timeout: std::time::Duration,
 }
 
 impl VmConfig {
@@ -146,8 +335,41 @@ impl VmConfig {
         if self.vcpus == 0 {
             return Err(ConfigError::NoVcpus);
         }
+        let ata_disks = self
+            .disks
+            .iter()
+            .filter(|d| matches!(d, DiskConfig::Ata { .. }))
+            .count();
+        if ata_disks > 1 {
+            return Err(ConfigError::TooManyAtaDisks);
+        }
+        let ids = self.disk_ids().into_iter().chain(self.net_ids());
+        let mut seen = std::collections::HashSet::new();
+        for id in ids {
+            if !seen.insert(id.clone()) {
+                return Err(ConfigError::DuplicateId(id));
+            }
+        }
         Ok(())
     }
+
+    /// Each disk's id: the one given, or `disk0`, `disk1`, ... by position.
+    pub fn disk_ids(&self) -> Vec<String> {
+        let given = self.disks.iter().map(|d| d.id().map(str::to_string));
+        default_ids("disk", given)
+    }
+
+    /// Each network card's id: the one given, or `net0`, `net1`, ... by position.
+    pub fn net_ids(&self) -> Vec<String> {
+        default_ids("net", self.nets.iter().map(|n| n.id.clone()))
+    }
+}
+
+fn default_ids(prefix: &str, given: impl Iterator<Item = Option<String>>) -> Vec<String> {
+    given
+        .enumerate()
+        .map(|(i, id)| id.unwrap_or_else(|| format!("{prefix}{i}")))
+        .collect()
 }
 
 /// The host's RAM plus swap: guest memory is a memfd and can use no more than that.
@@ -172,7 +394,83 @@ mod tests {
             kernel: KernelSource::Embedded,
             cmdline: String::new(),
             serial: SerialConfig::Stdio,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            connect_timeout: std::time::Duration::from_secs(1),
         }
+    }
+
+    #[test]
+    fn disk_strings_parse_into_backend_or_emulated_disks() {
+        assert_eq!(
+            "socket=/run/b.sock".parse(),
+            Ok(DiskConfig::VhostUser {
+                id: None,
+                socket: "/run/b.sock".into()
+            })
+        );
+        assert_eq!(
+            "path=/img.raw,emulated=ata,readonly,id=legacy".parse(),
+            Ok(DiskConfig::Ata {
+                id: Some("legacy".into()),
+                path: "/img.raw".into(),
+                readonly: true
+            })
+        );
+    }
+
+    #[test]
+    fn bad_disk_strings_name_the_problem() {
+        let cases = [
+            ("socket=/a,colour=red", "unknown key 'colour'"),
+            ("path=/img", "path= needs emulated=ata"),
+            ("path=/img,emulated=nvme", "emulated=nvme"),
+            ("socket=/a,path=/b", "either socket= or path="),
+            ("id=x", "expected socket=PATH or path=IMAGE,emulated=ata"),
+            ("socket", "'socket' is not key=value"),
+            ("path=/i,emulated=ata,readonly=maybe", "readonly=maybe"),
+        ];
+        for (input, expected) in cases {
+            let err = input.parse::<DiskConfig>().unwrap_err().to_string();
+            assert!(err.contains(expected), "{input}: {err}");
+            assert!(err.starts_with("--disk"), "{input}: {err}");
+        }
+    }
+
+    #[test]
+    fn net_strings_parse_with_mac() {
+        let net: NetConfig = "socket=/n.sock,mac=52:54:00:ab:cd:ef,id=lan"
+            .parse()
+            .unwrap();
+        assert_eq!(net.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
+        assert_eq!(net.id.as_deref(), Some("lan"));
+        for bad in [
+            "socket=/n,mac=52:54:00",
+            "socket=/n,mac=zz:54:00:ab:cd:ef",
+            "mac=52:54:00:ab:cd:ef",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn device_ids_default_by_position_and_must_be_unique() {
+        let mut cfg = config(256 << 20, 1);
+        cfg.disks = vec![
+            "socket=/a".parse().unwrap(),
+            "socket=/b,id=data".parse().unwrap(),
+            "socket=/c".parse().unwrap(),
+        ];
+        cfg.nets = vec!["socket=/n".parse().unwrap()];
+        assert_eq!(cfg.disk_ids(), ["disk0", "data", "disk2"]);
+        assert_eq!(cfg.net_ids(), ["net0"]);
+        assert!(cfg.validate().is_ok());
+        cfg.disks.push("socket=/d,id=net0".parse().unwrap());
+        assert_eq!(cfg.validate(), Err(ConfigError::DuplicateId("net0".into())));
+        cfg.disks.pop();
+        cfg.disks.push("path=/x,emulated=ata".parse().unwrap());
+        cfg.disks.push("path=/y,emulated=ata".parse().unwrap());
+        assert_eq!(cfg.validate(), Err(ConfigError::TooManyAtaDisks));
     }
 
     #[test]

@@ -12,11 +12,13 @@ use kvm_ioctls::{Kvm, VmFd};
 use log::{debug, info};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::attach::{AttachError, Attached, Attacher};
 use crate::boot::{self, vcpu_regs, BootError};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::config::VmConfig;
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::serial::{SerialConsole, SerialError};
+use crate::event_loop::EventLoop;
 use crate::layout;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::vcpu::{self, ExitCounters, Vcpu, VcpuContext, VcpuError};
@@ -63,6 +65,10 @@ pub enum VmError {
     Signals(#[source] vmm_sys_util::errno::Error),
     #[error("could not start the signal-watching thread")]
     SpawnSignalThread(#[source] std::io::Error),
+    #[error("could not start the VMM event loop")]
+    EventLoop(#[source] std::io::Error),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
 }
 
 pub struct Vm {
@@ -71,6 +77,8 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     ctx: VcpuContext,
     serial: Arc<Mutex<SerialConsole>>,
+    events: Arc<EventLoop>,
+    attached: Attached,
 }
 
 impl Vm {
@@ -92,7 +100,23 @@ impl Vm {
             .map_err(VmError::TssAddress)?;
         vm_fd.create_irq_chip().map_err(VmError::Irqchip)?;
 
-        let boot_entry = boot::prepare(&memory, &config.kernel, &config.cmdline, config.vcpus)?;
+        let events = EventLoop::new().map_err(VmError::EventLoop)?;
+        let (mut pio, mut mmio) = (Bus::new(), Bus::new());
+        let attached = Attacher {
+            vm: &vm_fd,
+            memory: &memory,
+            mmio: &mut mmio,
+            pio: &mut pio,
+            events: &events,
+        }
+        .attach_all(config)?;
+        let cmdline = std::iter::once(config.cmdline.as_str())
+            .chain(attached.cmdline_words.iter().map(String::as_str))
+            .filter(|w| !w.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+
+        let boot_entry = boot::prepare(&memory, &config.kernel, &cmdline, config.vcpus)?;
         vcpu_regs::write_boot_gdt(&memory).map_err(VmError::BootGdt)?;
         debug!("guest entry {:#x}", boot_entry.entry);
 
@@ -102,7 +126,6 @@ impl Vm {
             .register_irqfd(&serial_irq, layout::SERIAL_GSI)
             .map_err(|e| VmError::Irqfd("serial", e))?;
         let serial = Arc::new(Mutex::new(console));
-        let mut pio = Bus::new();
         pio.insert(
             layout::SERIAL_PORT.into(),
             layout::SERIAL_PORT_LEN,
@@ -117,7 +140,7 @@ impl Vm {
         )?;
         let ctx = VcpuContext {
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(mmio),
             end,
             exits: Arc::new(ExitCounters::default()),
         };
@@ -136,13 +159,21 @@ impl Vm {
             vcpus,
             ctx,
             serial,
+            events,
+            attached,
         })
+    }
+
+    /// The vhost-user devices, in the order they were attached.
+    pub fn devices(&self) -> &[crate::attach::AttachedDevice] {
+        &self.attached.devices
     }
 
     /// Runs the vCPUs until the guest exits, a vCPU fails, or SIGINT/SIGTERM arrives.
     pub fn run(self) -> Result<VmEnd, VmError> {
         install_kick_handler()?;
         watch_termination_signals(self.ctx.end.clone())?;
+        let event_thread = self.events.spawn().map_err(VmError::EventLoop)?;
         let mut threads = Vec::new();
         for vcpu in self.vcpus {
             let index = vcpu.index();
@@ -157,6 +188,8 @@ impl Vm {
         for thread in threads {
             stop_vcpu_thread(thread);
         }
+        self.events.stop();
+        let _ = event_thread.join();
         self.serial
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -1,0 +1,237 @@
+//! Puts the configured devices on a VM: a virtio-mmio window, GSI, ioeventfds and interrupt
+//! relay per vhost-user device, and the emulated ATA disk on the legacy IDE ports. Returns the
+//! words that announce them on the kernel command line.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use log::warn;
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::{Bus, BusError};
+use crate::config::{DiskConfig, VmConfig};
+use crate::devices::ata::{self, AtaDisk, AtaError};
+use crate::event_loop::{EventLoop, Next};
+use crate::layout;
+use crate::memory::GuestMemory;
+use crate::vhost_user::{DeviceKind, VhostUserDevice, VhostUserError};
+use crate::virtio::interrupt::Interrupt;
+use crate::virtio::mmio::VirtioMmio;
+use crate::virtio::VirtioDevice;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("device {id}")]
+    Backend {
+        id: String,
+        #[source]
+        source: VhostUserError,
+    },
+    #[error("creating an eventfd for device {0} failed")]
+    EventFd(String, #[source] std::io::Error),
+    #[error("registering device {0}'s queue notification with KVM (ioeventfd) failed")]
+    IoEventFd(String, #[source] kvm_ioctls::Error),
+    #[error("registering device {0}'s interrupt with KVM (irqfd) failed")]
+    Irqfd(String, #[source] kvm_ioctls::Error),
+    #[error("relaying device {0}'s interrupts failed")]
+    Relay(String, #[source] std::io::Error),
+    #[error("too many virtio devices: at most {0}")]
+    TooMany(usize),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("emulated disk {id}")]
+    Ata {
+        id: String,
+        #[source]
+        source: AtaError,
+    },
+}
+
+/// A vhost-user device as attached, for status reporting.
+pub struct AttachedDevice {
+    pub id: String,
+    pub kind: DeviceKind,
+    pub mmio_base: u64,
+    pub gsi: u32,
+    pub device: Arc<Mutex<VirtioMmio<VhostUserDevice>>>,
+    pub interrupt: Arc<Interrupt>,
+}
+
+/// What attaching produced.
+pub struct Attached {
+    pub devices: Vec<AttachedDevice>,
+    pub ata: Option<(String, AtaDisk)>,
+    pub cmdline_words: Vec<String>,
+}
+
+/// The most virtio-mmio windows between their base and the top of the device hole.
+const MAX_VIRTIO_DEVICES: usize = 64;
+
+pub struct Attacher<'a> {
+    pub vm: &'a VmFd,
+    pub memory: &'a GuestMemory,
+    pub mmio: &'a mut Bus,
+    pub pio: &'a mut Bus,
+    pub events: &'a Arc<EventLoop>,
+}
+
+impl Attacher<'_> {
+    pub fn attach_all(&mut self, config: &VmConfig) -> Result<Attached, AttachError> {
+        let mut attached = Attached {
+            devices: Vec::new(),
+            ata: None,
+            cmdline_words: Vec::new(),
+        };
+        let wait = config.connect_timeout;
+        for (disk, id) in config.disks.iter().zip(config.disk_ids()) {
+            match disk {
+                DiskConfig::VhostUser { socket, .. } => {
+                    let device = self.connect(&id, DeviceKind::Block, socket, wait)?;
+                    self.attach_virtio(&id, DeviceKind::Block, device, &mut attached)?;
+                }
+                DiskConfig::Ata { path, readonly, .. } => {
+                    let disk =
+                        AtaDisk::open(path, *readonly).map_err(|source| AttachError::Ata {
+                            id: id.clone(),
+                            source,
+                        })?;
+                    self.attach_ata(&disk)?;
+                    attached.cmdline_words.push("ata=primary".to_string());
+                    attached.ata = Some((id, disk));
+                }
+            }
+        }
+        for (net, id) in config.nets.iter().zip(config.net_ids()) {
+            let mut device = self.connect(&id, DeviceKind::Net, &net.socket, wait)?;
+            if let Some(mac) = net.mac {
+                device.override_mac(mac);
+            }
+            self.attach_virtio(&id, DeviceKind::Net, device, &mut attached)?;
+        }
+        Ok(attached)
+    }
+
+    fn connect(
+        &self,
+        id: &str,
+        kind: DeviceKind,
+        socket: &std::path::Path,
+        wait: Duration,
+    ) -> Result<VhostUserDevice, AttachError> {
+        VhostUserDevice::connect(id, kind, socket, self.memory.clone(), wait).map_err(|source| {
+            AttachError::Backend {
+                id: id.to_string(),
+                source,
+            }
+        })
+    }
+
+    fn attach_virtio(
+        &mut self,
+        id: &str,
+        kind: DeviceKind,
+        device: VhostUserDevice,
+        attached: &mut Attached,
+    ) -> Result<(), AttachError> {
+        let slot = attached.devices.len();
+        if slot >= MAX_VIRTIO_DEVICES {
+            return Err(AttachError::TooMany(MAX_VIRTIO_DEVICES));
+        }
+        let base = layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE;
+        let gsi = layout::VIRTIO_FIRST_GSI + slot as u32;
+        let eventfd =
+            || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| AttachError::EventFd(id.into(), e));
+
+        let irqfd = eventfd()?;
+        self.vm
+            .register_irqfd(&irqfd, gsi)
+            .map_err(|e| AttachError::Irqfd(id.into(), e))?;
+        let interrupt = Arc::new(Interrupt::new(irqfd));
+
+        let queues = device.queue_max_sizes().len();
+        let notify = IoEventAddress::Mmio(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
+        let (mut kicks, mut calls) = (Vec::new(), Vec::new());
+        for queue in 0..queues {
+            let kick = eventfd()?;
+            self.vm
+                .register_ioevent(&kick, &notify, queue as u32)
+                .map_err(|e| AttachError::IoEventFd(id.into(), e))?;
+            kicks.push(kick);
+            let call = eventfd()?;
+            self.relay_used_buffers(id, &call, interrupt.clone())?;
+            calls.push(call);
+        }
+        device
+            .watch_backend(self.events, interrupt.clone())
+            .map_err(|source| AttachError::Backend {
+                id: id.to_string(),
+                source,
+            })?;
+
+        let mmio = Arc::new(Mutex::new(VirtioMmio::new(
+            id,
+            device,
+            interrupt.clone(),
+            kicks,
+            calls,
+        )));
+        self.mmio
+            .insert(base, layout::VIRTIO_MMIO_SIZE, id, mmio.clone())?;
+        attached
+            .cmdline_words
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        attached.devices.push(AttachedDevice {
+            id: id.to_string(),
+            kind,
+            mmio_base: base,
+            gsi,
+            device: mmio,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    /// The legacy primary IDE ports; the guest polls (nIEN set), so no interrupt is wired.
+    fn attach_ata(&mut self, disk: &AtaDisk) -> Result<(), AttachError> {
+        self.pio.insert(
+            ata::COMMAND_BLOCK_BASE,
+            ata::COMMAND_BLOCK_LEN,
+            "ata",
+            disk.command_block(),
+        )?;
+        self.pio.insert(
+            ata::CONTROL_BASE,
+            ata::CONTROL_LEN,
+            "ata-control",
+            disk.control(),
+        )?;
+        Ok(())
+    }
+
+    /// The backend signals `call`; the guest must see `InterruptStatus` set before the GSI.
+    fn relay_used_buffers(
+        &self,
+        id: &str,
+        call: &EventFd,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), AttachError> {
+        let reader = call
+            .try_clone()
+            .map_err(|e| AttachError::EventFd(id.into(), e))?;
+        let name = id.to_string();
+        self.events
+            .add(call.as_raw_fd(), EventSet::IN, move |_| {
+                match reader.read() {
+                    Ok(_) => interrupt.signal_used_buffers(),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => warn!("{name}: reading the used-buffer notification failed: {e}"),
+                }
+                Next::Keep
+            })
+            .map_err(|e| AttachError::Relay(id.into(), e))
+    }
+}

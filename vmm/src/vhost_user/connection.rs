@@ -1,0 +1,133 @@
+//! Reaching a vhost-user backend: connect to its socket (retrying while it starts, up to a
+//! deadline), bound every later exchange with a socket timeout, and negotiate features and
+//! protocol features.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use log::debug;
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::VhostBackend;
+
+/// How long a control message may take before the backend is declared unresponsive.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the VMM asks of backends; each is used only if the backend offers it.
+pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no vhost-user backend answered on {} within {}s ({source}); is the backend daemon running with --socket {}?", .path.display(), .waited.as_secs(), .path.display())]
+    Unreachable {
+        path: PathBuf,
+        waited: Duration,
+        source: std::io::Error,
+    },
+    #[error("the backend on {} failed during {step}", .path.display())]
+    Handshake {
+        path: PathBuf,
+        step: &'static str,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("the backend on {} does not offer VHOST_USER_F_PROTOCOL_FEATURES, which splitvisor requires (for CONFIG and REPLY_ACK)", .0.display())]
+    NoProtocolFeatures(PathBuf),
+    #[error("the backend on {} does not offer the CONFIG protocol feature, so its device configuration cannot be read", .0.display())]
+    NoConfig(PathBuf),
+    #[error("could not set a timeout on the socket {}", .0.display())]
+    Timeout(PathBuf, #[source] std::io::Error),
+}
+
+/// A connected backend after the feature handshake.
+pub struct Connection {
+    pub frontend: Frontend,
+    pub features: u64,
+    pub protocol_features: VhostUserProtocolFeatures,
+    pub max_queues: Option<u64>,
+}
+
+/// Connects to `path`, retrying until `wait` has passed (the daemon may still be starting).
+pub fn connect(path: &Path, wait: Duration) -> Result<UnixStream, ConnectError> {
+    let deadline = Instant::now() + wait;
+    let mut delay = Duration::from_millis(5);
+    loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => {
+                for set in [UnixStream::set_read_timeout, UnixStream::set_write_timeout] {
+                    set(&stream, Some(MESSAGE_TIMEOUT))
+                        .map_err(|e| ConnectError::Timeout(path.to_path_buf(), e))?;
+                }
+                return Ok(stream);
+            }
+            Err(source) if Instant::now() >= deadline => {
+                return Err(ConnectError::Unreachable {
+                    path: path.to_path_buf(),
+                    waited: wait,
+                    source,
+                })
+            }
+            Err(e) => {
+                debug!("{}: not yet reachable ({e}); retrying", path.display());
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES and, with MQ, GET_QUEUE_NUM.
+pub fn handshake(
+    path: &Path,
+    stream: UnixStream,
+    max_queues: u64,
+) -> Result<Connection, ConnectError> {
+    let step = |step: &'static str| {
+        let path = path.to_path_buf();
+        move |source| ConnectError::Handshake { path, step, source }
+    };
+    let mut frontend = Frontend::from_stream(stream, max_queues);
+    frontend.set_owner().map_err(step("SET_OWNER"))?;
+    let features = frontend.get_features().map_err(step("GET_FEATURES"))?;
+    if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+        return Err(ConnectError::NoProtocolFeatures(path.to_path_buf()));
+    }
+    let offered = frontend
+        .get_protocol_features()
+        .map_err(step("GET_PROTOCOL_FEATURES"))?;
+    let protocol_features = offered & wanted_protocol_features();
+    if !protocol_features.contains(VhostUserProtocolFeatures::CONFIG) {
+        return Err(ConnectError::NoConfig(path.to_path_buf()));
+    }
+    frontend
+        .set_protocol_features(protocol_features)
+        .map_err(step("SET_PROTOCOL_FEATURES"))?;
+    if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        // Every message waits for the backend's verdict: failures surface where they happen.
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+    let max_queues = if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
+        Some(frontend.get_queue_num().map_err(step("GET_QUEUE_NUM"))?)
+    } else {
+        None
+    };
+    debug!(
+        "{}: features {features:#x}, protocol features {:#x}, max queues {max_queues:?}",
+        path.display(),
+        protocol_features.bits()
+    );
+    Ok(Connection {
+        frontend,
+        features,
+        protocol_features,
+        max_queues,
+    })
+}
