@@ -4,7 +4,8 @@
 use core::fmt;
 
 /// Option words the guest recognises and skips when looking for the task.
-const OPTION_KEYS: [&str; 8] = [
+const OPTION_KEYS: [&str; 9] = [
+    "tsc_khz",
     "ip",
     "console",
     "earlyprintk",
@@ -91,6 +92,8 @@ pub struct Cmdline<'a> {
     virtio_mmio: [VirtioMmioDevice; MAX_VIRTIO_MMIO],
     virtio_mmio_count: usize,
     pub ata_primary: bool,
+    /// `tsc_khz=N`: the TSC frequency, for guests on hosts whose CPUID does not tell it.
+    pub tsc_khz: Option<u64>,
     /// Words after the task, which the guest ignores (reported as a warning).
     pub ignored: Option<&'a str>,
 }
@@ -102,6 +105,7 @@ impl<'a> Cmdline<'a> {
         let mut virtio_mmio = [VirtioMmioDevice::default(); MAX_VIRTIO_MMIO];
         let mut virtio_mmio_count = 0;
         let mut ata_primary = false;
+        let mut tsc_khz = None;
         for word in line.split_ascii_whitespace() {
             let key = word.split_once('=').map_or(word, |(k, _)| k);
             if key == "virtio_mmio.device" {
@@ -117,6 +121,8 @@ impl<'a> Cmdline<'a> {
                     return Err(CmdlineError::BadAta(word));
                 }
                 ata_primary = true;
+            } else if key == "tsc_khz" {
+                tsc_khz = word.split_once('=').and_then(|(_, v)| parse_u64(v));
             } else if key.contains('.') || OPTION_KEYS.contains(&key) {
                 // Another device announcement or an option for some other consumer.
             } else if task.is_none() {
@@ -130,6 +136,7 @@ impl<'a> Cmdline<'a> {
             virtio_mmio,
             virtio_mmio_count,
             ata_primary,
+            tsc_khz,
             ignored,
         })
     }

@@ -39,6 +39,11 @@ impl<'w, W: Write> JsonObject<'w, W> {
         self.out.write_str(if value { "true" } else { "false" })
     }
 
+    pub fn raw(&mut self, key: &str, value: &str) -> fmt::Result {
+        self.key(key)?;
+        self.out.write_str(value)
+    }
+
     pub fn end(self) -> fmt::Result {
         self.out.write_char('}')
     }
@@ -102,9 +107,11 @@ enum Value {
     U64(u64),
     Bool(bool),
     Str(SmallString),
+    /// Written as is: a number with a fraction, or an array.
+    Raw(SmallString),
 }
 
-const MAX_FIELDS: usize = 24;
+const MAX_FIELDS: usize = 32;
 
 /// Task-specific result fields, in the order they were added.
 pub struct Report {
@@ -148,6 +155,13 @@ impl Report {
         self.push(key, Value::Str(s));
     }
 
+    /// A value written verbatim (the caller makes it valid JSON, e.g. `12.5` or `[1,2]`).
+    pub fn raw(&mut self, key: &'static str, value: fmt::Arguments) {
+        let mut s = SmallString::new();
+        let _ = s.write_fmt(value);
+        self.push(key, Value::Raw(s));
+    }
+
     /// Appends the fields to an object being written.
     pub fn write_to<W: Write>(&self, obj: &mut JsonObject<W>) -> fmt::Result {
         for (key, value) in self.fields[..self.len].iter().flatten() {
@@ -155,6 +169,7 @@ impl Report {
                 Value::U64(v) => obj.u64(key, *v)?,
                 Value::Bool(v) => obj.bool(key, *v)?,
                 Value::Str(s) => obj.str(key, s.as_str())?,
+                Value::Raw(s) => obj.raw(key, s.as_str())?,
             }
         }
         Ok(())

@@ -9,6 +9,8 @@
 #![no_std]
 #![no_main]
 
+mod ata;
+mod blk;
 mod boot;
 mod bootinfo;
 mod bump;
@@ -25,6 +27,8 @@ mod port;
 mod serial;
 mod smp;
 mod tasks;
+mod time;
+mod virtio;
 
 use bootinfo::BootInfo;
 use cmdline::Cmdline;
@@ -91,6 +95,7 @@ fn run_task(boot: &BootInfo) -> ! {
     if let Some(word) = cmdline.ignored {
         println!("splitvisor-guest: ignoring `{word}` and later words after the task");
     }
+    time::init(cmdline.tsc_khz);
     let task = cmdline.task;
     println!("splitvisor-guest: running task `{}`", task.name);
     let ctx = Context {

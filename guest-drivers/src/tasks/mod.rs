@@ -1,5 +1,8 @@
 //! The guest's tasks (selected by the command line) and their common outcome type.
 
+mod bench_blk;
+mod blk_verify;
+mod disk;
 mod exit;
 mod fault;
 mod selftest;
@@ -39,7 +42,6 @@ impl Outcome {
 /// What every task gets to look at.
 pub struct Context<'a> {
     pub boot: &'a BootInfo,
-    #[allow(dead_code)]
     pub cmdline: &'a Cmdline<'a>,
 }
 
@@ -49,10 +51,12 @@ pub fn run(task: &Task, ctx: &Context, report: &mut Report) -> Outcome {
         "selftest" => selftest::run(task, ctx, report),
         "exit" => exit::run(task, report),
         "fault" => fault::run(task, report),
+        "blk-verify" => blk_verify::run(task, ctx, report),
+        "bench" if task.value == Some("blk") => bench_blk::run(task, ctx, report),
         other => {
             report.str(
                 "error",
-                format_args!("unknown task `{other}` (known: selftest, exit=N, fault=KIND)"),
+                format_args!("unknown task `{other}` (known: selftest, exit=N, fault=KIND, blk-verify, bench=blk)"),
             );
             Outcome::BadCmdline
         }
