@@ -1,0 +1,220 @@
+//! Starting the workspace's daemons (`splitvisor-blk`, `splitvisor-net`) for a test: locate or
+//! build the binary, spawn it with its log in the work directory, wait for its socket.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use super::{poll_until, Workdir};
+
+/// Environment variable naming a directory with prebuilt daemon binaries; without it the
+/// binaries are built (or found up to date) with `cargo build` in this test's target directory.
+pub const ENV_BIN_DIR: &str = "SPLITVISOR_BIN_DIR";
+/// How long a daemon may take to create its socket.
+pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a daemon may take to exit after SIGTERM.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long building a daemon may take (a cold build on a 2-core host).
+pub const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The path of binary `bin` of workspace package `package`, built with the same cargo profile
+/// and target directory as the running test (a no-op when it is up to date), once per process.
+pub fn workspace_bin(package: &str, bin: &str) -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os(ENV_BIN_DIR) {
+        let path = Path::new(&dir).join(bin);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("{} missing ({ENV_BIN_DIR} is set)", path.display()))
+        };
+    }
+    static BUILT: OnceLock<Mutex<HashMap<String, Result<PathBuf, String>>>> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    built
+        .entry(bin.to_string())
+        .or_insert_with(|| cargo_build(package, bin))
+        .clone()
+}
+
+/// Where cargo put this test: `<target>[/<triple>]/<profile>/deps/<test>-<hash>`.
+struct Layout {
+    target_dir: PathBuf,
+    triple: Option<String>,
+    profile_dir: PathBuf,
+}
+
+fn layout() -> Result<Layout, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| format!("unexpected test path {}", exe.display()))?
+        .to_path_buf();
+    let parent = profile_dir
+        .parent()
+        .ok_or_else(|| format!("unexpected test path {}", exe.display()))?;
+    // Cargo marks the root of a target directory with CACHEDIR.TAG.
+    if parent.join("CACHEDIR.TAG").is_file() {
+        return Ok(Layout {
+            target_dir: parent.to_path_buf(),
+            triple: None,
+            profile_dir,
+        });
+    }
+    let root = parent.parent().filter(|r| r.join("CACHEDIR.TAG").is_file());
+    match root {
+        Some(root) => Ok(Layout {
+            target_dir: root.to_path_buf(),
+            triple: parent.file_name().map(|t| t.to_string_lossy().into_owned()),
+            profile_dir,
+        }),
+        None => Err(format!(
+            "cannot find the cargo target directory above {}; set {ENV_BIN_DIR}",
+            exe.display()
+        )),
+    }
+}
+
+fn cargo_build(package: &str, bin: &str) -> Result<PathBuf, String> {
+    let layout = layout()?;
+    let profile = match layout.profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_string(),
+        Some(other) => other.to_string(),
+    };
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build")
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .args(["-p", package, "--bin", bin, "--profile", &profile])
+        .arg("--target-dir")
+        .arg(&layout.target_dir);
+    if let Some(triple) = &layout.triple {
+        cmd.args(["--target", triple]);
+    }
+    let out = run_with_timeout(&mut cmd, BUILD_TIMEOUT)?;
+    if !out.0.success() {
+        return Err(format!("{cmd:?} failed with {}:\n{}", out.0, out.1));
+    }
+    let path = layout.profile_dir.join(bin);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{cmd:?} succeeded but {} is missing",
+            path.display()
+        ))
+    }
+}
+
+/// Run `cmd` to completion with its stdout+stderr collected; kill it at `timeout`.
+fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<(ExitStatus, String), String> {
+    let log = std::env::temp_dir().join(format!(
+        "splitvisor-build-{}-{}.log",
+        std::process::id(),
+        super::nonce()
+    ));
+    let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let err = file.try_clone().map_err(|e| e.to_string())?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let waited = poll_until(&format!("{cmd:?}"), timeout, || {
+        child.try_wait().ok().flatten()
+    });
+    let text = super::tail(&log, 80);
+    let _ = std::fs::remove_file(&log);
+    match waited {
+        Ok(status) => Ok((status, text)),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("{e}\n{text}"))
+        }
+    }
+}
+
+/// A running daemon, stopped (SIGTERM, then SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Daemon {
+    /// Spawn `bin args...` with stdout+stderr in `<workdir>/<name>.log` and wait until `socket`
+    /// exists (the daemons bind and listen before announcing anything, so an existing socket
+    /// accepts connections). Fails early if the daemon exits.
+    pub fn start(
+        workdir: &Workdir,
+        name: &str,
+        bin: &Path,
+        args: &[&std::ffi::OsStr],
+        socket: &Path,
+    ) -> Result<Daemon, String> {
+        let log = workdir.join(&format!("{name}.log"));
+        workdir.log(&format!("{name} daemon log"), &log);
+        let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+        let err = file.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let mut daemon = Daemon {
+            child,
+            socket: socket.to_path_buf(),
+            log,
+            name: name.to_string(),
+        };
+        let what = format!("{name} to create {}", socket.display());
+        let mut exited = None;
+        poll_until(&what, SOCKET_TIMEOUT, || {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                exited = Some(status);
+                return Some(());
+            }
+            socket.exists().then_some(())
+        })?;
+        if let Some(status) = exited {
+            return Err(format!("{name} exited early with {status}"));
+        }
+        Ok(daemon)
+    }
+
+    /// Send SIGTERM and wait for the exit status.
+    pub fn stop(&mut self) -> Result<ExitStatus, String> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Ok(status);
+        }
+        let pid = libc::pid_t::try_from(self.child.id()).map_err(|e| e.to_string())?;
+        // SAFETY: plain syscall on the pid of our own child, which has not been reaped yet.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let child = &mut self.child;
+        poll_until(&format!("{} to exit", self.name), EXIT_TIMEOUT, || {
+            child.try_wait().ok().flatten()
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.stop().is_err() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
