@@ -300,6 +300,8 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub memory: ByteSize,
+    /// Allocate all guest memory before boot.
+    pub prefault: bool,
     pub vcpus: u8,
     pub kernel: KernelSource,
     pub cmdline: String,
@@ -390,6 +392,7 @@ mod tests {
     fn config(memory: u64, vcpus: u8) -> VmConfig {
         VmConfig {
             memory: ByteSize(memory),
+            prefault: false,
             vcpus,
             kernel: KernelSource::Embedded,
             cmdline: String::new(),

@@ -93,7 +93,7 @@ impl Vm {
             });
         }
         let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let memory = memory::create_guest_memory(config.memory.0)?;
+        let memory = memory::create_guest_memory(config.memory.0, config.prefault)?;
         register_memory(&vm_fd, &memory)?;
         vm_fd
             .set_tss_address(layout::RAM_HOLE_END as usize - 0x3000)

@@ -77,14 +77,14 @@ mod tests {
 
     #[test]
     fn embedded_guest_loads_above_one_mib() {
-        let mem = create_guest_memory(64 << 20).unwrap();
+        let mem = create_guest_memory(64 << 20, false).unwrap();
         let entry = load(&mem, &KernelSource::Embedded).unwrap();
         assert!(entry >= layout::HIGH_RAM_START, "entry {entry:#x}");
     }
 
     #[test]
     fn missing_kernel_names_the_path() {
-        let mem = create_guest_memory(64 << 20).unwrap();
+        let mem = create_guest_memory(64 << 20, false).unwrap();
         let err = load(&mem, &KernelSource::File("/nonexistent/vmlinux".into())).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("/nonexistent/vmlinux"), "{msg}");
@@ -93,7 +93,7 @@ mod tests {
 
     #[test]
     fn non_elf_file_is_rejected() {
-        let mem = create_guest_memory(64 << 20).unwrap();
+        let mem = create_guest_memory(64 << 20, false).unwrap();
         let mut file = tempfile();
         file.1
             .write_all(b"this is not an ELF file at all, just text")
@@ -110,7 +110,7 @@ mod tests {
     #[test]
     fn kernel_larger_than_memory_is_rejected() {
         // The embedded guest does not fit in a VM with less memory than its load address.
-        let mem = create_guest_memory(1 << 20).unwrap();
+        let mem = create_guest_memory(1 << 20, false).unwrap();
         assert!(matches!(
             load(&mem, &KernelSource::Embedded),
             Err(KernelError::Load { .. })

@@ -64,7 +64,7 @@ mod tests {
 
     #[test]
     fn ram_and_device_hole_are_identity_mapped_for_user_mode() {
-        let mem = create_guest_memory(64 << 20).unwrap();
+        let mem = create_guest_memory(64 << 20, false).unwrap();
         write_identity_map(&mem, 64 << 20).unwrap();
         for addr in [
             0,

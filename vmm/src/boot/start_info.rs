@@ -85,7 +85,7 @@ mod tests {
 
     #[test]
     fn start_info_points_at_cmdline_and_memory_map() {
-        let mem = create_guest_memory(128 << 20).unwrap();
+        let mem = create_guest_memory(128 << 20, false).unwrap();
         let addr = write(&mem, "selftest foo=bar").unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(addr)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
@@ -107,7 +107,7 @@ mod tests {
 
     #[test]
     fn ram_total_in_the_map_matches_the_vm() {
-        let mem = create_guest_memory(4 << 30).unwrap();
+        let mem = create_guest_memory(4 << 30, false).unwrap();
         let ram: u64 = memory_map(&mem)
             .iter()
             .filter(|e| e.type_ == E820_RAM)
@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn overlong_command_line_is_rejected() {
-        let mem = create_guest_memory(32 << 20).unwrap();
+        let mem = create_guest_memory(32 << 20, false).unwrap();
         let long = "x".repeat(CMDLINE_MAX);
         assert!(matches!(
             write(&mem, &long),
