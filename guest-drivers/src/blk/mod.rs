@@ -82,7 +82,7 @@ impl fmt::Display for BlkError {
             BlkError::QueueFull => write!(f, "request queue full"),
             BlkError::BadRequest => write!(f, "request length not a multiple of 512 or too big"),
             BlkError::Timeout(what) => write!(f, "{what}: request timed out"),
-            BlkError::NeedsReset => write!(f, "device needs reset (backend gone?)"),
+            BlkError::NeedsReset => write!(f, "virtio-blk: device needs reset (backend gone?)"),
             BlkError::DeviceBug(what) => write!(f, "device misbehaved: {what}"),
         }
     }

@@ -17,6 +17,11 @@ pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const USED_F_NO_NOTIFY: u16 = 1;
+/// used_event is kept this far ahead of the driver's used index, out of reach of the device's
+/// `[old, new)` window whether the device compares against its previous used index (Linux
+/// vhost) or against the index it last signalled at (rust-vmm virtio-queue), which then
+/// interrupts at most once per 32768 completions.
+const USED_EVENT_AHEAD: u16 = 0x8000;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -88,7 +93,10 @@ impl SplitQueue {
         };
         // We poll: ask for no interrupts (without EVENT_IDX; used_event covers the other case).
         q.avail_write(0, AVAIL_F_NO_INTERRUPT);
-        q.avail_write(2 + usize::from(size), q.last_used.wrapping_sub(1));
+        q.avail_write(
+            2 + usize::from(size),
+            q.last_used.wrapping_add(USED_EVENT_AHEAD),
+        );
         Ok(q)
     }
 
@@ -192,8 +200,11 @@ impl SplitQueue {
             return Err(BlkError::DeviceBug("used id out of range or not in flight"));
         }
         self.last_used = self.last_used.wrapping_add(1);
-        // Keep used_event just behind: the device never needs to interrupt a poller.
-        self.avail_write(2 + usize::from(self.size), self.last_used.wrapping_sub(1));
+        // Keep used_event half the index space ahead: a poller wants no interrupts.
+        self.avail_write(
+            2 + usize::from(self.size),
+            self.last_used.wrapping_add(USED_EVENT_AHEAD),
+        );
         self.release(id as u16, n);
         Ok(Some((id as u16, len)))
     }
