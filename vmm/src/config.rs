@@ -94,7 +94,9 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        if b != 0 && b.is_multiple_of(1 << 30) {
+        if b != 0 && b.is_multiple_of(1 << 40) {
+            write!(f, "{}T", b >> 40)
+        } else if b != 0 && b.is_multiple_of(1 << 30) {
             write!(f, "{}G", b >> 30)
         } else if b != 0 && b.is_multiple_of(1 << 20) {
             write!(f, "{}M", b >> 20)
@@ -543,7 +545,7 @@ mod tests {
         );
         assert_eq!(
             config(1 << 40, 1).validate(),
-            Err(ConfigError::MemoryTooLarge("1024G".into()))
+            Err(ConfigError::MemoryTooLarge("1T".into()))
         );
         assert_eq!(
             config((256 << 20) + 4096, 1).validate(),

@@ -1,0 +1,135 @@
+//! Running the real `splitvisor` binary under real KVM for a test: find or build it, run it with
+//! a deadline, and read the guest's `RESULT {json}` line and the exit status.
+
+use std::ffi::OsStr;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::interop::daemon::workspace_bin;
+
+/// How long one VM may run in a test before it is killed and the test fails.
+pub const VM_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The `splitvisor` binary of this workspace (built on demand, see `workspace_bin`).
+pub fn splitvisor() -> PathBuf {
+    workspace_bin("splitvisor", "splitvisor").unwrap_or_else(|e| panic!("splitvisor binary: {e}"))
+}
+
+/// True if KVM is usable. Without it the test is skipped - except under CI, where a missing
+/// KVM is a broken runner and the test fails loudly.
+pub fn require_kvm(test: &str) -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("{test}: /dev/kvm is not usable ({e}) but CI is set: KVM tests must run in CI")
+        }
+        Err(e) => {
+            eprintln!("SKIP {test}: /dev/kvm is not usable ({e})");
+            false
+        }
+    }
+}
+
+/// What a finished `splitvisor` run left behind.
+#[derive(Debug)]
+pub struct VmRun {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl VmRun {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// The guest's `RESULT {json}` line, parsed; panics (with the output) if there is none.
+    pub fn result(&self) -> serde_json::Value {
+        let line = self
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("RESULT "))
+            .unwrap_or_else(|| panic!("no RESULT line in the guest output\n{self}"));
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("RESULT is not JSON ({e})\n{self}"))
+    }
+
+    /// Asserts the run passed: exit status 0 and `"status":"pass"`.
+    pub fn assert_passed(&self) -> serde_json::Value {
+        let result = self.result();
+        assert_eq!(result["status"], "pass", "guest failed\n{self}");
+        assert_eq!(self.code(), Some(0), "exit status\n{self}");
+        result
+    }
+}
+
+impl std::fmt::Display for VmRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "--- exit: {}\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `splitvisor <args>` to completion (killed after `timeout`).
+pub fn run_splitvisor<I, S>(args: I, timeout: Duration) -> VmRun
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run_with_env(args, &[], timeout)
+}
+
+/// Like `run_splitvisor`, with extra environment variables.
+pub fn run_with_env<I, S>(args: I, env: &[(&str, &str)], timeout: Duration) -> VmRun
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut child = Command::new(splitvisor())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start splitvisor");
+    // Drain both pipes on threads so a chatty guest cannot block on a full pipe.
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for splitvisor") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let status = child.wait().expect("reap splitvisor");
+            let run = VmRun {
+                status,
+                stdout: out_reader.join().unwrap_or_default(),
+                stderr: err_reader.join().unwrap_or_default(),
+            };
+            panic!("splitvisor did not finish within {timeout:?}\n{run}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    VmRun {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
