@@ -24,6 +24,9 @@ use crate::memory::{self, GuestMemory, MemoryError};
 use crate::vcpu::{self, ExitCounters, Vcpu, VcpuContext, VcpuError};
 use crate::vm_end::{EndSignal, VmEnd};
 
+/// xAPIC IDs are 8 bits and 0xff is the broadcast ID.
+pub const MAX_XAPIC_VCPUS: usize = 254;
+
 /// Where KVM is, unless `SPLITVISOR_KVM_DEVICE` says otherwise.
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
@@ -35,7 +38,7 @@ pub enum VmError {
         source: kvm_ioctls::Error,
         hint: &'static str,
     },
-    #[error("--vcpus {requested} is more than KVM allows on this host ({max})")]
+    #[error("--vcpus {requested} is more than KVM allows on this host: at most {max} (KVM's limit, and {MAX_XAPIC_VCPUS} for xAPIC IDs)")]
     TooManyVcpus { requested: u8, max: usize },
     #[error("KVM_CREATE_VM failed")]
     CreateVm(#[source] kvm_ioctls::Error),
@@ -85,7 +88,7 @@ impl Vm {
     /// Creates the VM and everything in it; the vCPUs are ready at the entry point.
     pub fn new(config: &VmConfig) -> Result<Self, VmError> {
         let kvm = open_kvm()?;
-        let max = kvm.get_max_vcpus();
+        let max = kvm.get_max_vcpus().min(MAX_XAPIC_VCPUS);
         if usize::from(config.vcpus) > max {
             return Err(VmError::TooManyVcpus {
                 requested: config.vcpus,

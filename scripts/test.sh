@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The project's test command: every unit test and every end-to-end test (real processes, real
+# /dev/kvm, real sockets, QEMU interop), in one cargo invocation. Run .ci/install-deps.sh once
+# first on a fresh machine (the README's setup line does both).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --workspace --all-targets
+cargo test --workspace -- --test-threads=2 "$@"
