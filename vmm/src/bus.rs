@@ -132,6 +132,35 @@ impl Bus {
         }
     }
 
+    /// A string instruction (`rep insw`): `data` holds `data.len() / width` reads of `width`
+    /// bytes from the same address, all in one VM exit.
+    pub fn read_repeated(&self, addr: u64, width: usize, data: &mut [u8]) -> bool {
+        let Some(range) = self.find(addr, width) else {
+            self.unhandled.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        range.exits.fetch_add(1, Ordering::Relaxed);
+        let mut device = lock(&range.device);
+        for item in data.chunks_mut(width.max(1)) {
+            device.read(addr - range.base, item);
+        }
+        true
+    }
+
+    /// A string instruction (`rep outsw`): `data.len() / width` writes to the same address.
+    pub fn write_repeated(&self, addr: u64, width: usize, data: &[u8]) -> bool {
+        let Some(range) = self.find(addr, width) else {
+            self.unhandled.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        range.exits.fetch_add(1, Ordering::Relaxed);
+        let mut device = lock(&range.device);
+        for item in data.chunks(width.max(1)) {
+            device.write(addr - range.base, item);
+        }
+        true
+    }
+
     /// Exits per device, in address order, then accesses that hit no device.
     pub fn exit_counts(&self) -> (Vec<DeviceExits>, u64) {
         let devices = self
@@ -210,6 +239,18 @@ mod tests {
         assert!(!bus.write(0x110, &[1]));
         assert_eq!(data, [0xaa; 2]);
         assert_eq!(bus.exit_counts().1, 3);
+    }
+
+    #[test]
+    fn string_port_io_is_split_into_accesses_of_its_width() {
+        let (bus, probes) = bus_with(&[(0x1f0, 8, "ata")]);
+        let mut data = [0u8; 512];
+        assert!(bus.read_repeated(0x1f0, 2, &mut data));
+        assert!(data.iter().all(|b| *b == 0), "offset 0 each time");
+        assert!(bus.write_repeated(0x1f0, 2, &[1, 2, 3, 4]));
+        assert_eq!(probes[0].lock().unwrap().last_write, Some((0, vec![3, 4])));
+        assert_eq!(bus.exit_counts().0[0].exits, 2, "one exit per instruction");
+        assert!(!bus.read_repeated(0x1f7, 2, &mut data), "straddles the end");
     }
 
     #[test]

@@ -72,7 +72,9 @@ impl Vcpu {
         let mut ids = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(step("KVM_GET_SUPPORTED_CPUID"))?;
-        cpuid::filter(&mut ids, index, count);
+        // The guest times its benchmarks with the TSC; tell it the frequency (KVM's leaf).
+        let tsc_khz = fd.get_tsc_khz().ok();
+        cpuid::filter(&mut ids, index, count, tsc_khz);
         fd.set_cpuid2(&ids).map_err(step("KVM_SET_CPUID2"))?;
         let sregs = fd.get_sregs().map_err(step("KVM_GET_SREGS"))?;
         fd.set_sregs(&vcpu_regs::sregs(sregs))
@@ -106,16 +108,24 @@ impl Vcpu {
     /// One `KVM_RUN`; returns why the VM must end, if it must.
     fn run_once(&mut self, ctx: &VcpuContext) -> Option<VmEnd> {
         let index = self.index;
+        let kvm_run: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        // The access width of a port exit; `data` holds `count` of them for string I/O.
+        let io_width = || {
+            // SAFETY: read only after a KVM_EXIT_IO, when `io` is the union member KVM filled
+            // in; the mapping lives as long as the vCPU fd and `io` does not overlap the data
+            // bytes the exit borrows.
+            usize::from(unsafe { (*kvm_run).__bindgen_anon_1.io.size })
+        };
         match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 ctx.exits.pio.fetch_add(1, Ordering::Relaxed);
-                if !ctx.pio.write(u64::from(port), data) {
+                if !ctx.pio.write_repeated(u64::from(port), io_width(), data) {
                     debug!("vCPU {index}: write to unclaimed port {port:#x} ignored");
                 }
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 ctx.exits.pio.fetch_add(1, Ordering::Relaxed);
-                if !ctx.pio.read(u64::from(port), data) {
+                if !ctx.pio.read_repeated(u64::from(port), io_width(), data) {
                     // What an empty ISA bus returns.
                     data.fill(0xff);
                 }
