@@ -10,7 +10,9 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::device::{has_mrg_rxbuf, tap_offload_flags, DeviceModel};
 use crate::ring::Mem;
@@ -99,7 +101,8 @@ impl NetBackend {
     }
 
     fn handle_tap(&self, pairs: &[TapPair], event: u16, vrings: &[Vring], pair: usize) {
-        let (Some(tap_pair), Some(stats), [rx, tx]) = (pairs.get(pair), self.queue_stats(pair), vrings)
+        let (Some(tap_pair), Some(stats), [rx, tx]) =
+            (pairs.get(pair), self.queue_stats(pair), vrings)
         else {
             log::warn!("event {event} for unknown queue pair {pair}");
             return;
@@ -112,7 +115,10 @@ impl NetBackend {
             TX_QUEUE_EVENT => {
                 QueueStats::bump(&stats.tx_kicks);
                 self.run_tx(tx, stats, |queue, mem| {
-                    let mut st = tap_pair.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut st = tap_pair
+                        .state
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
                     process_tx(queue, mem, &tap_pair.tap, &mut st.tx, stats)
                 })
             }
@@ -160,8 +166,14 @@ impl NetBackend {
             return Ok(());
         }
         loop {
-            let (batch, stop) =
-                process_rx(state.get_queue_mut(), &mem, &pair.tap, &mut st.rx, mrg, stats)?;
+            let (batch, stop) = process_rx(
+                state.get_queue_mut(),
+                &mem,
+                &pair.tap,
+                &mut st.rx,
+                mrg,
+                stats,
+            )?;
             if batch.interrupt {
                 signal(&state, &stats.rx_interrupts);
             }
@@ -177,7 +189,10 @@ impl NetBackend {
             return;
         };
         if !self.attached.swap(true, Ordering::AcqRel) {
-            switch.attach(port, RxTarget::new(rx.clone(), self.mem.clone(), self.mrg_rxbuf()));
+            switch.attach(
+                port,
+                RxTarget::new(rx.clone(), self.mem.clone(), self.mrg_rxbuf()),
+            );
         }
         match event {
             // New RX buffers: nothing is queued in switch mode, frames are dropped instead.

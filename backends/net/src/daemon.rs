@@ -173,7 +173,9 @@ fn serve(bound: BoundSocket, spec: PortSpec) -> Result<(), DaemonError> {
         reason,
     };
     let BoundSocket {
-        listener, lock: _lock, ..
+        listener,
+        lock: _lock,
+        ..
     } = bound;
     let mut listener = Listener::from(listener);
     loop {
@@ -197,7 +199,9 @@ fn serve(bound: BoundSocket, spec: PortSpec) -> Result<(), DaemonError> {
                 .map_err(|e| fail(format!("registering the TAP fd: {e}")))?;
         }
         log::info!("waiting for a frontend on {}", path.display());
-        daemon.start(&mut listener).map_err(|e| fail(e.to_string()))?;
+        daemon
+            .start(&mut listener)
+            .map_err(|e| fail(e.to_string()))?;
         spec.stats.connections.fetch_add(1, Ordering::Relaxed);
         log::info!("frontend connected on {}", path.display());
         if let Err(e) = daemon.wait() {

@@ -4,9 +4,9 @@
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
@@ -129,7 +129,10 @@ mod tests {
     fn config_has_mac_link_up_and_pairs() {
         let c = model().read_config(0, 12);
         assert_eq!(&c[..6], &[0x52, 0x54, 0, 1, 2, 3]);
-        assert_eq!(u16::from_le_bytes([c[6], c[7]]), VIRTIO_NET_S_LINK_UP as u16);
+        assert_eq!(
+            u16::from_le_bytes([c[6], c[7]]),
+            VIRTIO_NET_S_LINK_UP as u16
+        );
         assert_eq!(u16::from_le_bytes([c[8], c[9]]), 2);
         assert_eq!(model().read_config(6, 2), vec![1, 0]);
         assert_eq!(model().read_config(100, 4), vec![0; 4]);
@@ -139,7 +142,10 @@ mod tests {
     fn offloads_follow_guest_features() {
         assert_eq!(tap_offload_flags(bit(VIRTIO_NET_F_GUEST_TSO4)), 0);
         let acked = bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4);
-        assert_eq!(tap_offload_flags(acked), libc::TUN_F_CSUM | libc::TUN_F_TSO4);
+        assert_eq!(
+            tap_offload_flags(acked),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4
+        );
         assert!(model().features() & bit(VIRTIO_NET_F_MQ) != 0);
     }
 }

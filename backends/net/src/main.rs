@@ -25,7 +25,11 @@ use crate::switch::{MacAddr, MAX_PORTS};
 const MAX_QUEUE_PAIRS: u16 = 32;
 
 #[derive(Parser, Debug)]
-#[command(name = "splitvisor-net", version, about = "vhost-user-net backend: TAP or L2 switch")]
+#[command(
+    name = "splitvisor-net",
+    version,
+    about = "vhost-user-net backend: TAP or L2 switch"
+)]
 struct Args {
     /// vhost-user socket path (one in TAP mode; one per port with --switch).
     #[arg(long = "socket", required = true)]
@@ -83,7 +87,9 @@ fn default_mac(path: &std::path::Path, index: usize) -> MacAddr {
         .as_os_str()
         .as_encoded_bytes()
         .iter()
-        .fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193));
+        .fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+        });
     let [a, b, ..] = hash.to_le_bytes();
     [0x52, 0x54, 0x00, a, b, index as u8]
 }
@@ -114,7 +120,9 @@ fn config(args: Args) -> Result<Config, ArgsError> {
     };
     let macs = if args.macs.is_empty() {
         let first = &args.sockets[0];
-        (0..args.sockets.len()).map(|i| default_mac(first, i)).collect()
+        (0..args.sockets.len())
+            .map(|i| default_mac(first, i))
+            .collect()
     } else if args.macs.len() == args.sockets.len() {
         args.macs
     } else {

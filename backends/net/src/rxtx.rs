@@ -197,7 +197,11 @@ pub fn process_rx<T: Tap + ?Sized>(
             RxOutcome::Delivered(_) => stats.count_rx(rx.pending - VNET_HDR_LEN),
             RxOutcome::NoBuffers => break RxStop::OutOfBuffers,
             RxOutcome::Dropped(reason) => {
-                log::debug!("dropping RX frame of {} bytes: {}", rx.pending, reason.name());
+                log::debug!(
+                    "dropping RX frame of {} bytes: {}",
+                    rx.pending,
+                    reason.name()
+                );
                 stats.count_drop(reason);
             }
         }

@@ -11,7 +11,8 @@ fn tx_sends_header_and_payload_and_returns_chain() {
     let mut ring = Ring::new(&mem, 0);
     let f = frame(60);
     mem.write_slice(&f[..12], GuestAddress(BUF_BASE)).unwrap();
-    mem.write_slice(&f[12..], GuestAddress(BUF_BASE + 0x100)).unwrap();
+    mem.write_slice(&f[12..], GuestAddress(BUF_BASE + 0x100))
+        .unwrap();
     ring.add_chain(&[(BUF_BASE, 12, false), (BUF_BASE + 0x100, 60, false)]);
     let mut q = ring.queue();
     let tap = MemTap::default();
@@ -21,8 +22,14 @@ fn tx_sends_header_and_payload_and_returns_chain() {
     assert_eq!(tap.written.borrow().as_slice(), &[f]);
     assert_eq!(ring.used_idx(), 1);
     assert_eq!(ring.used(0), (0, 0));
-    assert_eq!(stats.tx_frames.load(std::sync::atomic::Ordering::Relaxed), 1);
-    assert_eq!(stats.tx_bytes.load(std::sync::atomic::Ordering::Relaxed), 60);
+    assert_eq!(
+        stats.tx_frames.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        stats.tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        60
+    );
 }
 
 #[test]
@@ -156,5 +163,11 @@ fn interrupt_honours_no_interrupt_flag() {
     let tap = MemTap::default();
     let stats = QueueStats::default();
     let batch = process_tx(&mut q, &mem, &tap, &mut TxScratch::default(), &stats).unwrap();
-    assert_eq!(batch, Batch { used: 1, interrupt: false });
+    assert_eq!(
+        batch,
+        Batch {
+            used: 1,
+            interrupt: false
+        }
+    );
 }

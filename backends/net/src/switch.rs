@@ -6,9 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{
-    Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-};
+use vm_memory::{Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::ring::{
     needs_interrupt, write_rx_frame, FrameSource, Mem, RxOutcome, Slice, UsedBatch, VNET_HDR_LEN,
@@ -267,7 +265,12 @@ impl Switch {
     }
 
     /// Learn the source, pick destinations, copy. Returns the frame length on success.
-    fn forward(&self, port: usize, frame: &ChainFrame, dirty: &mut u64) -> Result<usize, DropReason> {
+    fn forward(
+        &self,
+        port: usize,
+        frame: &ChainFrame,
+        dirty: &mut u64,
+    ) -> Result<usize, DropReason> {
         let mut eth = [0u8; 2 * ETH_ADDR_LEN];
         let got = frame.copy_payload(VNET_HDR_LEN, &Slice::from(&mut eth[..]))?;
         if got < eth.len() {
@@ -343,8 +346,12 @@ impl Switch {
                 continue;
             }
             let mut slot = port.target.lock().unwrap_or_else(PoisonError::into_inner);
-            let Some(target) = slot.as_mut() else { continue };
-            let Some(start) = target.batch_start.take() else { continue };
+            let Some(target) = slot.as_mut() else {
+                continue;
+            };
+            let Some(start) = target.batch_start.take() else {
+                continue;
+            };
             let mem = target.mem.memory();
             let state = target.vring.get_ref();
             let wanted = needs_interrupt(state.get_queue(), &mem, start).unwrap_or(true);

@@ -69,7 +69,9 @@ fn eth_frame(dst: MacAddr, src: MacAddr, payload: usize) -> Vec<u8> {
 }
 
 fn stats(n: usize) -> Vec<Arc<PortStats>> {
-    (0..n).map(|i| Arc::new(PortStats::new(format!("p{i}"), 1))).collect()
+    (0..n)
+        .map(|i| Arc::new(PortStats::new(format!("p{i}"), 1)))
+        .collect()
 }
 
 #[test]
@@ -89,10 +91,17 @@ fn broadcast_is_copied_into_other_ports_rx_rings() {
 
     let f = eth_frame(BCAST, A, 50);
     mem_a.write_slice(&f[..20], GuestAddress(BUF_BASE)).unwrap();
-    mem_a.write_slice(&f[20..], GuestAddress(BUF_BASE + 0x100)).unwrap();
-    tx_a.add_chain(&[(BUF_BASE, 20, false), (BUF_BASE + 0x100, (f.len() - 20) as u32, false)]);
+    mem_a
+        .write_slice(&f[20..], GuestAddress(BUF_BASE + 0x100))
+        .unwrap();
+    tx_a.add_chain(&[
+        (BUF_BASE, 20, false),
+        (BUF_BASE + 0x100, (f.len() - 20) as u32, false),
+    ]);
     let mut q = tx_a.queue();
-    let batch = sw.process_tx(0, &mut q, &mem_a, &mut SwitchScratch::default()).unwrap();
+    let batch = sw
+        .process_tx(0, &mut q, &mem_a, &mut SwitchScratch::default())
+        .unwrap();
     assert_eq!(batch.used, 1);
     assert_eq!(tx_a.used_idx(), 1);
 
@@ -103,18 +112,31 @@ fn broadcast_is_copied_into_other_ports_rx_rings() {
     want_hdr[10] = 1;
     assert_eq!(&got[..VNET_HDR_LEN], &want_hdr);
     assert_eq!(&got[VNET_HDR_LEN..], &f[VNET_HDR_LEN..]);
-    assert_eq!(port_stats[1].queues[0].rx_frames.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        port_stats[1].queues[0]
+            .rx_frames
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     assert_eq!(port_stats[2].queues[0].drops(DropReason::NoRxBuffers), 1);
-    assert_eq!(port_stats[0].queues[0].tx_frames.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        port_stats[0].queues[0]
+            .tx_frames
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 
     // A was learned on port 0: B's reply goes only there (port 0 has no RX queue -> dropped,
     // counted at port 0).
     let mut tx_b = Ring::new(&mem_b, 0);
     let reply = eth_frame(A, B, 10);
-    mem_b.write_slice(&reply, GuestAddress(BUF_BASE + 0x1000)).unwrap();
+    mem_b
+        .write_slice(&reply, GuestAddress(BUF_BASE + 0x1000))
+        .unwrap();
     tx_b.add_chain(&[(BUF_BASE + 0x1000, reply.len() as u32, false)]);
     let mut qb = tx_b.queue();
-    sw.process_tx(1, &mut qb, &mem_b, &mut SwitchScratch::default()).unwrap();
+    sw.process_tx(1, &mut qb, &mem_b, &mut SwitchScratch::default())
+        .unwrap();
     assert_eq!(port_stats[0].queues[0].drops(DropReason::NoRxBuffers), 1);
     assert_eq!(port_stats[2].queues[0].drops(DropReason::NoRxBuffers), 1);
 }
@@ -128,7 +150,8 @@ fn runt_frames_are_filtered() {
     let port_stats = stats(2);
     let sw = Switch::new(port_stats.clone());
     let mut q = tx_a.queue();
-    sw.process_tx(0, &mut q, &mem_a, &mut SwitchScratch::default()).unwrap();
+    sw.process_tx(0, &mut q, &mem_a, &mut SwitchScratch::default())
+        .unwrap();
     assert_eq!(port_stats[0].queues[0].drops(DropReason::Filtered), 1);
     assert_eq!(tx_a.used_idx(), 1);
 }

@@ -64,7 +64,10 @@ impl TapQueue {
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(TUN_PATH)
-            .map_err(TapError::OpenTun)?;
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::PermissionDenied => TapError::NoPermission(name.to_string()),
+                _ => TapError::OpenTun(e),
+            })?;
         let mut req = IfReqFlags {
             name: [0; libc::IFNAMSIZ],
             flags: 0,

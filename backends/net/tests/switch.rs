@@ -50,11 +50,24 @@ fn switch_forwards_broadcast_between_ports() {
     let mut fb = TestFrontend::connect(&b, 1);
     assert_eq!(&fa.config[..6], &[0x52, 0x54, 0, 0, 0, 0x0a]);
     assert_eq!(&fb.config[..6], &[0x52, 0x54, 0, 0, 0, 0x0b]);
-    assert_eq!(u16::from_le_bytes([fb.config[6], fb.config[7]]), 1, "link up");
-    assert_eq!(u16::from_le_bytes([fb.config[8], fb.config[9]]), 1, "one pair");
+    assert_eq!(
+        u16::from_le_bytes([fb.config[6], fb.config[7]]),
+        1,
+        "link up"
+    );
+    assert_eq!(
+        u16::from_le_bytes([fb.config[8], fb.config[9]]),
+        1,
+        "one pair"
+    );
 
     fb.post_rx(RX, RX_BUFS, 8, 2048);
-    let frame = net_frame([0xff; 6], [0x52, 0x54, 0, 0, 0, 0x0a], 0x88b5, b"hello from A");
+    let frame = net_frame(
+        [0xff; 6],
+        [0x52, 0x54, 0, 0, 0, 0x0a],
+        0x88b5,
+        b"hello from A",
+    );
     // Port B registers its RX queue asynchronously after SET_VRING_ENABLE: resend until seen.
     let mut sent = 0u64;
     let arrived = wait_for(Duration::from_secs(10), || {
@@ -75,11 +88,16 @@ fn switch_forwards_broadcast_between_ports() {
         .unwrap();
     assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
     assert_eq!(&got[12..], &frame[12..]);
-    assert!(wait_for(Duration::from_secs(5), || fa.vqs[TX].used_idx(fa.mem()) as u64 == sent));
+    assert!(wait_for(
+        Duration::from_secs(5),
+        || fa.vqs[TX].used_idx(fa.mem()) as u64 == sent
+    ));
 
     // Disconnecting A prints STATS; the daemon keeps serving A's socket.
     drop(fa);
-    let stats = wait_for(Duration::from_secs(10), || daemon.stderr().contains("STATS {"));
+    let stats = wait_for(Duration::from_secs(10), || {
+        daemon.stderr().contains("STATS {")
+    });
     assert!(stats, "no STATS line: {}", daemon.stderr());
     let line = daemon
         .stderr()

@@ -64,7 +64,11 @@ impl Daemon {
         let ready = wait_for(Duration::from_secs(10), || {
             sockets.iter().all(|s| s.exists()) || daemon.exited()
         });
-        assert!(ready && !daemon.exited(), "daemon not ready: {}", daemon.stderr());
+        assert!(
+            ready && !daemon.exited(),
+            "daemon not ready: {}",
+            daemon.stderr()
+        );
         daemon
     }
 
@@ -109,7 +113,9 @@ impl GuestMem {
     }
 
     fn host_base(&self) -> u64 {
-        self.mem.get_host_address(GuestAddress(0)).expect("host address") as u64
+        self.mem
+            .get_host_address(GuestAddress(0))
+            .expect("host address") as u64
     }
 }
 
@@ -151,7 +157,8 @@ impl Vq {
             mem.write_obj(addr, at).unwrap();
             mem.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
             mem.write_obj(flags, GuestAddress(at.0 + 12)).unwrap();
-            mem.write_obj((idx + 1) % QSIZE, GuestAddress(at.0 + 14)).unwrap();
+            mem.write_obj((idx + 1) % QSIZE, GuestAddress(at.0 + 14))
+                .unwrap();
         }
         self.next_desc = (head + descs.len() as u16) % QSIZE;
         let slot = self.avail() + 4 + 2 * u64::from(self.avail_idx % QSIZE);
@@ -204,7 +211,8 @@ impl TestFrontend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK;
         assert!(proto.contains(want), "protocol features {proto:?}");
-        fe.set_protocol_features(want).expect("set_protocol_features");
+        fe.set_protocol_features(want)
+            .expect("set_protocol_features");
         let (_, config) = fe
             .get_config(0, 12, VhostUserConfigFlags::empty(), &[0u8; 12])
             .expect("get_config");
