@@ -317,6 +317,9 @@ impl Switch {
         let target = slot.as_mut().ok_or(DropReason::NoRxBuffers)?;
         let mem = target.mem.memory();
         let mut state = target.vring.get_mut();
+        if !state.is_enabled() {
+            return Err(DropReason::NoRxBuffers);
+        }
         let queue = state.get_queue_mut();
         let start = queue.next_used();
         let outcome = write_rx_frame(queue, &mem, frame, target.mrg_rxbuf, &mut target.used);
