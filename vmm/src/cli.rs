@@ -41,6 +41,47 @@ pub enum Command {
     /// Boot a VM and run it until the guest exits; the exit status is the guest's.
     #[command(after_long_help = EXIT_STATUS_HELP)]
     Run(RunArgs),
+    /// Measure guest block I/O through vhost-user-blk (a splitvisor-blk daemon) and through the
+    /// emulated ATA disk, one after the other on the same image; prints a table and one line
+    /// `BENCH {json}` with IOPS, MB/s, latency, and VM exits, kicks and interrupts per request.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which paths to measure, in order: virtio, ata.
+    #[arg(long, value_delimiter = ',', default_value = "virtio,ata", value_parser = ["virtio", "ata"])]
+    pub paths: Vec<String>,
+    /// Access pattern: read, write, randread, randwrite.
+    #[arg(long, default_value = "randread", value_parser = ["read", "write", "randread", "randwrite"])]
+    pub rw: String,
+    /// Request size (4k to 1M).
+    #[arg(long, default_value = "4k")]
+    pub bs: String,
+    /// Requests in flight (the ATA path is always 1).
+    #[arg(long, default_value_t = 32)]
+    pub qd: u32,
+    /// virtio queues (the backend gets one worker thread per queue).
+    #[arg(long, default_value_t = 1)]
+    pub queues: u32,
+    /// Region of the image the guest works in.
+    #[arg(long, default_value = "64M")]
+    pub size: String,
+    /// Seconds each path runs.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u32,
+    /// Image to use; default: a sparse file of --image-size on tmpfs (/dev/shm), removed after.
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+    /// Size of the default image.
+    #[arg(long, default_value = "256M")]
+    pub image_size: ByteSize,
+    /// Guest memory.
+    #[arg(long, default_value = "256M")]
+    pub memory: ByteSize,
+    /// The splitvisor-blk binary; default: the one next to this executable.
+    #[arg(long, value_name = "PATH")]
+    pub backend: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +123,11 @@ pub struct RunArgs {
     /// `socket=PATH[,mac=52:54:00:xx:xx:xx][,id=NAME]` (ids default to net0, net1, ...).
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<NetConfig>,
+
+    /// After the VM ends, print one line `VMM-STATS {json}` on stdout: exits by kind and by
+    /// device, interrupts per virtio device.
+    #[arg(long)]
+    pub stats: bool,
 
     /// Seconds to keep retrying a backend socket that does not accept connections yet.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
@@ -137,12 +183,25 @@ mod tests {
     #[test]
     fn run_defaults_boot_the_embedded_guest() {
         let cli = Cli::try_parse_from(["splitvisor", "run", "--cmdline", "selftest"]).unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("parsed as another subcommand");
+        };
         let config = args.to_config();
         assert_eq!(config.memory, ByteSize(256 << 20));
         assert_eq!(config.vcpus, 1);
         assert_eq!(config.kernel, KernelSource::Embedded);
         assert_eq!(config.serial, SerialConfig::Stdio);
+    }
+
+    #[test]
+    fn bench_defaults_compare_both_paths() {
+        let cli = Cli::try_parse_from(["splitvisor", "bench"]).unwrap();
+        let Command::Bench(args) = cli.command else {
+            panic!("parsed as another subcommand");
+        };
+        assert_eq!(args.paths, ["virtio", "ata"]);
+        assert_eq!((args.rw.as_str(), args.bs.as_str(), args.qd), ("randread", "4k", 32));
+        assert!(Cli::try_parse_from(["splitvisor", "bench", "--paths", "nvme"]).is_err());
     }
 
     #[test]

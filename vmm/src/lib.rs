@@ -3,6 +3,7 @@
 //! emulated devices, and the control plane of the vhost-user devices.
 
 pub mod attach;
+pub mod bench;
 pub mod boot;
 pub mod bus;
 pub mod cli;
@@ -11,6 +12,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod layout;
 pub mod memory;
+pub mod stats;
 pub mod vcpu;
 pub mod vhost_user;
 pub mod virtio;

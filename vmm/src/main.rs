@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use splitvisor::cli::{Cli, Command, RunArgs};
+use splitvisor::cli::{BenchArgs, Cli, Command, RunArgs};
 use splitvisor::vm::Vm;
 
 fn main() -> ExitCode {
@@ -12,6 +12,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(&args),
+        Command::Bench(args) => bench(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),
@@ -25,11 +26,24 @@ fn main() -> ExitCode {
 fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let config = args.to_config();
     config.validate()?;
-    let end = Vm::new(&config)?.run()?;
+    let (end, stats) = Vm::new(&config)?.run()?;
     if let Some(message) = end.describe() {
         eprintln!("splitvisor: {message}");
     }
+    if args.stats {
+        println!("{}{stats}", splitvisor::stats::STATS_PREFIX);
+    }
     Ok(end.exit_status())
+}
+
+fn bench(args: &BenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let summary = splitvisor::bench::run(args)?;
+    splitvisor::bench::print_table(&summary);
+    println!("BENCH {summary}");
+    let all_passed = summary["paths"]
+        .as_object()
+        .is_some_and(|paths| paths.values().all(|p| p["status"] == "pass"));
+    Ok(if all_passed { 0 } else { 1 })
 }
 
 /// "what failed: because: because", each cause once.

@@ -167,18 +167,29 @@ impl Vm {
         })
     }
 
+    /// Exit and interrupt counts so far (see `stats`).
+    pub fn stats(&self) -> serde_json::Value {
+        crate::stats::snapshot(
+            &self.ctx.exits,
+            &self.ctx.pio,
+            &self.ctx.mmio,
+            &self.attached.devices,
+        )
+    }
+
     /// The vhost-user devices, in the order they were attached.
     pub fn devices(&self) -> &[crate::attach::AttachedDevice] {
         &self.attached.devices
     }
 
     /// Runs the vCPUs until the guest exits, a vCPU fails, or SIGINT/SIGTERM arrives.
-    pub fn run(self) -> Result<VmEnd, VmError> {
+    /// Returns how it ended and the final `stats`.
+    pub fn run(mut self) -> Result<(VmEnd, serde_json::Value), VmError> {
         install_kick_handler()?;
         watch_termination_signals(self.ctx.end.clone())?;
         let event_thread = self.events.spawn().map_err(VmError::EventLoop)?;
         let mut threads = Vec::new();
-        for vcpu in self.vcpus {
+        for vcpu in std::mem::take(&mut self.vcpus) {
             let index = vcpu.index();
             let ctx = self.ctx.clone();
             let handle = std::thread::Builder::new()
@@ -197,7 +208,8 @@ impl Vm {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .flush();
-        Ok(end)
+        let stats = self.stats();
+        Ok((end, stats))
     }
 }
 
