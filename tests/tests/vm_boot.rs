@@ -13,16 +13,38 @@ fn selftest_passes_and_reports_vcpus_and_memory() {
     if !require_kvm("selftest_passes_and_reports_vcpus_and_memory") {
         return;
     }
-    for (vcpus, memory, mib) in [("1", "64M", 64), ("2", "512M", 512), ("2", "64M", 64), ("1", "512M", 512)] {
-        let run = run(&["run", "--cmdline", "selftest", "--vcpus", vcpus, "--memory", memory]);
+    for (vcpus, memory, mib) in [
+        ("1", "64M", 64),
+        ("2", "512M", 512),
+        ("2", "64M", 64),
+        ("1", "512M", 512),
+    ] {
+        let run = run(&[
+            "run",
+            "--cmdline",
+            "selftest",
+            "--vcpus",
+            vcpus,
+            "--memory",
+            memory,
+        ]);
         let result = run.assert_passed();
         assert_eq!(result["task"], "selftest");
         assert_eq!(result["vcpus"].to_string(), vcpus, "{run}");
         assert_eq!(result["memory_mib"], mib, "{run}");
-        assert_eq!(result["vcpus_online"].to_string(), vcpus, "every vCPU ran\n{run}");
+        assert_eq!(
+            result["vcpus_online"].to_string(),
+            vcpus,
+            "every vCPU ran\n{run}"
+        );
         // Everything but the first MiB and the guest image was written and read back.
-        let tested = result["memory_tested_mib"].as_u64().expect("memory_tested_mib");
-        assert!(tested + 8 >= mib, "tested only {tested} MiB of {mib}\n{run}");
+        let tested = result["memory_tested_mib"]
+            .as_u64()
+            .expect("memory_tested_mib");
+        assert!(
+            tested + 8 >= mib,
+            "tested only {tested} MiB of {mib}\n{run}"
+        );
     }
 }
 
@@ -68,7 +90,10 @@ fn serial_output_can_go_to_a_file() {
     let dest = format!("file={}", path.display());
     let run = run(&["run", "--cmdline", "exit=0", "--serial", &dest]);
     assert_eq!(run.code(), Some(0), "{run}");
-    assert!(!run.stdout.contains("RESULT"), "the console went to the file\n{run}");
+    assert!(
+        !run.stdout.contains("RESULT"),
+        "the console went to the file\n{run}"
+    );
     let console = std::fs::read_to_string(&path).expect("serial file");
     assert!(console.contains("RESULT {"), "{console}");
     std::fs::remove_file(path).unwrap();
@@ -88,7 +113,10 @@ fn a_triple_fault_ends_the_vm_with_a_register_dump() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(run.code(), Some(121), "{run}");
     assert!(run.stderr.contains("triple fault"), "{run}");
-    assert!(run.stderr.contains("rip 0000000000100078"), "register dump\n{run}");
+    assert!(
+        run.stderr.contains("rip 0000000000100078"),
+        "register dump\n{run}"
+    );
 }
 
 /// Bad input: a clear message naming the value, a non-zero status, never a panic.
@@ -100,18 +128,42 @@ fn bad_input_is_rejected_with_a_clear_message() {
     let missing_needles = [missing, "No such file"];
     let cases: Vec<(Vec<&str>, i32, &[&str])> = vec![
         (vec!["--kernel", missing], 1, &missing_needles),
-        (vec!["--kernel", not_elf.to_str().unwrap()], 1, &["is not a loadable kernel", "ELF"]),
+        (
+            vec!["--kernel", not_elf.to_str().unwrap()],
+            1,
+            &["is not a loadable kernel", "ELF"],
+        ),
         (vec!["--kernel", "/tmp"], 1, &["/tmp", "directory"]),
         (vec!["--memory", "0"], 1, &["--memory 0", "at least"]),
         (vec!["--memory", "4096T"], 1, &["--memory 4096T"]),
-        (vec!["--memory", "40G"], 1, &["--memory 40G", "more than this host has"]),
-        (vec!["--memory", "12X"], 2, &["--memory", "'12X' is not a size"]),
+        (
+            vec!["--memory", "40G"],
+            1,
+            &["--memory 40G", "more than this host has"],
+        ),
+        (
+            vec!["--memory", "12X"],
+            2,
+            &["--memory", "'12X' is not a size"],
+        ),
         (vec!["--memory", "1.5G"], 2, &["'1.5G' is not a size"]),
         (vec!["--vcpus", "0"], 1, &["--vcpus 0"]),
-        (vec!["--vcpus", "255"], 1, &["--vcpus 255", "more than KVM allows"]),
+        (
+            vec!["--vcpus", "255"],
+            1,
+            &["--vcpus 255", "more than KVM allows"],
+        ),
         (vec!["--vcpus", "two"], 2, &["--vcpus", "two"]),
-        (vec!["--serial", "tty"], 2, &["--serial", "stdio, file=PATH or none"]),
-        (vec!["--disk", "socket=/x,bogus=1"], 2, &["unknown key 'bogus'"]),
+        (
+            vec!["--serial", "tty"],
+            2,
+            &["--serial", "stdio, file=PATH or none"],
+        ),
+        (
+            vec!["--disk", "socket=/x,bogus=1"],
+            2,
+            &["unknown key 'bogus'"],
+        ),
     ];
     for (extra, code, needles) in cases {
         let mut args = vec!["run", "--cmdline", "selftest"];
@@ -119,7 +171,10 @@ fn bad_input_is_rejected_with_a_clear_message() {
         let run = run(&args);
         assert_eq!(run.code(), Some(code), "{extra:?}\n{run}");
         for needle in needles {
-            assert!(run.stderr.contains(needle), "{extra:?}: expected {needle:?}\n{run}");
+            assert!(
+                run.stderr.contains(needle),
+                "{extra:?}: expected {needle:?}\n{run}"
+            );
         }
         assert!(!run.stderr.contains("panicked"), "{extra:?}\n{run}");
     }
@@ -153,7 +208,17 @@ fn help_documents_commands_flags_and_exit_statuses() {
     assert_eq!(top.code(), Some(0));
     assert!(top.stdout.contains("run"), "{top}");
     let run = run(&["run", "--help"]);
-    for needle in ["--memory", "--vcpus", "--kernel", "--cmdline", "--serial", "--disk", "--net", "Exit status", "121"] {
+    for needle in [
+        "--memory",
+        "--vcpus",
+        "--kernel",
+        "--cmdline",
+        "--serial",
+        "--disk",
+        "--net",
+        "Exit status",
+        "121",
+    ] {
         assert!(run.stdout.contains(needle), "missing {needle}\n{run}");
     }
 }
