@@ -1,4 +1,5 @@
 //! Shared helpers for the end-to-end tests.
 
 pub mod interop;
+pub mod pattern;
 pub mod vm;

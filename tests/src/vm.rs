@@ -20,7 +20,11 @@ pub fn splitvisor() -> PathBuf {
 /// True if KVM is usable. Without it the test is skipped - except under CI, where a missing
 /// KVM is a broken runner and the test fails loudly.
 pub fn require_kvm(test: &str) -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(e) if std::env::var_os("CI").is_some() => {
             panic!("{test}: /dev/kvm is not usable ({e}) but CI is set: KVM tests must run in CI")
@@ -131,5 +135,91 @@ where
         status,
         stdout: out_reader.join().unwrap_or_default(),
         stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+/// A `splitvisor` run in the background, its stdout and stderr going to files (the serial
+/// console is line-buffered, so a test can poll the guest's progress while it runs).
+#[derive(Debug)]
+pub struct RunningVm {
+    child: std::process::Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl RunningVm {
+    /// Starts `splitvisor <args>` with its output in `<dir>/<name>.stdout` and `.stderr`.
+    pub fn spawn<I, S>(args: I, dir: &std::path::Path, name: &str) -> RunningVm
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let stdout = dir.join(format!("{name}.stdout"));
+        let stderr = dir.join(format!("{name}.stderr"));
+        let file = |p: &PathBuf| {
+            std::fs::File::create(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        };
+        let child = Command::new(splitvisor())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file(&stdout))
+            .stderr(file(&stderr))
+            .spawn()
+            .expect("cannot start splitvisor");
+        RunningVm {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The guest's console output so far.
+    pub fn stdout_so_far(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.stdout).unwrap_or_default()).into_owned()
+    }
+
+    /// True once the VMM has exited (not reaped yet by `wait`).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Waits for the VMM to exit; kills it and panics (with its output) after `timeout`.
+    pub fn wait(mut self, timeout: Duration) -> VmRun {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for splitvisor") {
+                return self.finish(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let status = self.child.wait().expect("reap splitvisor");
+                panic!(
+                    "splitvisor did not finish within {timeout:?}\n{}",
+                    self.finish(status)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn finish(&self, status: ExitStatus) -> VmRun {
+        let mut stderr = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.stderr) {
+            let _ = f.read_to_string(&mut stderr);
+        }
+        VmRun {
+            status,
+            stdout: self.stdout_so_far(),
+            stderr,
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if !self.has_exited() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
     }
 }

@@ -195,6 +195,21 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kill the daemon with SIGKILL (no chance to clean up, as in a crash) and reap it.
+    pub fn kill(&mut self) -> Result<ExitStatus, String> {
+        self.child
+            .kill()
+            .map_err(|e| format!("cannot kill {}: {e}", self.name))?;
+        self.child
+            .wait()
+            .map_err(|e| format!("cannot reap {}: {e}", self.name))
+    }
+
     /// Send SIGTERM and wait for the exit status.
     pub fn stop(&mut self) -> Result<ExitStatus, String> {
         if let Ok(Some(status)) = self.child.try_wait() {
