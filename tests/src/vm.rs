@@ -183,6 +183,12 @@ impl RunningVm {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
+    /// Kills the VMM with SIGKILL (as in a crash) and reaps it.
+    pub fn kill(mut self) -> ExitStatus {
+        let _ = self.child.kill();
+        self.child.wait().expect("reap splitvisor")
+    }
+
     /// Waits for the VMM to exit; kills it and panics (with its output) after `timeout`.
     pub fn wait(mut self, timeout: Duration) -> VmRun {
         let deadline = Instant::now() + timeout;

@@ -180,6 +180,31 @@ fn guest_writes_land_in_the_image_exactly_through_vhost_user_and_ata() {
 }
 
 #[test]
+fn readonly_ata_disk_refuses_guest_writes_and_leaves_the_image_alone() {
+    if !require_kvm("readonly_ata_disk_refuses_guest_writes_and_leaves_the_image_alone") {
+        return;
+    }
+    let workdir = Workdir::new("disk-ro-ata");
+    let path = workdir.join("disk.img");
+    let image = random_image(&path, nonce());
+    let disk = format!("path={},emulated=ata,readonly", path.display());
+    let run = run_vm(
+        &disk,
+        "blk-verify,dev=ata,size=4K,check_offset=100,check_size=8K",
+    );
+    let result = run.result();
+    assert_eq!(result["status"], "fail", "{run}");
+    assert_eq!(run.code(), Some(1), "the guest's fail status\n{run}");
+    assert_eq!(result["write_status"], "ioerr", "{run}");
+    assert_eq!(
+        result["checksum"],
+        fnv1a64_hex(&image[100 * SECTOR as usize..][..8 << 10]),
+        "{run}"
+    );
+    assert_image(&path, &image);
+}
+
+#[test]
 fn readonly_daemon_refuses_guest_writes_and_leaves_the_image_alone() {
     if !require_kvm("readonly_daemon_refuses_guest_writes_and_leaves_the_image_alone") {
         return;
@@ -357,6 +382,52 @@ fn killing_the_backend_fails_the_guest_cleanly_instead_of_crashing_the_vmm() {
         "the VMM logs the lost backend\n{run}"
     );
     assert!(!run.stderr.contains("panicked"), "{run}");
+}
+
+#[test]
+fn daemon_survives_a_vmm_killed_mid_io_and_serves_the_next_vm() {
+    if !require_kvm("daemon_survives_a_vmm_killed_mid_io_and_serves_the_next_vm") {
+        return;
+    }
+    let workdir = Workdir::new("disk-vmm-kill");
+    let path = workdir.join("disk.img");
+    let image = random_image(&path, nonce());
+    let mut daemon = start_blk(&workdir, &path, &[]);
+    let disk = socket_disk(&daemon.socket);
+    // Write+verify rounds over the first MiB until killed.
+    let args = [
+        "run",
+        "--disk",
+        &disk,
+        "--cmdline",
+        "blk-verify,seconds=600",
+    ];
+    let vm = RunningVm::spawn(args, workdir.path(), "vm1");
+    poll_until("the guest to open virtio-blk", VM_TIMEOUT, || {
+        vm.stdout_so_far().contains("virtio-blk: ").then_some(())
+    })
+    .unwrap();
+    let status = vm.kill();
+    assert_eq!(status.code(), None, "the VMM died of the signal: {status}");
+    poll_until("the daemon to see the frontend go", VM_TIMEOUT, || {
+        let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+        log.contains("frontend disconnected").then_some(())
+    })
+    .unwrap();
+
+    let seed = nonce() >> 1;
+    let task = format!("blk-verify,offset=4096,size=256K,seed={seed}");
+    run_vm(&disk, &task).assert_passed();
+    let status = daemon.stop().unwrap();
+    assert!(status.success(), "splitvisor-blk exited with {status}");
+    // Beyond the killed guest's first MiB: the host's bytes, then the second guest's pattern.
+    let expected = with_pattern(&image, seed, 4096, 256 << 10);
+    let actual = std::fs::read(&path).unwrap();
+    let beyond = (1 << 20)..IMAGE_LEN;
+    assert!(
+        actual[beyond.clone()] == expected[beyond],
+        "the image beyond the first MiB differs from the expected bytes"
+    );
 }
 
 /// qemu-storage-daemon from PATH (or /usr/bin, /usr/sbin); `None` after a SKIP line, or a panic
