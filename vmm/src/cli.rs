@@ -200,7 +200,10 @@ mod tests {
             panic!("parsed as another subcommand");
         };
         assert_eq!(args.paths, ["virtio", "ata"]);
-        assert_eq!((args.rw.as_str(), args.bs.as_str(), args.qd), ("randread", "4k", 32));
+        assert_eq!(
+            (args.rw.as_str(), args.bs.as_str(), args.qd),
+            ("randread", "4k", 32)
+        );
         assert!(Cli::try_parse_from(["splitvisor", "bench", "--paths", "nvme"]).is_err());
     }
 
