@@ -1,8 +1,9 @@
 //! The disk path, end to end: the project's guest runs `blk-verify` under real KVM against a real
 //! `splitvisor-blk` daemon (vhost-user) or the VMM's emulated ATA disk; the test checks the
 //! guest's RESULT line against checksums and patterns recomputed on the host, and the image file's
-//! bytes after the run. Also: a read-only disk, reads past the end, two queues, a backend killed
-//! under a running guest, qemu-storage-daemon as the backend, and bad `--disk` input.
+//! bytes after the run. Also: read-only disks, the last sectors and reads past the end, sectors
+//! beyond LBA28, two queues, a backend killed under a running guest, a VMM killed under a
+//! serving daemon, qemu-storage-daemon as the backend, and bad `--disk` input.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -268,16 +269,69 @@ fn out_of_range_read_fails_and_the_daemon_serves_the_next_vm() {
 }
 
 #[test]
-fn out_of_range_read_fails_on_ata() {
-    if !require_kvm("out_of_range_read_fails_on_ata") {
+fn last_sectors_are_writable_a_partial_sector_is_invisible_and_oob_fails() {
+    if !require_kvm("last_sectors_are_writable_a_partial_sector_is_invisible_and_oob_fails") {
         return;
     }
-    let workdir = Workdir::new("disk-oob-ata");
-    let path = workdir.join("disk.img");
-    random_image(&path, nonce());
-    let run = run_on(&workdir, Transport::Ata, &path, "blk-verify,size=4K,oob=1");
-    let result = run.assert_passed();
-    assert_eq!(result["oob_status"], "ioerr", "{run}");
+    for transport in [Transport::VhostUser, Transport::Ata] {
+        let workdir = Workdir::new("disk-tail");
+        let path = workdir.join("disk.img");
+        // Whole sectors plus 123 bytes that no guest may see or touch.
+        let image = splitvisor_tests::interop::pattern(nonce(), IMAGE_LEN + 123);
+        std::fs::write(&path, &image).unwrap();
+        let seed = nonce() >> 1;
+        let last = IMAGE_SECTORS - 8;
+        let task = format!("blk-verify,offset={last},size=4K,seed={seed},oob=1");
+        let run = run_on(&workdir, transport, &path, &task);
+        let result = run.assert_passed();
+        assert_eq!(result["capacity_sectors"], IMAGE_SECTORS, "{run}");
+        assert_eq!(
+            result["oob_status"], "ioerr",
+            "a read at the capacity\n{run}"
+        );
+        assert_image(&path, &with_pattern(&image, seed, last, 4096));
+    }
+}
+
+/// `len` bytes of `path` from `offset`.
+fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0; len];
+    file.read_exact_at(&mut buf, offset).unwrap();
+    buf
+}
+
+#[test]
+fn sectors_beyond_lba28_reach_the_right_place_in_a_sparse_image() {
+    if !require_kvm("sectors_beyond_lba28_reach_the_right_place_in_a_sparse_image") {
+        return;
+    }
+    // 129 GiB, sparse: ATA needs the 48-bit commands from sector 2^28 (128 GiB) on.
+    let len: u64 = 129 << 30;
+    let sector = (1u64 << 28) + 5;
+    for transport in [Transport::VhostUser, Transport::Ata] {
+        let workdir = Workdir::new("disk-lba48");
+        let path = workdir.join("disk.img");
+        std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+        let seed = nonce() >> 1;
+        let task = format!("blk-verify,offset={sector},size=4K,seed={seed},oob=1");
+        let run = run_on(&workdir, transport, &path, &task);
+        let result = run.assert_passed();
+        assert_eq!(result["capacity_sectors"], len / SECTOR, "{run}");
+        assert_eq!(result["oob_status"], "ioerr", "{run}");
+        // One zero sector either side, the pattern in between.
+        let around = read_at(&path, (sector - 1) * SECTOR, 4096 + 1024);
+        let mut expected = vec![0; 512];
+        expected.extend(pattern::sectors(seed, sector, 4096));
+        expected.extend([0; 512]);
+        assert!(
+            around == expected,
+            "{transport:?}: sectors {}..{} of the image are not [zero, pattern, zero]",
+            sector - 1,
+            sector + 9
+        );
+    }
 }
 
 /// The per-queue request counts of the daemon's last `STATS {json}` line.
