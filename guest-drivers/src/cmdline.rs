@@ -94,6 +94,8 @@ pub struct Cmdline<'a> {
     pub ata_primary: bool,
     /// `tsc_khz=N`: the TSC frequency, for guests on hosts whose CPUID does not tell it.
     pub tsc_khz: Option<u64>,
+    /// `ip=ADDR/PREFIX`: the guest's IPv4 address for the network tasks (unparsed).
+    pub ip: Option<&'a str>,
     /// Words after the task, which the guest ignores (reported as a warning).
     pub ignored: Option<&'a str>,
 }
@@ -106,6 +108,7 @@ impl<'a> Cmdline<'a> {
         let mut virtio_mmio_count = 0;
         let mut ata_primary = false;
         let mut tsc_khz = None;
+        let mut ip = None;
         for word in line.split_ascii_whitespace() {
             let key = word.split_once('=').map_or(word, |(k, _)| k);
             if key == "virtio_mmio.device" {
@@ -123,6 +126,8 @@ impl<'a> Cmdline<'a> {
                 ata_primary = true;
             } else if key == "tsc_khz" {
                 tsc_khz = word.split_once('=').and_then(|(_, v)| parse_u64(v));
+            } else if key == "ip" {
+                ip = word.split_once('=').map(|(_, v)| v);
             } else if key.contains('.') || OPTION_KEYS.contains(&key) {
                 // Another device announcement or an option for some other consumer.
             } else if task.is_none() {
@@ -137,6 +142,7 @@ impl<'a> Cmdline<'a> {
             virtio_mmio_count,
             ata_primary,
             tsc_khz,
+            ip,
             ignored,
         })
     }

@@ -23,6 +23,7 @@ mod json;
 mod layout;
 mod mem;
 mod mptable;
+mod net;
 mod port;
 mod serial;
 mod smp;

@@ -5,6 +5,7 @@ mod blk_verify;
 mod disk;
 mod exit;
 mod fault;
+mod net;
 mod selftest;
 
 use crate::bootinfo::BootInfo;
@@ -53,10 +54,12 @@ pub fn run(task: &Task, ctx: &Context, report: &mut Report) -> Outcome {
         "fault" => fault::run(task, report),
         "blk-verify" => blk_verify::run(task, ctx, report),
         "bench" if task.value == Some("blk") => bench_blk::run(task, ctx, report),
+        "serve" => net::serve(task, ctx, report),
+        "ping" => net::ping(task, ctx, report),
         other => {
             report.str(
                 "error",
-                format_args!("unknown task `{other}` (known: selftest, exit=N, fault=KIND, blk-verify, bench=blk)"),
+                format_args!("unknown task `{other}` (known: selftest, exit=N, fault=KIND, blk-verify, bench=blk, serve, ping=ADDR)"),
             );
             Outcome::BadCmdline
         }

@@ -3,6 +3,7 @@
 //! so drivers touch registers only at setup, for kicks and for the occasional status check.
 
 pub mod blk;
+pub mod net;
 pub mod queue;
 
 use crate::blk::BlkError;

@@ -1,0 +1,296 @@
+//! Network tasks over virtio-net and the `net` stack: `serve,seconds=N` answers ARP, ping and
+//! UDP echo (port 7) for N seconds; `ping=ADDR,count=N` resolves ADDR and sends N echo
+//! requests one at a time (1 s timeout each), reporting round-trip times from the TSC.
+
+use super::disk::{bad_param, num};
+use super::{Context, Outcome, Task};
+use crate::blk::BlkError;
+use crate::json::Report;
+use crate::net::{self, Ip, Mac, Stack};
+use crate::virtio::net::{self as vnet, VirtioNet};
+use crate::{println, time};
+
+/// Link and DEVICE_NEEDS_RESET are checked this often (each check is a few exits).
+const CHECK_MS: u64 = 100;
+const ECHO_TIMEOUT_MS: u64 = 1000;
+const ARP_RETRY_MS: u64 = 500;
+const ARP_TRIES: u32 = 20;
+const MAX_COUNT: usize = 1000;
+const PING_PAYLOAD: usize = 56;
+
+fn fail(report: &mut Report, error: BlkError) -> Outcome {
+    // BlkError's own text names virtio-blk for this case.
+    if error == BlkError::NeedsReset {
+        report.str(
+            "error",
+            format_args!("virtio-net: device needs reset (backend gone?)"),
+        );
+    } else {
+        report.str("error", format_args!("virtio-net: {error}"));
+    }
+    Outcome::Fail
+}
+
+/// Opens the NIC and the stack from `ip=`; fills `ip`, `mac`, `link`.
+fn open(ctx: &Context, report: &mut Report) -> Result<Stack, Outcome> {
+    let Some(ip_word) = ctx.cmdline.ip else {
+        report.str(
+            "error",
+            format_args!("network tasks need the option ip=ADDR/PREFIX"),
+        );
+        return Err(Outcome::BadCmdline);
+    };
+    let Some((ip, prefix)) = net::parse_cidr(ip_word) else {
+        report.str(
+            "error",
+            format_args!("bad ip=`{ip_word}` (want a.b.c.d/prefix)"),
+        );
+        return Err(Outcome::BadCmdline);
+    };
+    report.str("ip", format_args!("{}/{prefix}", Ip(ip)));
+    let Some(mmio) = vnet::find(ctx.cmdline.virtio_mmio()) else {
+        report.str("error", format_args!("no virtio-net device"));
+        return Err(Outcome::Fail);
+    };
+    let nic = match VirtioNet::open(mmio) {
+        Ok(nic) => nic,
+        Err(BlkError::NeedsReset) => {
+            report.str("link", format_args!("down"));
+            return Err(fail(report, BlkError::NeedsReset));
+        }
+        Err(e) => return Err(fail(report, e)),
+    };
+    report.str("mac", format_args!("{}", Mac(nic.mac)));
+    let up = nic.link_up();
+    report.str("link", format_args!("{}", if up { "up" } else { "down" }));
+    println!(
+        "splitvisor-guest: virtio-net mac {} ip {}/{prefix} link {}",
+        Mac(nic.mac),
+        Ip(ip),
+        if up { "up" } else { "down" }
+    );
+    if !up {
+        report.str("error", format_args!("virtio-net: link is down"));
+        return Err(Outcome::Fail);
+    }
+    Ok(Stack::new(nic, ip, prefix))
+}
+
+/// Periodic health check: link down or DEVICE_NEEDS_RESET ends the task.
+struct Health {
+    last: u64,
+}
+
+impl Health {
+    fn new() -> Health {
+        Health { last: time::now() }
+    }
+
+    fn check(&mut self, stack: &Stack, report: &mut Report) -> Result<(), Outcome> {
+        let now = time::now();
+        if now.wrapping_sub(self.last) < time::ms_to_ticks(CHECK_MS) {
+            return Ok(());
+        }
+        self.last = now;
+        if stack.nic.needs_reset() {
+            report.str("link", format_args!("down"));
+            return Err(fail(report, BlkError::NeedsReset));
+        }
+        if !stack.nic.link_up() {
+            report.str("link", format_args!("down"));
+            report.str("error", format_args!("virtio-net: link went down"));
+            return Err(Outcome::Fail);
+        }
+        Ok(())
+    }
+}
+
+fn counters(stack: &Stack, report: &mut Report) {
+    report.u64("rx_frames", stack.nic.stats.rx_frames);
+    report.u64("tx_frames", stack.nic.stats.tx_frames);
+    report.u64("pings_answered", stack.stats.pings_answered);
+    report.u64("udp_echoed", stack.stats.udp_echoed);
+    report.u64("arp_replies", stack.stats.arp_replies_sent);
+    report.u64("bad_frames", stack.stats.bad_frames);
+    report.u64("kicks", stack.nic.stats.kicks);
+}
+
+/// `serve,seconds=N`.
+pub fn serve(task: &Task, ctx: &Context, report: &mut Report) -> Outcome {
+    let mut seconds = 10;
+    for param in task.params() {
+        let (k, v) = match param {
+            Ok(kv) => kv,
+            Err(e) => {
+                report.str("error", format_args!("{e}"));
+                return Outcome::BadCmdline;
+            }
+        };
+        match (k, num(v)) {
+            ("seconds", Some(n)) => seconds = n,
+            _ => return bad_param(report, task, k, v),
+        }
+    }
+    report.u64("seconds", seconds);
+    let mut stack = match open(ctx, report) {
+        Ok(s) => s,
+        Err(o) => return o,
+    };
+    let end = time::now() + time::ms_to_ticks(seconds * 1000);
+    let mut health = Health::new();
+    let outcome = loop {
+        if let Err(e) = stack.poll() {
+            break fail(report, e);
+        }
+        if let Err(o) = health.check(&stack, report) {
+            break o;
+        }
+        if time::now() >= end {
+            break Outcome::Pass;
+        }
+        core::hint::spin_loop();
+    };
+    counters(&stack, report);
+    outcome
+}
+
+/// Polls (serving others meanwhile) until `done` says so or `ms` pass; false on timeout.
+fn wait(
+    stack: &mut Stack,
+    health: &mut Health,
+    report: &mut Report,
+    ms: u64,
+    mut done: impl FnMut(&mut Stack) -> bool,
+) -> Result<bool, Outcome> {
+    let deadline = time::now() + time::ms_to_ticks(ms);
+    loop {
+        stack.poll().map_err(|e| fail(report, e))?;
+        if done(stack) {
+            return Ok(true);
+        }
+        health.check(stack, report)?;
+        if time::now() >= deadline {
+            return Ok(false);
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// `ping=ADDR,count=N`.
+pub fn ping(task: &Task, ctx: &Context, report: &mut Report) -> Outcome {
+    let Some(addr) = task.value.and_then(net::parse_ipv4) else {
+        report.str(
+            "error",
+            format_args!("ping needs an IPv4 address: ping=a.b.c.d"),
+        );
+        return Outcome::BadCmdline;
+    };
+    let mut count = 4usize;
+    for param in task.params() {
+        let (k, v) = match param {
+            Ok(kv) => kv,
+            Err(e) => {
+                report.str("error", format_args!("{e}"));
+                return Outcome::BadCmdline;
+            }
+        };
+        match (k, num(v)) {
+            ("count", Some(n)) if (1..=MAX_COUNT as u64).contains(&n) => count = n as usize,
+            _ => return bad_param(report, task, k, v),
+        }
+    }
+    report.str("target", format_args!("{}", Ip(addr)));
+    report.u64("count", count as u64);
+    let mut stack = match open(ctx, report) {
+        Ok(s) => s,
+        Err(o) => return o,
+    };
+    let mut health = Health::new();
+    let outcome = run_ping(&mut stack, &mut health, report, addr, count);
+    counters(&stack, report);
+    outcome
+}
+
+fn run_ping(
+    stack: &mut Stack,
+    health: &mut Health,
+    report: &mut Report,
+    addr: [u8; 4],
+    count: usize,
+) -> Outcome {
+    if !stack.on_link(addr) {
+        report.str(
+            "error",
+            format_args!("{} is not on the local subnet (no gateway)", Ip(addr)),
+        );
+        return Outcome::Fail;
+    }
+    // Resolve the peer: a broadcast request every ARP_RETRY_MS until it answers.
+    let mut mac = None;
+    for _ in 0..ARP_TRIES {
+        if let Err(e) = stack.send_arp_request(addr) {
+            return fail(report, e);
+        }
+        match wait(stack, health, report, ARP_RETRY_MS, |s| {
+            s.arp_lookup(addr).is_some()
+        }) {
+            Ok(true) => {
+                mac = stack.arp_lookup(addr);
+                break;
+            }
+            Ok(false) => {}
+            Err(o) => return o,
+        }
+    }
+    let Some(mac) = mac else {
+        report.u64("sent", 0);
+        report.u64("received", 0);
+        report.str("error", format_args!("no ARP reply from {}", Ip(addr)));
+        return Outcome::Fail;
+    };
+    report.str("peer_mac", format_args!("{}", Mac(mac)));
+    println!("splitvisor-guest: {} is at {}", Ip(addr), Mac(mac));
+    let mut rtts = [0u64; MAX_COUNT];
+    let (mut sent, mut received) = (0usize, 0usize);
+    for seq in 1..=count as u16 {
+        stack.echo_reply = None;
+        let start = time::now();
+        if let Err(e) = stack.send_echo_request(addr, mac, seq, PING_PAYLOAD) {
+            return fail(report, e);
+        }
+        sent += 1;
+        let got = wait(stack, health, report, ECHO_TIMEOUT_MS, |s| {
+            s.echo_reply.is_some_and(|r| r.seq == seq && r.from == addr)
+        });
+        match got {
+            Ok(true) => {
+                let tsc = stack.echo_reply.map_or(start, |r| r.tsc);
+                rtts[received] = time::ticks_to_us(tsc.wrapping_sub(start));
+                received += 1;
+            }
+            Ok(false) => println!("splitvisor-guest: no reply to seq {seq}"),
+            Err(o) => {
+                report.u64("sent", sent as u64);
+                report.u64("received", received as u64);
+                return o;
+            }
+        }
+    }
+    report.u64("sent", sent as u64);
+    report.u64("received", received as u64);
+    let rtts = &mut rtts[..received];
+    rtts.sort_unstable();
+    if let (Some(&max), Some(&p50)) = (rtts.last(), rtts.get(received.saturating_sub(1) / 2)) {
+        report.u64("rtt_p50_us", p50);
+        report.u64("rtt_max_us", max);
+    }
+    if received == count {
+        Outcome::Pass
+    } else {
+        report.str(
+            "error",
+            format_args!("{} of {count} echo requests unanswered", count - received),
+        );
+        Outcome::Fail
+    }
+}
