@@ -5,7 +5,7 @@
 # Idempotent: installs only what is missing. Needs root (or sudo) and the Debian registry.
 set -eu
 
-PACKAGES="qemu-system-x86 qemu-system-common linux-image-cloud-amd64 busybox-static cpio xz-utils iproute2 iputils-ping"
+PACKAGES="qemu-system-x86 qemu-system-common linux-image-cloud-amd64 busybox-static cpio xz-utils iproute2 iputils-ping python3-minimal"
 
 missing=""
 for p in $PACKAGES; do
