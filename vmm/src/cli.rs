@@ -1,5 +1,6 @@
 //! The `splitvisor` command line: subcommands and their flags, turned into configs.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -45,6 +46,11 @@ pub enum Command {
     /// emulated ATA disk, one after the other on the same image; prints a table and one line
     /// `BENCH {json}` with IOPS, MB/s, latency, and VM exits, kicks and interrupts per request.
     Bench(BenchArgs),
+    /// Start the backend daemons (splitvisor-blk, splitvisor-net) and the VMM from one
+    /// description (flags or a TOML file) and supervise them until the guest exits; the exit
+    /// status is the guest's.
+    #[command(after_long_help = crate::launch::LAUNCH_HELP)]
+    Launch(crate::launch::LaunchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -84,8 +90,10 @@ pub struct BenchArgs {
     pub backend: Option<PathBuf>,
 }
 
-#[derive(Debug, Args)]
-pub struct RunArgs {
+/// What the VM is made of and how it runs, apart from its devices: shared by `run` and `launch`
+/// (flattened into both, so the flags are spelled and documented once).
+#[derive(Clone, Debug, Args, PartialEq)]
+pub struct VmArgs {
     /// Guest memory, with an optional K, M, G or T suffix (e.g. 256M, 1G); a whole number of MiB.
     #[arg(long, value_name = "SIZE", default_value = "256M")]
     pub memory: ByteSize,
@@ -112,6 +120,71 @@ pub struct RunArgs {
     #[arg(long, value_name = "DEST", default_value = "stdio")]
     pub serial: SerialConfig,
 
+    /// After the VM ends, print one line `VMM-STATS {json}` on stdout: exits by kind and by
+    /// device, interrupts per virtio device.
+    #[arg(long)]
+    pub stats: bool,
+
+    /// Seconds to keep retrying a backend socket that does not accept connections yet.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub connect_timeout: u64,
+
+    /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket, created with mode 0600 and
+    /// removed when the VMM exits.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+}
+
+impl VmArgs {
+    /// The same settings as `run` flags, for a VMM started by another command (`launch`).
+    /// A field added above must be added here too (the round-trip test below checks it).
+    pub fn to_run_flags(&self) -> Vec<OsString> {
+        let mut flags: Vec<OsString> = vec![
+            "--memory".into(),
+            self.memory.to_string().into(),
+            "--vcpus".into(),
+            self.vcpus.to_string().into(),
+            "--cmdline".into(),
+            self.cmdline.clone().into(),
+            "--serial".into(),
+            serial_flag(&self.serial),
+            "--connect-timeout".into(),
+            self.connect_timeout.to_string().into(),
+        ];
+        if let Some(kernel) = &self.kernel {
+            flags.extend(["--kernel".into(), kernel.into()]);
+        }
+        if self.prefault {
+            flags.push("--prefault".into());
+        }
+        if self.stats {
+            flags.push("--stats".into());
+        }
+        if let Some(api_socket) = &self.api_socket {
+            flags.extend(["--api-socket".into(), api_socket.into()]);
+        }
+        flags
+    }
+}
+
+/// `--serial` as written on the command line.
+fn serial_flag(serial: &SerialConfig) -> OsString {
+    match serial {
+        SerialConfig::Stdio => "stdio".into(),
+        SerialConfig::None => "none".into(),
+        SerialConfig::File(path) => {
+            let mut flag = OsString::from("file=");
+            flag.push(path);
+            flag
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+
     /// A disk (repeatable; ids default to disk0, disk1, ...). `socket=PATH[,id=NAME]`: a
     /// virtio-blk device served by a vhost-user backend (e.g. splitvisor-blk) listening on PATH.
     /// `path=IMAGE,emulated=ata[,readonly][,id=NAME]`: the image as a legacy ATA disk emulated
@@ -124,31 +197,30 @@ pub struct RunArgs {
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<NetConfig>,
 
-    /// After the VM ends, print one line `VMM-STATS {json}` on stdout: exits by kind and by
-    /// device, interrupts per virtio device.
-    #[arg(long)]
-    pub stats: bool,
-
-    /// Seconds to keep retrying a backend socket that does not accept connections yet.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
-    pub connect_timeout: u64,
+    /// Seconds to wait for a backend that went away (crashed, restarted) to come back on the
+    /// same socket. Meanwhile the device keeps its state: a block backend with inflight
+    /// tracking resubmits the requests it had in flight, a network card reports its link down.
+    /// When the time is up the device fails (DEVICE_NEEDS_RESET). 0: fail at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub reconnect_timeout: u64,
 }
 
 impl RunArgs {
     pub fn to_config(&self) -> VmConfig {
+        let vm = &self.vm;
         VmConfig {
-            memory: self.memory,
-            prefault: self.prefault,
-            vcpus: self.vcpus,
-            kernel: match &self.kernel {
+            memory: vm.memory,
+            prefault: vm.prefault,
+            vcpus: vm.vcpus,
+            kernel: match &vm.kernel {
                 Some(path) => KernelSource::File(path.clone()),
                 None => KernelSource::Embedded,
             },
-            cmdline: self.cmdline.clone(),
-            serial: self.serial.clone(),
+            cmdline: vm.cmdline.clone(),
+            serial: vm.serial.clone(),
             disks: self.disk.clone(),
             nets: self.net.clone(),
-            connect_timeout: std::time::Duration::from_secs(self.connect_timeout),
+            connect_timeout: std::time::Duration::from_secs(vm.connect_timeout),
         }
     }
 }
@@ -191,6 +263,79 @@ mod tests {
         assert_eq!(config.vcpus, 1);
         assert_eq!(config.kernel, KernelSource::Embedded);
         assert_eq!(config.serial, SerialConfig::Stdio);
+    }
+
+    #[test]
+    fn vm_args_survive_the_trip_through_run_flags() {
+        // Every flag set away from its default, so a field missing from to_run_flags shows.
+        let cli = Cli::try_parse_from([
+            "splitvisor",
+            "run",
+            "--memory",
+            "1G",
+            "--prefault",
+            "--vcpus",
+            "3",
+            "--kernel",
+            "/boot/guest.elf",
+            "--cmdline",
+            "blk-verify,seconds=5 ip=10.0.0.2/24",
+            "--serial",
+            "file=/tmp/console.log",
+            "--stats",
+            "--connect-timeout",
+            "4",
+            "--api-socket",
+            "/run/api.sock",
+        ])
+        .unwrap();
+        let Command::Run(original) = cli.command else {
+            panic!("parsed as another subcommand");
+        };
+        let defaults = Cli::try_parse_from(["splitvisor", "run"]).unwrap();
+        let Command::Run(defaults) = defaults.command else {
+            panic!("parsed as another subcommand");
+        };
+        let fields = format!("{:?}", original.vm);
+        let default_fields = format!("{:?}", defaults.vm);
+        let differing = fields
+            .split(", ")
+            .zip(default_fields.split(", "))
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(differing, fields.split(", ").count(), "{fields}");
+        let argv = ["splitvisor".into(), "run".into()]
+            .into_iter()
+            .chain(original.vm.to_run_flags());
+        let Command::Run(again) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("parsed as another subcommand");
+        };
+        assert_eq!(again.vm, original.vm);
+    }
+
+    #[test]
+    fn launch_help_states_the_restart_policy_in_force() {
+        use crate::launch::{RestartPolicy, LAUNCH_HELP};
+        let p = RestartPolicy::DEFAULT;
+        let socket_timeout = std::time::Duration::from_secs(10);
+        for fact in [
+            format!("after {} ms, doubling", p.first_backoff.as_millis()),
+            format!(
+                "within {} ms of its start), up to {} s",
+                p.healthy_after.as_millis(),
+                p.max_backoff.as_secs()
+            ),
+            format!("After {} failed runs in a row", p.max_failed_runs),
+            format!("or {} restarts within a minute", p.max_restarts_per_window),
+            format!("of 10 s: {} s)", p.reconnect_timeout_secs(socket_timeout)),
+            format!(
+                "then SIGKILL after {} s)",
+                crate::launch::VMM_STOP_GRACE.as_secs()
+            ),
+        ] {
+            assert!(LAUNCH_HELP.contains(&fact), "{fact}");
+        }
+        assert_eq!(p.window, std::time::Duration::from_secs(60));
     }
 
     #[test]

@@ -138,7 +138,7 @@ pub enum KernelSource {
 
 /// `key=value,key=value` as written on the command line, checked against the keys allowed.
 /// Keys in `switches` may be written bare (`readonly` = `readonly=on`).
-fn parse_key_values(
+pub(crate) fn parse_key_values(
     flag: &'static str,
     value: &str,
     allowed: &'static str,
@@ -171,7 +171,12 @@ fn parse_key_values(
     Ok(pairs)
 }
 
-fn parse_bool(flag: &'static str, value: &str, key: &str, v: &str) -> Result<bool, ConfigError> {
+pub(crate) fn parse_bool(
+    flag: &'static str,
+    value: &str,
+    key: &str,
+    v: &str,
+) -> Result<bool, ConfigError> {
     match v {
         "on" | "true" | "yes" | "1" => Ok(true),
         "off" | "false" | "no" | "0" => Ok(false),

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod event_loop;
+pub mod launch;
 pub mod layout;
 pub mod memory;
 pub mod stats;

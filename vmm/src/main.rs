@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(&args),
         Command::Bench(args) => bench(&args),
+        Command::Launch(args) => splitvisor::launch::run(&args).map_err(Into::into),
     };
     match result {
         Ok(status) => ExitCode::from(status),
@@ -30,7 +31,7 @@ fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     if let Some(message) = end.describe() {
         eprintln!("splitvisor: {message}");
     }
-    if args.stats {
+    if args.vm.stats {
         println!("{}{stats}", splitvisor::stats::STATS_PREFIX);
     }
     Ok(end.exit_status())

@@ -1,0 +1,198 @@
+//! From a launch description to command lines: one daemon per disk and per TAP, one per
+//! switch shared by its cards, and the `splitvisor run` command line that connects the VMM to
+//! their sockets. The VMM's command line is checked with `run`'s own parser before anything
+//! starts.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+
+use super::args::ENV_BACKEND_DIR;
+use super::rundir::{RunDirError, RuntimeDir};
+use super::spec::{switch_daemon_name, LaunchSpec, NetBackend};
+use super::supervisor::DaemonSpec;
+use crate::cli::{Cli, Command};
+
+pub const BLK_BINARY: &str = "splitvisor-blk";
+pub const NET_BINARY: &str = "splitvisor-net";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("cannot find the running splitvisor executable")]
+    CurrentExe(#[source] std::io::Error),
+    #[error("backend binary {path} does not exist ({hint})")]
+    MissingBinary { path: PathBuf, hint: &'static str },
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
+    #[error("the VMM would reject its command line: {0}")]
+    VmmCommandLine(String),
+}
+
+/// Where the backend binaries are.
+#[derive(Clone, Debug)]
+pub struct BackendDir {
+    dir: PathBuf,
+    hint: &'static str,
+}
+
+impl BackendDir {
+    /// `--backend-dir`, else `$SPLITVISOR_BACKEND_DIR`, else the running executable's directory.
+    pub fn locate(flag: Option<&Path>) -> Result<BackendDir, PlanError> {
+        if let Some(dir) = flag {
+            return Ok(BackendDir {
+                dir: dir.to_path_buf(),
+                hint: "given by --backend-dir",
+            });
+        }
+        if let Some(dir) = std::env::var_os(ENV_BACKEND_DIR) {
+            return Ok(BackendDir {
+                dir: PathBuf::from(dir),
+                hint: "given by $SPLITVISOR_BACKEND_DIR",
+            });
+        }
+        let exe = std::env::current_exe().map_err(PlanError::CurrentExe)?;
+        Ok(BackendDir {
+            dir: exe.parent().unwrap_or(Path::new("/")).to_path_buf(),
+            hint: "launch looks next to the splitvisor executable; install it there or set \
+                   --backend-dir or $SPLITVISOR_BACKEND_DIR",
+        })
+    }
+
+    /// The binary's path, if it exists.
+    pub fn binary(&self, name: &str) -> Result<PathBuf, PlanError> {
+        let path = self.dir.join(name);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(PlanError::MissingBinary {
+                path,
+                hint: self.hint,
+            })
+        }
+    }
+}
+
+/// The processes of one launch.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub daemons: Vec<DaemonSpec>,
+    /// `run ...`: the arguments of the VMM (the running executable).
+    pub vmm_args: Vec<OsString>,
+}
+
+impl Plan {
+    pub fn new(
+        spec: &LaunchSpec,
+        rundir: &RuntimeDir,
+        backends: &BackendDir,
+        reconnect_timeout_secs: u64,
+    ) -> Result<Plan, PlanError> {
+        let mut daemons = Vec::new();
+        let mut vmm_args: Vec<OsString> = vec!["run".into()];
+        vmm_args.extend(spec.vm.to_run_flags());
+        for disk in &spec.disks {
+            let socket = rundir.socket(&disk.id)?;
+            let mut args: Vec<OsString> = vec![
+                "--socket".into(),
+                socket.clone().into(),
+                "--image".into(),
+                disk.image.clone().into(),
+            ];
+            if disk.readonly {
+                args.push("--readonly".into());
+            }
+            if let Some(queues) = disk.queues {
+                args.extend(["--queues".into(), queues.to_string().into()]);
+            }
+            daemons.push(DaemonSpec {
+                name: disk.id.clone(),
+                program: backends.binary(BLK_BINARY)?,
+                args,
+                sockets: vec![socket.clone()],
+                log: rundir.log(&disk.id),
+            });
+            vmm_args.extend(["--disk".into(), device_flag(&socket, &disk.id, None)]);
+        }
+        for net in &spec.nets {
+            let socket = rundir.socket(&net.id)?;
+            match &net.backend {
+                NetBackend::Tap(tap) => daemons.push(DaemonSpec {
+                    name: net.id.clone(),
+                    program: backends.binary(NET_BINARY)?,
+                    args: vec![
+                        "--tap".into(),
+                        tap.into(),
+                        "--socket".into(),
+                        socket.clone().into(),
+                    ],
+                    sockets: vec![socket.clone()],
+                    log: rundir.log(&net.id),
+                }),
+                NetBackend::Switch(switch) => {
+                    let name = switch_daemon_name(switch);
+                    let daemon = match daemons.iter_mut().find(|d| d.name == name) {
+                        Some(daemon) => daemon,
+                        None => {
+                            daemons.push(DaemonSpec {
+                                name: name.clone(),
+                                program: backends.binary(NET_BINARY)?,
+                                args: vec!["--switch".into()],
+                                sockets: Vec::new(),
+                                log: rundir.log(&name),
+                            });
+                            daemons.last_mut().expect("just pushed")
+                        }
+                    };
+                    daemon
+                        .args
+                        .extend(["--socket".into(), socket.clone().into()]);
+                    daemon.sockets.push(socket.clone());
+                }
+            }
+            let flag = device_flag(&socket, &net.id, net.mac.as_deref());
+            vmm_args.extend(["--net".into(), flag]);
+        }
+        vmm_args.extend([
+            "--reconnect-timeout".into(),
+            reconnect_timeout_secs.to_string().into(),
+        ]);
+        check_vmm_args(&vmm_args)?;
+        Ok(Plan { daemons, vmm_args })
+    }
+}
+
+/// `socket=PATH,id=ID[,mac=MAC]` for `run --disk` / `--net`.
+fn device_flag(socket: &Path, id: &str, mac: Option<&str>) -> OsString {
+    let mut flag = OsString::from("socket=");
+    flag.push(socket);
+    flag.push(format!(",id={id}"));
+    if let Some(mac) = mac {
+        flag.push(format!(",mac={mac}"));
+    }
+    flag
+}
+
+/// Parses the VMM's arguments as `splitvisor run` will and validates the resulting config, so
+/// a bad setting (say, too little memory) is reported before any daemon starts.
+fn check_vmm_args(vmm_args: &[OsString]) -> Result<(), PlanError> {
+    let argv = std::iter::once(OsString::from("splitvisor")).chain(vmm_args.iter().cloned());
+    let cli = Cli::try_parse_from(argv).map_err(|e| {
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or_default();
+        PlanError::VmmCommandLine(first.trim_start_matches("error: ").to_string())
+    })?;
+    match cli.command {
+        Command::Run(run) => run
+            .to_config()
+            .validate()
+            .map_err(|e| PlanError::VmmCommandLine(e.to_string())),
+        other => Err(PlanError::VmmCommandLine(format!(
+            "parsed as another command: {other:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

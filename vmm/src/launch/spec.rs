@@ -1,0 +1,448 @@
+//! What `launch` is asked to run, from its flags or from a TOML file: the VM settings (shared
+//! with `run`) and the devices as images, TAPs and switches, with ids given or defaulted and
+//! checked before anything is started.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use clap::{Args, FromArgMatches};
+use serde::Deserialize;
+
+use super::args::LaunchArgs;
+use crate::cli::VmArgs;
+use crate::config::{parse_bool, parse_key_values, ByteSize, ConfigError, NetConfig, SerialConfig};
+
+/// Device ids become file names in the runtime directory and values in `--disk`/`--net`.
+const MAX_ID_LEN: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read {path}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("{origin}: {key} = {value:?}: {problem}")]
+    BadValue {
+        origin: String,
+        key: &'static str,
+        value: String,
+        problem: String,
+    },
+    #[error("{origin}: {what} '{name}' must be 1 to {MAX_ID_LEN} letters, digits, '-' or '_'")]
+    BadName {
+        origin: String,
+        what: &'static str,
+        name: String,
+    },
+    #[error(
+        "{origin}: device id '{id}' is used twice; give each disk and network card a distinct id"
+    )]
+    DuplicateId { origin: String, id: String },
+    #[error(
+        "{origin}: device id '{id}' is the name of switch '{switch}''s daemon; choose another id"
+    )]
+    IdTakenBySwitch {
+        origin: String,
+        id: String,
+        switch: String,
+    },
+    #[error("{origin}: network card '{id}' needs exactly one of tap=NAME or switch=NAME")]
+    NetBackend { origin: String, id: String },
+    #[error("{origin}: disk '{id}' needs image=PATH")]
+    NoImage { origin: String, id: String },
+    #[error("{origin}: disk '{id}': cannot use image {path}")]
+    Image {
+        origin: String,
+        id: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A disk: an image file served by its own `splitvisor-blk`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub id: String,
+    pub image: PathBuf,
+    pub readonly: bool,
+    pub queues: Option<u16>,
+}
+
+/// What a network card is connected to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackend {
+    /// A host TAP device, with a `splitvisor-net --tap` of its own.
+    Tap(String),
+    /// A virtual switch: one `splitvisor-net --switch` serves every card naming it.
+    Switch(String),
+}
+
+/// A network card.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetSpec {
+    pub id: String,
+    pub backend: NetBackend,
+    pub mac: Option<String>,
+}
+
+/// Everything launch runs: the VM and its devices, ids assigned and checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaunchSpec {
+    pub vm: VmArgs,
+    pub disks: Vec<DiskSpec>,
+    pub nets: Vec<NetSpec>,
+}
+
+/// The name of the daemon serving switch `name` (its log is `NAME.log` in the runtime dir).
+pub fn switch_daemon_name(switch: &str) -> String {
+    format!("switch-{switch}")
+}
+
+/// `--disk image=PATH[,readonly][,queues=N][,id=NAME]`, before ids are assigned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskFlag {
+    id: Option<String>,
+    image: Option<PathBuf>,
+    readonly: bool,
+    queues: Option<u16>,
+}
+
+impl FromStr for DiskFlag {
+    type Err = ConfigError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let pairs = parse_key_values("disk", value, "image, readonly, queues, id", &["readonly"])?;
+        let mut disk = DiskFlag {
+            id: None,
+            image: None,
+            readonly: false,
+            queues: None,
+        };
+        for (key, val) in pairs {
+            match key.as_str() {
+                "image" => disk.image = Some(PathBuf::from(val)),
+                "readonly" => disk.readonly = parse_bool("disk", value, &key, &val)?,
+                "queues" => {
+                    disk.queues = Some(val.parse().map_err(|_| ConfigError::BadDevice {
+                        flag: "disk",
+                        value: value.to_string(),
+                        problem: format!("queues={val}: expected a number of queues"),
+                    })?)
+                }
+                _ => disk.id = Some(val),
+            }
+        }
+        if disk.image.is_none() {
+            return Err(ConfigError::BadDevice {
+                flag: "disk",
+                value: value.to_string(),
+                problem: "expected image=PATH".to_string(),
+            });
+        }
+        Ok(disk)
+    }
+}
+
+/// `--net tap=NAME|switch=NAME[,mac=..][,id=NAME]`, before ids are assigned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetFlag {
+    id: Option<String>,
+    tap: Option<String>,
+    switch: Option<String>,
+    mac: Option<String>,
+}
+
+impl FromStr for NetFlag {
+    type Err = ConfigError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let mut net = NetFlag {
+            id: None,
+            tap: None,
+            switch: None,
+            mac: None,
+        };
+        for (key, val) in parse_key_values("net", value, "tap, switch, mac, id", &[])? {
+            let slot = match key.as_str() {
+                "tap" => &mut net.tap,
+                "switch" => &mut net.switch,
+                "mac" => &mut net.mac,
+                _ => &mut net.id,
+            };
+            *slot = Some(val);
+        }
+        if net.tap.is_some() == net.switch.is_some() {
+            return Err(ConfigError::BadDevice {
+                flag: "net",
+                value: value.to_string(),
+                problem: "expected exactly one of tap=NAME or switch=NAME".to_string(),
+            });
+        }
+        Ok(net)
+    }
+}
+
+/// The TOML file: the VM settings at the top level, `[[disk]]` and `[[net]]` tables.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSpec {
+    memory: Option<SizeValue>,
+    prefault: Option<bool>,
+    vcpus: Option<u8>,
+    kernel: Option<PathBuf>,
+    cmdline: Option<String>,
+    serial: Option<String>,
+    stats: Option<bool>,
+    connect_timeout: Option<u64>,
+    api_socket: Option<PathBuf>,
+    #[serde(default)]
+    disk: Vec<FileDisk>,
+    #[serde(default)]
+    net: Vec<FileNet>,
+}
+
+/// `memory = "512M"` or `memory = 536870912`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Text(String),
+    Bytes(u64),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDisk {
+    id: Option<String>,
+    image: Option<PathBuf>,
+    #[serde(default)]
+    readonly: bool,
+    queues: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNet {
+    id: Option<String>,
+    tap: Option<String>,
+    switch: Option<String>,
+    mac: Option<String>,
+}
+
+impl LaunchSpec {
+    /// The description from `--config FILE`, or else from the flags; checked.
+    pub fn from_args(args: &LaunchArgs) -> Result<LaunchSpec, SpecError> {
+        let spec = match &args.config {
+            Some(path) => Self::from_file(path)?,
+            None => Self::from_flags(args),
+        };
+        let origin = match &args.config {
+            Some(path) => path.display().to_string(),
+            None => "command line".to_string(),
+        };
+        spec.check(&origin)?;
+        Ok(spec)
+    }
+
+    fn from_flags(args: &LaunchArgs) -> LaunchSpec {
+        let disks = args.disk.iter().enumerate().map(|(i, d)| DiskSpec {
+            id: d.id.clone().unwrap_or_else(|| format!("disk{i}")),
+            image: d.image.clone().unwrap_or_default(),
+            readonly: d.readonly,
+            queues: d.queues,
+        });
+        let nets = args.net.iter().enumerate().map(|(i, n)| NetSpec {
+            id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
+            backend: match (&n.tap, &n.switch) {
+                (Some(tap), _) => NetBackend::Tap(tap.clone()),
+                (None, switch) => NetBackend::Switch(switch.clone().unwrap_or_default()),
+            },
+            mac: n.mac.clone(),
+        });
+        LaunchSpec {
+            vm: args.vm.clone(),
+            disks: disks.collect(),
+            nets: nets.collect(),
+        }
+    }
+
+    /// Reads the TOML file; relative paths in it are relative to the file's directory.
+    pub fn from_file(path: &Path) -> Result<LaunchSpec, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    fn from_toml(text: &str, path: &Path) -> Result<LaunchSpec, SpecError> {
+        let file: FileSpec = toml::from_str(text).map_err(|e| SpecError::ParseFile {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        let origin = path.display().to_string();
+        let bad = |key: &'static str, value: String, problem: String| SpecError::BadValue {
+            origin: origin.clone(),
+            key,
+            value,
+            problem,
+        };
+        let mut vm = default_vm_args();
+        match file.memory {
+            Some(SizeValue::Bytes(bytes)) => vm.memory = ByteSize(bytes),
+            Some(SizeValue::Text(text)) => {
+                vm.memory = text
+                    .parse()
+                    .map_err(|e: ConfigError| bad("memory", text, e.to_string()))?
+            }
+            None => {}
+        }
+        if let Some(serial) = file.serial {
+            vm.serial = match serial.parse() {
+                Ok(SerialConfig::File(p)) => SerialConfig::File(resolve(p)),
+                Ok(other) => other,
+                Err(e) => return Err(bad("serial", serial, e.to_string())),
+            };
+        }
+        vm.prefault = file.prefault.unwrap_or(vm.prefault);
+        vm.vcpus = file.vcpus.unwrap_or(vm.vcpus);
+        vm.kernel = file.kernel.map(resolve).or(vm.kernel);
+        vm.cmdline = file.cmdline.unwrap_or(vm.cmdline);
+        vm.stats = file.stats.unwrap_or(vm.stats);
+        vm.connect_timeout = file.connect_timeout.unwrap_or(vm.connect_timeout);
+        vm.api_socket = file.api_socket.map(resolve).or(vm.api_socket);
+        let disks = file.disk.into_iter().enumerate().map(|(i, d)| {
+            let id = d.id.unwrap_or_else(|| format!("disk{i}"));
+            let image = d.image.map(resolve).ok_or_else(|| SpecError::NoImage {
+                origin: origin.clone(),
+                id: id.clone(),
+            })?;
+            Ok(DiskSpec {
+                id,
+                image,
+                readonly: d.readonly,
+                queues: d.queues,
+            })
+        });
+        let nets = file.net.into_iter().enumerate().map(|(i, n)| {
+            let id = n.id.unwrap_or_else(|| format!("net{i}"));
+            let backend = match (n.tap, n.switch) {
+                (Some(tap), None) => NetBackend::Tap(tap),
+                (None, Some(switch)) => NetBackend::Switch(switch),
+                _ => {
+                    return Err(SpecError::NetBackend {
+                        origin: origin.clone(),
+                        id,
+                    })
+                }
+            };
+            Ok(NetSpec {
+                id,
+                backend,
+                mac: n.mac,
+            })
+        });
+        Ok(LaunchSpec {
+            vm,
+            disks: disks.collect::<Result<_, _>>()?,
+            nets: nets.collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Ids and names usable as file names and unique; MACs well-formed; images present.
+    fn check(&self, origin: &str) -> Result<(), SpecError> {
+        let bad_name = |what: &'static str, name: &str| SpecError::BadName {
+            origin: origin.to_string(),
+            what,
+            name: name.to_string(),
+        };
+        let ids = self
+            .disks
+            .iter()
+            .map(|d| &d.id)
+            .chain(self.nets.iter().map(|n| &n.id));
+        let mut seen = HashSet::new();
+        for id in ids {
+            if !is_file_name_safe(id) {
+                return Err(bad_name("device id", id));
+            }
+            if !seen.insert(id.as_str()) {
+                return Err(SpecError::DuplicateId {
+                    origin: origin.to_string(),
+                    id: id.clone(),
+                });
+            }
+        }
+        for net in &self.nets {
+            if let NetBackend::Switch(switch) = &net.backend {
+                if !is_file_name_safe(switch) {
+                    return Err(bad_name("switch name", switch));
+                }
+                let daemon = switch_daemon_name(switch);
+                if seen.contains(daemon.as_str()) {
+                    return Err(SpecError::IdTakenBySwitch {
+                        origin: origin.to_string(),
+                        id: daemon,
+                        switch: switch.clone(),
+                    });
+                }
+            }
+            if let Some(mac) = &net.mac {
+                // The VMM's own parser decides what a MAC is.
+                NetConfig::from_str(&format!("socket=x,mac={mac}")).map_err(|_| {
+                    SpecError::BadValue {
+                        origin: format!("{origin}: network card '{}'", net.id),
+                        key: "mac",
+                        value: mac.clone(),
+                        problem: "expected six hex bytes like 52:54:00:12:34:56".to_string(),
+                    }
+                })?;
+            }
+        }
+        for disk in &self.disks {
+            let usable = std::fs::metadata(&disk.image).and_then(|meta| {
+                if meta.is_dir() {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "it is a directory",
+                    ))
+                } else {
+                    Ok(())
+                }
+            });
+            usable.map_err(|source| SpecError::Image {
+                origin: origin.to_string(),
+                id: disk.id.clone(),
+                path: disk.image.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The VM settings `run` has when no flag is given (clap's defaults, so they cannot drift).
+fn default_vm_args() -> VmArgs {
+    let command = VmArgs::augment_args(clap::Command::new("defaults"));
+    let matches = command.get_matches_from(["defaults"]);
+    // Every VmArgs flag has a default or is optional, so this cannot fail.
+    VmArgs::from_arg_matches(&matches).expect("VmArgs flags all have defaults")
+}
+
+fn is_file_name_safe(name: &str) -> bool {
+    (1..=MAX_ID_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+#[path = "spec_tests.rs"]
+mod tests;
