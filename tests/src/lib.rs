@@ -1,5 +1,6 @@
 //! Shared helpers for the end-to-end tests.
 
+pub mod api;
 pub mod interop;
 pub mod launch;
 pub mod pattern;

@@ -18,10 +18,12 @@ use crate::devices::ata::{self, AtaDisk, AtaError};
 use crate::event_loop::{EventLoop, Next};
 use crate::layout;
 use crate::memory::GuestMemory;
+use crate::vhost_user::manager::BackendManager;
 use crate::vhost_user::{DeviceKind, VhostUserDevice, VhostUserError};
 use crate::virtio::interrupt::Interrupt;
 use crate::virtio::mmio::VirtioMmio;
 use crate::virtio::VirtioDevice;
+use crate::vm_end::EndSignal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -59,6 +61,8 @@ pub struct AttachedDevice {
     pub gsi: u32,
     pub device: Arc<Mutex<VirtioMmio<VhostUserDevice>>>,
     pub interrupt: Arc<Interrupt>,
+    /// Watches the backend, recovers it, swaps it.
+    pub manager: Arc<BackendManager>,
 }
 
 /// What attaching produced.
@@ -77,6 +81,7 @@ pub struct Attacher<'a> {
     pub mmio: &'a mut Bus,
     pub pio: &'a mut Bus,
     pub events: &'a Arc<EventLoop>,
+    pub end: &'a Arc<EndSignal>,
 }
 
 impl Attacher<'_> {
@@ -91,7 +96,7 @@ impl Attacher<'_> {
             match disk {
                 DiskConfig::VhostUser { socket, .. } => {
                     let device = self.connect(&id, DeviceKind::Block, socket, wait)?;
-                    self.attach_virtio(&id, DeviceKind::Block, device, &mut attached)?;
+                    self.attach_virtio(&id, DeviceKind::Block, device, config, &mut attached)?;
                 }
                 DiskConfig::Ata { path, readonly, .. } => {
                     let disk =
@@ -110,7 +115,7 @@ impl Attacher<'_> {
             if let Some(mac) = net.mac {
                 device.override_mac(mac);
             }
-            self.attach_virtio(&id, DeviceKind::Net, device, &mut attached)?;
+            self.attach_virtio(&id, DeviceKind::Net, device, config, &mut attached)?;
         }
         Ok(attached)
     }
@@ -135,6 +140,7 @@ impl Attacher<'_> {
         id: &str,
         kind: DeviceKind,
         device: VhostUserDevice,
+        config: &VmConfig,
         attached: &mut Attached,
     ) -> Result<(), AttachError> {
         let slot = attached.devices.len();
@@ -165,13 +171,6 @@ impl Attacher<'_> {
             self.relay_used_buffers(id, &call, interrupt.clone())?;
             calls.push(call);
         }
-        device
-            .watch_backend(self.events, interrupt.clone())
-            .map_err(|source| AttachError::Backend {
-                id: id.to_string(),
-                source,
-            })?;
-
         let mmio = Arc::new(Mutex::new(VirtioMmio::new(
             id,
             device,
@@ -179,6 +178,18 @@ impl Attacher<'_> {
             kicks,
             calls,
         )));
+        let manager = BackendManager::new(
+            id,
+            mmio.clone(),
+            interrupt.clone(),
+            self.events.clone(),
+            self.end.clone(),
+            config.reconnect_timeout,
+        );
+        manager.watch().map_err(|source| AttachError::Backend {
+            id: id.to_string(),
+            source,
+        })?;
         self.mmio
             .insert(base, layout::VIRTIO_MMIO_SIZE, id, mmio.clone())?;
         attached
@@ -191,6 +202,7 @@ impl Attacher<'_> {
             gsi,
             device: mmio,
             interrupt,
+            manager,
         });
         Ok(())
     }
@@ -232,6 +244,7 @@ impl Attacher<'_> {
                 }
                 Next::Keep
             })
+            .map(|_| ())
             .map_err(|e| AttachError::Relay(id.into(), e))
     }
 }

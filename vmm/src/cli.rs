@@ -17,7 +17,7 @@ const fn exit_status_help() -> &'static str {
      121    the guest triple-faulted or reset\n  \
      122    KVM could not run the guest (internal error / emulation failure)\n  \
      123    a vCPU thread failed\n  \
-     130    stopped by SIGINT or SIGTERM\n\n\
+     130    stopped by SIGINT, SIGTERM or the control API (PUT /vm/shutdown)\n\n\
      Environment:\n  \
      SPLITVISOR_KVM_DEVICE  the KVM device to open (default /dev/kvm)\n  \
      RUST_LOG               log level for the VMM's messages on stderr (default: warn)"
@@ -51,6 +51,44 @@ pub enum Command {
     /// status is the guest's.
     #[command(after_long_help = crate::launch::LAUNCH_HELP)]
     Launch(crate::launch::LaunchArgs),
+    /// Talk to a running VM's control API (the VM was started with --api-socket PATH): show its
+    /// state, pause, resume or stop it, swap a device's backend, read its counters.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The API socket the VM was started with (`run --api-socket PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Print the API's JSON answer instead of a readable summary.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub verb: CtlVerb,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlVerb {
+    /// The VM's state, vCPUs, memory, and each device with its backend socket, connection
+    /// state, swaps, recoveries and counters (GET /vm).
+    Status,
+    /// Stop running the vCPUs; backends finish what the guest already queued (PUT /vm/pause).
+    Pause,
+    /// Run the vCPUs again (PUT /vm/resume).
+    Resume,
+    /// Stop the VM; `run` then exits with status 130 (PUT /vm/shutdown).
+    Shutdown,
+    /// Move device ID to the vhost-user backend listening on SOCKET while the guest runs; on
+    /// failure the device keeps its backend (PUT /devices/ID/backend).
+    Swap {
+        /// The device id, e.g. disk0 or net0 (see `status`).
+        id: String,
+        /// The new backend's Unix socket.
+        socket: PathBuf,
+    },
+    /// Exits by kind and by device, per-device completed requests and interrupts (GET /metrics).
+    Metrics,
 }
 
 #[derive(Debug, Args)]
@@ -129,8 +167,8 @@ pub struct VmArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub connect_timeout: u64,
 
-    /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket, created with mode 0600 and
-    /// removed when the VMM exits.
+    /// Serve the control API (HTTP/1.1 + JSON, see docs/api.yaml) on this Unix socket,
+    /// created with mode 0600 and removed when the VMM exits. `splitvisor ctl` is its client.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 }
@@ -221,6 +259,8 @@ impl RunArgs {
             disks: self.disk.clone(),
             nets: self.net.clone(),
             connect_timeout: std::time::Duration::from_secs(vm.connect_timeout),
+            reconnect_timeout: std::time::Duration::from_secs(self.reconnect_timeout),
+            api_socket: vm.api_socket.clone(),
         }
     }
 }

@@ -317,6 +317,10 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// How long to wait for a backend's socket to accept a connection.
     pub connect_timeout: std::time::Duration,
+    /// How long a device waits for its backend to come back after losing it (0: fail at once).
+    pub reconnect_timeout: std::time::Duration,
+    /// Where to serve the control API, if anywhere.
+    pub api_socket: Option<std::path::PathBuf>,
 }
 
 impl VmConfig {
@@ -407,6 +411,8 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             connect_timeout: std::time::Duration::from_secs(1),
+            reconnect_timeout: std::time::Duration::ZERO,
+            api_socket: None,
         }
     }
 

@@ -45,23 +45,36 @@ impl EventLoop {
         }))
     }
 
-    /// Calls `handler` whenever `fd` has any of `events`; the fd must outlive the registration.
+    /// Calls `handler` whenever `fd` has any of `events`; the fd must stay open until the
+    /// handler returns `Next::Remove` or `remove` is called with the returned token.
     pub fn add(
         &self,
         fd: RawFd,
         events: EventSet,
         handler: impl FnMut(EventSet) -> Next + Send + 'static,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<u64> {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        self.lock()
-            .insert(token, (fd, Box::new(handler) as Handler));
+        let mut handlers = self.lock();
+        handlers.insert(token, (fd, Box::new(handler) as Handler));
+        // Registered under the lock, so a concurrent removal of an old registration of the
+        // same fd number cannot delete this one.
         let added = self
             .epoll
             .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token));
         if added.is_err() {
-            self.lock().remove(&token);
+            handlers.remove(&token);
         }
-        added
+        added.map(|()| token)
+    }
+
+    /// Drops the registration `token` (a no-op if its handler already asked to be removed).
+    pub fn remove(&self, token: u64) {
+        let mut handlers = self.lock();
+        if let Some((fd, _)) = handlers.remove(&token) {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
     }
 
     /// Runs the loop on a thread of its own until `stop` is called.

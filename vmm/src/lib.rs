@@ -2,20 +2,39 @@
 //! vhost-user backend daemons. This crate is the VMM: CPU and memory through KVM, a few tiny
 //! emulated devices, and the control plane of the vhost-user devices.
 
+pub mod api;
 pub mod attach;
 pub mod bench;
 pub mod boot;
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod devices;
 pub mod event_loop;
 pub mod launch;
 pub mod layout;
 pub mod memory;
+pub mod pause;
 pub mod stats;
 pub mod vcpu;
 pub mod vhost_user;
 pub mod virtio;
 pub mod vm;
 pub mod vm_end;
+
+/// "what failed: because: because", each cause once: how errors are shown to users.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use splitvisor::cli::{BenchArgs, Cli, Command, RunArgs};
+use splitvisor::cli::{BenchArgs, Cli, Command, CtlArgs, RunArgs};
 use splitvisor::vm::Vm;
 
 fn main() -> ExitCode {
@@ -14,11 +14,12 @@ fn main() -> ExitCode {
         Command::Run(args) => run(&args),
         Command::Bench(args) => bench(&args),
         Command::Launch(args) => splitvisor::launch::run(&args).map_err(Into::into),
+        Command::Ctl(args) => ctl(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),
         Err(error) => {
-            eprintln!("splitvisor: {}", error_chain(error.as_ref()));
+            eprintln!("splitvisor: {}", splitvisor::error_chain(error.as_ref()));
             ExitCode::from(1)
         }
     }
@@ -37,6 +38,13 @@ fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     Ok(end.exit_status())
 }
 
+fn ctl(args: &CtlArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let text =
+        splitvisor::ctl::run(args).map_err(|e| format!("ctl: {}", splitvisor::error_chain(&e)))?;
+    println!("{text}");
+    Ok(0)
+}
+
 fn bench(args: &BenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let summary = splitvisor::bench::run(args)?;
     splitvisor::bench::print_table(&summary);
@@ -45,19 +53,4 @@ fn bench(args: &BenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
         .as_object()
         .is_some_and(|paths| paths.values().all(|p| p["status"] == "pass"));
     Ok(if all_passed { 0 } else { 1 })
-}
-
-/// "what failed: because: because", each cause once.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -12,6 +12,7 @@ use log::{debug, warn};
 
 use crate::boot::{cpuid, vcpu_regs, BootEntry};
 use crate::bus::Bus;
+use crate::pause::PauseGate;
 use crate::vm_end::{EndSignal, VmEnd};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,7 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     pub end: Arc<EndSignal>,
     pub exits: Arc<ExitCounters>,
+    pub pause: Arc<PauseGate>,
 }
 
 pub struct Vcpu {
@@ -97,7 +99,11 @@ impl Vcpu {
 
     /// Runs until the VM ends; any reason this vCPU finds to end it is recorded in `ctx.end`.
     pub fn run(&mut self, ctx: &VcpuContext) {
-        while !ctx.end.is_stopping() {
+        loop {
+            ctx.pause.park_if_requested(&ctx.end);
+            if ctx.end.is_stopping() {
+                return;
+            }
             if let Some(why) = self.run_once(ctx) {
                 ctx.end.end(why);
                 return;

@@ -12,15 +12,18 @@ use kvm_ioctls::{Kvm, VmFd};
 use log::{debug, info};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::attach::{AttachError, Attached, Attacher};
+use crate::api::{ApiError, ApiListener};
+use crate::attach::{AttachError, AttachedDevice, Attacher};
 use crate::boot::{self, vcpu_regs, BootError};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::config::VmConfig;
+use crate::control::{AtaInfo, ControlParts, VmControl};
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::serial::{SerialConsole, SerialError};
 use crate::event_loop::EventLoop;
 use crate::layout;
 use crate::memory::{self, GuestMemory, MemoryError};
+use crate::pause::PauseGate;
 use crate::vcpu::{self, ExitCounters, Vcpu, VcpuContext, VcpuError};
 use crate::vm_end::{EndSignal, VmEnd};
 
@@ -72,7 +75,16 @@ pub enum VmError {
     EventLoop(#[source] std::io::Error),
     #[error(transparent)]
     Attach(#[from] AttachError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("could not start counting device completions")]
+    Sampler(#[source] std::io::Error),
 }
+
+/// How often the used rings are sampled to count completed requests (see
+/// `VhostUserDevice::sample_completions`): often enough that no queue completes 65536
+/// requests in between.
+const COMPLETION_SAMPLE_PERIOD: Duration = Duration::from_millis(10);
 
 pub struct Vm {
     _vm_fd: VmFd,
@@ -81,7 +93,8 @@ pub struct Vm {
     ctx: VcpuContext,
     serial: Arc<Mutex<SerialConsole>>,
     events: Arc<EventLoop>,
-    attached: Attached,
+    control: Arc<VmControl>,
+    api: Option<ApiListener>,
 }
 
 impl Vm {
@@ -103,7 +116,14 @@ impl Vm {
             .map_err(VmError::TssAddress)?;
         vm_fd.create_irq_chip().map_err(VmError::Irqchip)?;
 
+        // Bound first: a socket in use is a configuration error worth failing on before boot.
+        let api = config
+            .api_socket
+            .as_deref()
+            .map(ApiListener::bind)
+            .transpose()?;
         let events = EventLoop::new().map_err(VmError::EventLoop)?;
+        let end = Arc::new(EndSignal::default());
         let (mut pio, mut mmio) = (Bus::new(), Bus::new());
         let attached = Attacher {
             vm: &vm_fd,
@@ -111,6 +131,7 @@ impl Vm {
             mmio: &mut mmio,
             pio: &mut pio,
             events: &events,
+            end: &end,
         }
         .attach_all(config)?;
         let cmdline = std::iter::once(config.cmdline.as_str())
@@ -123,7 +144,6 @@ impl Vm {
         vcpu_regs::write_boot_gdt(&memory).map_err(VmError::BootGdt)?;
         debug!("guest entry {:#x}", boot_entry.entry);
 
-        let end = Arc::new(EndSignal::default());
         let (console, serial_irq) = SerialConsole::new(&config.serial)?;
         vm_fd
             .register_irqfd(&serial_irq, layout::SERIAL_GSI)
@@ -146,7 +166,20 @@ impl Vm {
             mmio: Arc::new(mmio),
             end,
             exits: Arc::new(ExitCounters::default()),
+            pause: Arc::new(PauseGate::default()),
         };
+        sample_completions(&events, &attached.devices)?;
+        let control = Arc::new(VmControl::new(ControlParts {
+            vcpus: config.vcpus,
+            memory_bytes: config.memory.0,
+            pause: ctx.pause.clone(),
+            end: ctx.end.clone(),
+            devices: attached.devices,
+            ata: attached.ata.map(|(id, disk)| AtaInfo { id, disk }),
+            exits: ctx.exits.clone(),
+            pio: ctx.pio.clone(),
+            mmio: ctx.mmio.clone(),
+        }));
 
         let vcpus = (0..config.vcpus)
             .map(|i| Vcpu::new(&kvm, &vm_fd, i, config.vcpus, &boot_entry))
@@ -163,7 +196,8 @@ impl Vm {
             ctx,
             serial,
             events,
-            attached,
+            control,
+            api,
         })
     }
 
@@ -173,13 +207,13 @@ impl Vm {
             &self.ctx.exits,
             &self.ctx.pio,
             &self.ctx.mmio,
-            &self.attached.devices,
+            self.control.devices(),
         )
     }
 
     /// The vhost-user devices, in the order they were attached.
-    pub fn devices(&self) -> &[crate::attach::AttachedDevice] {
-        &self.attached.devices
+    pub fn devices(&self) -> &[AttachedDevice] {
+        self.control.devices()
     }
 
     /// Runs the vCPUs until the guest exits, a vCPU fails, or SIGINT/SIGTERM arrives.
@@ -198,7 +232,17 @@ impl Vm {
                 .map_err(|e| VmError::SpawnVcpu(index, e))?;
             threads.push(handle);
         }
+        self.control
+            .set_vcpu_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
+        let api = self
+            .api
+            .take()
+            .map(|listener| listener.serve(self.control.clone()))
+            .transpose()?;
         let end = self.ctx.end.wait();
+        // No API request may kick a thread once it is joined.
+        drop(api);
+        self.control.clear_vcpu_threads();
         for thread in threads {
             stop_vcpu_thread(thread);
         }
@@ -251,6 +295,40 @@ fn register_memory(vm: &VmFd, memory: &GuestMemory) -> Result<(), VmError> {
     Ok(())
 }
 
+/// Counts completed requests of every vhost-user device from its used rings, periodically.
+fn sample_completions(events: &EventLoop, devices: &[AttachedDevice]) -> Result<(), VmError> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let timer_error = |e: vmm_sys_util::errno::Error| VmError::Sampler(e.into());
+    let mut timer = vmm_sys_util::timerfd::TimerFd::new().map_err(timer_error)?;
+    timer
+        .reset(COMPLETION_SAMPLE_PERIOD, Some(COMPLETION_SAMPLE_PERIOD))
+        .map_err(timer_error)?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&timer);
+    let shared: Vec<_> = devices.iter().map(|d| d.device.clone()).collect();
+    events
+        .add(fd, vmm_sys_util::epoll::EventSet::IN, move |_| {
+            let _ = timer.wait();
+            for device in &shared {
+                device
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .device_mut()
+                    .sample_completions();
+            }
+            crate::event_loop::Next::Keep
+        })
+        .map_err(VmError::Sampler)?;
+    Ok(())
+}
+
+/// Interrupts `thread`'s `KVM_RUN` (it returns EINTR) so that it looks at the VM's state.
+pub fn kick_vcpu_thread(thread: libc::pthread_t) {
+    // SAFETY: callers pass threads that have not been joined, so the pthread_t is valid.
+    unsafe { libc::pthread_kill(thread, kick_signal()) };
+}
+
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// A signal whose only job is to interrupt `KVM_RUN` (EINTR) so a vCPU thread sees the VM end.
@@ -267,8 +345,7 @@ fn install_kick_handler() -> Result<(), VmError> {
 /// repeats because a signal that lands just before the thread re-enters `KVM_RUN` is lost.
 fn stop_vcpu_thread(thread: JoinHandle<()>) {
     while !thread.is_finished() {
-        // SAFETY: the thread has not been joined, so its pthread_t is valid.
-        unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+        kick_vcpu_thread(thread.as_pthread_t());
         std::thread::sleep(Duration::from_millis(2));
     }
     // The thread caught its own panics; joining cannot fail.

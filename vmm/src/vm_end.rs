@@ -34,6 +34,8 @@ pub enum VmEnd {
         detail: String,
     },
     Interrupted,
+    /// `PUT /vm/shutdown` on the control API; reported like an interrupt.
+    StopRequested,
 }
 
 impl VmEnd {
@@ -43,7 +45,7 @@ impl VmEnd {
             VmEnd::Shutdown { .. } => STATUS_SHUTDOWN,
             VmEnd::InternalError { .. } => STATUS_INTERNAL_ERROR,
             VmEnd::VcpuFailed { .. } => STATUS_VCPU_FAILED,
-            VmEnd::Interrupted => STATUS_INTERRUPTED,
+            VmEnd::Interrupted | VmEnd::StopRequested => STATUS_INTERRUPTED,
         }
     }
 
@@ -59,6 +61,9 @@ impl VmEnd {
             }
             VmEnd::VcpuFailed { vcpu, detail } => Some(format!("vCPU {vcpu} failed: {detail}")),
             VmEnd::Interrupted => Some("interrupted; the VM was stopped".to_string()),
+            VmEnd::StopRequested => {
+                Some("stopped through the control API (PUT /vm/shutdown)".to_string())
+            }
         }
     }
 }

@@ -16,12 +16,14 @@ use vhost::VhostBackend;
 /// How long a control message may take before the backend is declared unresponsive.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What the VMM asks of backends; each is used only if the backend offers it.
+/// What the VMM asks of backends; each is used only if the backend offers it. INFLIGHT_SHMFD
+/// lets a restarted backend resubmit the requests its predecessor had in flight.
 pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +57,8 @@ pub struct Connection {
     pub max_queues: Option<u64>,
 }
 
-/// Connects to `path`, retrying until `wait` has passed (the daemon may still be starting).
+/// Connects to `path`, retrying until `wait` has passed (the daemon may still be starting);
+/// `wait` of zero tries once.
 pub fn connect(path: &Path, wait: Duration) -> Result<UnixStream, ConnectError> {
     let deadline = Instant::now() + wait;
     let mut delay = Duration::from_millis(5);

@@ -1,19 +1,24 @@
 //! The vhost-user frontend: one generic virtio device whose queues are served by a backend
 //! daemon over a Unix socket. The VMM does the control plane only - features, config space,
 //! the memory table, vring addresses, kick and call eventfds - and then gets out of the way.
+//!
+//! The backend behind a device can change while the guest runs: a planned swap hands the rings
+//! from one backend to another (`BackendManager::swap`), and a backend that dies is waited for
+//! and given the rings again, with its inflight region, when it comes back (`manager`).
 
 pub mod connection;
+pub mod manager;
+pub mod rings;
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserVirtioFeatures};
+use log::{info, warn};
+use serde_json::{json, Value};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_bindings::virtio_blk::VIRTIO_BLK_F_MQ;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_MQ};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
 use virtio_bindings::virtio_net::{
@@ -22,14 +27,11 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MQ, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::epoll::EventSet;
 
-use crate::event_loop::{EventLoop, Next};
 use crate::memory::GuestMemory;
-use crate::virtio::interrupt::Interrupt;
-use crate::virtio::{ActivateError, Activation, QueueConfig, VirtioDevice};
+use crate::virtio::{ActivateError, Activation, VirtioDevice};
 use connection::ConnectError;
+use rings::{InflightRegion, Resume, Rings};
 
 /// Queue size offered to drivers.
 pub const QUEUE_SIZE: u16 = 256;
@@ -41,6 +43,14 @@ const BLK_CONFIG_SIZE: u32 = 60;
 const NET_CONFIG_SIZE: u32 = 12;
 /// `struct virtio_net_config`: `status` follows the 6-byte `mac`.
 const NET_STATUS_OFFSET: usize = 6;
+/// `struct virtio_blk_config`: `capacity` (u64, sectors) and `blk_size` (u32).
+const BLK_CAPACITY: std::ops::Range<usize> = 0..8;
+const BLK_SIZE: std::ops::Range<usize> = 20..24;
+/// How long a stopped backend gets to complete requests it fetched before it stopped (a
+/// backend may answer GET_VRING_BASE while a request is still being served).
+const HANDOVER_DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
+/// Backend switches remembered for `GET /vm`.
+const HISTORY_LEN: usize = 8;
 
 /// Which kind of device the backend implements; vhost-user itself does not say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +64,20 @@ impl DeviceKind {
         match self {
             DeviceKind::Block => VIRTIO_ID_BLOCK,
             DeviceKind::Net => VIRTIO_ID_NET,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Block => "block",
+            DeviceKind::Net => "net",
+        }
+    }
+
+    fn config_size(self) -> u32 {
+        match self {
+            DeviceKind::Block => BLK_CONFIG_SIZE,
+            DeviceKind::Net => NET_CONFIG_SIZE,
         }
     }
 
@@ -91,19 +115,163 @@ pub enum VhostUserError {
     Watch(PathBuf, #[source] std::io::Error),
 }
 
+/// Why a backend cannot take over a device; the device keeps the backend it had.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    #[error("the backend on {} is not compatible: {why}", .socket.display())]
+    Incompatible { socket: PathBuf, why: String },
+    #[error("the backend on {} failed while taking over the rings", .socket.display())]
+    Start {
+        socket: PathBuf,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("the backend on {} does not track inflight requests (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), so requests its predecessor had in flight would be lost", .0.display())]
+    NoInflight(PathBuf),
+    #[error("the lost backend on {} did not track inflight requests (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), so what it had in flight is unknown; the device cannot resume safely", .0.display())]
+    NoInflightRegion(PathBuf),
+    #[error("the current backend on {} could not stop its rings (GET_VRING_BASE); it keeps serving the device", .socket.display())]
+    Stop {
+        socket: PathBuf,
+        #[source]
+        source: vhost::Error,
+    },
+}
+
+/// A backend that answered and passed the handshake, not yet serving the device.
+pub struct Candidate {
+    socket: PathBuf,
+    frontend: Frontend,
+    features: u64,
+    protocol: VhostUserProtocolFeatures,
+    config: Vec<u8>,
+    queue_count: usize,
+}
+
+impl Candidate {
+    /// Connects to `socket` (retrying up to `wait`), negotiates, and reads the config space.
+    pub fn connect(
+        kind: DeviceKind,
+        socket: &Path,
+        wait: Duration,
+    ) -> Result<Self, VhostUserError> {
+        let stream = connection::connect(socket, wait)?;
+        let mut conn = connection::handshake(socket, stream, MAX_QUEUES)?;
+        if conn.features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(VhostUserError::NotVersion1(socket.to_path_buf()));
+        }
+        let size = kind.config_size();
+        let (_, config) = conn
+            .frontend
+            .get_config(
+                0,
+                size,
+                VhostUserConfigFlags::WRITABLE,
+                &vec![0; size as usize],
+            )
+            .map_err(|e| VhostUserError::GetConfig(socket.to_path_buf(), e))?;
+        let queue_count = queue_count(kind, conn.features, &config, conn.max_queues);
+        Ok(Self {
+            socket: socket.to_path_buf(),
+            frontend: conn.frontend,
+            features: conn.features,
+            protocol: conn.protocol_features,
+            config,
+            queue_count,
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+/// Where the device's backend stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    Connected,
+    /// The backend's socket closed; waiting for it to come back.
+    Lost {
+        since: Instant,
+    },
+    /// Given up on: the driver was told `DEVICE_NEEDS_RESET`.
+    Failed,
+}
+
+/// The backend serving the device now.
+struct Backend {
+    socket: PathBuf,
+    /// `None` once the backend is lost.
+    frontend: Option<Frontend>,
+    features: u64,
+    protocol: VhostUserProtocolFeatures,
+    state: LinkState,
+    since: Instant,
+    /// Bumped at each switch, so that news about an older backend is recognised as stale.
+    generation: u64,
+}
+
+/// Why the backend changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwitchKind {
+    /// `PUT /devices/{id}/backend`: the old backend handed over its ring positions.
+    Swap,
+    /// The old backend died; its successor resumed from the guest's used index.
+    Recovery,
+}
+
+/// One completed switch, as logged and reported in `GET /vm`.
+#[derive(Clone, Debug)]
+pub struct SwitchRecord {
+    pub kind: SwitchKind,
+    pub from: PathBuf,
+    pub to: PathBuf,
+    /// Rings stopped (or found stopped) until running on the new backend.
+    pub stall: Duration,
+    /// For a recovery: from losing the backend until the new one served the rings.
+    pub outage: Option<Duration>,
+    /// Whether the new backend got its predecessor's inflight region to resubmit from.
+    pub inflight_region: bool,
+    pub at: Instant,
+}
+
+impl SwitchRecord {
+    pub fn to_json(&self, epoch: Instant) -> Value {
+        json!({
+            "kind": match self.kind { SwitchKind::Swap => "swap", SwitchKind::Recovery => "recovery" },
+            "from": self.from,
+            "to": self.to,
+            "stall_us": self.stall.as_micros() as u64,
+            "outage_ms": self.outage.map(|d| d.as_millis() as u64),
+            "inflight_region": self.inflight_region,
+            "at_ms": self.at.saturating_duration_since(epoch).as_millis() as u64,
+        })
+    }
+}
+
 /// A virtio device served by a vhost-user backend.
 pub struct VhostUserDevice {
     id: String,
     kind: DeviceKind,
-    socket: PathBuf,
-    frontend: Frontend,
     memory: GuestMemory,
-    backend_features: u64,
-    /// The config space read at connect time; shared with the backend watcher, which clears
-    /// the net link bit when the backend goes away.
+    backend: Backend,
+    /// What the driver was offered at attach time; a replacement must offer all of it.
+    offered_features: u64,
+    /// The config space read at connect time (with the VMM's changes: MAC, link status).
     config: Arc<Mutex<Vec<u8>>>,
     queue_count: usize,
-    enabled_queues: Vec<usize>,
+    /// What the driver set up at `DRIVER_OK`; `None` before that and after a reset.
+    rings: Option<Rings>,
+    /// Whether the current backend is serving `rings`.
+    running: bool,
+    inflight: Option<InflightRegion>,
+    swaps: u64,
+    recoveries: u64,
+    history: Vec<SwitchRecord>,
+    /// Requests completed since activation, counted from the used rings' `idx` (see
+    /// `sample_completions`), and each ready queue's `idx` when last sampled.
+    completed: u64,
+    last_used: Vec<(usize, u16)>,
 }
 
 impl VhostUserDevice {
@@ -115,44 +283,39 @@ impl VhostUserDevice {
         memory: GuestMemory,
         wait: Duration,
     ) -> Result<Self, VhostUserError> {
-        let stream = connection::connect(socket, wait)?;
-        let mut conn = connection::handshake(socket, stream, MAX_QUEUES)?;
-        if conn.features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            return Err(VhostUserError::NotVersion1(socket.to_path_buf()));
-        }
-        let size = match kind {
-            DeviceKind::Block => BLK_CONFIG_SIZE,
-            DeviceKind::Net => NET_CONFIG_SIZE,
-        };
-        let (_, config) = conn
-            .frontend
-            .get_config(
-                0,
-                size,
-                VhostUserConfigFlags::WRITABLE,
-                &vec![0; size as usize],
-            )
-            .map_err(|e| VhostUserError::GetConfig(socket.to_path_buf(), e))?;
-        let queue_count = queue_count(kind, conn.features, &config, conn.max_queues);
+        let candidate = Candidate::connect(kind, socket, wait)?;
         info!(
-            "{id}: connected to {} backend on {} ({queue_count} queue(s), features {:#x})",
-            match kind {
-                DeviceKind::Block => "block",
-                DeviceKind::Net => "net",
-            },
+            "{id}: connected to {} backend on {} ({} queue(s), features {:#x})",
+            kind.name(),
             socket.display(),
-            conn.features
+            candidate.queue_count,
+            candidate.features
         );
+        let offered_features = candidate.features & kind.passthrough_features();
         Ok(Self {
             id: id.to_string(),
             kind,
-            socket: socket.to_path_buf(),
-            frontend: conn.frontend,
             memory,
-            backend_features: conn.features,
-            config: Arc::new(Mutex::new(config)),
-            queue_count,
-            enabled_queues: Vec::new(),
+            offered_features,
+            config: Arc::new(Mutex::new(candidate.config)),
+            queue_count: candidate.queue_count,
+            backend: Backend {
+                socket: candidate.socket,
+                frontend: Some(candidate.frontend),
+                features: candidate.features,
+                protocol: candidate.protocol,
+                state: LinkState::Connected,
+                since: Instant::now(),
+                generation: 0,
+            },
+            rings: None,
+            running: false,
+            inflight: None,
+            swaps: 0,
+            recoveries: 0,
+            history: Vec::new(),
+            completed: 0,
+            last_used: Vec::new(),
         })
     }
 
@@ -160,8 +323,26 @@ impl VhostUserDevice {
         &self.id
     }
 
+    pub fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+
     pub fn socket(&self) -> &Path {
-        &self.socket
+        &self.backend.socket
+    }
+
+    pub fn state(&self) -> LinkState {
+        self.backend.state
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.backend.generation
+    }
+
+    /// The backend connection's fd, for watching it close.
+    pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.backend.frontend.as_ref().map(|f| f.as_raw_fd())
     }
 
     /// Presents `mac` to the driver instead of the backend's (or its lack of one).
@@ -169,65 +350,287 @@ impl VhostUserDevice {
         let mut config = self.config.lock().unwrap_or_else(PoisonError::into_inner);
         if config.len() >= 6 {
             config[..6].copy_from_slice(&mac);
-            self.backend_features |= 1 << VIRTIO_NET_F_MAC;
+            self.offered_features |= 1 << VIRTIO_NET_F_MAC;
         }
     }
 
-    /// When the backend's socket closes, the device needs a reset: the driver is told through
-    /// `DEVICE_NEEDS_RESET` and a configuration-change interrupt instead of waiting forever.
-    pub fn watch_backend(
-        &self,
-        events: &EventLoop,
-        interrupt: Arc<Interrupt>,
-    ) -> Result<(), VhostUserError> {
-        let id = self.id.clone();
-        let socket = self.socket.clone();
-        let kind = self.kind;
-        let config = self.config.clone();
-        events
-            .add(
-                self.frontend.as_raw_fd(),
-                EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR,
-                move |_| {
-                    if kind == DeviceKind::Net {
-                        // A NIC without its backend has no link: say so, the way a cable pull would.
-                        let mut config = config.lock().unwrap_or_else(PoisonError::into_inner);
-                        if let Some(status) = config.get_mut(NET_STATUS_OFFSET) {
-                            *status &= !(VIRTIO_NET_S_LINK_UP as u8);
-                        }
-                    }
-                    error!(
-                        "{id}: lost the backend on {} (socket closed); the device now needs a reset",
-                        socket.display()
-                    );
-                    interrupt.set_needs_reset();
-                    Next::Remove
-                },
-            )
-            .map_err(|e| VhostUserError::Watch(self.socket.clone(), e))
-    }
-
-    fn start_queues(&mut self, activation: &Activation<'_>) -> Result<(), vhost::Error> {
-        let protocol_bit =
-            self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        self.frontend
-            .set_features(activation.driver_features | protocol_bit)?;
-        self.frontend.set_mem_table(&memory_regions(&self.memory))?;
-        for (index, queue) in activation.queues.iter().enumerate() {
-            if !queue.ready {
-                continue;
+    /// A NIC without its backend has no link: say so, the way a cable pull would.
+    fn set_link(&self, up: bool) {
+        if self.kind != DeviceKind::Net {
+            return;
+        }
+        let mut config = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(status) = config.get_mut(NET_STATUS_OFFSET) {
+            if up {
+                *status |= VIRTIO_NET_S_LINK_UP as u8;
+            } else {
+                *status &= !(VIRTIO_NET_S_LINK_UP as u8);
             }
-            self.frontend.set_vring_num(index, queue.size)?;
-            self.frontend
-                .set_vring_addr(index, &vring_addresses(&self.memory, queue)?)?;
-            self.frontend.set_vring_base(index, 0)?;
-            self.frontend
-                .set_vring_call(index, &activation.calls[index])?;
-            self.frontend
-                .set_vring_kick(index, &activation.kicks[index])?;
-            self.frontend.set_vring_enable(index, true)?;
-            self.enabled_queues.push(index);
         }
+    }
+
+    /// The backend of `generation` closed its socket. Returns false if that backend was
+    /// already replaced or given up on (stale news). The caller raises a config-change
+    /// interrupt for the link status (net) and starts waiting for the backend.
+    pub fn backend_lost(&mut self, generation: u64) -> bool {
+        if generation != self.backend.generation || self.backend.state != LinkState::Connected {
+            return false;
+        }
+        self.backend.frontend = None;
+        self.backend.state = LinkState::Lost {
+            since: Instant::now(),
+        };
+        self.running = false;
+        self.set_link(false);
+        true
+    }
+
+    /// Gives up on a lost backend: the driver must reset the device.
+    pub fn fail(&mut self) {
+        self.backend.state = LinkState::Failed;
+        self.backend.frontend = None;
+        self.running = false;
+    }
+
+    /// Whether a replacement backend can serve this device exactly as the driver knows it.
+    fn check_compatible(&self, c: &Candidate) -> Result<(), SwitchError> {
+        let incompatible = |why: String| SwitchError::Incompatible {
+            socket: c.socket.clone(),
+            why,
+        };
+        let missing = self.offered_features & !c.features;
+        if missing != 0 {
+            return Err(incompatible(format!(
+                "it lacks feature bits {missing:#x} that the driver was offered"
+            )));
+        }
+        if c.queue_count < self.queue_count {
+            return Err(incompatible(format!(
+                "it serves {} queue(s), the device has {}",
+                c.queue_count, self.queue_count
+            )));
+        }
+        if self.kind == DeviceKind::Block {
+            let config = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+            let le = |bytes: &[u8], range: std::ops::Range<usize>| {
+                bytes.get(range).map(|b| {
+                    b.iter()
+                        .rev()
+                        .fold(0u64, |acc, &byte| acc << 8 | u64::from(byte))
+                })
+            };
+            let (ours, theirs) = (le(&config, BLK_CAPACITY), le(&c.config, BLK_CAPACITY));
+            if ours != theirs {
+                return Err(incompatible(format!(
+                    "its disk has {} sectors, the guest's has {}",
+                    theirs.unwrap_or(0),
+                    ours.unwrap_or(0)
+                )));
+            }
+            if self.offered_features & (1 << VIRTIO_BLK_F_BLK_SIZE) != 0
+                && le(&config, BLK_SIZE) != le(&c.config, BLK_SIZE)
+            {
+                return Err(incompatible("its block size differs".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `candidate` the device's backend; on error the old one stays (if it was alive).
+    /// Returns the old backend's connection, which the caller closes after it stopped
+    /// watching it, and the record of the switch.
+    pub fn switch_to(
+        &mut self,
+        mut candidate: Candidate,
+    ) -> Result<(Option<Frontend>, SwitchRecord), SwitchError> {
+        self.check_compatible(&candidate)?;
+        let lost_since = match self.backend.state {
+            LinkState::Lost { since } => Some(since),
+            _ => None,
+        };
+        let started = Instant::now();
+        let mut inflight_region = false;
+        let kind = if self.backend.state == LinkState::Connected {
+            SwitchKind::Swap
+        } else {
+            SwitchKind::Recovery
+        };
+        let resume_rings = self.rings.is_some() && self.backend.state != LinkState::Failed;
+        if resume_rings {
+            let rings = self.rings.as_ref().expect("checked above");
+            let (bases, resume) = match (&mut self.backend.frontend, self.running) {
+                (Some(old), true) => {
+                    let bases = rings::stop(old, rings).map_err(|source| SwitchError::Stop {
+                        socket: self.backend.socket.clone(),
+                        source,
+                    })?;
+                    if !rings.wait_completed(&self.memory, &bases, HANDOVER_DRAIN_TIMEOUT) {
+                        warn!(
+                            "{}: the old backend had not completed every request it fetched {} ms after stopping; the new one resumes anyway",
+                            self.id,
+                            HANDOVER_DRAIN_TIMEOUT.as_millis()
+                        );
+                    }
+                    (bases, Resume::Handover)
+                }
+                _ => (rings.used_indices(&self.memory), Resume::Recovery),
+            };
+            // A block backend may complete requests out of order: without the inflight
+            // region, resuming from the used index could skip or repeat writes. A NIC only
+            // risks a repeated or lost frame, which networks tolerate.
+            if resume == Resume::Recovery && self.kind == DeviceKind::Block {
+                if self.inflight.is_none() {
+                    return Err(SwitchError::NoInflightRegion(self.backend.socket.clone()));
+                }
+                if !candidate
+                    .protocol
+                    .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+                {
+                    return Err(SwitchError::NoInflight(candidate.socket));
+                }
+            }
+            let kept = if resume == Resume::Recovery {
+                self.inflight.take()
+            } else {
+                None
+            };
+            inflight_region = kept.is_some();
+            match rings::start(
+                &mut candidate.frontend,
+                candidate.protocol,
+                candidate.features,
+                &self.memory,
+                rings,
+                &bases,
+                resume,
+                kept,
+            ) {
+                Ok(region) => self.inflight = region,
+                Err(source) => {
+                    if let (Some(old), Resume::Handover) = (&mut self.backend.frontend, resume) {
+                        // Give the rings back to the backend that had them.
+                        if let Err(e) = rings::start(
+                            old,
+                            self.backend.protocol,
+                            self.backend.features,
+                            &self.memory,
+                            rings,
+                            &bases,
+                            Resume::Handover,
+                            None,
+                        )
+                        .map(|region| self.inflight = region)
+                        {
+                            warn!(
+                                "{}: restarting the rings on the old backend failed: {e}",
+                                self.id
+                            );
+                        }
+                        rings.kick_all();
+                    }
+                    return Err(SwitchError::Start {
+                        socket: candidate.socket,
+                        source,
+                    });
+                }
+            }
+            rings.kick_all();
+        }
+        let stall = started.elapsed();
+        let record = SwitchRecord {
+            kind,
+            from: self.backend.socket.clone(),
+            to: candidate.socket.clone(),
+            stall,
+            outage: lost_since.map(|since| since.elapsed()),
+            inflight_region,
+            at: Instant::now(),
+        };
+        let generation = self.backend.generation + 1;
+        let old = std::mem::replace(
+            &mut self.backend,
+            Backend {
+                socket: candidate.socket,
+                frontend: Some(candidate.frontend),
+                features: candidate.features,
+                protocol: candidate.protocol,
+                state: LinkState::Connected,
+                since: Instant::now(),
+                generation,
+            },
+        );
+        self.running = resume_rings;
+        self.set_link(true);
+        match kind {
+            SwitchKind::Swap => self.swaps += 1,
+            SwitchKind::Recovery => self.recoveries += 1,
+        }
+        if self.history.len() == HISTORY_LEN {
+            self.history.remove(0);
+        }
+        self.history.push(record.clone());
+        Ok((old.frontend, record))
+    }
+
+    /// The device's state for `GET /vm`.
+    pub fn status_json(&self, epoch: Instant) -> Value {
+        let state = match self.backend.state {
+            LinkState::Connected => "connected",
+            LinkState::Lost { .. } => "reconnecting",
+            LinkState::Failed => "failed",
+        };
+        json!({
+            "socket": self.backend.socket,
+            "state": state,
+            "since_ms": self.backend.since.saturating_duration_since(epoch).as_millis() as u64,
+            "features": format!("{:#x}", self.backend.features),
+            "inflight_tracking": self.inflight.is_some(),
+            "rings_running": self.running,
+            "queues": self.queue_count,
+            "swaps": self.swaps,
+            "recoveries": self.recoveries,
+            "history": self.history.iter().map(|r| r.to_json(epoch)).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Adds the requests completed since the last sample. The used index is 16 bits, so this
+    /// is exact as long as it runs before any queue completes 65536 requests (the VMM samples
+    /// every few milliseconds).
+    pub fn sample_completions(&mut self) {
+        let Some(rings) = &self.rings else { return };
+        let now = rings.used_indices(&self.memory);
+        for &(queue, idx) in &now {
+            let before = self
+                .last_used
+                .iter()
+                .find(|(q, _)| *q == queue)
+                .map_or(0, |(_, i)| *i);
+            self.completed += u64::from(idx.wrapping_sub(before));
+        }
+        self.last_used = now;
+    }
+
+    pub fn completed_requests(&mut self) -> u64 {
+        self.sample_completions();
+        self.completed
+    }
+
+    fn start_rings(&mut self) -> Result<(), vhost::Error> {
+        let (Some(rings), Some(frontend)) = (&self.rings, &mut self.backend.frontend) else {
+            return Ok(());
+        };
+        let bases: Vec<(usize, u16)> = rings.ready().map(|i| (i, 0)).collect();
+        self.inflight = rings::start(
+            frontend,
+            self.backend.protocol,
+            self.backend.features,
+            &self.memory,
+            rings,
+            &bases,
+            Resume::Fresh,
+            None,
+        )?;
+        self.running = true;
         Ok(())
     }
 }
@@ -251,47 +654,6 @@ fn queue_count(kind: DeviceKind, features: u64, config: &[u8], max: Option<u64>)
     usize::from(from_config).min(limit as usize).max(1)
 }
 
-/// The memory table: every guest RAM region with its memfd and offset.
-fn memory_regions(memory: &GuestMemory) -> Vec<VhostUserMemoryRegionInfo> {
-    memory
-        .iter()
-        .filter_map(|region| {
-            let file = region.file_offset()?;
-            Some(VhostUserMemoryRegionInfo {
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                mmap_offset: file.start(),
-                mmap_handle: file.file().as_raw_fd(),
-            })
-        })
-        .collect()
-}
-
-/// Vring addresses in the VMM's address space (vhost-user translates them through the memory
-/// table), after checking each ring lies in guest RAM.
-fn vring_addresses(memory: &GuestMemory, q: &QueueConfig) -> Result<VringConfigData, vhost::Error> {
-    let size = u64::from(q.size);
-    let host = |gpa: u64, len: u64| -> Result<u64, vhost::Error> {
-        if !memory.check_range(GuestAddress(gpa), len as usize) {
-            return Err(vhost::Error::InvalidGuestMemory);
-        }
-        memory
-            .get_host_address(GuestAddress(gpa))
-            .map(|p| p as u64)
-            .map_err(|_| vhost::Error::InvalidGuestMemory)
-    };
-    Ok(VringConfigData {
-        queue_max_size: q.max_size,
-        queue_size: q.size,
-        flags: 0,
-        desc_table_addr: host(q.desc_table, 16 * size)?,
-        avail_ring_addr: host(q.avail_ring, 6 + 2 * size)?,
-        used_ring_addr: host(q.used_ring, 6 + 8 * size)?,
-        log_addr: None,
-    })
-}
-
 impl VirtioDevice for VhostUserDevice {
     fn device_type(&self) -> u32 {
         self.kind.virtio_id()
@@ -302,7 +664,7 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn features(&self) -> u64 {
-        self.backend_features & self.kind.passthrough_features()
+        self.offered_features
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -318,34 +680,62 @@ impl VirtioDevice for VhostUserDevice {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // The only writable fields (blk `wce`, net nothing we pass) are not used by our
         // backends; forward anyway so a backend that supports them sees the write.
-        if let Err(e) =
-            self.frontend
-                .set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
-        {
+        let Some(frontend) = &mut self.backend.frontend else {
+            warn!(
+                "{}: config write at {offset:#x} while the backend is away; dropped",
+                self.id
+            );
+            return;
+        };
+        if let Err(e) = frontend.set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data) {
             warn!("{}: SET_CONFIG at {offset:#x} failed: {e}", self.id);
         }
     }
 
     fn activate(&mut self, activation: Activation<'_>) -> Result<(), ActivateError> {
-        self.start_queues(&activation).map_err(|e| {
+        let clone_all = |fds: &[vmm_sys_util::eventfd::EventFd]| {
+            fds.iter()
+                .map(|fd| fd.try_clone())
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|e| ActivateError(format!("duplicating the queue eventfds failed: {e}")))
+        };
+        // The sample is taken before the rings change: new rings start at used index 0.
+        self.sample_completions();
+        self.last_used.clear();
+        self.rings = Some(Rings {
+            driver_features: activation.driver_features,
+            queues: activation.queues.to_vec(),
+            kicks: clone_all(activation.kicks)?,
+            calls: clone_all(activation.calls)?,
+        });
+        // Without a backend right now, the rings start when one comes back.
+        self.start_rings().map_err(|e| {
             ActivateError(format!(
                 "starting the queues on the backend {} failed: {e}",
-                self.socket.display()
+                self.backend.socket.display()
             ))
         })
     }
 
     fn reset(&mut self) {
-        for index in std::mem::take(&mut self.enabled_queues) {
+        self.sample_completions();
+        self.last_used.clear();
+        let rings = self.rings.take();
+        if let (Some(rings), Some(frontend), true) =
+            (&rings, &mut self.backend.frontend, self.running)
+        {
             // GET_VRING_BASE stops the ring in the backend.
-            if let Err(e) = self
-                .frontend
-                .set_vring_enable(index, false)
-                .and_then(|_| self.frontend.get_vring_base(index))
-            {
-                warn!("{}: stopping queue {index} failed: {e}", self.id);
+            if let Err(e) = rings::stop(frontend, rings) {
+                warn!("{}: stopping the queues failed: {e}", self.id);
             }
         }
+        self.running = false;
+        // Whatever was in flight belonged to rings the driver just discarded.
+        self.inflight = None;
+    }
+
+    fn can_operate(&self) -> bool {
+        self.backend.state == LinkState::Connected
     }
 }
 

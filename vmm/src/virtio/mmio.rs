@@ -75,6 +75,11 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         &self.device
     }
 
+    /// The device status the driver wrote (`VIRTIO_CONFIG_S_*`).
+    pub fn driver_status(&self) -> u32 {
+        self.status
+    }
+
     pub fn device_mut(&mut self) -> &mut D {
         &mut self.device
     }
@@ -239,6 +244,9 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             };
         }
         self.interrupt.acknowledge(u32::MAX);
+        if self.device.can_operate() {
+            self.interrupt.clear_needs_reset();
+        }
         debug!("{}: reset by the driver", self.name);
     }
 }

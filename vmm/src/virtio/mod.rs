@@ -45,4 +45,9 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation<'_>) -> Result<(), ActivateError>;
     /// The driver reset the device: stop serving the queues.
     fn reset(&mut self);
+    /// Whether the device can serve a driver now (a vhost-user device needs its backend);
+    /// decides whether a reset clears `DEVICE_NEEDS_RESET`.
+    fn can_operate(&self) -> bool {
+        true
+    }
 }

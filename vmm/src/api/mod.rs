@@ -1,0 +1,168 @@
+//! The control API server: HTTP/1.1 + JSON on a Unix socket (the convention of Firecracker and
+//! Cloud Hypervisor), described in docs/api.yaml. One thread accepts; each connection gets a
+//! thread of its own (a swap may wait seconds for a backend), up to a small limit.
+
+pub mod http;
+pub mod routes;
+
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{debug, warn};
+
+use crate::control::VmControl;
+use routes::Response;
+
+/// A client that sends nothing (or reads nothing) for this long is dropped.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more get 503.
+const MAX_CONNECTIONS: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("another process already serves on the API socket {}; pick another --api-socket path or stop that VMM", .0.display())]
+    InUse(PathBuf),
+    #[error("--api-socket {} exists and is not a socket; refusing to replace it", .0.display())]
+    NotASocket(PathBuf),
+    #[error("cannot create the API socket {}", .0.display())]
+    Bind(PathBuf, #[source] std::io::Error),
+    #[error("could not start the API thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// A bound API socket, not yet serving.
+pub struct ApiListener {
+    path: PathBuf,
+    listener: UnixListener,
+}
+
+impl ApiListener {
+    /// Binds `path` with mode 0600. A stale socket left by a dead VMM is replaced; a live one
+    /// or a non-socket file is an error.
+    pub fn bind(path: &Path) -> Result<Self, ApiError> {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                return Err(ApiError::NotASocket(path.to_path_buf()))
+            }
+            Ok(_) => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(ApiError::InUse(path.to_path_buf()));
+                }
+                let _ = std::fs::remove_file(path);
+            }
+            Err(_) => {}
+        }
+        // The socket file gets the process umask's mode at bind; create it private and
+        // tighten again in case the umask was looser (bind is the only file creation here).
+        // SAFETY: umask only changes the process's file-creation mask.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above; restores the caller's mask.
+        unsafe { libc::umask(old) };
+        let listener = bound.map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            listener,
+        })
+    }
+
+    /// Serves requests on a thread of its own until the returned server is dropped.
+    pub fn serve(self, control: Arc<VmControl>) -> Result<ApiServer, ApiError> {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let listener = self.listener;
+        let flag = stopping.clone();
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || accept_loop(listener, control, flag))
+            .map_err(ApiError::Spawn)?;
+        Ok(ApiServer {
+            path: self.path,
+            stopping,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// The running API; dropping it stops accepting and removes the socket.
+pub struct ApiServer {
+    path: PathBuf,
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // Wake the accept() with a connection of our own.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: UnixListener, control: Arc<VmControl>, stopping: Arc<AtomicBool>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => {
+                warn!("api: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            respond(
+                &stream,
+                Response::error(503, "too many API connections; retry"),
+            );
+            continue;
+        }
+        let (control, active) = (control.clone(), active.clone());
+        let spawned = std::thread::Builder::new()
+            .name("api-client".into())
+            .spawn(move || {
+                serve_one(&stream, &control);
+                active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            warn!("api: could not start a connection thread: {e}");
+        }
+    }
+}
+
+fn serve_one(stream: &UnixStream, control: &VmControl) {
+    let response = match http::read_request(stream) {
+        Ok(Some(request)) => {
+            debug!("api: {} {}", request.method, request.path);
+            routes::handle(control, &request)
+        }
+        Ok(None) => return,
+        Err(e) => Response::error(e.status, e.message),
+    };
+    respond(stream, response);
+}
+
+fn respond(stream: &UnixStream, response: Response) {
+    let headers: Vec<(&str, String)> = response.headers.into_iter().collect();
+    if let Err(e) = http::write_response(stream, response.status, &headers, &response.body) {
+        debug!("api: writing a response failed: {e}");
+    }
+}

@@ -1,0 +1,288 @@
+//! What the control API can do to a running VM: report it, pause and resume its vCPUs, stop it,
+//! swap a device's backend, and read its counters. Transport-free: `api` maps HTTP onto this.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
+
+use crate::attach::AttachedDevice;
+use crate::bus::Bus;
+use crate::devices::ata::AtaDisk;
+use crate::pause::PauseGate;
+use crate::vcpu::ExitCounters;
+use crate::vhost_user::manager::SwapError;
+use crate::vhost_user::{SwitchRecord, VhostUserDevice};
+use crate::vm_end::{EndSignal, VmEnd};
+
+/// How long `pause` waits for every vCPU to leave `KVM_RUN`.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A swap's new backend is expected to be listening already; this covers a daemon that is
+/// just starting, without making a mistyped path cost long.
+const SWAP_CONNECT_WAIT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the VM is stopping")]
+    Stopping,
+    #[error("the vCPUs did not stop within {}s", PAUSE_TIMEOUT.as_secs())]
+    PauseTimeout,
+    #[error("no device {0:?}; GET /vm lists the devices")]
+    UnknownDevice(String),
+    #[error(
+        "device {0:?} is emulated inside the VMM; only vhost-user devices have a backend to swap"
+    )]
+    NotVhostUser(String),
+    #[error(transparent)]
+    Swap(#[from] Box<SwapError>),
+}
+
+/// The emulated ATA disk, for reporting.
+pub struct AtaInfo {
+    pub id: String,
+    pub disk: AtaDisk,
+}
+
+pub struct VmControl {
+    epoch: Instant,
+    vcpus: u8,
+    memory_bytes: u64,
+    pause: Arc<PauseGate>,
+    end: Arc<EndSignal>,
+    /// Filled in once the vCPU threads run; used to kick them out of `KVM_RUN`.
+    vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+    devices: Vec<AttachedDevice>,
+    ata: Option<AtaInfo>,
+    exits: Arc<ExitCounters>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+}
+
+/// Everything `VmControl` reports on or acts upon.
+pub struct ControlParts {
+    pub vcpus: u8,
+    pub memory_bytes: u64,
+    pub pause: Arc<PauseGate>,
+    pub end: Arc<EndSignal>,
+    pub devices: Vec<AttachedDevice>,
+    pub ata: Option<AtaInfo>,
+    pub exits: Arc<ExitCounters>,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+}
+
+impl VmControl {
+    pub fn new(parts: ControlParts) -> Self {
+        Self {
+            epoch: Instant::now(),
+            vcpus: parts.vcpus,
+            memory_bytes: parts.memory_bytes,
+            pause: parts.pause,
+            end: parts.end,
+            vcpu_threads: Mutex::new(Vec::new()),
+            devices: parts.devices,
+            ata: parts.ata,
+            exits: parts.exits,
+            pio: parts.pio,
+            mmio: parts.mmio,
+        }
+    }
+
+    pub fn devices(&self) -> &[AttachedDevice] {
+        &self.devices
+    }
+
+    /// Records the running vCPU threads (before any API request can pause them).
+    pub fn set_vcpu_threads(&self, threads: Vec<libc::pthread_t>) {
+        *self.lock_threads() = threads;
+    }
+
+    /// Forgets the vCPU threads (they are about to be joined).
+    pub fn clear_vcpu_threads(&self) {
+        self.lock_threads().clear();
+    }
+
+    fn lock_threads(&self) -> std::sync::MutexGuard<'_, Vec<libc::pthread_t>> {
+        self.vcpu_threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn state(&self) -> &'static str {
+        if self.end.is_stopping() {
+            "stopping"
+        } else if self.pause.is_paused() {
+            "paused"
+        } else {
+            "running"
+        }
+    }
+
+    /// Stops every vCPU between two instructions; returns once none runs.
+    pub fn pause(&self) -> Result<Value, ControlError> {
+        if self.end.is_stopping() {
+            return Err(ControlError::Stopping);
+        }
+        self.pause.request_pause();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            let threads = self.lock_threads();
+            for &thread in threads.iter() {
+                crate::vm::kick_vcpu_thread(thread);
+            }
+            let count = threads.len();
+            drop(threads);
+            // Kicks repeat: one landing just before a thread re-enters KVM_RUN is lost.
+            if self.pause.wait_parked(count, Duration::from_millis(10)) {
+                break;
+            }
+            if self.end.is_stopping() {
+                self.pause.resume();
+                return Err(ControlError::Stopping);
+            }
+            if Instant::now() >= deadline {
+                self.pause.resume();
+                return Err(ControlError::PauseTimeout);
+            }
+        }
+        log::info!("control: VM paused");
+        Ok(json!({ "state": self.state() }))
+    }
+
+    pub fn resume(&self) -> Result<Value, ControlError> {
+        if self.end.is_stopping() {
+            return Err(ControlError::Stopping);
+        }
+        self.pause.resume();
+        log::info!("control: VM resumed");
+        Ok(json!({ "state": self.state() }))
+    }
+
+    /// Ends the VM as SIGTERM would: the VMM stops the vCPUs and exits with status 130.
+    pub fn shutdown(&self) -> Value {
+        log::info!("control: shutdown requested");
+        self.end.end(VmEnd::StopRequested);
+        self.pause.resume();
+        json!({ "state": "stopping" })
+    }
+
+    pub fn swap(&self, id: &str, socket: &Path) -> Result<Value, ControlError> {
+        let device = self.vhost_user_device(id)?;
+        let record: SwitchRecord = device
+            .manager
+            .swap(socket, SWAP_CONNECT_WAIT)
+            .map_err(Box::new)?;
+        Ok(json!({
+            "id": id,
+            "swap": record.to_json(self.epoch),
+        }))
+    }
+
+    fn vhost_user_device(&self, id: &str) -> Result<&AttachedDevice, ControlError> {
+        if let Some(d) = self.devices.iter().find(|d| d.id == id) {
+            return Ok(d);
+        }
+        if self.ata.as_ref().is_some_and(|a| a.id == id) {
+            return Err(ControlError::NotVhostUser(id.to_string()));
+        }
+        Err(ControlError::UnknownDevice(id.to_string()))
+    }
+
+    fn uptime_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// `GET /vm`.
+    pub fn status(&self) -> Value {
+        let mmio_exits = self.mmio_exits_by_device();
+        let mut devices: Vec<Value> = self
+            .devices
+            .iter()
+            .map(|d| {
+                let mut mmio = d.device.lock().unwrap_or_else(PoisonError::into_inner);
+                let driver_status = mmio.driver_status();
+                json!({
+                    "id": d.id,
+                    "kind": d.kind.name(),
+                    "transport": "virtio-mmio",
+                    "mmio_base": format!("{:#x}", d.mmio_base),
+                    "gsi": d.gsi,
+                    "driver_ok": driver_status & VIRTIO_CONFIG_S_DRIVER_OK != 0,
+                    "needs_reset": d.interrupt.needs_reset(),
+                    "backend": mmio.device().status_json(self.epoch),
+                    "counters": device_counters(d, mmio.device_mut(), &mmio_exits),
+                })
+            })
+            .collect();
+        if let Some(ata) = &self.ata {
+            devices.push(json!({
+                "id": ata.id,
+                "kind": "block",
+                "transport": "ata-pio",
+                "backend": null,
+                "counters": {
+                    "commands": ata.disk.commands(),
+                    "sectors_read": ata.disk.sectors_read(),
+                    "sectors_written": ata.disk.sectors_written(),
+                    "errors": ata.disk.errors(),
+                },
+            }));
+        }
+        json!({
+            "state": self.state(),
+            "vcpus": self.vcpus,
+            "memory_bytes": self.memory_bytes,
+            "uptime_ms": self.uptime_ms(),
+            "devices": devices,
+        })
+    }
+
+    fn mmio_exits_by_device(&self) -> Vec<(String, u64)> {
+        self.mmio
+            .exit_counts()
+            .0
+            .into_iter()
+            .map(|d| (d.name.to_string(), d.exits))
+            .collect()
+    }
+
+    /// `GET /metrics`.
+    pub fn metrics(&self) -> Value {
+        let mut snapshot =
+            crate::stats::snapshot(&self.exits, &self.pio, &self.mmio, &self.devices);
+        let mmio_exits = self.mmio_exits_by_device();
+        let devices: serde_json::Map<String, Value> = self
+            .devices
+            .iter()
+            .map(|d| {
+                let mut mmio = d.device.lock().unwrap_or_else(PoisonError::into_inner);
+                (
+                    d.id.clone(),
+                    device_counters(d, mmio.device_mut(), &mmio_exits),
+                )
+            })
+            .collect();
+        snapshot["uptime_ms"] = json!(self.uptime_ms());
+        snapshot["devices"] = Value::Object(devices);
+        snapshot
+    }
+}
+
+/// What the VMM itself sees of a vhost-user device's traffic. Kicks and bytes go from the
+/// guest to the backend without passing through the VMM (ioeventfd, shared memory); the
+/// backend's own STATS line has those.
+fn device_counters(
+    d: &AttachedDevice,
+    device: &mut VhostUserDevice,
+    mmio_exits: &[(String, u64)],
+) -> Value {
+    json!({
+        "mmio_exits": mmio_exits.iter().find(|(name, _)| *name == d.id).map_or(0, |(_, n)| *n),
+        "used_buffer_interrupts": d.interrupt.used_buffer_interrupts.load(Ordering::Relaxed),
+        "config_interrupts": d.interrupt.config_interrupts.load(Ordering::Relaxed),
+        "completed_requests": device.completed_requests(),
+    })
+}
