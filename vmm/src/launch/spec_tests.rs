@@ -306,3 +306,35 @@ fn a_config_file_cannot_be_combined_with_vm_or_device_flags() {
     ];
     assert!(Cli::try_parse_from(argv).is_ok());
 }
+
+#[test]
+fn the_readme_example_uses_every_key_of_the_format() {
+    let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+    let example = readme
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README has a toml example");
+    let spec = LaunchSpec::from_toml(example, Path::new("/etc/vm/vm.toml")).unwrap();
+    assert_eq!(spec.vm.kernel, Some(PathBuf::from("/etc/vm/guest.elf")));
+    assert_eq!(
+        spec.vm.api_socket,
+        Some(PathBuf::from("/etc/vm/vm-api.sock"))
+    );
+    assert_eq!(spec.disks[0].image, PathBuf::from("/etc/vm/disk.img"));
+    assert_eq!(spec.nets[0].mac.as_deref(), Some("52:54:00:12:34:56"));
+    // Every field of the format appears in the example (serde names them in its error).
+    let err = LaunchSpec::from_toml("no_such_key = 1", Path::new("x.toml")).unwrap_err();
+    let expected = err.to_string();
+    let keys = expected.split("expected one of ").nth(1).unwrap();
+    for key in keys.split(", ") {
+        let key = key.trim().trim_matches('`');
+        assert!(
+            example.contains(&format!("\n{key} =")) || example.contains(&format!("[[{key}]]")),
+            "{key} is missing from the README example"
+        );
+    }
+    for table in ["id", "image", "readonly", "queues", "tap", "mac"] {
+        assert!(example.contains(&format!("\n{table} =")), "{table}");
+    }
+}
