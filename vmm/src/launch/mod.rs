@@ -31,7 +31,7 @@ use plan::{BackendDir, Plan, PlanError};
 use rundir::RunDirError;
 use signals::{signal_name, SignalWait, Wakeup};
 use spec::{LaunchSpec, SpecError};
-use supervisor::{describe_exit, die_with_launch, wait_until, StartError, Supervisor};
+use supervisor::{describe_exit, prepare_child, wait_until, StartError, Supervisor};
 
 /// How long the VMM gets to stop the guest after SIGTERM before SIGKILL.
 pub const VMM_STOP_GRACE: Duration = Duration::from_secs(10);
@@ -143,7 +143,7 @@ pub fn run(args: &LaunchArgs) -> Result<u8, LaunchError> {
 fn spawn_vmm(exe: &Path, vmm_args: &[OsString]) -> Result<Child, LaunchError> {
     let mut command = Command::new(exe);
     command.args(vmm_args);
-    die_with_launch(&mut command);
+    prepare_child(&mut command);
     let child = command.spawn().map_err(|source| LaunchError::SpawnVmm {
         exe: exe.to_path_buf(),
         source,

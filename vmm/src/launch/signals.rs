@@ -1,6 +1,7 @@
 //! launch's one wait: SIGINT, SIGTERM and SIGCHLD are blocked and taken synchronously with
 //! `sigtimedwait`, so an interrupt, a child's death and a timer all wake the same loop without
-//! signal handlers. Children start with an empty signal mask (std resets it before exec).
+//! signal handlers. A blocked mask survives exec: children unblock everything before it
+//! (`supervisor::prepare_child`).
 
 use std::io;
 use std::time::Duration;

@@ -408,18 +408,27 @@ fn spawn(spec: &DaemonSpec, note: &str) -> io::Result<Child> {
         // A terminal's Ctrl-C goes to its foreground process group: not to the daemons, which
         // must outlive the VMM's shutdown.
         .process_group(0);
-    die_with_launch(&mut command);
+    prepare_child(&mut command);
     command.spawn()
 }
 
-/// Makes the child get SIGTERM if launch dies without stopping it (say, SIGKILL).
-pub fn die_with_launch(command: &mut Command) {
+/// Prepares a child of launch: it starts with no signal blocked (launch blocks SIGINT, SIGTERM
+/// and SIGCHLD, and a blocked mask survives exec) and gets SIGTERM if launch dies without
+/// stopping it (say, by SIGKILL).
+pub fn prepare_child(command: &mut Command) {
     // SAFETY: getpid is async-signal-safe.
     let launch = unsafe { libc::getpid() };
     // SAFETY: the closure runs in the child between fork and exec and calls only
-    // async-signal-safe functions (prctl, getppid); it touches no memory shared with the parent.
+    // async-signal-safe functions (sigemptyset, pthread_sigmask, prctl, getppid) on its own
+    // stack variables; it touches no memory shared with the parent.
     unsafe {
         command.pre_exec(move || {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            let rc = libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                 return Err(io::Error::last_os_error());
             }

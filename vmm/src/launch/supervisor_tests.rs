@@ -209,3 +209,46 @@ fn exits_are_described_by_status_or_signal() {
     assert_eq!(human(Duration::from_millis(50)), "50 ms");
     assert_eq!(human(Duration::from_millis(12_345)), "12.3 s");
 }
+
+#[test]
+fn an_interrupt_while_starting_is_reported_as_such() {
+    let scratch = Scratch::new("interrupt");
+    let spec = scratch.daemon("disk0", "exec sleep 60");
+    let mut supervisor =
+        Supervisor::new(vec![spec], RestartPolicy::DEFAULT, Duration::from_secs(30));
+    let signals = SignalWait::install().unwrap();
+    // SAFETY: SIGINT is blocked in this thread, so it stays pending until start_all takes it.
+    unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGINT) };
+    let err = supervisor.start_all(&signals).unwrap_err();
+    assert!(
+        matches!(err, StartError::Interrupted(libc::SIGINT)),
+        "{err}"
+    );
+    let pids = supervisor.pids();
+    supervisor.stop_all();
+    assert!(pids.iter().all(|pid| !is_alive(*pid)));
+}
+
+#[test]
+fn daemons_start_with_no_signal_blocked_and_stop_at_sigterm() {
+    let scratch = Scratch::new("sigmask");
+    let spec = scratch.daemon(
+        "disk0",
+        "grep SigBlk /proc/self/status > \"$D/mask\"; touch \"$S\"; exec sleep 60",
+    );
+    let mut supervisor =
+        Supervisor::new(vec![spec], RestartPolicy::DEFAULT, Duration::from_secs(5));
+    // launch blocks SIGINT, SIGTERM and SIGCHLD; its children must not inherit that.
+    let signals = SignalWait::install().unwrap();
+    supervisor.start_all(&signals).unwrap();
+    let mask = std::fs::read_to_string(scratch.0.join("mask")).unwrap();
+    assert_eq!(mask.trim(), "SigBlk:\t0000000000000000");
+    let started = Instant::now();
+    supervisor.stop_all();
+    assert!(
+        started.elapsed() < DAEMON_STOP_GRACE / 2,
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!supervisor.had_trouble());
+}
