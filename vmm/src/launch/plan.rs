@@ -10,7 +10,7 @@ use clap::Parser;
 
 use super::args::ENV_BACKEND_DIR;
 use super::rundir::{RunDirError, RuntimeDir};
-use super::spec::{switch_daemon_name, LaunchSpec, NetBackend};
+use super::spec::{switch_daemon_name, DiskSpec, LaunchSpec, NetBackend};
 use super::supervisor::DaemonSpec;
 use crate::cli::{Cli, Command};
 
@@ -93,25 +93,7 @@ impl Plan {
         vmm_args.extend(spec.vm.to_run_flags());
         for disk in &spec.disks {
             let socket = rundir.socket(&disk.id)?;
-            let mut args: Vec<OsString> = vec![
-                "--socket".into(),
-                socket.clone().into(),
-                "--image".into(),
-                disk.image.clone().into(),
-            ];
-            if disk.readonly {
-                args.push("--readonly".into());
-            }
-            if let Some(queues) = disk.queues {
-                args.extend(["--queues".into(), queues.to_string().into()]);
-            }
-            daemons.push(DaemonSpec {
-                name: disk.id.clone(),
-                program: backends.binary(BLK_BINARY)?,
-                args,
-                sockets: vec![socket.clone()],
-                log: rundir.log(&disk.id),
-            });
+            daemons.push(blk_daemon(disk, &socket, rundir, backends)?);
             vmm_args.extend(["--disk".into(), device_flag(&socket, &disk.id, None)]);
         }
         for net in &spec.nets {
@@ -130,24 +112,7 @@ impl Plan {
                     log: rundir.log(&net.id),
                 }),
                 NetBackend::Switch(switch) => {
-                    let name = switch_daemon_name(switch);
-                    let daemon = match daemons.iter_mut().find(|d| d.name == name) {
-                        Some(daemon) => daemon,
-                        None => {
-                            daemons.push(DaemonSpec {
-                                name: name.clone(),
-                                program: backends.binary(NET_BINARY)?,
-                                args: vec!["--switch".into()],
-                                sockets: Vec::new(),
-                                log: rundir.log(&name),
-                            });
-                            daemons.last_mut().expect("just pushed")
-                        }
-                    };
-                    daemon
-                        .args
-                        .extend(["--socket".into(), socket.clone().into()]);
-                    daemon.sockets.push(socket.clone());
+                    add_switch_port(&mut daemons, switch, &socket, rundir, backends)?
                 }
             }
             let flag = device_flag(&socket, &net.id, net.mac.as_deref());
@@ -160,6 +125,63 @@ impl Plan {
         check_vmm_args(&vmm_args)?;
         Ok(Plan { daemons, vmm_args })
     }
+}
+
+/// `splitvisor-blk --socket SOCKET --image IMAGE [--readonly] [--queues N]`.
+fn blk_daemon(
+    disk: &DiskSpec,
+    socket: &Path,
+    rundir: &RuntimeDir,
+    backends: &BackendDir,
+) -> Result<DaemonSpec, PlanError> {
+    let mut args: Vec<OsString> = vec![
+        "--socket".into(),
+        socket.into(),
+        "--image".into(),
+        disk.image.clone().into(),
+    ];
+    if disk.readonly {
+        args.push("--readonly".into());
+    }
+    if let Some(queues) = disk.queues {
+        args.extend(["--queues".into(), queues.to_string().into()]);
+    }
+    Ok(DaemonSpec {
+        name: disk.id.clone(),
+        program: backends.binary(BLK_BINARY)?,
+        args,
+        sockets: vec![socket.to_path_buf()],
+        log: rundir.log(&disk.id),
+    })
+}
+
+/// Adds `--socket SOCKET` to the switch's daemon, creating `splitvisor-net --switch` for the
+/// switch's first card.
+fn add_switch_port(
+    daemons: &mut Vec<DaemonSpec>,
+    switch: &str,
+    socket: &Path,
+    rundir: &RuntimeDir,
+    backends: &BackendDir,
+) -> Result<(), PlanError> {
+    let name = switch_daemon_name(switch);
+    let index = match daemons.iter().position(|d| d.name == name) {
+        Some(index) => index,
+        None => {
+            daemons.push(DaemonSpec {
+                name: name.clone(),
+                program: backends.binary(NET_BINARY)?,
+                args: vec!["--switch".into()],
+                sockets: Vec::new(),
+                log: rundir.log(&name),
+            });
+            daemons.len() - 1
+        }
+    };
+    let daemon = &mut daemons[index];
+    daemon.args.extend(["--socket".into(), socket.into()]);
+    daemon.sockets.push(socket.to_path_buf());
+    Ok(())
 }
 
 /// `socket=PATH,id=ID[,mac=MAC]` for `run --disk` / `--net`.

@@ -234,6 +234,105 @@ struct FileNet {
     mac: Option<String>,
 }
 
+/// The file's directory (relative paths in it start there) and its name for messages.
+struct FilePaths {
+    base: PathBuf,
+    origin: String,
+}
+
+impl FilePaths {
+    fn resolve(&self, path: PathBuf) -> PathBuf {
+        if path.is_relative() {
+            self.base.join(path)
+        } else {
+            path
+        }
+    }
+
+    fn bad(&self, key: &'static str, value: String, problem: String) -> SpecError {
+        SpecError::BadValue {
+            origin: self.origin.clone(),
+            key,
+            value,
+            problem,
+        }
+    }
+}
+
+impl FileSpec {
+    /// `run`'s defaults, overridden by what the file sets.
+    fn vm_args(&self, paths: &FilePaths) -> Result<VmArgs, SpecError> {
+        let mut vm = default_vm_args();
+        match &self.memory {
+            Some(SizeValue::Bytes(bytes)) => vm.memory = ByteSize(*bytes),
+            Some(SizeValue::Text(text)) => {
+                vm.memory = text
+                    .parse()
+                    .map_err(|e: ConfigError| paths.bad("memory", text.clone(), e.to_string()))?
+            }
+            None => {}
+        }
+        if let Some(serial) = &self.serial {
+            vm.serial = match serial.parse() {
+                Ok(SerialConfig::File(p)) => SerialConfig::File(paths.resolve(p)),
+                Ok(other) => other,
+                Err(e) => return Err(paths.bad("serial", serial.clone(), e.to_string())),
+            };
+        }
+        vm.prefault = self.prefault.unwrap_or(vm.prefault);
+        vm.vcpus = self.vcpus.unwrap_or(vm.vcpus);
+        vm.kernel = self.kernel.clone().map(|p| paths.resolve(p)).or(vm.kernel);
+        vm.cmdline = self.cmdline.clone().unwrap_or(vm.cmdline);
+        vm.stats = self.stats.unwrap_or(vm.stats);
+        vm.connect_timeout = self.connect_timeout.unwrap_or(vm.connect_timeout);
+        vm.api_socket = self
+            .api_socket
+            .clone()
+            .map(|p| paths.resolve(p))
+            .or(vm.api_socket);
+        Ok(vm)
+    }
+}
+
+impl FileDisk {
+    fn into_spec(self, index: usize, paths: &FilePaths) -> Result<DiskSpec, SpecError> {
+        let id = self.id.unwrap_or_else(|| format!("disk{index}"));
+        let Some(image) = self.image else {
+            return Err(SpecError::NoImage {
+                origin: paths.origin.clone(),
+                id,
+            });
+        };
+        Ok(DiskSpec {
+            id,
+            image: paths.resolve(image),
+            readonly: self.readonly,
+            queues: self.queues,
+        })
+    }
+}
+
+impl FileNet {
+    fn into_spec(self, index: usize, paths: &FilePaths) -> Result<NetSpec, SpecError> {
+        let id = self.id.unwrap_or_else(|| format!("net{index}"));
+        let backend = match (self.tap, self.switch) {
+            (Some(tap), None) => NetBackend::Tap(tap),
+            (None, Some(switch)) => NetBackend::Switch(switch),
+            _ => {
+                return Err(SpecError::NetBackend {
+                    origin: paths.origin.clone(),
+                    id,
+                })
+            }
+        };
+        Ok(NetSpec {
+            id,
+            backend,
+            mac: self.mac,
+        })
+    }
+}
+
 impl LaunchSpec {
     /// The description from `--config FILE`, or else from the flags; checked.
     pub fn from_args(args: &LaunchArgs) -> Result<LaunchSpec, SpecError> {
@@ -285,84 +384,41 @@ impl LaunchSpec {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
-        let origin = path.display().to_string();
-        let bad = |key: &'static str, value: String, problem: String| SpecError::BadValue {
-            origin: origin.clone(),
-            key,
-            value,
-            problem,
+        let paths = FilePaths {
+            base: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            origin: path.display().to_string(),
         };
-        let mut vm = default_vm_args();
-        match file.memory {
-            Some(SizeValue::Bytes(bytes)) => vm.memory = ByteSize(bytes),
-            Some(SizeValue::Text(text)) => {
-                vm.memory = text
-                    .parse()
-                    .map_err(|e: ConfigError| bad("memory", text, e.to_string()))?
-            }
-            None => {}
-        }
-        if let Some(serial) = file.serial {
-            vm.serial = match serial.parse() {
-                Ok(SerialConfig::File(p)) => SerialConfig::File(resolve(p)),
-                Ok(other) => other,
-                Err(e) => return Err(bad("serial", serial, e.to_string())),
-            };
-        }
-        vm.prefault = file.prefault.unwrap_or(vm.prefault);
-        vm.vcpus = file.vcpus.unwrap_or(vm.vcpus);
-        vm.kernel = file.kernel.map(resolve).or(vm.kernel);
-        vm.cmdline = file.cmdline.unwrap_or(vm.cmdline);
-        vm.stats = file.stats.unwrap_or(vm.stats);
-        vm.connect_timeout = file.connect_timeout.unwrap_or(vm.connect_timeout);
-        vm.api_socket = file.api_socket.map(resolve).or(vm.api_socket);
-        let disks = file.disk.into_iter().enumerate().map(|(i, d)| {
-            let id = d.id.unwrap_or_else(|| format!("disk{i}"));
-            let image = d.image.map(resolve).ok_or_else(|| SpecError::NoImage {
-                origin: origin.clone(),
-                id: id.clone(),
-            })?;
-            Ok(DiskSpec {
-                id,
-                image,
-                readonly: d.readonly,
-                queues: d.queues,
-            })
-        });
-        let nets = file.net.into_iter().enumerate().map(|(i, n)| {
-            let id = n.id.unwrap_or_else(|| format!("net{i}"));
-            let backend = match (n.tap, n.switch) {
-                (Some(tap), None) => NetBackend::Tap(tap),
-                (None, Some(switch)) => NetBackend::Switch(switch),
-                _ => {
-                    return Err(SpecError::NetBackend {
-                        origin: origin.clone(),
-                        id,
-                    })
-                }
-            };
-            Ok(NetSpec {
-                id,
-                backend,
-                mac: n.mac,
-            })
-        });
         Ok(LaunchSpec {
-            vm,
-            disks: disks.collect::<Result<_, _>>()?,
-            nets: nets.collect::<Result<_, _>>()?,
+            vm: file.vm_args(&paths)?,
+            disks: file
+                .disk
+                .into_iter()
+                .enumerate()
+                .map(|(i, d)| d.into_spec(i, &paths))
+                .collect::<Result<_, _>>()?,
+            nets: file
+                .net
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| n.into_spec(i, &paths))
+                .collect::<Result<_, _>>()?,
         })
     }
 
     /// Ids and names usable as file names and unique; MACs well-formed; images present.
     fn check(&self, origin: &str) -> Result<(), SpecError> {
-        let bad_name = |what: &'static str, name: &str| SpecError::BadName {
-            origin: origin.to_string(),
-            what,
-            name: name.to_string(),
-        };
+        let ids = self.check_ids(origin)?;
+        for net in &self.nets {
+            check_net(net, &ids, origin)?;
+        }
+        for disk in &self.disks {
+            check_image(disk, origin)?;
+        }
+        Ok(())
+    }
+
+    /// Every device id, checked to be file-name safe and unique.
+    fn check_ids(&self, origin: &str) -> Result<HashSet<&str>, SpecError> {
         let ids = self
             .disks
             .iter()
@@ -371,7 +427,7 @@ impl LaunchSpec {
         let mut seen = HashSet::new();
         for id in ids {
             if !is_file_name_safe(id) {
-                return Err(bad_name("device id", id));
+                return Err(bad_name(origin, "device id", id));
             }
             if !seen.insert(id.as_str()) {
                 return Err(SpecError::DuplicateId {
@@ -380,51 +436,62 @@ impl LaunchSpec {
                 });
             }
         }
-        for net in &self.nets {
-            if let NetBackend::Switch(switch) = &net.backend {
-                if !is_file_name_safe(switch) {
-                    return Err(bad_name("switch name", switch));
-                }
-                let daemon = switch_daemon_name(switch);
-                if seen.contains(daemon.as_str()) {
-                    return Err(SpecError::IdTakenBySwitch {
-                        origin: origin.to_string(),
-                        id: daemon,
-                        switch: switch.clone(),
-                    });
-                }
-            }
-            if let Some(mac) = &net.mac {
-                // The VMM's own parser decides what a MAC is.
-                NetConfig::from_str(&format!("socket=x,mac={mac}")).map_err(|_| {
-                    SpecError::BadValue {
-                        origin: format!("{origin}: network card '{}'", net.id),
-                        key: "mac",
-                        value: mac.clone(),
-                        problem: "expected six hex bytes like 52:54:00:12:34:56".to_string(),
-                    }
-                })?;
-            }
+        Ok(seen)
+    }
+}
+
+/// A switch name usable as a file name and not taken by a device; a MAC `run` accepts.
+fn check_net(net: &NetSpec, ids: &HashSet<&str>, origin: &str) -> Result<(), SpecError> {
+    if let NetBackend::Switch(switch) = &net.backend {
+        if !is_file_name_safe(switch) {
+            return Err(bad_name(origin, "switch name", switch));
         }
-        for disk in &self.disks {
-            let usable = std::fs::metadata(&disk.image).and_then(|meta| {
-                if meta.is_dir() {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        "it is a directory",
-                    ))
-                } else {
-                    Ok(())
-                }
-            });
-            usable.map_err(|source| SpecError::Image {
+        let daemon = switch_daemon_name(switch);
+        if ids.contains(daemon.as_str()) {
+            return Err(SpecError::IdTakenBySwitch {
                 origin: origin.to_string(),
-                id: disk.id.clone(),
-                path: disk.image.clone(),
-                source,
-            })?;
+                id: daemon,
+                switch: switch.clone(),
+            });
         }
-        Ok(())
+    }
+    if let Some(mac) = &net.mac {
+        // The VMM's own parser decides what a MAC is.
+        NetConfig::from_str(&format!("socket=x,mac={mac}")).map_err(|_| SpecError::BadValue {
+            origin: format!("{origin}: network card '{}'", net.id),
+            key: "mac",
+            value: mac.clone(),
+            problem: "expected six hex bytes like 52:54:00:12:34:56".to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// The image exists and is not a directory (the daemon reports anything subtler).
+fn check_image(disk: &DiskSpec, origin: &str) -> Result<(), SpecError> {
+    let usable = std::fs::metadata(&disk.image).and_then(|meta| {
+        if meta.is_dir() {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "it is a directory",
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    usable.map_err(|source| SpecError::Image {
+        origin: origin.to_string(),
+        id: disk.id.clone(),
+        path: disk.image.clone(),
+        source,
+    })
+}
+
+fn bad_name(origin: &str, what: &'static str, name: &str) -> SpecError {
+    SpecError::BadName {
+        origin: origin.to_string(),
+        what,
+        name: name.to_string(),
     }
 }
 
