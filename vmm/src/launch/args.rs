@@ -77,6 +77,6 @@ pub struct LaunchArgs {
     pub backend_dir: Option<PathBuf>,
 
     /// Seconds a backend daemon may take to create its socket(s), at start and after a restart.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub socket_timeout: u64,
 }

@@ -65,7 +65,10 @@ impl SignalWait {
 }
 
 impl Drop for SignalWait {
+    /// Takes what is still pending first: a SIGINT that arrived with the VMM's own exit would
+    /// otherwise kill launch by its default action as soon as it is unblocked.
     fn drop(&mut self) {
+        while self.wait(Duration::ZERO) != Wakeup::Timeout {}
         // SAFETY: restores the mask saved in `install` for this thread.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.previous, std::ptr::null_mut()) };
     }
@@ -102,6 +105,10 @@ mod tests {
         // SAFETY: raise a blocked signal at this thread; it stays pending until taken.
         unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGCHLD) };
         assert_eq!(wait.wait(Duration::from_secs(5)), Wakeup::Child);
+        // A signal still pending when the wait ends is taken, not delivered.
+        // SAFETY: as above; SIGINT's default action would end the test process if delivered.
+        unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGINT) };
+        drop(wait);
         assert_eq!(signal_name(libc::SIGKILL), "SIGKILL");
         assert_eq!(signal_name(77), "signal 77");
     }
