@@ -30,7 +30,7 @@ const VERSION_1: u32 = 0x1;
 /// How long the rest of a message may take once its first byte arrived, and how long a peer
 /// may refuse to take a message we write.
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Early enables held at once: one per ring is all a frontend has reason to send.
+/// Rings with an early enable held at once (a frontend has at most a few dozen).
 const MAX_HELD: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +51,7 @@ pub enum RelayError {
         "the {0} sent more file descriptors than a message may carry ({MAX_ATTACHED_FD_ENTRIES})"
     )]
     TooManyFds(&'static str),
-    #[error("the frontend sent more than {MAX_HELD} SET_VRING_ENABLE before SET_FEATURES")]
+    #[error("the frontend enabled more than {MAX_HELD} rings before SET_FEATURES")]
     TooManyHeld,
 }
 
@@ -100,8 +100,11 @@ impl Message {
 struct Gate {
     /// The last SET_FEATURES acked VHOST_USER_F_PROTOCOL_FEATURES.
     protocol_features: bool,
-    /// Payloads of SET_VRING_ENABLE requests held back until then, in arrival order.
-    held: Vec<Vec<u8>>,
+    /// SET_VRING_ENABLE payloads held back until then, one per ring (the latest state wins,
+    /// as if each had been applied in turn), in order of first arrival.
+    held: Vec<(u32, Vec<u8>)>,
+    /// Whether the QEMU-order note was logged on this connection.
+    noted: bool,
 }
 
 /// Relay messages between `frontend` and `backend` (our end of the crates' connection) until
@@ -157,12 +160,16 @@ fn forward_request(
         return Ok(());
     };
     gate.protocol_features = features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+    log::debug!(
+        "SET_FEATURES {features:#x}; {} enable(s) held",
+        gate.held.len()
+    );
     let held = std::mem::take(&mut gate.held);
     if !gate.protocol_features {
         // Without PROTOCOL_FEATURES the crates enable every ring at SET_FEATURES themselves.
         return Ok(());
     }
-    for payload in held {
+    for (_, payload) in held {
         // No NEED_REPLY: the frontend already has its answer, so the crates send none.
         let replay = Message::new(FrontendReq::SET_VRING_ENABLE, VERSION_1, payload);
         write_message(backend, &replay, BACKEND)?;
@@ -180,14 +187,15 @@ fn hold_enable(request: Message, gate: &mut Gate, frontend: &UnixStream) -> Resu
             ),
         ));
     };
-    if gate.held.len() >= MAX_HELD {
-        return Err(RelayError::TooManyHeld);
-    }
-    log::info!(
-        "SET_VRING_ENABLE(ring {}, {}) before SET_FEATURES (QEMU <= 7.2 order): \
-         answering it and replaying it after SET_FEATURES",
-        state as u32,
-        state >> 32
+    let (ring, num) = (state as u32, state >> 32);
+    let level = match std::mem::replace(&mut gate.noted, true) {
+        false => log::Level::Info,
+        true => log::Level::Debug,
+    };
+    log::log!(
+        level,
+        "SET_VRING_ENABLE(ring {ring}, {num}) before SET_FEATURES (QEMU <= 7.2 order): \
+         answering it and replaying it after SET_FEATURES"
     );
     if request.flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0 {
         let flags = VERSION_1 | VhostUserHeaderFlag::REPLY.bits();
@@ -198,7 +206,13 @@ fn hold_enable(request: Message, gate: &mut Gate, frontend: &UnixStream) -> Resu
         );
         write_message(frontend, &ack, FRONTEND)?;
     }
-    gate.held.push(request.payload);
+    if let Some(entry) = gate.held.iter_mut().find(|(held, _)| *held == ring) {
+        entry.1 = request.payload;
+    } else if gate.held.len() < MAX_HELD {
+        gate.held.push((ring, request.payload));
+    } else {
+        return Err(RelayError::TooManyHeld);
+    }
     Ok(())
 }
 
