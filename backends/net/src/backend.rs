@@ -15,7 +15,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::device::{has_mrg_rxbuf, tap_offload_flags, DeviceModel};
-use crate::ring::Mem;
+use crate::ring::{sync_next_used, Mem};
 use crate::rxtx::{process_rx, process_tx, Batch, RxState, RxStop, RxTxError, TxScratch};
 use crate::stats::{PortStats, QueueStats};
 use crate::switch::{RxTarget, Switch, SwitchScratch};
@@ -145,6 +145,7 @@ impl NetBackend {
         if !state.get_queue().ready() || !state.is_enabled() {
             return Ok(());
         }
+        sync_next_used(state.get_queue_mut(), &mem)?;
         loop {
             let _ = state.disable_notification();
             let batch = process(state.get_queue_mut(), &mem)?;
@@ -165,6 +166,7 @@ impl NetBackend {
         if !state.get_queue().ready() || !state.is_enabled() {
             return Ok(());
         }
+        sync_next_used(state.get_queue_mut(), &mem)?;
         loop {
             let (batch, stop) = process_rx(
                 state.get_queue_mut(),

@@ -1,8 +1,10 @@
 //! `run(config)`: binds the sockets, opens the TAP or builds the switch, and serves frontends one
 //! connection after another, printing a STATS line after each disconnect.
 
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -13,6 +15,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::{tap_event, Engine, NetBackend, TapPair};
 use crate::device::{DeviceModel, ALL_TAP_OFFLOADS};
+use crate::relay;
 use crate::ring::Mem;
 use crate::socket::{self, BoundSocket, SocketError};
 use crate::stats::PortStats;
@@ -166,6 +169,7 @@ fn run_switch(
 }
 
 /// Accept frontends on one socket forever, a fresh backend (and worker threads) per connection.
+/// Each frontend talks to the crates through `relay` (see there for why).
 fn serve(bound: BoundSocket, spec: PortSpec) -> Result<(), DaemonError> {
     let path = bound.path.clone();
     let fail = |reason: String| DaemonError::Serve {
@@ -177,7 +181,6 @@ fn serve(bound: BoundSocket, spec: PortSpec) -> Result<(), DaemonError> {
         lock: _lock,
         ..
     } = bound;
-    let mut listener = Listener::from(listener);
     loop {
         let mem = GuestMemoryAtomic::new(Mem::default());
         let backend = Arc::new(NetBackend::new(
@@ -199,11 +202,22 @@ fn serve(bound: BoundSocket, spec: PortSpec) -> Result<(), DaemonError> {
                 .map_err(|e| fail(format!("registering the TAP fd: {e}")))?;
         }
         log::info!("waiting for a frontend on {}", path.display());
+        let frontend = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => continue,
+            Err(e) => return Err(fail(format!("accepting a frontend: {e}"))),
+        };
+        let (mut crate_listener, crate_end) =
+            crate_connection().map_err(|e| fail(format!("connecting the relay: {e}")))?;
         daemon
-            .start(&mut listener)
+            .start(&mut crate_listener)
             .map_err(|e| fail(e.to_string()))?;
+        drop(crate_listener);
         spec.stats.connections.fetch_add(1, Ordering::Relaxed);
         log::info!("frontend connected on {}", path.display());
+        if let Err(e) = relay::run(frontend, crate_end) {
+            log::warn!("connection on {}: {e}", path.display());
+        }
         if let Err(e) = daemon.wait() {
             log::warn!("connection on {} ended: {e}", path.display());
         }
@@ -212,4 +226,25 @@ fn serve(bound: BoundSocket, spec: PortSpec) -> Result<(), DaemonError> {
         drop(daemon);
         eprintln!("STATS {}", spec.stats.to_json());
     }
+}
+
+/// A connection for the crates' `VhostUserDaemon::start`, which only accepts from a
+/// `Listener`: bind a listener in a fresh private (0700) directory, connect to it, and remove
+/// the path again at once; the queued connection is what `start` then accepts.
+fn crate_connection() -> std::io::Result<(Listener, UnixStream)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "splitvisor-net-relay-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    // `create` fails if the path exists, so nobody else's directory (or link) is reused.
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let sock = dir.join("s");
+    let connected =
+        UnixListener::bind(&sock).and_then(|listener| Ok((listener, UnixStream::connect(&sock)?)));
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_dir(&dir);
+    let (listener, stream) = connected?;
+    Ok((Listener::from(listener), stream))
 }

@@ -4,6 +4,7 @@
 mod backend;
 mod daemon;
 mod device;
+mod relay;
 mod ring;
 mod rxtx;
 mod socket;

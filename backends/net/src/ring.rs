@@ -29,6 +29,32 @@ pub enum RingError {
     WriteUsed(#[source] vm_memory::GuestMemoryError),
     #[error("failed to read the avail ring flags / used_event")]
     ReadAvail(#[source] vm_memory::GuestMemoryError),
+    #[error("failed to read the used ring index")]
+    ReadUsed(#[source] virtio_queue::Error),
+}
+
+/// Continue the used ring from the `used.idx` the guest sees, if the queue's own position
+/// differs. vhost-user's SET_VRING_BASE only sets `next_avail`; vhost-user-backend copies
+/// `used.idx` into `next_used` once, at SET_VRING_ADDR. A backend that takes over a ring from
+/// an earlier connection (a reconnect, or a swapped-in daemon) whose used index moves after
+/// that (the old backend's last completions landing while the new one is configured) would
+/// otherwise write its first completion at a stale position and move the index backwards.
+/// Call this at the start of each event, under the vring lock: this backend completes every
+/// chain before the event ends, so no completion of ours is pending and guest memory holds the
+/// true position (the driver never writes `used.idx`).
+pub fn sync_next_used(queue: &mut Queue, mem: &Mem) -> Result<(), RingError> {
+    let in_guest = queue
+        .used_idx(mem, Ordering::Acquire)
+        .map_err(RingError::ReadUsed)?
+        .0;
+    if in_guest != queue.next_used() {
+        log::debug!(
+            "used ring index {in_guest} in guest memory, queue at {}: continuing from {in_guest}",
+            queue.next_used()
+        );
+        queue.set_next_used(in_guest);
+    }
+    Ok(())
 }
 
 /// Used-ring entries collected during one batch, published with a single index update.

@@ -9,7 +9,8 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::ring::{
-    needs_interrupt, write_rx_frame, FrameSource, Mem, RxOutcome, Slice, UsedBatch, VNET_HDR_LEN,
+    needs_interrupt, sync_next_used, write_rx_frame, FrameSource, Mem, RxOutcome, Slice, UsedBatch,
+    VNET_HDR_LEN,
 };
 use crate::rxtx::{gather_tx_chain, Batch, RxTxError, MAX_TX_SEGMENTS};
 use crate::stats::{DropReason, PortStats, QueueStats};
@@ -321,6 +322,9 @@ impl Switch {
             return Err(DropReason::NoRxBuffers);
         }
         let queue = state.get_queue_mut();
+        if queue.ready() {
+            sync_next_used(queue, &mem).map_err(|_| DropReason::BadAddress)?;
+        }
         let start = queue.next_used();
         let outcome = write_rx_frame(queue, &mem, frame, target.mrg_rxbuf, &mut target.used);
         if target.used.publish(queue, &mem).is_err() {

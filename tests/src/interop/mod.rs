@@ -11,6 +11,8 @@
 //! - [`qemu::Qemu`]: the QEMU command line, run with a timeout, serial console captured.
 //! - [`daemon::Daemon`]: start a workspace binary (built on demand), wait for its socket.
 //! - [`Workdir`]: a temporary directory whose registered logs are printed if the test fails.
+//! - [`netns::Netns`]: a private network namespace for the host end of a TAP, removed on drop;
+//!   [`netns::NetTools::require`] finds `ip` and `ping` and checks for root.
 //!
 //! Running: `cargo test -p splitvisor-tests` (or `--workspace`). The daemons are built on demand
 //! with `cargo build -p <package>` into the test's own target directory and profile (a no-op when
@@ -21,14 +23,17 @@
 //! `SPLITVISOR_BUSYBOX`, `SPLITVISOR_INTEROP_TIMEOUT_S` (per guest, default 120),
 //! `SPLITVISOR_KEEP_TMP` (keep work directories of passing tests).
 //!
-//! A new interop test (e.g. virtio-net against `splitvisor-net`): start the daemon with
-//! [`daemon::Daemon::start`], build an [`initramfs::Initramfs`] with the modules and a script
-//! printing `SV:key=value` lines, attach it with [`qemu::Qemu::vhost_user_net`], call
-//! [`qemu::GuestRun::assert_passed`] and compare the markers with host-side facts.
+//! A new interop test: start the daemon with [`daemon::Daemon::start`], build an
+//! [`initramfs::Initramfs`] with the modules and a script printing `SV:key=value` lines, attach
+//! the device (e.g. [`qemu::Qemu::vhost_user_blk`]), call [`qemu::GuestRun::assert_passed`] and
+//! compare the markers with host-side facts. A test that must talk to the running guest (the
+//! network test) uses [`qemu::Qemu::spawn`] and [`qemu::RunningGuest::wait_marker`] instead of
+//! [`qemu::Qemu::run`].
 
 pub mod cpio;
 pub mod daemon;
 pub mod initramfs;
+pub mod netns;
 pub mod qemu;
 
 use std::cell::RefCell;
@@ -71,14 +76,7 @@ impl HostTools {
         match Self::find(modules) {
             Ok(tools) => Some(tools),
             Err(missing) => {
-                let list = missing.join("; ");
-                if std::env::var_os("CI").is_some() {
-                    panic!(
-                        "{test}: interop prerequisites missing (CI is set): {list}; {INSTALL_HINT}"
-                    );
-                }
-                // Straight to stderr: the test harness captures eprintln! of passing tests.
-                let _ = writeln!(std::io::stderr(), "SKIP {test}: {list}; {INSTALL_HINT}");
+                skip_unless_ci(test, &missing, INSTALL_HINT);
                 None
             }
         }
@@ -114,6 +112,17 @@ impl HostTools {
     }
 }
 
+/// Report missing prerequisites: print a SKIP line, or panic when the environment variable `CI`
+/// is set (a CI run must never pass by skipping). `hint` says how to install what is missing.
+pub fn skip_unless_ci(test: &str, missing: &[String], hint: &str) {
+    let list = missing.join("; ");
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: interop prerequisites missing (CI is set): {list}; {hint}");
+    }
+    // Straight to stderr: the test harness captures eprintln! of passing tests.
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {list}; {hint}");
+}
+
 /// A path from the environment; a set variable naming nothing counts as missing.
 fn env_path(var: &str) -> Option<PathBuf> {
     std::env::var_os(var).map(PathBuf::from)
@@ -123,7 +132,8 @@ fn env_file(var: &str) -> Option<Option<PathBuf>> {
     env_path(var).map(|p| p.is_file().then_some(p))
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+/// `name` in `PATH`, or in /usr/sbin and /sbin (where iproute2 puts `ip`).
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])

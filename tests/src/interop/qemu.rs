@@ -2,7 +2,7 @@
 //! memory, vhost-user devices on the PCI bus, serial console captured to a file.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{HostTools, Workdir};
@@ -56,6 +56,10 @@ impl Qemu {
     }
 
     /// A virtio-net PCI device whose backend is the vhost-user daemon on `socket`.
+    ///
+    /// `vectors=0` gives the device no MSI-X table, so Linux falls back to the legacy INTx line:
+    /// QEMU 7.2 under TCG aborts in `vhost_net_start` when a vhost-user net device uses MSI-X
+    /// (it tries to set up irqfds, which need KVM).
     pub fn vhost_user_net(mut self, socket: &Path, mac: &str) -> Qemu {
         let id = self.next_id("net");
         self.chardev(&id, socket);
@@ -63,7 +67,7 @@ impl Qemu {
             "-netdev".to_string(),
             format!("vhost-user,chardev={id},id={id}n"),
             "-device".to_string(),
-            format!("virtio-net-pci,netdev={id}n,mac={mac}"),
+            format!("virtio-net-pci,netdev={id}n,mac={mac},vectors=0"),
         ]);
         self
     }
@@ -124,6 +128,12 @@ impl Qemu {
     /// Boot, wait for QEMU to exit (the guest powers off) or kill it at the timeout.
     /// The serial log and QEMU's own output are registered with `workdir` for failure reports.
     pub fn run(&self, workdir: &Workdir, name: &str) -> Result<GuestRun, String> {
+        Ok(self.spawn(workdir, name)?.wait())
+    }
+
+    /// Boot in the background, for tests that talk to the guest while it runs. The guest has
+    /// until the timeout (counted from now) to power off; dropping the handle kills QEMU.
+    pub fn spawn(&self, workdir: &Workdir, name: &str) -> Result<RunningGuest, String> {
         let serial = workdir.join(&format!("{name}.serial.log"));
         let log = workdir.join(&format!("{name}.qemu.log"));
         workdir.log(&format!("{name} serial console"), &serial);
@@ -138,33 +148,116 @@ impl Qemu {
         )
         .map_err(|e| e.to_string())?;
         let start = Instant::now();
-        let mut child = cmd
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.tools.qemu.display()))?;
-        let waited = super::poll_until("QEMU to exit", self.timeout, || {
-            child.try_wait().ok().flatten()
-        });
-        let (status, timed_out) = match waited {
-            Ok(status) => (Some(status), false),
-            Err(_) => {
-                let _ = child.kill();
-                (child.wait().ok(), true)
-            }
-        };
-        let serial_text = std::fs::read(&serial)
-            .map(|d| String::from_utf8_lossy(&d).into_owned())
-            .unwrap_or_default();
-        Ok(GuestRun {
-            status,
-            timed_out,
-            elapsed: start.elapsed(),
-            serial: serial_text,
+        Ok(RunningGuest {
+            child,
+            serial,
+            start,
             timeout: self.timeout,
         })
     }
+}
+
+/// A QEMU process still running; killed (and reaped) when dropped, so a failing test leaves
+/// no QEMU behind.
+#[derive(Debug)]
+pub struct RunningGuest {
+    child: Child,
+    serial: PathBuf,
+    start: Instant,
+    timeout: Duration,
+}
+
+impl RunningGuest {
+    /// Everything the guest printed on ttyS0 so far.
+    pub fn serial_so_far(&self) -> String {
+        read_lossy(&self.serial)
+    }
+
+    /// Wait up to `timeout` for the guest to print marker `SV:key=...` and return its value.
+    /// Fails at once if QEMU exits first; the error includes the console so far.
+    pub fn wait_marker(&mut self, key: &str, timeout: Duration) -> Result<String, String> {
+        let serial = &self.serial;
+        let child = &mut self.child;
+        let found = super::poll_until(&format!("marker SV:{key}="), timeout, || {
+            if let Some(value) = last_marker(&read_lossy(serial), key) {
+                return Some(Ok(value.to_string()));
+            }
+            child.try_wait().ok().flatten().map(Err)
+        });
+        match found {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(status)) => Err(format!(
+                "QEMU exited with {status} before the guest printed SV:{key}=; console:\n{}",
+                self.serial_so_far()
+            )),
+            Err(e) => Err(format!("{e}; console so far:\n{}", self.serial_so_far())),
+        }
+    }
+
+    /// Wait for QEMU to exit (the guest powers off), killing it when the timeout given to
+    /// [`Qemu`] has passed since the start.
+    pub fn wait(mut self) -> GuestRun {
+        let left = self.timeout.saturating_sub(self.start.elapsed());
+        let child = &mut self.child;
+        let waited = super::poll_until("QEMU to exit", left, || child.try_wait().ok().flatten());
+        let (status, timed_out) = match waited {
+            Ok(status) => (Some(status), false),
+            Err(_) => {
+                let _ = self.child.kill();
+                (self.child.wait().ok(), true)
+            }
+        };
+        GuestRun {
+            status,
+            timed_out,
+            elapsed: self.start.elapsed(),
+            serial: self.serial_so_far(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+impl Drop for RunningGuest {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A text file's contents so far, lossy UTF-8 (empty if it does not exist yet).
+fn read_lossy(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|d| String::from_utf8_lossy(&d).into_owned())
+        .unwrap_or_default()
+}
+
+/// The value of the last `SV:key=value` marker in `serial`.
+fn last_marker<'a>(serial: &'a str, key: &str) -> Option<&'a str> {
+    markers_in(serial)
+        .into_iter()
+        .rev()
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+/// All `SV:key=value` markers, in order (a marker may follow kernel output on a line).
+fn markers_in(serial: &str) -> Vec<(&str, &str)> {
+    serial
+        .lines()
+        .filter_map(|line| line.split_once("SV:").map(|(_, m)| m))
+        .map(|m| {
+            let m = m.trim_end_matches('\r');
+            m.split_once('=').unwrap_or((m, ""))
+        })
+        .collect()
 }
 
 /// What a guest run left behind.
@@ -181,23 +274,12 @@ pub struct GuestRun {
 impl GuestRun {
     /// All `SV:key=value` markers, in order (a marker may follow kernel output on a line).
     pub fn markers(&self) -> Vec<(&str, &str)> {
-        self.serial
-            .lines()
-            .filter_map(|line| line.split_once("SV:").map(|(_, m)| m))
-            .map(|m| {
-                let m = m.trim_end_matches('\r');
-                m.split_once('=').unwrap_or((m, ""))
-            })
-            .collect()
+        markers_in(&self.serial)
     }
 
     /// The value of the last marker `key`.
     pub fn marker(&self, key: &str) -> Option<&str> {
-        self.markers()
-            .into_iter()
-            .rev()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v)
+        last_marker(&self.serial, key)
     }
 
     /// The value of marker `key`; panics (the work directory prints the logs) if absent.

@@ -185,6 +185,16 @@ impl Vq {
     }
 }
 
+/// When a taken-over ring's position appears in guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingPosition {
+    /// Before the ring is configured: the old backend was stopped first (the VMM's order).
+    BeforeSetup,
+    /// After SET_VRING_ADDR/BASE: the old backend finished its last completions while the new
+    /// one was being configured.
+    AfterSetup,
+}
+
 /// A connected, fully set up frontend with `pairs` RX/TX pairs; ring `q` lives at 0x1000*(q+1).
 pub struct TestFrontend {
     pub fe: Frontend,
@@ -198,6 +208,14 @@ pub struct TestFrontend {
 
 impl TestFrontend {
     pub fn connect(path: &Path, pairs: usize) -> TestFrontend {
+        Self::connect_at(path, pairs, 0, RingPosition::BeforeSetup)
+    }
+
+    /// Like `connect`, but take over rings that earlier backends already ran up to `base`, as
+    /// a VMM does when it reconnects or swaps backends: guest memory holds `avail.idx ==
+    /// used.idx == base` (written `when` says) and SET_VRING_BASE hands over `base`. Nothing
+    /// is kicked.
+    pub fn connect_at(path: &Path, pairs: usize, base: u16, when: RingPosition) -> TestFrontend {
         let queues = pairs * 2;
         let mut fe = Frontend::connect(path, queues as u64).expect("connect");
         fe.set_owner().expect("set_owner");
@@ -235,13 +253,38 @@ impl TestFrontend {
             features,
         };
         for q in 0..queues {
-            frontend.setup_vring(q);
+            if when == RingPosition::BeforeSetup {
+                frontend.write_ring_position(q, base);
+            }
+            frontend.setup_vring(q, base);
+        }
+        if when == RingPosition::AfterSetup {
+            // Messages without a reply are not waited for: a round trip makes sure the daemon
+            // has handled every vring message before guest memory changes.
+            frontend.fe.get_features().expect("get_features");
+            for q in 0..queues {
+                frontend.write_ring_position(q, base);
+            }
         }
         frontend
     }
 
-    fn setup_vring(&mut self, q: usize) {
-        let vq = Vq::new(0x1000 * (q as u64 + 1) * 4);
+    fn ring_base(q: usize) -> u64 {
+        0x1000 * (q as u64 + 1) * 4
+    }
+
+    /// Guest memory says ring `q` ran up to `base`: `avail.idx == used.idx == base`.
+    fn write_ring_position(&mut self, q: usize, base: u16) {
+        let vq = Vq::new(Self::ring_base(q));
+        let mem = &self.guest.mem;
+        mem.write_obj(base, GuestAddress(vq.avail() + 2)).unwrap();
+        mem.write_obj(base, GuestAddress(vq.used() + 2)).unwrap();
+        fence(Ordering::SeqCst);
+    }
+
+    fn setup_vring(&mut self, q: usize, base: u16) {
+        let mut vq = Vq::new(Self::ring_base(q));
+        vq.avail_idx = base;
         let host = self.guest.host_base();
         let data = VringConfigData {
             queue_max_size: QSIZE,
@@ -256,7 +299,7 @@ impl TestFrontend {
         let call = EventFd::new(libc::EFD_NONBLOCK).expect("call eventfd");
         self.fe.set_vring_num(q, QSIZE).expect("set_vring_num");
         self.fe.set_vring_addr(q, &data).expect("set_vring_addr");
-        self.fe.set_vring_base(q, 0).expect("set_vring_base");
+        self.fe.set_vring_base(q, base).expect("set_vring_base");
         self.fe.set_vring_call(q, &call).expect("set_vring_call");
         self.fe.set_vring_kick(q, &kick).expect("set_vring_kick");
         self.fe.set_vring_enable(q, true).expect("set_vring_enable");
