@@ -1,5 +1,6 @@
 //! virtio-net driver over virtio-mmio, driven by polling: RX queue 0 kept full of 2 KiB
-//! device-writable buffers, TX queue 1 with one copied buffer per frame, the 12-byte
+//! device-writable buffers, TX queue 1 with one copied buffer per frame (sent one at a time, or
+//! in bursts published with one avail-index store and at most one kick), the 12-byte
 //! `virtio_net_hdr_v1` in front of every frame, MRG_RXBUF (frames spread over several RX
 //! buffers are gathered), EVENT_IDX (kicks only when the device asks for them), and the MAC and
 //! link status (VIRTIO_NET_S_LINK_UP) from the device config. No offloads, MQ or control queue.
@@ -38,7 +39,11 @@ pub struct NetStats {
     pub tx_frames: u64,
     pub rx_dropped: u64,
     pub tx_dropped: u64,
+    /// QueueNotify writes, both queues.
     pub kicks: u64,
+    /// QueueNotify writes for the TX queue (frames sent) and the RX queue (buffers reposted).
+    pub tx_kicks: u64,
+    pub rx_kicks: u64,
 }
 
 pub struct VirtioNet {
@@ -147,6 +152,7 @@ impl VirtioNet {
     fn kick_rx(&mut self) {
         if self.rx.publish() {
             self.stats.kicks += 1;
+            self.stats.rx_kicks += 1;
             self.mmio.notify(RX_Q);
         }
     }
@@ -217,15 +223,49 @@ impl VirtioNet {
         Ok(())
     }
 
+    /// TX frames the device has not completed yet (after taking back the completed ones).
+    pub fn tx_in_flight(&mut self) -> Result<u16, BlkError> {
+        self.reclaim_tx()?;
+        Ok(self.tx.size() - self.tx.free())
+    }
+
     /// Sends one frame (Ethernet header onwards) built by `build` into a buffer of
     /// `MAX_TX_FRAME` bytes; `build` returns the frame's length. The frame is published at
-    /// once and the device kicked only if it asks for it (EVENT_IDX).
+    /// once and the device kicked only if it asks for it (EVENT_IDX). A full ring drops the
+    /// frame (counted in `tx_dropped`).
     pub fn send(&mut self, build: impl FnOnce(&mut [u8]) -> usize) -> Result<(), BlkError> {
         self.reclaim_tx()?;
         if self.tx.free() == 0 {
             self.stats.tx_dropped += 1;
             return Ok(());
         }
+        self.push_tx(build)?;
+        self.publish_tx();
+        Ok(())
+    }
+
+    /// Queues up to `max` frames, each built by `build` as in `send`, and publishes them
+    /// together: one avail-index store and at most one kick for the whole burst. Returns how
+    /// many frames were queued (0 when the ring is full: nothing is dropped, call again).
+    pub fn send_burst(
+        &mut self,
+        max: usize,
+        mut build: impl FnMut(&mut [u8]) -> usize,
+    ) -> Result<usize, BlkError> {
+        self.reclaim_tx()?;
+        let n = max.min(usize::from(self.tx.free()));
+        for _ in 0..n {
+            self.push_tx(&mut build)?;
+        }
+        if n > 0 {
+            self.publish_tx();
+        }
+        Ok(n)
+    }
+
+    /// Copies one frame into the TX buffer of the next free descriptor and queues it (not yet
+    /// published). The caller has checked that a descriptor is free.
+    fn push_tx(&mut self, build: impl FnOnce(&mut [u8]) -> usize) -> Result<(), BlkError> {
         let id = self.tx.peek_head();
         let addr = self.tx_bufs + u64::from(id) * BUF_LEN as u64;
         // SAFETY: buffer `id` belongs to a free descriptor, so the device is not using it.
@@ -238,12 +278,16 @@ impl VirtioNet {
             len: (HDR_LEN + len) as u32,
             write: false,
         }])?;
-        if self.tx.publish() {
-            self.stats.kicks += 1;
-            self.mmio.notify(TX_Q);
-        }
         self.stats.tx_frames += 1;
         Ok(())
+    }
+
+    fn publish_tx(&mut self) {
+        if self.tx.publish() {
+            self.stats.kicks += 1;
+            self.stats.tx_kicks += 1;
+            self.mmio.notify(TX_Q);
+        }
     }
 }
 
