@@ -4,6 +4,7 @@
 
 pub mod attach;
 pub mod bench;
+pub mod bench_net;
 pub mod boot;
 pub mod bus;
 pub mod cli;
