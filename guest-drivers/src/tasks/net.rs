@@ -90,7 +90,16 @@ impl Health {
     /// the device is gone, records `link` = `down`, `link_up_bit` (VIRTIO_NET_S_LINK_UP as read
     /// from config) and `needs_reset` (DEVICE_NEEDS_RESET) and ends the task.
     pub(super) fn check(&mut self, stack: &Stack, report: &mut Report) -> Result<(), Outcome> {
-        let now = time::now();
+        self.check_at(time::now(), stack, report)
+    }
+
+    /// `check` for a caller that has just read the TSC (`now`).
+    pub(super) fn check_at(
+        &mut self,
+        now: u64,
+        stack: &Stack,
+        report: &mut Report,
+    ) -> Result<(), Outcome> {
         if now.wrapping_sub(self.last) < time::ms_to_ticks(CHECK_MS) {
             return Ok(());
         }
