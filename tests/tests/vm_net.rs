@@ -399,3 +399,29 @@ fn udp_stream_between_two_vms_through_the_switch() {
     );
     switch.stop().expect("switch stops");
 }
+
+#[test]
+fn bench_net_rejects_bad_arguments() {
+    if !require_kvm("bench_net_rejects_bad_arguments") {
+        return;
+    }
+    for (cmdline, wanted) in [
+        (
+            "bench=net,dir=tx,peer=10.0.0.1,size=63 ip=10.0.0.2/24",
+            "size=63",
+        ),
+        (
+            "bench=net,dir=tx,peer=10.0.0.1,size=1501 ip=10.0.0.2/24",
+            "size=1501",
+        ),
+        ("bench=net,dir=sideways ip=10.0.0.2/24", "dir=sideways"),
+        ("bench=net,dir=tx,size=64 ip=10.0.0.2/24", "needs peer="),
+    ] {
+        let run = run_splitvisor(["run", "--cmdline", cmdline], VM_TIMEOUT);
+        assert_eq!(run.code(), Some(2), "{cmdline}\n{run}");
+        let result = run.result();
+        assert_eq!(result["status"], "fail", "{run}");
+        let error = result["error"].as_str().unwrap_or_default();
+        assert!(error.contains(wanted), "{cmdline}: error {error:?}\n{run}");
+    }
+}

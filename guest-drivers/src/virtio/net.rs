@@ -29,8 +29,9 @@ const TX_Q: u16 = 1;
 pub const HDR_LEN: usize = 12;
 /// Bytes per RX and TX buffer (header included).
 const BUF_LEN: usize = 2048;
-/// RX buffers `recv` gives back before it publishes them (a quarter of the largest ring).
-const RX_PUBLISH_BATCH: u16 = 64;
+/// RX buffers `recv` gives back before it publishes them: enough to spread the fence a publish
+/// costs, few enough that the device never misses many buffers.
+const RX_PUBLISH_BATCH: u16 = 16;
 /// Largest frame (without the header) `recv` gathers from merged buffers.
 pub const MAX_FRAME: usize = 9216;
 
@@ -222,7 +223,7 @@ impl VirtioNet {
                 f(unsafe { core::slice::from_raw_parts(scratch.add(HDR_LEN), total - HDR_LEN) });
             }
         }
-        // Publishing costs a full fence: batch it, but never hold back a quarter of the ring.
+        // Publishing costs a full fence: batch it (a few buffers only, see RX_PUBLISH_BATCH).
         if self.rx_unpublished >= RX_PUBLISH_BATCH {
             self.kick_rx();
         }
