@@ -3,12 +3,13 @@
 //! through a TAP inside a network namespace of the test's own.
 
 use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
 use splitvisor_tests::interop::{poll_until, Workdir};
-use splitvisor_tests::vm::{require_kvm, RunningVm};
+use splitvisor_tests::vm::{require_kvm, run_splitvisor, RunningVm, VM_TIMEOUT};
 
 const GUEST_READY: Duration = Duration::from_secs(30);
 
@@ -26,6 +27,22 @@ fn wait_serving(vm: &RunningVm, ip: &str) {
     .unwrap_or_else(|e| panic!("{e}\n{}", vm.stdout_so_far()));
 }
 
+/// Starts `splitvisor-net --switch` with one port per socket and waits for all of them.
+fn start_switch(dir: &Workdir, sockets: &[&Path]) -> Daemon {
+    let mut args: Vec<&OsStr> = vec!["--switch".as_ref()];
+    for socket in sockets {
+        args.push("--socket".as_ref());
+        args.push(socket.as_os_str());
+    }
+    let last = sockets.last().expect("a socket");
+    let switch = Daemon::start(dir, "switch", &net_daemon(), &args, last).expect("switch");
+    poll_until("every switch socket", Duration::from_secs(10), || {
+        sockets.iter().all(|s| s.exists()).then_some(())
+    })
+    .expect("switch sockets");
+    switch
+}
+
 #[test]
 fn two_vms_ping_each_other_through_the_switch() {
     if !require_kvm("two_vms_ping_each_other_through_the_switch") {
@@ -33,19 +50,7 @@ fn two_vms_ping_each_other_through_the_switch() {
     }
     let dir = Workdir::new("net-sw");
     let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
-    let args: Vec<&OsStr> = vec![
-        "--switch".as_ref(),
-        "--socket".as_ref(),
-        a.as_os_str(),
-        "--socket".as_ref(),
-        b.as_os_str(),
-    ];
-    let mut switch = Daemon::start(&dir, "switch", &net_daemon(), &args, &b).expect("switch");
-    poll_until("both switch sockets", Duration::from_secs(10), || {
-        a.exists().then_some(())
-    })
-    .expect("socket a");
-
+    let mut switch = start_switch(&dir, &[&a, &b]);
     let net_b = format!("socket={}", b.display());
     let server = RunningVm::spawn(
         [
@@ -110,40 +115,87 @@ impl Drop for Netns {
     }
 }
 
+/// A TAP owned by `splitvisor-net --tap` inside a namespace of the test's own, up, with
+/// 10.0.0.1/24 and an MTU that takes the stream's 1500-byte UDP payloads (1528-byte packets).
+/// The daemon stops before the namespace goes (field order), taking the TAP with it.
+struct TapNet {
+    daemon: Daemon,
+    socket: PathBuf,
+    tap: String,
+    ns: Netns,
+}
+
+impl TapNet {
+    fn start(dir: &Workdir) -> TapNet {
+        let ns = Netns::new(&format!("svt{}", std::process::id()));
+        let tap = format!("svtap{}", std::process::id() % 100_000);
+        let socket = dir.join("tap.sock");
+        // The daemon runs inside the namespace, so its TAP (and all test traffic) lives there.
+        let bin = net_daemon();
+        let daemon_args: Vec<&OsStr> = vec![
+            "netns".as_ref(),
+            "exec".as_ref(),
+            ns.0.as_ref(),
+            bin.as_os_str(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--tap".as_ref(),
+            tap.as_ref(),
+        ];
+        let daemon =
+            Daemon::start(dir, "tap", "ip".as_ref(), &daemon_args, &socket).expect("daemon");
+        // The socket is bound before the TAP is opened: wait for the TAP too.
+        poll_until("the TAP device", Duration::from_secs(10), || {
+            ns.exec(&["ip", "link", "show", "dev", &tap])
+                .status
+                .success()
+                .then_some(())
+        })
+        .expect("TAP created by the daemon");
+        for cmd in [
+            vec!["ip", "addr", "add", "10.0.0.1/24", "dev", &tap],
+            vec!["ip", "link", "set", "dev", &tap, "mtu", "1600", "up"],
+        ] {
+            let out = ns.exec(&cmd);
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        TapNet {
+            daemon,
+            socket,
+            tap,
+            ns,
+        }
+    }
+
+    /// Packets the kernel received on the TAP: the frames the backend wrote into it.
+    fn rx_packets(&self) -> u64 {
+        let out = self
+            .ns
+            .exec(&["ip", "-s", "-j", "link", "show", "dev", &self.tap]);
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "ip -s -j link: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        links[0]["stats64"]["rx"]["packets"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no rx packet count in {links}"))
+    }
+}
+
 #[test]
 fn linux_pings_and_udp_echoes_the_guest_through_a_tap() {
     if !require_kvm("linux_pings_and_udp_echoes_the_guest_through_a_tap") {
         return;
     }
     let dir = Workdir::new("net-tap");
-    let ns = Netns::new(&format!("svt{}", std::process::id()));
-    let tap = format!("svtap{}", std::process::id() % 100_000);
-    let socket = dir.join("tap.sock");
-    // The daemon runs inside the namespace, so its TAP (and all test traffic) lives there.
-    let daemon_args: Vec<&OsStr> = vec![
-        "netns".as_ref(),
-        "exec".as_ref(),
-        ns.0.as_ref(),
-        net_daemon().into_os_string().leak() as &OsStr,
-        "--socket".as_ref(),
-        socket.as_os_str(),
-        "--tap".as_ref(),
-        tap.as_ref(),
-    ];
-    let mut daemon =
-        Daemon::start(&dir, "tap", "ip".as_ref(), &daemon_args, &socket).expect("daemon");
-    for cmd in [
-        vec!["ip", "addr", "add", "10.0.0.1/24", "dev", &tap],
-        vec!["ip", "link", "set", &tap, "up"],
-    ] {
-        let out = ns.exec(&cmd);
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
+    let tap = TapNet::start(&dir);
+    let (ns, socket) = (&tap.ns, &tap.socket);
     let net = format!("socket={}", socket.display());
     let guest = RunningVm::spawn(
         [
@@ -186,5 +238,190 @@ fn linux_pings_and_udp_echoes_the_guest_through_a_tap() {
     let result = serve.assert_passed();
     assert!(result["pings_answered"].as_u64() >= Some(5), "{serve}");
     assert!(result["udp_echoed"].as_u64() >= Some(1), "{serve}");
-    daemon.stop().expect("daemon stops");
+    let mut tap = tap;
+    tap.daemon.stop().expect("daemon stops");
+}
+
+/// Most ARP requests a `bench=net,dir=tx` guest sends while resolving its peer (one per 0.5 s,
+/// 20 tries: the guest's ARP_TRIES).
+const ARP_REQUESTS_MAX: u64 = 20;
+
+#[test]
+fn guest_udp_stream_to_a_tap_matches_the_tap_counters() {
+    if !require_kvm("guest_udp_stream_to_a_tap_matches_the_tap_counters") {
+        return;
+    }
+    let dir = Workdir::new("net-stream-tap");
+    let mut tap = TapNet::start(&dir);
+    let before = tap.rx_packets();
+    let net = format!("socket={}", tap.socket.display());
+    let run = run_splitvisor(
+        [
+            "run",
+            "--prefault",
+            "--net",
+            &net,
+            "--cmdline",
+            "bench=net,dir=tx,peer=10.0.0.1,size=64,seconds=2 ip=10.0.0.2/24",
+        ],
+        VM_TIMEOUT,
+    );
+    let result = run.assert_passed();
+    let delta = tap.rx_packets() - before;
+    let sent = result["sent"].as_u64().expect("sent");
+    let tx_frames = result["tx_frames"].as_u64().expect("tx_frames");
+    assert!(
+        sent > 1000,
+        "a 2 s stream sends more than 1000 datagrams\n{run}"
+    );
+    assert_eq!(result["unconfirmed"], 0, "{run}");
+    // Every frame the guest handed to the device reached the kernel: the TAP saw exactly the
+    // guest's TX frames. Those are the stream's datagrams plus the frames the stack sent on its
+    // own (ARP requests while resolving the peer, ARP/echo replies to Linux): that is the
+    // allowance between the TAP's count and `sent`.
+    assert_eq!(delta, tx_frames, "TAP rx packets vs guest tx_frames\n{run}");
+    let own = ARP_REQUESTS_MAX
+        + result["arp_replies"].as_u64().unwrap_or(0)
+        + result["pings_answered"].as_u64().unwrap_or(0)
+        + result["udp_echoed"].as_u64().unwrap_or(0);
+    assert!(
+        delta >= sent && delta - sent <= own,
+        "TAP saw {delta} packets for {sent} datagrams sent (allowance {own})\n{run}"
+    );
+    assert!(
+        result["packets_per_s"].as_u64() > Some(0) && result["stream_tx_kicks"].as_u64() > Some(0),
+        "{run}"
+    );
+    // The kicks are batched: far fewer than one per datagram.
+    let kicks = result["stream_tx_kicks"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        kicks * 4 < sent,
+        "{kicks} kicks for {sent} datagrams\n{run}"
+    );
+    tap.daemon.stop().expect("daemon stops");
+}
+
+#[test]
+fn killed_backend_shows_as_link_down_in_the_guest() {
+    if !require_kvm("killed_backend_shows_as_link_down_in_the_guest") {
+        return;
+    }
+    let dir = Workdir::new("net-kill");
+    let socket = dir.join("net.sock");
+    let mut switch = start_switch(&dir, &[&socket]);
+    let net = format!("socket={}", socket.display());
+    let guest = RunningVm::spawn(
+        [
+            "run",
+            "--net",
+            &net,
+            "--cmdline",
+            "serve,seconds=60 ip=10.0.0.2/24",
+        ],
+        dir.path(),
+        "vm",
+    );
+    wait_serving(&guest, "10.0.0.2");
+    switch.kill().expect("kill the backend");
+    let killed_at = Instant::now();
+    // The guest checks the link every 100 ms: it ends long before its 60 s.
+    let run = guest.wait(Duration::from_secs(20));
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(10),
+        "the guest took {:?} to notice\n{run}",
+        killed_at.elapsed()
+    );
+    // The VMM survived and ended with the guest's own fail status, not a crash status.
+    assert_eq!(run.code(), Some(1), "{run}");
+    assert!(run.stderr.contains("lost the backend"), "{run}");
+    let result = run.result();
+    assert_eq!(result["status"], "fail", "{run}");
+    assert_eq!(result["link"], "down", "{run}");
+    assert_eq!(
+        result["link_up_bit"], false,
+        "VIRTIO_NET_S_LINK_UP cleared\n{run}"
+    );
+    assert_eq!(result["needs_reset"], true, "{run}");
+}
+
+#[test]
+fn udp_stream_between_two_vms_through_the_switch() {
+    if !require_kvm("udp_stream_between_two_vms_through_the_switch") {
+        return;
+    }
+    let dir = Workdir::new("net-stream-sw");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let mut switch = start_switch(&dir, &[&a, &b]);
+    let net_b = format!("socket={}", b.display());
+    let receiver = RunningVm::spawn(
+        [
+            "run",
+            "--prefault",
+            "--net",
+            &net_b,
+            "--cmdline",
+            "bench=net,dir=rx,peer=10.0.0.1,size=1500,seconds=2 ip=10.0.0.2/24",
+        ],
+        dir.path(),
+        "rx",
+    );
+    poll_until("the receiver to listen", GUEST_READY, || {
+        receiver
+            .stdout_so_far()
+            .contains("waiting for datagrams")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", receiver.stdout_so_far()));
+    let net_a = format!("socket={}", a.display());
+    let tx = run_splitvisor(
+        [
+            "run",
+            "--prefault",
+            "--net",
+            &net_a,
+            "--cmdline",
+            "bench=net,dir=tx,peer=10.0.0.2,size=1500,seconds=2 ip=10.0.0.1/24",
+        ],
+        VM_TIMEOUT,
+    );
+    let sent = tx.assert_passed()["sent"].as_u64().expect("sent");
+    let rx = receiver.wait(VM_TIMEOUT);
+    let result = rx.assert_passed();
+    let received = result["received"].as_u64().expect("received");
+    assert!(
+        received > 0 && received <= sent,
+        "received {received} of {sent}\n{rx}"
+    );
+    assert_eq!(
+        result["payload_bytes"].as_u64(),
+        Some(received * 1500),
+        "{rx}"
+    );
+    switch.stop().expect("switch stops");
+}
+
+#[test]
+fn bench_net_rejects_bad_arguments() {
+    if !require_kvm("bench_net_rejects_bad_arguments") {
+        return;
+    }
+    for (cmdline, wanted) in [
+        (
+            "bench=net,dir=tx,peer=10.0.0.1,size=63 ip=10.0.0.2/24",
+            "size=63",
+        ),
+        (
+            "bench=net,dir=tx,peer=10.0.0.1,size=1501 ip=10.0.0.2/24",
+            "size=1501",
+        ),
+        ("bench=net,dir=sideways ip=10.0.0.2/24", "dir=sideways"),
+        ("bench=net,dir=tx,size=64 ip=10.0.0.2/24", "needs peer="),
+    ] {
+        let run = run_splitvisor(["run", "--cmdline", cmdline], VM_TIMEOUT);
+        assert_eq!(run.code(), Some(2), "{cmdline}\n{run}");
+        let result = run.result();
+        assert_eq!(result["status"], "fail", "{run}");
+        let error = result["error"].as_str().unwrap_or_default();
+        assert!(error.contains(wanted), "{cmdline}: error {error:?}\n{run}");
+    }
 }

@@ -1,6 +1,7 @@
 //! `splitvisor bench`: the same guest block benchmark over the paravirtualized path (a
 //! `splitvisor-blk` daemon over vhost-user) and the fully emulated ATA path, one after the
 //! other on one image, with exits, kicks and interrupts per request next to the throughput.
+//! The network paths (`net-switch`, `net-tap`) live in `bench_net`.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -34,6 +35,12 @@ pub enum BenchError {
     },
     #[error("cannot create the run directory")]
     RunDir(#[source] std::io::Error),
+    #[error("cannot find the splitvisor-net backend next to this binary ({}); build the workspace or pass --net-backend PATH", .0.display())]
+    NoNetBackend(PathBuf),
+    #[error("the net-tap path needs root (it creates a network namespace and a TAP device): run as root, or leave net-tap out of --paths")]
+    NotRoot,
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
 }
 
 /// One benchmark path's outcome.
@@ -53,12 +60,19 @@ pub fn run(args: &BenchArgs) -> Result<Value, BenchError> {
 }
 
 fn run_in(args: &BenchArgs, dir: &Path) -> Result<Value, BenchError> {
+    let blk = args.paths.iter().any(|p| !p.starts_with("net-"));
     let image = match &args.image {
         Some(path) => path.clone(),
-        None => default_image(args.image_size.0)?,
+        None if blk => default_image(args.image_size.0)?,
+        None => PathBuf::new(),
     };
     let mut results = Vec::new();
+    let mut net_rows = Vec::new();
     for path in &args.paths {
+        if path.starts_with("net-") {
+            net_rows.extend(crate::bench_net::run(args, path, dir)?);
+            continue;
+        }
         eprintln!(
             "bench: {path}: {} bs={} qd={} for {} s ...",
             args.rw, args.bs, args.qd, args.seconds
@@ -74,10 +88,14 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<Value, BenchError> {
         );
         results.push(outcome);
     }
-    if args.image.is_none() {
+    if args.image.is_none() && blk {
         let _ = std::fs::remove_file(&image);
     }
-    Ok(summarize(args, &results))
+    let mut summary = summarize(args, &results);
+    if let Some(paths) = summary["paths"].as_object_mut() {
+        paths.extend(net_rows);
+    }
+    Ok(summary)
 }
 
 /// A sparse image on tmpfs when there is one, so the host disk is not what gets measured.
@@ -208,14 +226,14 @@ fn run_guest(args: &BenchArgs, dev: &str, extra: &[&str]) -> Result<(Value, Valu
     }
 }
 
-fn sibling(name: &str) -> PathBuf {
+pub(crate) fn sibling(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn stop(child: &mut Child) {
+pub(crate) fn stop(child: &mut Child) {
     if let Ok(pid) = libc::pid_t::try_from(child.id()) {
         // SAFETY: signalling our own child, not yet reaped.
         unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -232,7 +250,7 @@ fn stop(child: &mut Child) {
 }
 
 /// The backend's counters: the last `STATS {json}` line in its log.
-fn last_stats_line(log: &Path) -> Option<Value> {
+pub(crate) fn last_stats_line(log: &Path) -> Option<Value> {
     let mut text = String::new();
     std::fs::File::open(log)
         .ok()?
@@ -265,6 +283,9 @@ fn summarize(args: &BenchArgs, results: &[PathResult]) -> Value {
                 "guest_kicks": r.result["kicks"],
             }),
         );
+    }
+    if paths.is_empty() {
+        return json!({ "seconds": args.seconds, "net_sizes": args.net_sizes, "paths": paths });
     }
     let speedup = match (paths.get("virtio"), paths.get("ata")) {
         (Some(v), Some(a)) => match (v["mb_per_s"].as_f64(), a["mb_per_s"].as_f64()) {
@@ -301,36 +322,44 @@ fn backend_totals(stats: Option<&Value>) -> (Option<u64>, Option<u64>) {
     (Some(sum("kicks")), Some(sum("interrupts")))
 }
 
-fn round3(x: f64) -> f64 {
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// The summary as a table for people.
+/// The summary as a table for people: the block paths, then the network paths.
 pub fn print_table(summary: &Value) {
+    let Some(paths) = summary["paths"].as_object() else {
+        return;
+    };
+    if paths.keys().any(|k| !k.starts_with("net-")) {
+        print_blk_table(paths);
+    }
+    if let Some(x) = summary["virtio_over_ata_throughput"].as_f64() {
+        println!("vhost-user-blk throughput is {x}x the emulated ATA path's");
+    }
+    crate::bench_net::print_table(paths);
+}
+
+fn print_blk_table(paths: &serde_json::Map<String, Value>) {
     println!(
         "{:<8} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
         "path", "IOPS", "MB/s", "p50 us", "p99 us", "exits/req", "kicks/req"
     );
-    if let Some(paths) = summary["paths"].as_object() {
-        // serde_json's Display ignores width, so render each cell first.
-        let cell = |v: &Value| match v {
-            Value::Null => "-".to_string(),
-            other => other.to_string(),
-        };
-        for (name, p) in paths {
-            println!(
-                "{:<8} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
-                name,
-                cell(&p["iops"]),
-                cell(&p["mb_per_s"]),
-                cell(&p["lat_p50_us"]),
-                cell(&p["lat_p99_us"]),
-                cell(&p["vmm_exits_per_request"]),
-                cell(&p["kicks_per_request"])
-            );
-        }
-    }
-    if let Some(x) = summary["virtio_over_ata_throughput"].as_f64() {
-        println!("vhost-user-blk throughput is {x}x the emulated ATA path's");
+    // serde_json's Display ignores width, so render each cell first.
+    let cell = |v: &Value| match v {
+        Value::Null => "-".to_string(),
+        other => other.to_string(),
+    };
+    for (name, p) in paths.iter().filter(|(k, _)| !k.starts_with("net-")) {
+        println!(
+            "{:<8} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
+            name,
+            cell(&p["iops"]),
+            cell(&p["mb_per_s"]),
+            cell(&p["lat_p50_us"]),
+            cell(&p["lat_p99_us"]),
+            cell(&p["vmm_exits_per_request"]),
+            cell(&p["kicks_per_request"])
+        );
     }
 }

@@ -45,6 +45,9 @@ pub enum Command {
     /// Measure guest block I/O through vhost-user-blk (a splitvisor-blk daemon) and through the
     /// emulated ATA disk, one after the other on the same image; prints a table and one line
     /// `BENCH {json}` with IOPS, MB/s, latency, and VM exits, kicks and interrupts per request.
+    /// With `--paths net-switch,net-tap`: a guest UDP stream through splitvisor-net, VM to VM
+    /// through its switch and guest to a TAP (as root, in a private network namespace), with
+    /// packets/s, Gbit/s and kicks per packet, and Linux ping's round trip to the guest.
     Bench(BenchArgs),
     /// Start the backend daemons (splitvisor-blk, splitvisor-net) and the VMM from one
     /// description (flags or a TOML file) and supervise them until the guest exits; the exit
@@ -93,8 +96,12 @@ pub enum CtlVerb {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Which paths to measure, in order: virtio, ata.
-    #[arg(long, value_delimiter = ',', default_value = "virtio,ata", value_parser = ["virtio", "ata"])]
+    /// Which paths to measure, in order. Block: virtio, ata. Network: net-switch (two VMs on a
+    /// `splitvisor-net --switch`, one sending a UDP stream, one receiving), net-tap (one VM
+    /// sending to a TAP owned by `splitvisor-net --tap` in a private network namespace that is
+    /// deleted afterwards; needs root; also pings the guest from the namespace with
+    /// `ping -c 20 -i 0.01`).
+    #[arg(long, value_delimiter = ',', default_value = "virtio,ata", value_parser = ["virtio", "ata", "net-switch", "net-tap"])]
     pub paths: Vec<String>,
     /// Access pattern: read, write, randread, randwrite.
     #[arg(long, default_value = "randread", value_parser = ["read", "write", "randread", "randwrite"])]
@@ -111,9 +118,12 @@ pub struct BenchArgs {
     /// Region of the image the guest works in.
     #[arg(long, default_value = "64M")]
     pub size: String,
-    /// Seconds each path runs.
+    /// Seconds each path runs (each network stream too).
     #[arg(long, default_value_t = 5)]
     pub seconds: u32,
+    /// Network paths: UDP payload sizes in bytes, one stream each (64 to 1500; port 9).
+    #[arg(long, value_delimiter = ',', default_value = "64,1500", value_parser = clap::value_parser!(u32).range(64..=1500))]
+    pub net_sizes: Vec<u32>,
     /// Image to use; default: a sparse file of --image-size on tmpfs (/dev/shm), removed after.
     #[arg(long, value_name = "PATH")]
     pub image: Option<PathBuf>,
@@ -126,6 +136,9 @@ pub struct BenchArgs {
     /// The splitvisor-blk binary; default: the one next to this executable.
     #[arg(long, value_name = "PATH")]
     pub backend: Option<PathBuf>,
+    /// The splitvisor-net binary; default: the one next to this executable.
+    #[arg(long, value_name = "PATH")]
+    pub net_backend: Option<PathBuf>,
 }
 
 /// What the VM is made of and how it runs, apart from its devices: shared by `run` and `launch`
@@ -390,6 +403,29 @@ mod tests {
             ("randread", "4k", 32)
         );
         assert!(Cli::try_parse_from(["splitvisor", "bench", "--paths", "nvme"]).is_err());
+        assert_eq!(args.net_sizes, [64, 1500]);
+    }
+
+    #[test]
+    fn bench_takes_net_paths_and_checks_sizes() {
+        let cli = Cli::try_parse_from([
+            "splitvisor",
+            "bench",
+            "--paths",
+            "net-switch,net-tap",
+            "--net-sizes",
+            "64,512,1500",
+        ])
+        .unwrap();
+        let Command::Bench(args) = cli.command else {
+            panic!("parsed as another subcommand");
+        };
+        assert_eq!(args.paths, ["net-switch", "net-tap"]);
+        assert_eq!(args.net_sizes, [64, 512, 1500]);
+        for bad in ["63", "1501", "x"] {
+            let err = Cli::try_parse_from(["splitvisor", "bench", "--net-sizes", bad]).unwrap_err();
+            assert!(err.to_string().contains("--net-sizes"), "{err}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod attach;
 pub mod bench;
+pub mod bench_net;
 pub mod boot;
 pub mod bus;
 pub mod cli;

@@ -1,7 +1,8 @@
 //! A minimal IPv4 stack over the virtio-net driver: Ethernet, ARP (answers requests for our
 //! address, resolves peers with retries, a small cache), IPv4 (header checksum; fragments are
 //! dropped), ICMP echo (answers requests, sends requests and matches replies) and UDP echo on
-//! port 7. Everything is polled from the task's loop; nothing runs on interrupts.
+//! port 7, and a counter of the datagrams that arrive on the stream port (`bench=net`).
+//! Everything is polled from the task's loop; nothing runs on interrupts.
 
 use crate::blk::BlkError;
 use crate::time;
@@ -11,16 +12,24 @@ const ETH_HDR: usize = 14;
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_ARP: u16 = 0x0806;
 const BROADCAST: [u8; 6] = [0xff; 6];
-/// Largest frame the stack handles (no jumbo frames).
-const MAX_FRAME: usize = 1514;
+/// Largest frame the stack handles: room for the bench stream's largest datagram, a 1500-byte
+/// UDP payload (42 bytes of headers on top; no jumbo frames beyond that).
+pub const MAX_FRAME: usize = ETH_HDR + 20 + 8 + 1500;
 /// Shortest Ethernet frame without FCS: shorter ones are padded.
 const MIN_FRAME: usize = 60;
 const PROTO_ICMP: u8 = 1;
 const PROTO_UDP: u8 = 17;
 const UDP_ECHO_PORT: u16 = 7;
+/// The `bench=net` stream's UDP port (the discard service): the sender uses it as source and
+/// destination port, the receiver counts what arrives on it.
+pub const STREAM_PORT: u16 = 9;
+/// Ethernet + IPv4 + UDP header bytes in front of a UDP payload.
+pub const UDP_FRAME_OVERHEAD: usize = ETH_HDR + 20 + 8;
 /// ICMP echo identifier of the requests this guest sends ("SV").
 pub const PING_ID: u16 = 0x5356;
 const ARP_CACHE: usize = 8;
+/// Most frames one `poll` handles.
+const POLL_BUDGET: usize = 256;
 
 /// Parses `a.b.c.d/prefix` (prefix defaults to 24).
 pub fn parse_cidr(s: &str) -> Option<([u8; 4], u8)> {
@@ -113,6 +122,17 @@ pub struct EchoReply {
     pub tsc: u64,
 }
 
+/// Datagrams that arrived on `STREAM_PORT` (from `from`, when set), with the TSC of the first
+/// and of the latest batch (`last_tsc` is the poller's to update).
+#[derive(Clone, Copy, Default)]
+pub struct StreamCount {
+    pub from: Option<[u8; 4]>,
+    pub datagrams: u64,
+    pub payload_bytes: u64,
+    pub first_tsc: u64,
+    pub last_tsc: u64,
+}
+
 #[derive(Clone, Copy, Default)]
 pub struct StackStats {
     pub pings_answered: u64,
@@ -131,6 +151,8 @@ pub struct Stack {
     pub stats: StackStats,
     /// The latest echo reply to a request with `PING_ID`, taken by the pinger.
     pub echo_reply: Option<EchoReply>,
+    /// What arrived on the stream port.
+    pub stream: StreamCount,
     rx: [u8; MAX_FRAME],
     tx: [u8; MAX_FRAME],
 }
@@ -146,6 +168,7 @@ impl Stack {
             ip_id: 1,
             stats: StackStats::default(),
             echo_reply: None,
+            stream: StreamCount::default(),
             rx: [0; MAX_FRAME],
             tx: [0; MAX_FRAME],
         }
@@ -177,10 +200,16 @@ impl Stack {
         self.arp_next = (self.arp_next + 1) % ARP_CACHE;
     }
 
-    /// Handles every frame waiting on the RX ring; returns how many there were.
+    /// Handles the frames waiting on the RX ring (at most POLL_BUDGET, so that a peer sending
+    /// faster than we handle frames cannot keep the caller from its deadlines), then publishes
+    /// the buffers given back; returns how many frames there were.
     pub fn poll(&mut self) -> Result<usize, BlkError> {
         let mut n = 0;
         loop {
+            if n == POLL_BUDGET {
+                self.nic.publish_rx();
+                break;
+            }
             let rx = &mut self.rx;
             let mut len = 0;
             let got = self.nic.recv(|frame| {
@@ -190,6 +219,8 @@ impl Stack {
                 }
             })?;
             if !got {
+                // Drained: hand the reposted buffers to the device.
+                self.nic.publish_rx();
                 break;
             }
             n += 1;
@@ -421,6 +452,10 @@ impl Stack {
             self.stats.bad_frames += 1;
             return Ok(());
         }
+        if be16(udp, 2) == STREAM_PORT {
+            self.count_stream(src, ulen - 8);
+            return Ok(());
+        }
         if be16(udp, 2) != UDP_ECHO_PORT || ETH_HDR + 20 + ulen > MAX_FRAME {
             return Ok(());
         }
@@ -436,6 +471,55 @@ impl Stack {
         let len = self.ipv4_header(src, PROTO_UDP, ulen);
         self.stats.udp_echoed += 1;
         self.transmit(len)
+    }
+
+    fn count_stream(&mut self, src: [u8; 4], payload: usize) {
+        let s = &mut self.stream;
+        if s.from.is_some_and(|from| from != src) {
+            return;
+        }
+        // The TSC is read for the first datagram only: on PVM hosts a guest `rdtsc` can cost
+        // as much as a whole datagram, so the receive loop stamps `last_tsc` once per batch.
+        if s.datagrams == 0 {
+            s.first_tsc = time::now();
+            s.last_tsc = s.first_tsc;
+        }
+        s.datagrams += 1;
+        s.payload_bytes += payload as u64;
+    }
+
+    /// Writes into `out` a whole frame carrying one stream datagram to `dst` (port
+    /// `STREAM_PORT` both ways): Ethernet, IPv4 (DF, checksummed), UDP with checksum 0 (none,
+    /// which IPv4 allows) and `payload_len` bytes of payload (byte k = k mod 256). Returns the
+    /// frame length, or `None` if `out` or `MAX_FRAME` cannot hold it.
+    pub fn stream_frame(
+        &mut self,
+        dst: [u8; 4],
+        dst_mac: [u8; 6],
+        payload_len: usize,
+        out: &mut [u8],
+    ) -> Option<usize> {
+        let o = ETH_HDR + 20;
+        let udp_len = 8 + payload_len;
+        if o + udp_len > MAX_FRAME.min(out.len()) {
+            return None;
+        }
+        let t = &mut self.tx;
+        put16(t, o, STREAM_PORT);
+        put16(t, o + 2, STREAM_PORT);
+        put16(t, o + 4, udp_len as u16);
+        put16(t, o + 6, 0);
+        for (k, b) in t[o + 8..o + udp_len].iter_mut().enumerate() {
+            *b = k as u8;
+        }
+        self.eth_header(dst_mac, ETHERTYPE_IPV4);
+        let len = self.ipv4_header(dst, PROTO_UDP, udp_len);
+        if len < MIN_FRAME {
+            self.tx[len..MIN_FRAME].fill(0);
+        }
+        let len = len.max(MIN_FRAME);
+        out[..len].copy_from_slice(&self.tx[..len]);
+        Some(len)
     }
 
     /// Sends an ICMP echo request with `PING_ID`, `seq` and `payload_len` bytes of payload.

@@ -1,6 +1,7 @@
 //! The guest's tasks (selected by the command line) and their common outcome type.
 
 mod bench_blk;
+mod bench_net;
 mod blk_verify;
 mod disk;
 mod exit;
@@ -54,12 +55,13 @@ pub fn run(task: &Task, ctx: &Context, report: &mut Report) -> Outcome {
         "fault" => fault::run(task, report),
         "blk-verify" => blk_verify::run(task, ctx, report),
         "bench" if task.value == Some("blk") => bench_blk::run(task, ctx, report),
+        "bench" if task.value == Some("net") => bench_net::run(task, ctx, report),
         "serve" => net::serve(task, ctx, report),
         "ping" => net::ping(task, ctx, report),
         other => {
             report.str(
                 "error",
-                format_args!("unknown task `{other}` (known: selftest, exit=N, fault=KIND, blk-verify, bench=blk, serve, ping=ADDR)"),
+                format_args!("unknown task `{other}` (known: selftest, exit=N, fault=KIND, blk-verify, bench=blk, bench=net, serve, ping=ADDR)"),
             );
             Outcome::BadCmdline
         }

@@ -18,7 +18,7 @@ const ARP_TRIES: u32 = 20;
 const MAX_COUNT: usize = 1000;
 const PING_PAYLOAD: usize = 56;
 
-fn fail(report: &mut Report, error: BlkError) -> Outcome {
+pub(super) fn fail(report: &mut Report, error: BlkError) -> Outcome {
     // BlkError's own text names virtio-blk for this case.
     if error == BlkError::NeedsReset {
         report.str(
@@ -32,7 +32,7 @@ fn fail(report: &mut Report, error: BlkError) -> Outcome {
 }
 
 /// Opens the NIC and the stack from `ip=`; fills `ip`, `mac`, `link`.
-fn open(ctx: &Context, report: &mut Report) -> Result<Stack, Outcome> {
+pub(super) fn open(ctx: &Context, report: &mut Report) -> Result<Stack, Outcome> {
     let Some(ip_word) = ctx.cmdline.ip else {
         report.str(
             "error",
@@ -77,35 +77,55 @@ fn open(ctx: &Context, report: &mut Report) -> Result<Stack, Outcome> {
 }
 
 /// Periodic health check: link down or DEVICE_NEEDS_RESET ends the task.
-struct Health {
+pub(super) struct Health {
     last: u64,
 }
 
 impl Health {
-    fn new() -> Health {
+    pub(super) fn new() -> Health {
         Health { last: time::now() }
     }
 
-    fn check(&mut self, stack: &Stack, report: &mut Report) -> Result<(), Outcome> {
-        let now = time::now();
+    /// Every CHECK_MS: reads the device status and the config's link status. When either says
+    /// the device is gone, records `link` = `down`, `link_up_bit` (VIRTIO_NET_S_LINK_UP as read
+    /// from config) and `needs_reset` (DEVICE_NEEDS_RESET) and ends the task.
+    pub(super) fn check(&mut self, stack: &Stack, report: &mut Report) -> Result<(), Outcome> {
+        self.check_at(time::now(), stack, report)
+    }
+
+    /// `check` for a caller that has just read the TSC (`now`).
+    pub(super) fn check_at(
+        &mut self,
+        now: u64,
+        stack: &Stack,
+        report: &mut Report,
+    ) -> Result<(), Outcome> {
         if now.wrapping_sub(self.last) < time::ms_to_ticks(CHECK_MS) {
             return Ok(());
         }
         self.last = now;
-        if stack.nic.needs_reset() {
-            report.str("link", format_args!("down"));
+        let needs_reset = stack.nic.needs_reset();
+        let link_up = stack.nic.link_up();
+        if !needs_reset && link_up {
+            return Ok(());
+        }
+        report.str("link", format_args!("down"));
+        report.bool("link_up_bit", link_up);
+        report.bool("needs_reset", needs_reset);
+        println!(
+            "splitvisor-guest: virtio-net link down (LINK_UP bit {}, DEVICE_NEEDS_RESET {})",
+            u8::from(link_up),
+            u8::from(needs_reset)
+        );
+        if needs_reset {
             return Err(fail(report, BlkError::NeedsReset));
         }
-        if !stack.nic.link_up() {
-            report.str("link", format_args!("down"));
-            report.str("error", format_args!("virtio-net: link went down"));
-            return Err(Outcome::Fail);
-        }
-        Ok(())
+        report.str("error", format_args!("virtio-net: link went down"));
+        Err(Outcome::Fail)
     }
 }
 
-fn counters(stack: &Stack, report: &mut Report) {
+pub(super) fn counters(stack: &Stack, report: &mut Report) {
     report.u64("rx_frames", stack.nic.stats.rx_frames);
     report.u64("tx_frames", stack.nic.stats.tx_frames);
     report.u64("pings_answered", stack.stats.pings_answered);
@@ -113,6 +133,8 @@ fn counters(stack: &Stack, report: &mut Report) {
     report.u64("arp_replies", stack.stats.arp_replies_sent);
     report.u64("bad_frames", stack.stats.bad_frames);
     report.u64("kicks", stack.nic.stats.kicks);
+    report.u64("tx_kicks", stack.nic.stats.tx_kicks);
+    report.u64("rx_kicks", stack.nic.stats.rx_kicks);
 }
 
 /// `serve,seconds=N`.
@@ -155,7 +177,7 @@ pub fn serve(task: &Task, ctx: &Context, report: &mut Report) -> Outcome {
 }
 
 /// Polls (serving others meanwhile) until `done` says so or `ms` pass; false on timeout.
-fn wait(
+pub(super) fn wait(
     stack: &mut Stack,
     health: &mut Health,
     report: &mut Report,
@@ -211,6 +233,37 @@ pub fn ping(task: &Task, ctx: &Context, report: &mut Report) -> Outcome {
     outcome
 }
 
+/// Resolves `addr` (on our subnet) by ARP: a broadcast request every ARP_RETRY_MS until it
+/// answers, ARP_TRIES times at most. Records `peer_mac`.
+pub(super) fn resolve(
+    stack: &mut Stack,
+    health: &mut Health,
+    report: &mut Report,
+    addr: [u8; 4],
+) -> Result<[u8; 6], Outcome> {
+    if !stack.on_link(addr) {
+        report.str(
+            "error",
+            format_args!("{} is not on the local subnet (no gateway)", Ip(addr)),
+        );
+        return Err(Outcome::Fail);
+    }
+    for _ in 0..ARP_TRIES {
+        stack.send_arp_request(addr).map_err(|e| fail(report, e))?;
+        if wait(stack, health, report, ARP_RETRY_MS, |s| {
+            s.arp_lookup(addr).is_some()
+        })? {
+            if let Some(mac) = stack.arp_lookup(addr) {
+                report.str("peer_mac", format_args!("{}", Mac(mac)));
+                println!("splitvisor-guest: {} is at {}", Ip(addr), Mac(mac));
+                return Ok(mac);
+            }
+        }
+    }
+    report.str("error", format_args!("no ARP reply from {}", Ip(addr)));
+    Err(Outcome::Fail)
+}
+
 fn run_ping(
     stack: &mut Stack,
     health: &mut Health,
@@ -218,38 +271,14 @@ fn run_ping(
     addr: [u8; 4],
     count: usize,
 ) -> Outcome {
-    if !stack.on_link(addr) {
-        report.str(
-            "error",
-            format_args!("{} is not on the local subnet (no gateway)", Ip(addr)),
-        );
-        return Outcome::Fail;
-    }
-    // Resolve the peer: a broadcast request every ARP_RETRY_MS until it answers.
-    let mut mac = None;
-    for _ in 0..ARP_TRIES {
-        if let Err(e) = stack.send_arp_request(addr) {
-            return fail(report, e);
+    let mac = match resolve(stack, health, report, addr) {
+        Ok(mac) => mac,
+        Err(o) => {
+            report.u64("sent", 0);
+            report.u64("received", 0);
+            return o;
         }
-        match wait(stack, health, report, ARP_RETRY_MS, |s| {
-            s.arp_lookup(addr).is_some()
-        }) {
-            Ok(true) => {
-                mac = stack.arp_lookup(addr);
-                break;
-            }
-            Ok(false) => {}
-            Err(o) => return o,
-        }
-    }
-    let Some(mac) = mac else {
-        report.u64("sent", 0);
-        report.u64("received", 0);
-        report.str("error", format_args!("no ARP reply from {}", Ip(addr)));
-        return Outcome::Fail;
     };
-    report.str("peer_mac", format_args!("{}", Mac(mac)));
-    println!("splitvisor-guest: {} is at {}", Ip(addr), Mac(mac));
     let mut rtts = [0u64; MAX_COUNT];
     let (mut sent, mut received) = (0usize, 0usize);
     for seq in 1..=count as u16 {

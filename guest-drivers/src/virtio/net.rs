@@ -1,5 +1,6 @@
 //! virtio-net driver over virtio-mmio, driven by polling: RX queue 0 kept full of 2 KiB
-//! device-writable buffers, TX queue 1 with one copied buffer per frame, the 12-byte
+//! device-writable buffers, TX queue 1 with one copied buffer per frame (sent one at a time, or
+//! in bursts published with one avail-index store and at most one kick), the 12-byte
 //! `virtio_net_hdr_v1` in front of every frame, MRG_RXBUF (frames spread over several RX
 //! buffers are gathered), EVENT_IDX (kicks only when the device asks for them), and the MAC and
 //! link status (VIRTIO_NET_S_LINK_UP) from the device config. No offloads, MQ or control queue.
@@ -28,6 +29,9 @@ const TX_Q: u16 = 1;
 pub const HDR_LEN: usize = 12;
 /// Bytes per RX and TX buffer (header included).
 const BUF_LEN: usize = 2048;
+/// RX buffers `recv` gives back before it publishes them: enough to spread the fence a publish
+/// costs, few enough that the device never misses many buffers.
+const RX_PUBLISH_BATCH: u16 = 16;
 /// Largest frame (without the header) `recv` gathers from merged buffers.
 pub const MAX_FRAME: usize = 9216;
 
@@ -38,7 +42,11 @@ pub struct NetStats {
     pub tx_frames: u64,
     pub rx_dropped: u64,
     pub tx_dropped: u64,
+    /// QueueNotify writes, both queues.
     pub kicks: u64,
+    /// QueueNotify writes for the TX queue (frames sent) and the RX queue (buffers reposted).
+    pub tx_kicks: u64,
+    pub rx_kicks: u64,
 }
 
 pub struct VirtioNet {
@@ -49,6 +57,8 @@ pub struct VirtioNet {
     tx: SplitQueue,
     rx_bufs: u64,
     tx_bufs: u64,
+    /// RX buffers reposted but not yet published.
+    rx_unpublished: u16,
     /// Gathering area for frames spread over several RX buffers.
     scratch: *mut u8,
     pub stats: NetStats,
@@ -106,6 +116,7 @@ impl VirtioNet {
             rx_bufs,
             tx_bufs,
             scratch,
+            rx_unpublished: 0,
             stats: NetStats::default(),
         };
         // Fill the RX ring before DRIVER_OK so the device has buffers from the start.
@@ -141,12 +152,22 @@ impl VirtioNet {
             len: BUF_LEN as u32,
             write: true,
         }])?;
+        self.rx_unpublished += 1;
         Ok(())
     }
 
+    /// Publishes the RX buffers given back since the last publish (kicking only if the device
+    /// asks for it). `recv` publishes every RX_PUBLISH_BATCH buffers by itself; callers that
+    /// drain the ring call this once they find it empty.
+    pub fn publish_rx(&mut self) {
+        self.kick_rx();
+    }
+
     fn kick_rx(&mut self) {
+        self.rx_unpublished = 0;
         if self.rx.publish() {
             self.stats.kicks += 1;
+            self.stats.rx_kicks += 1;
             self.mmio.notify(RX_Q);
         }
     }
@@ -202,7 +223,10 @@ impl VirtioNet {
                 f(unsafe { core::slice::from_raw_parts(scratch.add(HDR_LEN), total - HDR_LEN) });
             }
         }
-        self.kick_rx();
+        // Publishing costs a full fence: batch it (a few buffers only, see RX_PUBLISH_BATCH).
+        if self.rx_unpublished >= RX_PUBLISH_BATCH {
+            self.kick_rx();
+        }
         if ok {
             self.stats.rx_frames += 1;
         } else {
@@ -217,15 +241,49 @@ impl VirtioNet {
         Ok(())
     }
 
+    /// TX frames the device has not completed yet (after taking back the completed ones).
+    pub fn tx_in_flight(&mut self) -> Result<u16, BlkError> {
+        self.reclaim_tx()?;
+        Ok(self.tx.size() - self.tx.free())
+    }
+
     /// Sends one frame (Ethernet header onwards) built by `build` into a buffer of
     /// `MAX_TX_FRAME` bytes; `build` returns the frame's length. The frame is published at
-    /// once and the device kicked only if it asks for it (EVENT_IDX).
+    /// once and the device kicked only if it asks for it (EVENT_IDX). A full ring drops the
+    /// frame (counted in `tx_dropped`).
     pub fn send(&mut self, build: impl FnOnce(&mut [u8]) -> usize) -> Result<(), BlkError> {
         self.reclaim_tx()?;
         if self.tx.free() == 0 {
             self.stats.tx_dropped += 1;
             return Ok(());
         }
+        self.push_tx(build)?;
+        self.publish_tx();
+        Ok(())
+    }
+
+    /// Queues up to `max` frames, each built by `build` as in `send`, and publishes them
+    /// together: one avail-index store and at most one kick for the whole burst. Returns how
+    /// many frames were queued (0 when the ring is full: nothing is dropped, call again).
+    pub fn send_burst(
+        &mut self,
+        max: usize,
+        mut build: impl FnMut(&mut [u8]) -> usize,
+    ) -> Result<usize, BlkError> {
+        self.reclaim_tx()?;
+        let n = max.min(usize::from(self.tx.free()));
+        for _ in 0..n {
+            self.push_tx(&mut build)?;
+        }
+        if n > 0 {
+            self.publish_tx();
+        }
+        Ok(n)
+    }
+
+    /// Copies one frame into the TX buffer of the next free descriptor and queues it (not yet
+    /// published). The caller has checked that a descriptor is free.
+    fn push_tx(&mut self, build: impl FnOnce(&mut [u8]) -> usize) -> Result<(), BlkError> {
         let id = self.tx.peek_head();
         let addr = self.tx_bufs + u64::from(id) * BUF_LEN as u64;
         // SAFETY: buffer `id` belongs to a free descriptor, so the device is not using it.
@@ -238,12 +296,16 @@ impl VirtioNet {
             len: (HDR_LEN + len) as u32,
             write: false,
         }])?;
-        if self.tx.publish() {
-            self.stats.kicks += 1;
-            self.mmio.notify(TX_Q);
-        }
         self.stats.tx_frames += 1;
         Ok(())
+    }
+
+    fn publish_tx(&mut self) {
+        if self.tx.publish() {
+            self.stats.kicks += 1;
+            self.stats.tx_kicks += 1;
+            self.mmio.notify(TX_Q);
+        }
     }
 }
 
