@@ -130,7 +130,18 @@ impl TapNet {
         let ns = Netns::new(&format!("svt{}", std::process::id()));
         let tap = format!("svtap{}", std::process::id() % 100_000);
         let socket = dir.join("tap.sock");
-        // The daemon runs inside the namespace, so its TAP (and all test traffic) lives there.
+        let daemon = Self::start_daemon(dir, "tap", &ns, &tap, &socket);
+        TapNet {
+            daemon,
+            socket,
+            tap,
+            ns,
+        }
+    }
+
+    /// Starts `splitvisor-net --tap` inside the namespace, so its TAP (and all test traffic)
+    /// lives there, and gives the TAP its address once the daemon has created it.
+    fn start_daemon(dir: &Workdir, name: &str, ns: &Netns, tap: &str, socket: &Path) -> Daemon {
         let bin = net_daemon();
         let daemon_args: Vec<&OsStr> = vec![
             "netns".as_ref(),
@@ -142,19 +153,18 @@ impl TapNet {
             "--tap".as_ref(),
             tap.as_ref(),
         ];
-        let daemon =
-            Daemon::start(dir, "tap", "ip".as_ref(), &daemon_args, &socket).expect("daemon");
+        let daemon = Daemon::start(dir, name, "ip".as_ref(), &daemon_args, socket).expect("daemon");
         // The socket is bound before the TAP is opened: wait for the TAP too.
         poll_until("the TAP device", Duration::from_secs(10), || {
-            ns.exec(&["ip", "link", "show", "dev", &tap])
+            ns.exec(&["ip", "link", "show", "dev", tap])
                 .status
                 .success()
                 .then_some(())
         })
         .expect("TAP created by the daemon");
         for cmd in [
-            vec!["ip", "addr", "add", "10.0.0.1/24", "dev", &tap],
-            vec!["ip", "link", "set", "dev", &tap, "mtu", "1600", "up"],
+            vec!["ip", "addr", "add", "10.0.0.1/24", "dev", tap],
+            vec!["ip", "link", "set", "dev", tap, "mtu", "1600", "up"],
         ] {
             let out = ns.exec(&cmd);
             assert!(
@@ -163,12 +173,15 @@ impl TapNet {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        TapNet {
-            daemon,
-            socket,
-            tap,
-            ns,
-        }
+        daemon
+    }
+
+    /// Kills the daemon as a crash would (its TAP goes with it) and starts a new one on the
+    /// same socket and TAP name.
+    fn crash_and_restart(&mut self, dir: &Workdir) {
+        self.daemon.kill().expect("kill the backend");
+        let _ = std::fs::remove_file(&self.socket);
+        self.daemon = Self::start_daemon(dir, "tap-restarted", &self.ns, &self.tap, &self.socket);
     }
 
     /// Packets the kernel received on the TAP: the frames the backend wrote into it.
@@ -424,4 +437,67 @@ fn bench_net_rejects_bad_arguments() {
         let error = result["error"].as_str().unwrap_or_default();
         assert!(error.contains(wanted), "{cmdline}: error {error:?}\n{run}");
     }
+}
+
+#[test]
+fn serving_guest_answers_pings_again_after_its_backend_restarts() {
+    if !require_kvm("serving_guest_answers_pings_again_after_its_backend_restarts") {
+        return;
+    }
+    let dir = Workdir::new("net-restart");
+    let mut tap = TapNet::start(&dir);
+    let net = format!("socket={}", tap.socket.display());
+    let api = dir.join("api.sock");
+    let guest = RunningVm::spawn(
+        [
+            "run",
+            "--net",
+            &net,
+            "--reconnect-timeout",
+            "30",
+            "--api-socket",
+            api.to_str().unwrap(),
+            "--cmdline",
+            "serve,seconds=25 ip=10.0.0.2/24",
+        ],
+        dir.path(),
+        "vm",
+    );
+    wait_serving(&guest, "10.0.0.2");
+    let ping =
+        |tap: &TapNet, count: &str| tap.ns.exec(&["ping", "-c", count, "-W", "1", "10.0.0.2"]);
+    assert!(
+        ping(&tap, "3").status.success(),
+        "{}",
+        guest.stdout_so_far()
+    );
+
+    tap.crash_and_restart(&dir);
+    let restarted = Instant::now();
+    // Pings during the outage may be lost; once the VMM has handed the rings to the new
+    // daemon, they succeed again.
+    poll_until("the guest to answer again", Duration::from_secs(15), || {
+        ping(&tap, "1").status.success().then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", guest.stdout_so_far()));
+    eprintln!(
+        "first ping answered {:?} after the restart",
+        restarted.elapsed()
+    );
+    let after = ping(&tap, "5");
+    assert!(
+        String::from_utf8_lossy(&after.stdout).contains("5 received"),
+        "{}",
+        String::from_utf8_lossy(&after.stdout)
+    );
+    let backend = splitvisor_tests::api::get(&api, "/vm")["devices"][0]["backend"].clone();
+    assert_eq!(backend["state"], "connected", "{backend}");
+    assert_eq!(backend["recoveries"], 1, "{backend}");
+
+    let run = guest.wait(Duration::from_secs(60));
+    let result = run.assert_passed();
+    // The guest looks at the link every 100 ms; an outage shorter than that may pass unseen.
+    assert!(result["link_outages"].as_u64() <= Some(1), "{run}");
+    assert!(run.stderr.contains("recovered"), "{run}");
+    tap.daemon.stop().expect("daemon stops");
 }

@@ -76,14 +76,32 @@ pub(super) fn open(ctx: &Context, report: &mut Report) -> Result<Stack, Outcome>
     Ok(Stack::new(nic, ip, prefix))
 }
 
-/// Periodic health check: link down or DEVICE_NEEDS_RESET ends the task.
+/// Periodic health check: DEVICE_NEEDS_RESET ends the task; so does the link going down,
+/// unless the task rides out outages (`serve`: a backend restart takes the link down, the
+/// VMM brings it back up when the backend returns).
 pub(super) struct Health {
     last: u64,
+    tolerate_outages: bool,
+    link_up: bool,
+    outages: u64,
 }
 
 impl Health {
     pub(super) fn new() -> Health {
-        Health { last: time::now() }
+        Health {
+            last: time::now(),
+            tolerate_outages: false,
+            link_up: true,
+            outages: 0,
+        }
+    }
+
+    /// A check that waits out link outages instead of failing.
+    pub(super) fn tolerating_outages() -> Health {
+        Health {
+            tolerate_outages: true,
+            ..Health::new()
+        }
     }
 
     /// Every CHECK_MS: reads the device status and the config's link status. When either says
@@ -107,6 +125,18 @@ impl Health {
         let needs_reset = stack.nic.needs_reset();
         let link_up = stack.nic.link_up();
         if !needs_reset && link_up {
+            if !self.link_up {
+                println!("splitvisor-guest: virtio-net link up again");
+                self.link_up = true;
+            }
+            return Ok(());
+        }
+        if !needs_reset && self.tolerate_outages {
+            if self.link_up {
+                println!("splitvisor-guest: virtio-net link down; waiting for it to come back");
+                self.link_up = false;
+                self.outages += 1;
+            }
             return Ok(());
         }
         report.str("link", format_args!("down"));
@@ -122,6 +152,21 @@ impl Health {
         }
         report.str("error", format_args!("virtio-net: link went down"));
         Err(Outcome::Fail)
+    }
+
+    /// For a task that rode out outages: how many there were, and whether the link is up at
+    /// the end (a task that ends with the link down fails).
+    pub(super) fn finish(&self, report: &mut Report) -> Outcome {
+        report.u64("link_outages", self.outages);
+        if self.link_up {
+            return Outcome::Pass;
+        }
+        report.str("link", format_args!("down"));
+        report.str(
+            "error",
+            format_args!("virtio-net: the link was still down at the end"),
+        );
+        Outcome::Fail
     }
 }
 
@@ -159,7 +204,7 @@ pub fn serve(task: &Task, ctx: &Context, report: &mut Report) -> Outcome {
         Err(o) => return o,
     };
     let end = time::now() + time::ms_to_ticks(seconds * 1000);
-    let mut health = Health::new();
+    let mut health = Health::tolerating_outages();
     let outcome = loop {
         if let Err(e) = stack.poll() {
             break fail(report, e);
@@ -168,7 +213,7 @@ pub fn serve(task: &Task, ctx: &Context, report: &mut Report) -> Outcome {
             break o;
         }
         if time::now() >= end {
-            break Outcome::Pass;
+            break health.finish(report);
         }
         core::hint::spin_loop();
     };

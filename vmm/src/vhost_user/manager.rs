@@ -177,7 +177,8 @@ impl BackendManager {
             match Candidate::connect(kind, &socket, Duration::ZERO) {
                 Ok(candidate) => match self.take_over(generation, candidate) {
                     Ok(Some(record)) => {
-                        info!(
+                        // At the level of the "lost" line, so that users see both.
+                        warn!(
                             "{}: recovered: the backend on {} is back after {} ms (rings resumed in {} us{})",
                             self.id,
                             socket.display(),
