@@ -19,8 +19,10 @@ use crate::vm_end::EndSignal;
 
 /// How often a lost backend's socket is tried: first quickly (a supervisor restarts a crashed
 /// daemon within milliseconds), then less often.
-const RETRY_FIRST: Duration = Duration::from_millis(5);
-const RETRY_MAX: Duration = Duration::from_millis(100);
+const RETRY_FIRST: Duration = Duration::from_millis(2);
+const RETRY_MAX: Duration = Duration::from_millis(20);
+/// How long after a switch the first completed request is waited for (and timed).
+const FIRST_COMPLETION_WAIT: Duration = Duration::from_secs(2);
 
 pub type SharedDevice = Arc<Mutex<VirtioMmio<VhostUserDevice>>>;
 
@@ -245,7 +247,48 @@ impl BackendManager {
         if let Err(e) = self.watch() {
             warn!("{}: {}", self.id, crate::error_chain(&e));
         }
+        self.time_first_completion();
         Ok(Some(record))
+    }
+
+    /// Times, on a thread of its own, how long after a switch the guest's first request
+    /// completes, and adds it to the switch's record (`GET /vm`) and the log.
+    fn time_first_completion(self: &Arc<Self>) {
+        let (generation, resumed) = {
+            let device = self.lock_device();
+            (device.device().generation(), device.device().resumed_from())
+        };
+        let Some((before, started)) = resumed else {
+            return;
+        };
+        let manager = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-timing", self.id))
+            .spawn(move || {
+                while started.elapsed() < FIRST_COMPLETION_WAIT && !manager.end.is_stopping() {
+                    let mut device = manager.lock_device();
+                    let d = device.device_mut();
+                    if d.generation() != generation {
+                        return;
+                    }
+                    if d.used_indices() != before {
+                        let after = started.elapsed();
+                        d.note_first_completion(generation, after);
+                        drop(device);
+                        info!(
+                            "{}: first request completed {} us after the new backend took over",
+                            manager.id,
+                            after.as_micros()
+                        );
+                        return;
+                    }
+                    drop(device);
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("{}: could not time the first completion: {e}", self.id);
+        }
     }
 
     fn give_up(&self, generation: u64) {
@@ -303,6 +346,7 @@ impl BackendManager {
         if let Err(e) = self.watch() {
             warn!("{}: {}", self.id, crate::error_chain(&e));
         }
+        self.time_first_completion();
         info!(
             "{}: swapped backend {} -> {}: rings stopped for {} us",
             self.id,

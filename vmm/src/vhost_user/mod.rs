@@ -228,6 +228,11 @@ pub struct SwitchRecord {
     pub to: PathBuf,
     /// Rings stopped (or found stopped) until running on the new backend.
     pub stall: Duration,
+    /// From handing the rings to the new backend (the end of `stall` minus the setup
+    /// messages) until the guest's first completed request; None if none completed within
+    /// 2 s (an idle guest). For a busy guest, the I/O gap of a swap is about the old rings'
+    /// stop plus this; after a crash, the new backend's first answer plus this.
+    pub first_completion: Option<Duration>,
     /// For a recovery: from losing the backend until the new one served the rings.
     pub outage: Option<Duration>,
     /// Whether the new backend got its predecessor's inflight region to resubmit from.
@@ -242,6 +247,7 @@ impl SwitchRecord {
             "from": self.from,
             "to": self.to,
             "stall_us": self.stall.as_micros() as u64,
+            "first_completion_us": self.first_completion.map(|d| d.as_micros() as u64),
             "outage_ms": self.outage.map(|d| d.as_millis() as u64),
             "inflight_region": self.inflight_region,
             "at_ms": self.at.saturating_duration_since(epoch).as_millis() as u64,
@@ -272,6 +278,9 @@ pub struct VhostUserDevice {
     /// `sample_completions`), and each ready queue's `idx` when last sampled.
     completed: u64,
     last_used: Vec<(usize, u16)>,
+    /// The used indices and the time just before the latest switch started the new backend,
+    /// from which the first completion after it is timed.
+    resumed_from: Option<(Vec<(usize, u16)>, Instant)>,
 }
 
 impl VhostUserDevice {
@@ -316,6 +325,7 @@ impl VhostUserDevice {
             history: Vec::new(),
             completed: 0,
             last_used: Vec::new(),
+            resumed_from: None,
         })
     }
 
@@ -444,6 +454,7 @@ impl VhostUserDevice {
         mut candidate: Candidate,
     ) -> Result<(Option<Frontend>, SwitchRecord), SwitchError> {
         self.check_compatible(&candidate)?;
+        self.resumed_from = None;
         let lost_since = match self.backend.state {
             LinkState::Lost { since } => Some(since),
             _ => None,
@@ -495,6 +506,7 @@ impl VhostUserDevice {
                 None
             };
             inflight_region = kept.is_some();
+            self.resumed_from = Some((rings.used_indices(&self.memory), Instant::now()));
             match rings::start(
                 &mut candidate.frontend,
                 candidate.protocol,
@@ -542,6 +554,7 @@ impl VhostUserDevice {
             from: self.backend.socket.clone(),
             to: candidate.socket.clone(),
             stall,
+            first_completion: None,
             outage: lost_since.map(|since| since.elapsed()),
             inflight_region,
             at: Instant::now(),
@@ -591,6 +604,28 @@ impl VhostUserDevice {
             "recoveries": self.recoveries,
             "history": self.history.iter().map(|r| r.to_json(epoch)).collect::<Vec<_>>(),
         })
+    }
+
+    /// The used index of each ready queue now (empty before activation).
+    pub fn used_indices(&self) -> Vec<(usize, u16)> {
+        self.rings
+            .as_ref()
+            .map(|r| r.used_indices(&self.memory))
+            .unwrap_or_default()
+    }
+
+    /// Where the latest switch resumed the rings, and when (see `note_first_completion`).
+    pub fn resumed_from(&self) -> Option<(Vec<(usize, u16)>, Instant)> {
+        self.resumed_from.clone()
+    }
+
+    /// Completes the latest switch's record with when the guest's first request completed.
+    pub fn note_first_completion(&mut self, generation: u64, after: Duration) {
+        if generation == self.backend.generation {
+            if let Some(last) = self.history.last_mut() {
+                last.first_completion = Some(after);
+            }
+        }
     }
 
     /// Adds the requests completed since the last sample. The used index is 16 bits, so this
