@@ -1,33 +1,26 @@
-//! vhost-user glue: features, config space, guest memory, and queue events -> `request`.
+//! The virtio-blk device behind the vhost-user server: features, config space, and each
+//! request handed to `request`, with per-queue counters.
 
-use std::io;
 use std::mem::{offset_of, size_of};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use log::{info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::GuestMemoryMmap;
 
 use crate::disk::Disk;
 use crate::request::{process_chain, Completion, DeviceInfo, IoBuffer, RequestError, SECTOR_SIZE};
 use crate::stats::{DeviceStats, QueueCounters};
-
-/// Event id of a queue kick inside its worker thread: every worker serves exactly one queue,
-/// so its only vring is at index 0 (the thread index is the queue index).
-pub const QUEUE_KICK_EVENT: u16 = 0;
+use crate::vhost::VhostUserDevice;
 
 /// Bad requests logged in full before the log is thinned to powers of two.
 const WARN_BURST: u64 = 16;
@@ -60,123 +53,56 @@ pub fn feature_names(features: u64) -> String {
     names.join("|")
 }
 
-/// The vhost-user-blk device of one frontend connection.
+/// The vhost-user-blk device: shared by every frontend connection of the daemon.
 pub struct BlkBackend {
     disk: Arc<dyn Disk>,
     info: DeviceInfo,
-    queue_size: usize,
-    mem: RwLock<GuestMemoryAtomic<GuestMemoryMmap>>,
+    queue_size: u16,
     config: Vec<u8>,
-    event_idx: AtomicBool,
-    acked_features: AtomicU64,
     stats: Arc<DeviceStats>,
     /// One bounce buffer per queue; each is only used by that queue's worker.
     buffers: Vec<Mutex<IoBuffer>>,
     bad_requests: AtomicU64,
+    /// Test-only: sleep this long before executing each request (see `TEST_DELAY_ENV`).
+    request_delay: Option<Duration>,
 }
 
 impl BlkBackend {
-    /// `stats` must have at least `num_queues` queues.
+    /// `stats` must have at least `num_queues` queues; `queue_size` is a power of two of at
+    /// most 32768 (checked by `run`).
     pub fn new(
         disk: Arc<dyn Disk>,
         info: DeviceInfo,
         num_queues: usize,
-        queue_size: usize,
+        queue_size: u16,
         stats: Arc<DeviceStats>,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
     ) -> Self {
         let config = config_space(&info, num_queues);
         BlkBackend {
             disk,
             info,
             queue_size,
-            mem: RwLock::new(mem),
             config,
-            event_idx: AtomicBool::new(false),
-            acked_features: AtomicU64::new(0),
             stats,
             buffers: (0..num_queues).map(|_| Mutex::default()).collect(),
             bad_requests: AtomicU64::new(0),
+            request_delay: None,
         }
     }
 
-    /// Features the frontend acknowledged on this connection (0 before SET_FEATURES).
-    pub fn acked(&self) -> u64 {
-        self.acked_features.load(Ordering::Relaxed)
+    /// Delay every request by `delay` before executing it, so that tests can kill the daemon
+    /// while a request is fetched but not completed. Never used outside tests.
+    pub fn with_request_delay(mut self, delay: Option<Duration>) -> Self {
+        self.request_delay = delay;
+        self
     }
 
-    fn memory(&self) -> GuestMemoryAtomic<GuestMemoryMmap> {
-        self.mem.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Serve queue `queue` until it is empty, with the EVENT_IDX re-check loop so that a
-    /// request the driver adds while notifications are off is never missed.
-    fn process_queue(&self, queue: usize, vring: &VringRwLock) -> Result<(), QueueError> {
-        let counters = self
-            .stats
-            .queue(queue)
-            .ok_or(QueueError::NoSuchQueue(queue))?;
-        let buffer = self
-            .buffers
-            .get(queue)
-            .ok_or(QueueError::NoSuchQueue(queue))?;
-        let mut buf = buffer.lock().unwrap_or_else(|e| e.into_inner());
-        QueueCounters::add(&counters.kicks, 1);
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        loop {
-            if event_idx {
-                vring
-                    .disable_notification()
-                    .map_err(QueueError::Notification)?;
-            }
-            let served = self.drain(queue, vring, &mut buf, counters)?;
-            if served > 0
-                && vring
-                    .needs_notification()
-                    .map_err(QueueError::Notification)?
-            {
-                vring.signal_used_queue().map_err(QueueError::Signal)?;
-                QueueCounters::add(&counters.interrupts, 1);
-            }
-            if !event_idx
-                || !vring
-                    .enable_notification()
-                    .map_err(QueueError::Notification)?
-            {
-                return Ok(());
-            }
+    fn account(&self, queue: usize, done: &Completion) {
+        if let Some(counters) = self.stats.queue(queue) {
+            QueueCounters::add(&counters.requests, 1);
+            QueueCounters::add(&counters.read_bytes, done.read_bytes);
+            QueueCounters::add(&counters.write_bytes, done.write_bytes);
         }
-    }
-
-    /// Pop, serve and complete every available chain; returns how many were completed.
-    fn drain(
-        &self,
-        queue: usize,
-        vring: &VringRwLock,
-        buf: &mut IoBuffer,
-        counters: &QueueCounters,
-    ) -> Result<usize, QueueError> {
-        let atomic = self.memory();
-        let mem = atomic.memory();
-        let mut served = 0;
-        loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
-            let Some(chain) = chain else {
-                return Ok(served);
-            };
-            let done = process_chain(chain, &self.info, self.disk.as_ref(), buf);
-            self.account(queue, counters, &done);
-            vring
-                .add_used(done.head, done.used_len)
-                .map_err(QueueError::AddUsed)?;
-            served += 1;
-        }
-    }
-
-    fn account(&self, queue: usize, counters: &QueueCounters, done: &Completion) {
-        QueueCounters::add(&counters.requests, 1);
-        QueueCounters::add(&counters.read_bytes, done.read_bytes);
-        QueueCounters::add(&counters.write_bytes, done.write_bytes);
         if let Some(err) = &done.error {
             self.warn_bad_request(queue, done, err);
         }
@@ -203,6 +129,12 @@ impl BlkBackend {
             error_chain(err)
         );
     }
+
+    fn count(&self, queue: usize, counter: impl Fn(&QueueCounters) -> &AtomicU64) {
+        if let Some(counters) = self.stats.queue(queue) {
+            QueueCounters::add(counter(counters), 1);
+        }
+    }
 }
 
 /// `err: cause: cause` on one line.
@@ -215,19 +147,6 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         cur = e.source();
     }
     s
-}
-
-/// Why a queue could not be processed (the queue itself is broken, not one request).
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    #[error("queue {0} does not exist")]
-    NoSuchQueue(usize),
-    #[error("cannot update the notification state of the queue")]
-    Notification(#[source] virtio_queue::Error),
-    #[error("cannot add to the used ring")]
-    AddUsed(#[source] virtio_queue::Error),
-    #[error("cannot signal the call eventfd")]
-    Signal(#[source] io::Error),
 }
 
 /// The bytes of `struct virtio_blk_config` for this device (little-endian fields).
@@ -276,15 +195,12 @@ fn config_space(info: &DeviceInfo, num_queues: usize) -> Vec<u8> {
     c
 }
 
-impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
-
+impl VhostUserDevice for BlkBackend {
     fn num_queues(&self) -> usize {
         self.buffers.len()
     }
 
-    fn max_queue_size(&self) -> usize {
+    fn max_queue_size(&self) -> u16 {
         self.queue_size
     }
 
@@ -303,85 +219,52 @@ impl VhostUserBackend for BlkBackend {
         } else {
             bits.extend([VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES]);
         }
-        bits.iter()
-            .fold(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), |f, b| {
-                f | (1u64 << b)
-            })
+        bits.iter().fold(0, |f, b| f | (1u64 << b))
     }
 
-    fn acked_features(&self, features: u64) {
-        self.acked_features.store(features, Ordering::Relaxed);
+    fn features_acked(&self, features: u64) {
         info!(
             "frontend negotiated features {features:#x} ({})",
             feature_names(features)
         );
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    fn config_space(&self) -> Option<&[u8]> {
+        Some(&self.config)
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let start = offset as usize;
-        match start.checked_add(size as usize) {
-            Some(end) if end <= self.config.len() => self.config[start..end].to_vec(),
-            _ => {
-                warn!(
-                    "GET_CONFIG {offset}+{size} is outside the {}-byte config space",
-                    self.config.len()
-                );
-                Vec::new()
-            }
-        }
-    }
-
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
-        Ok(())
-    }
-
-    fn queues_per_thread(&self) -> Vec<u64> {
-        // One worker thread per queue (num_queues <= 64).
-        (0..self.num_queues()).map(|q| 1u64 << q).collect()
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                warn!("cannot create a worker exit event: {e}");
-                None
-            }
-        }
-    }
-
-    fn handle_event(
+    fn process(
         &self,
-        device_event: u16,
-        _evset: EventSet,
-        vrings: &[VringRwLock],
-        thread_id: usize,
-    ) -> io::Result<()> {
-        if device_event != QUEUE_KICK_EVENT {
-            warn!("worker {thread_id}: ignoring unknown event {device_event}");
-            return Ok(());
+        queue: usize,
+        head: u16,
+        chain: &[Descriptor],
+        memory: &GuestMemoryMmap,
+    ) -> u32 {
+        if let Some(delay) = self.request_delay {
+            std::thread::sleep(delay);
         }
-        let Some(vring) = vrings.first() else {
-            warn!("worker {thread_id}: kick without a vring");
-            return Ok(());
+        let Some(buffer) = self.buffers.get(queue) else {
+            warn!("queue {queue} does not exist; request at descriptor {head} dropped");
+            return 0;
         };
-        // Returning an error would end the worker thread; a broken queue is reported and the
-        // next kick (or reconnection) tries again.
-        if let Err(e) = self.process_queue(thread_id, vring) {
-            warn!("queue {thread_id}: {}", error_chain(&e));
-        }
-        Ok(())
+        let mut buf = buffer.lock().unwrap_or_else(|e| e.into_inner());
+        let done = process_chain(
+            head,
+            chain,
+            memory,
+            &self.info,
+            self.disk.as_ref(),
+            &mut buf,
+        );
+        self.account(queue, &done);
+        done.used_len
+    }
+
+    fn queue_kicked(&self, queue: usize) {
+        self.count(queue, |c| &c.kicks);
+    }
+
+    fn queue_signalled(&self, queue: usize) {
+        self.count(queue, |c| &c.interrupts);
     }
 }

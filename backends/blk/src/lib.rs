@@ -5,14 +5,14 @@ pub mod disk;
 pub mod request;
 pub mod socket;
 pub mod stats;
+pub mod vhost;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use ::vhost::vhost_user::Listener;
 use log::{error, info, warn};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{feature_names, BlkBackend};
 use crate::disk::{Disk, DiskError, FileDisk};
@@ -20,8 +20,11 @@ use crate::request::{DeviceInfo, Limits, SECTOR_SIZE};
 use crate::socket::{SocketError, SocketGuard};
 use crate::stats::DeviceStats;
 
-/// Most queues a device can have (vhost-user-backend maps queues to threads with a u64 mask).
+/// Most queues a device can have.
 pub const MAX_QUEUES: usize = 64;
+/// Test-only: milliseconds to sleep before executing each request, so that integration tests
+/// can kill the daemon while requests are in flight. Not a user setting; never set it.
+pub const TEST_DELAY_ENV: &str = "SPLITVISOR_BLK_TEST_DELAY_MS";
 /// Sectors one discard/write-zeroes range may cover (16 GiB).
 pub const MAX_RANGE_SECTORS: u32 = 1 << 25;
 /// Ranges one discard/write-zeroes request may carry.
@@ -55,12 +58,12 @@ pub enum RunError {
     Socket(#[from] SocketError),
     #[error("cannot set up signal handling")]
     Signals(#[source] std::io::Error),
-    // vhost_user_backend::Error implements Display but not std::error::Error, so its text
-    // is carried here instead of as a source.
-    #[error("cannot create the vhost-user device for {socket}: {reason}")]
-    Daemon { socket: PathBuf, reason: String },
-    #[error("cannot accept a frontend connection on {socket}: {reason}")]
-    Accept { socket: PathBuf, reason: String },
+    #[error("cannot accept a frontend connection on {socket}")]
+    Accept {
+        socket: PathBuf,
+        #[source]
+        source: ::vhost::vhost_user::Error,
+    },
 }
 
 fn validate(config: &Config) -> Result<(), RunError> {
@@ -124,61 +127,39 @@ pub fn run(config: Config) -> Result<(), RunError> {
         config.queues,
         config.queue_size
     );
+    // validate() bounded the queue size by 32768.
+    let queue_size = u16::try_from(config.queue_size).unwrap_or(u16::MAX);
+    let device = Arc::new(
+        BlkBackend::new(disk, info, config.queues, queue_size, stats.clone())
+            .with_request_delay(test_request_delay()),
+    );
     loop {
-        serve_one(&config, &disk, &info, &stats, &mut listener)?;
+        let end = vhost::serve_frontend(&mut listener, device.clone()).map_err(|source| {
+            RunError::Accept {
+                socket: config.socket.clone(),
+                source,
+            }
+        })?;
+        let acked = end.acked_features;
+        match end.error {
+            None => info!(
+                "frontend disconnected (features {acked:#x}: {})",
+                feature_names(acked)
+            ),
+            Some(e) => warn!(
+                "frontend connection on {} ended with an error (features {acked:#x}): {e}",
+                config.socket.display()
+            ),
+        }
         eprintln!("STATS {}", stats.to_json());
     }
 }
 
-/// Accept one frontend and serve it until it disconnects.
-/// Each connection gets a fresh backend, vrings and worker threads; the disk and the counters
-/// are shared.
-fn serve_one(
-    config: &Config,
-    disk: &Arc<dyn Disk>,
-    info: &DeviceInfo,
-    stats: &Arc<DeviceStats>,
-    listener: &mut Listener,
-) -> Result<(), RunError> {
-    let socket = config.socket.clone();
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = Arc::new(BlkBackend::new(
-        disk.clone(),
-        info.clone(),
-        config.queues,
-        config.queue_size,
-        stats.clone(),
-        mem.clone(),
-    ));
-    let mut daemon =
-        VhostUserDaemon::new("splitvisor-blk".into(), backend.clone(), mem).map_err(|e| {
-            RunError::Daemon {
-                socket: socket.clone(),
-                reason: e.to_string(),
-            }
-        })?;
-    daemon.start(listener).map_err(|e| RunError::Accept {
-        socket,
-        reason: e.to_string(),
-    })?;
-    info!("frontend connected on {}", config.socket.display());
-    let result = daemon.wait();
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
-    let acked = backend.acked();
-    match result {
-        // A frontend closing the socket between messages is an ordinary disconnect.
-        Ok(())
-        | Err(vhost_user_backend::Error::HandleRequest(
-            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-        )) => info!(
-            "frontend disconnected (features {acked:#x}: {})",
-            feature_names(acked)
-        ),
-        Err(e) => warn!("frontend connection ended with an error (features {acked:#x}): {e}"),
-    }
-    Ok(())
+/// The test-only request delay from `TEST_DELAY_ENV`, if set.
+fn test_request_delay() -> Option<Duration> {
+    let ms: u64 = std::env::var(TEST_DELAY_ENV).ok()?.parse().ok()?;
+    warn!("{TEST_DELAY_ENV}={ms}: delaying every request (test-only setting)");
+    Some(Duration::from_millis(ms))
 }
 
 /// Block SIGINT/SIGTERM in every thread and handle them in a dedicated one: flush the image,

@@ -3,7 +3,6 @@
 
 use std::io;
 use std::mem::size_of;
-use std::ops::Deref;
 
 use virtio_bindings::virtio_blk::{
     virtio_blk_discard_write_zeroes, virtio_blk_outhdr, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
@@ -12,7 +11,6 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
 use crate::disk::Disk;
@@ -208,20 +206,16 @@ struct Outcome {
     write_bytes: u64,
 }
 
-/// Serve one request. Never panics on guest-controlled input; always yields a completion.
-pub fn process_chain<M>(
-    chain: DescriptorChain<M>,
+/// Serve the request at `head` whose descriptors (indirect tables already flattened) are
+/// `descs`. Never panics on guest-controlled input; always yields a completion.
+pub fn process_chain<G: GuestMemory + ?Sized>(
+    head: u16,
+    descs: &[Descriptor],
+    mem: &G,
     dev: &DeviceInfo,
     disk: &dyn Disk,
     buf: &mut IoBuffer,
-) -> Completion
-where
-    M: Deref + Clone,
-    M::Target: GuestMemory,
-{
-    let head = chain.head_index();
-    let descs: Vec<Descriptor> = chain.clone().collect();
-    let mem = chain.memory();
+) -> Completion {
     let dropped = |error| Completion {
         head,
         used_len: 0,
@@ -467,7 +461,7 @@ impl<G: GuestMemory + ?Sized> DataStream<'_, G> {
             pos += chunk.len() as u64;
         }
         Ok(Outcome {
-            // The chain's total length is bounded by u32 (virtio-queue stops at 4 GiB).
+            // The used length is a u32; a transfer beyond 4 GiB reports the maximum.
             written: u32::try_from(len).unwrap_or(u32::MAX),
             read_bytes: len,
             write_bytes: 0,

@@ -72,7 +72,16 @@ impl Fixture {
     fn run(&mut self, descs: &[RawDescriptor]) -> (Completion, u8) {
         let q = MockSplitQueue::new(&self.mem, 16);
         let chain = q.build_desc_chain(descs).unwrap();
-        let done = process_chain(chain, &self.dev, &self.disk, &mut self.buf);
+        let head = chain.head_index();
+        let descs: Vec<_> = chain.collect();
+        let done = process_chain(
+            head,
+            &descs,
+            &self.mem,
+            &self.dev,
+            &self.disk,
+            &mut self.buf,
+        );
         let status = self.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
         (done, status)
     }

@@ -1,0 +1,290 @@
+//! One thread per started queue: waits on the kick eventfd (and an exit eventfd), pops chains,
+//! hands them to the device, completes them in the used ring with inflight tracking, and
+//! signals the call eventfd as EVENT_IDX allows.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use log::{debug, warn};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::chain::DescriptorTable;
+use super::inflight::InflightQueue;
+use super::VhostUserDevice;
+
+const KICK_TOKEN: u64 = 0;
+const EXIT_TOKEN: u64 = 1;
+/// Bad chains logged in full before the log is thinned to powers of two.
+const WARN_BURST: u64 = 16;
+
+/// The call eventfd of a queue; SET_VRING_CALL may replace it while the worker runs.
+pub type CallFd = Arc<Mutex<Option<File>>>;
+
+/// Everything a worker needs to serve one queue.
+pub struct QueueSetup {
+    pub index: usize,
+    /// Size, ring addresses, EVENT_IDX and indices already set; ready.
+    pub queue: Queue,
+    pub table: DescriptorTable,
+    pub kick: File,
+    pub call: CallFd,
+    pub memory: GuestMemoryAtomic<GuestMemoryMmap>,
+    pub inflight: Option<InflightQueue>,
+    /// Heads a previous backend left in flight, in the order they were fetched.
+    pub resubmit: Vec<u16>,
+}
+
+/// A queue being served by its worker thread.
+pub struct RunningQueue {
+    index: usize,
+    thread: JoinHandle<Queue>,
+    exit: EventFd,
+    stop: Arc<AtomicBool>,
+}
+
+impl RunningQueue {
+    pub fn start<D: VhostUserDevice>(setup: QueueSetup, device: Arc<D>) -> io::Result<Self> {
+        let exit = EventFd::new(EFD_NONBLOCK)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let index = setup.index;
+        let worker = Worker {
+            exit: exit.try_clone()?,
+            stop: stop.clone(),
+            setup,
+            device,
+            bad_chains: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("queue-{index}"))
+            .spawn(move || worker.run())?;
+        Ok(RunningQueue {
+            index,
+            thread,
+            exit,
+            stop,
+        })
+    }
+
+    /// Stop after the request in progress, if any, is completed; returns the queue so its
+    /// next avail index can be reported. `None` if the worker died.
+    pub fn stop(self) -> Option<Queue> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Err(e) = self.exit.write(1) {
+            warn!(
+                "queue {}: cannot wake the worker to stop it: {e}",
+                self.index
+            );
+        }
+        match self.thread.join() {
+            Ok(queue) => Some(queue),
+            Err(_) => {
+                warn!("queue {}: worker thread panicked", self.index);
+                None
+            }
+        }
+    }
+}
+
+struct Worker<D> {
+    setup: QueueSetup,
+    device: Arc<D>,
+    exit: EventFd,
+    stop: Arc<AtomicBool>,
+    bad_chains: u64,
+}
+
+impl<D: VhostUserDevice> Worker<D> {
+    fn run(mut self) -> Queue {
+        let q = self.setup.index;
+        if let Err(e) = self.serve_forever() {
+            warn!("queue {q}: worker stopped: {e}");
+        }
+        debug!(
+            "queue {q}: stopped at avail index {}",
+            self.setup.queue.next_avail()
+        );
+        self.setup.queue
+    }
+
+    fn serve_forever(&mut self) -> io::Result<()> {
+        let epoll = Epoll::new()?;
+        let watch = |fd: i32, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        watch(self.setup.kick.as_raw_fd(), KICK_TOKEN)?;
+        watch(self.exit.as_raw_fd(), EXIT_TOKEN)?;
+        self.resubmit();
+        // Requests made available before this worker started (a new backend after a crash
+        // or a swap) have no kick coming: look at the ring once on our own.
+        self.serve();
+        let mut events = [EpollEvent::default(); 2];
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    EXIT_TOKEN => return Ok(()),
+                    _ => {
+                        let mut count = [0u8; 8];
+                        // The kick fd is an eventfd: one read clears it. A read error only
+                        // means another wakeup is pending, which serve() covers anyway.
+                        let _ = (&self.setup.kick).read(&mut count);
+                        self.device.queue_kicked(self.setup.index);
+                        self.serve();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Complete the requests a previous backend fetched but never completed.
+    fn resubmit(&mut self) {
+        let heads = std::mem::take(&mut self.setup.resubmit);
+        if heads.is_empty() {
+            return;
+        }
+        log::info!(
+            "queue {}: resubmitting {} request(s) left in flight: heads {heads:?}",
+            self.setup.index,
+            heads.len()
+        );
+        let memory = self.setup.memory.memory();
+        for head in heads {
+            self.execute(&memory, head);
+        }
+        self.notify(&memory);
+    }
+
+    /// Serve the ring until it is empty (or a stop is requested), with the EVENT_IDX re-check
+    /// so that a request added while notifications were off is never missed.
+    fn serve(&mut self) {
+        let memory = self.setup.memory.memory();
+        let event_idx = self.setup.queue.event_idx_enabled();
+        loop {
+            if event_idx {
+                if let Err(e) = self.setup.queue.disable_notification(&*memory) {
+                    warn!(
+                        "queue {}: cannot disable notifications: {e}",
+                        self.setup.index
+                    );
+                }
+            }
+            let served = self.drain(&memory);
+            if served > 0 {
+                self.notify(&memory);
+            }
+            if self.stop.load(Ordering::SeqCst) || !event_idx {
+                return;
+            }
+            match self.setup.queue.enable_notification(&*memory) {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    warn!(
+                        "queue {}: cannot enable notifications: {e}",
+                        self.setup.index
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Pop and serve every available chain; returns how many were completed.
+    fn drain(&mut self, memory: &GuestMemoryMmap) -> usize {
+        let mut served = 0;
+        while !self.stop.load(Ordering::SeqCst) {
+            let Some(chain) = self.setup.queue.pop_descriptor_chain(memory) else {
+                break;
+            };
+            let head = chain.head_index();
+            if let Some(inflight) = &mut self.setup.inflight {
+                inflight.fetched(head);
+            }
+            self.execute(memory, head);
+            served += 1;
+        }
+        served
+    }
+
+    /// Serve the chain at `head` and put it in the used ring.
+    fn execute(&mut self, memory: &GuestMemoryMmap, head: u16) {
+        let used_len = match self.setup.table.chain(memory, head) {
+            Ok(chain) => self.device.process(self.setup.index, head, &chain, memory),
+            Err(e) => {
+                self.warn_bad_chain(head, &e);
+                0
+            }
+        };
+        if let Some(inflight) = &self.setup.inflight {
+            inflight.completing(head);
+        }
+        if let Err(e) = self.setup.queue.add_used(memory, head, used_len) {
+            warn!(
+                "queue {}: cannot complete head {head}: {e}",
+                self.setup.index
+            );
+            return;
+        }
+        if let Some(inflight) = &self.setup.inflight {
+            inflight.completed(head, self.setup.queue.next_used());
+        }
+    }
+
+    fn notify(&mut self, memory: &GuestMemoryMmap) {
+        match self.setup.queue.needs_notification(memory) {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(e) => warn!(
+                "queue {}: cannot read the driver's used_event, signalling anyway: {e}",
+                self.setup.index
+            ),
+        }
+        let call = self.setup.call.lock().unwrap_or_else(|e| e.into_inner());
+        // Without a call fd (not yet set, or the frontend polls) there is nobody to signal.
+        if let Some(mut file) = call.as_ref() {
+            if let Err(e) = file.write_all(&1u64.to_ne_bytes()) {
+                warn!(
+                    "queue {}: cannot signal the call eventfd: {e}",
+                    self.setup.index
+                );
+                return;
+            }
+            self.device.queue_signalled(self.setup.index);
+        }
+    }
+
+    fn warn_bad_chain(&mut self, head: u16, err: &super::chain::ChainError) {
+        self.bad_chains += 1;
+        let n = self.bad_chains;
+        if n > WARN_BURST && !n.is_power_of_two() {
+            return;
+        }
+        let suppressed = if n >= WARN_BURST {
+            " (further warnings are rate limited)"
+        } else {
+            ""
+        };
+        warn!(
+            "queue {}: chain at head {head} is unusable and returned with length 0: {err}{suppressed}",
+            self.setup.index
+        );
+    }
+}
