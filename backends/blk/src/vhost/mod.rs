@@ -63,7 +63,9 @@ pub struct ConnectionEnd {
 }
 
 /// Accept one frontend on `listener` and serve it until it disconnects or sends something
-/// the server cannot answer; every queue worker is stopped before this returns.
+/// the server cannot answer (a message vhost cannot parse, or a failed request whose reply
+/// has no way to say so); every queue worker is stopped before this returns. Refused
+/// requests that were answered do not end the connection.
 pub fn serve_frontend<D: VhostUserDevice>(
     listener: &mut Listener,
     device: Arc<D>,
@@ -77,8 +79,11 @@ pub fn serve_frontend<D: VhostUserDevice>(
     };
     info!("frontend connected");
     let error = loop {
-        if let Err(e) = connection.handle_request() {
-            break e;
+        match connection.handle_request() {
+            Ok(()) => {}
+            // Logged by the handler; the frontend got its failed REPLY_ACK.
+            Err(e) if handler::is_refusal(&e) => {}
+            Err(e) => break e,
         }
     };
     let mut handler = handler.lock().unwrap_or_else(|e| e.into_inner());
