@@ -455,10 +455,13 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
     }
 
     fn set_config(&mut self, offset: u32, buf: &[u8], _flags: VhostUserConfigFlags) -> Result<()> {
-        Err(refuse(format!(
-            "SET_CONFIG {offset}+{}: the config space is read-only",
+        // The config space has no driver-writable field this server offers (no CONFIG_WCE);
+        // writes are acknowledged and ignored, as vhost-user-backend did before.
+        log::debug!(
+            "SET_CONFIG {offset}+{} ignored: read-only config space",
             buf.len()
-        )))
+        );
+        Ok(())
     }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> Result<()> {
