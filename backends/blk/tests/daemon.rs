@@ -6,12 +6,10 @@ mod common;
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
+use common::daemon::{make_image, wait_call, wait_exit, wait_for, Daemon, IMAGE_SIZE};
 use common::vring::{GuestRam, SplitVring};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
@@ -21,109 +19,15 @@ use vhost::VhostBackend;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::tempdir::TempDir;
 
-const IMAGE_SIZE: u64 = 4 << 20;
 const RAM_GPA: u64 = 0;
 const RAM_SIZE: u64 = 4 << 20;
 const QUEUE_SIZE: u16 = 64;
-const TIMEOUT: Duration = Duration::from_secs(10);
 
 const F_VERSION_1: u64 = 1 << 32;
 const F_EVENT_IDX: u64 = 1 << 29;
 const F_PROTOCOL: u64 = 1 << 30;
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
-
-/// Poll `f` until it yields a value or the deadline passes.
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(dir: &Path, name: &str, image: &Path, extra: &[&str]) -> Child {
-        let log = File::create(dir.join(format!("{name}.log"))).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_splitvisor-blk"))
-            .arg("--socket")
-            .arg(dir.join("blk.sock"))
-            .arg("--image")
-            .arg(image)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap()
-    }
-
-    /// Start the daemon and wait until its socket accepts connections.
-    fn start(dir: &Path, image: &Path, extra: &[&str]) -> Daemon {
-        let mut child = Self::spawn(dir, "daemon", image, extra);
-        let socket = dir.join("blk.sock");
-        wait_for("the daemon socket", || {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("daemon exited early with {status}");
-            }
-            // bind() also listens, so once the path exists connections are accepted.
-            socket.exists().then_some(())
-        });
-        Daemon {
-            child,
-            socket,
-            log: dir.join("daemon.log"),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn terminate(mut self) -> ExitStatus {
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        wait_exit(&mut self.child)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_exit(child: &mut Child) -> ExitStatus {
-    wait_for("the daemon to exit", || child.try_wait().unwrap())
-}
-
-fn make_image(dir: &Path) -> PathBuf {
-    let path = dir.join("disk.img");
-    File::create(&path).unwrap().set_len(IMAGE_SIZE).unwrap();
-    path
-}
-
-/// Wait until `call` is signalled.
-fn wait_call(call: &EventFd) {
-    let mut pfd = libc::pollfd {
-        fd: call.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: pfd is a valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, TIMEOUT.as_millis() as i32) };
-    assert_eq!(n, 1, "no interrupt from the backend within {TIMEOUT:?}");
-    call.read().unwrap();
-}
 
 /// A connected, configured frontend with its queues.
 struct Session {

@@ -31,11 +31,31 @@ use super::memory::{MemoryTable, MAX_MEM_SLOTS};
 use super::worker::{CallFd, QueueSetup, RunningQueue};
 use super::VhostUserDevice;
 
+/// A request the handler checked and refused. vhost's `BackendReqHandler` has answered it (a
+/// failed REPLY_ACK when the frontend asked for one) before passing the error up, so the
+/// connection stays usable.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refusal(String);
+
 /// Log `msg` and turn it into the error the frontend gets as a failed REPLY_ACK.
 fn refuse(msg: impl Display) -> Error {
     let msg = msg.to_string();
     warn!("refusing request: {msg}");
-    Error::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, msg))
+    Error::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, Refusal(msg)))
+}
+
+/// Log `msg` for a request whose reply cannot carry an error: the connection has to end.
+fn unanswerable(msg: impl Display) -> Error {
+    let msg = msg.to_string();
+    warn!("cannot answer request: {msg}");
+    Error::ReqHandlerError(io::Error::other(msg))
+}
+
+/// Whether `e` is a refusal the frontend was told about (serving goes on), not a broken
+/// connection or a message vhost could not parse (and left unanswered).
+pub fn is_refusal(e: &Error) -> bool {
+    matches!(e, Error::ReqHandlerError(io) if io.get_ref().is_some_and(|inner| inner.is::<Refusal>()))
 }
 
 /// Guest addresses of one split ring.
@@ -348,7 +368,12 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
     }
 
     fn get_vring_base(&mut self, index: u32) -> Result<VhostUserVringState> {
-        let vring = self.vring(index)?;
+        let count = self.vrings.len();
+        let Some(vring) = self.vrings.get_mut(index as usize) else {
+            return Err(unanswerable(format!(
+                "GET_VRING_BASE for vring {index}, the device has {count}"
+            )));
+        };
         vring.stop();
         // A stopped ring restarts only with a new SET_VRING_KICK.
         vring.kick = None;
@@ -430,10 +455,13 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
     }
 
     fn set_config(&mut self, offset: u32, buf: &[u8], _flags: VhostUserConfigFlags) -> Result<()> {
-        Err(refuse(format!(
-            "SET_CONFIG {offset}+{}: the config space is read-only",
+        // The config space has no driver-writable field this server offers (no CONFIG_WCE);
+        // writes are acknowledged and ignored, as vhost-user-backend did before.
+        log::debug!(
+            "SET_CONFIG {offset}+{} ignored: read-only config space",
             buf.len()
-        )))
+        );
+        Ok(())
     }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> Result<()> {
@@ -441,7 +469,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
     }
 
     fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> Result<File> {
-        Err(refuse("GET_SHARED_OBJECT is not supported"))
+        Err(unanswerable("GET_SHARED_OBJECT is not supported"))
     }
 
     fn get_inflight_fd(&mut self, msg: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
@@ -454,7 +482,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
                 0
             }
         };
-        let file = inflight::create_region_file(len).map_err(refuse)?;
+        let file = inflight::create_region_file(len).map_err(unanswerable)?;
         info!("GET_INFLIGHT_FD: {len}-byte region for {num_queues} queue(s) of {queue_size}");
         Ok((
             VhostUserInflight {
@@ -512,7 +540,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
         _phase: VhostTransferStatePhase,
         _fd: File,
     ) -> Result<Option<File>> {
-        Err(refuse("SET_DEVICE_STATE_FD is not supported"))
+        Err(unanswerable("SET_DEVICE_STATE_FD is not supported"))
     }
 
     fn check_device_state(&mut self) -> Result<()> {
@@ -520,10 +548,10 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
     }
 
     fn get_shmem_config(&mut self) -> Result<VhostUserShMemConfig> {
-        Err(refuse("GET_SHMEM_CONFIG is not supported"))
+        Err(unanswerable("GET_SHMEM_CONFIG is not supported"))
     }
 
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
-        Err(refuse("SET_LOG_BASE is not supported (no LOG_SHMFD)"))
+        Err(unanswerable("SET_LOG_BASE is not supported (no LOG_SHMFD)"))
     }
 }

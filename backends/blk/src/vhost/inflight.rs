@@ -333,3 +333,116 @@ impl InflightQueue {
         self.store(VERSION_AT, REGION_VERSION);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QS: u16 = 8;
+
+    fn region(num_queues: u16) -> Arc<InflightRegion> {
+        let len = region_len(num_queues, QS);
+        let file = create_region_file(len).unwrap();
+        Arc::new(InflightRegion::map(file, 0, len as u64, num_queues, QS, 4).unwrap())
+    }
+
+    fn header(q: &InflightQueue) -> (u16, u16, u16, u16) {
+        (
+            q.load(VERSION_AT),
+            q.load(DESC_NUM_AT),
+            q.load(LAST_BATCH_HEAD_AT),
+            q.load(USED_IDX_AT),
+        )
+    }
+
+    fn flag(q: &InflightQueue, head: u16) -> u8 {
+        q.load(InflightQueue::desc_at(head) + DESC_INFLIGHT_AT)
+    }
+
+    #[test]
+    fn fresh_area_is_initialised_at_the_rings_used_index() {
+        let r = region(2);
+        let mut q = InflightQueue::new(r.clone(), 1).unwrap();
+        assert!(InflightQueue::new(r, 2).is_none());
+        assert_eq!(q.recover(1, QS, 500), Recovery::default());
+        assert_eq!(header(&q), (REGION_VERSION, QS, 0, 500));
+    }
+
+    #[test]
+    fn fetch_and_complete_follow_the_spec_order() {
+        let mut q = InflightQueue::new(region(1), 0).unwrap();
+        q.recover(0, QS, 0);
+        q.fetched(5);
+        q.fetched(2);
+        assert_eq!((flag(&q, 5), flag(&q, 2)), (1, 1));
+        q.completing(2);
+        q.completed(2, 1);
+        assert_eq!(flag(&q, 2), 0);
+        assert_eq!(header(&q), (REGION_VERSION, QS, 2, 1));
+        // Out-of-range heads are ignored rather than written past the area.
+        q.fetched(QS);
+        q.completing(QS);
+        q.completed(QS, 2);
+        assert_eq!(header(&q).3, 1);
+        // A new backend resubmits head 5 and continues after it.
+        let mut again = InflightQueue::new(q.region.clone(), 0).unwrap();
+        let r = again.recover(0, QS, 1);
+        assert_eq!(r.resubmit, [5]);
+        assert_eq!(r.next_avail, Some(2));
+        // Its next fetch is ordered after the resubmitted one.
+        again.fetched(3);
+        let counter = |h| again.load::<u64>(InflightQueue::desc_at(h) + DESC_COUNTER_AT);
+        assert!(counter(3) > counter(5));
+    }
+
+    #[test]
+    fn corrupt_entries_and_headers_are_dropped() {
+        let mut q = InflightQueue::new(region(1), 0).unwrap();
+        q.recover(0, QS, 0);
+        q.store(InflightQueue::desc_at(1) + DESC_INFLIGHT_AT, 7u8);
+        q.store(InflightQueue::desc_at(6) + DESC_INFLIGHT_AT, 1u8);
+        q.store(InflightQueue::desc_at(3) + DESC_INFLIGHT_AT, 1u8);
+        // A ring of 4 cannot have head 6 in flight.
+        let r = q.recover(0, 4, 0);
+        assert_eq!(r.resubmit, [3]);
+        assert_eq!((flag(&q, 1), flag(&q, 6)), (0, 0));
+        // A header from another layout is not trusted at all.
+        q.store(DESC_NUM_AT, QS * 2);
+        assert_eq!(q.recover(0, QS, 9), Recovery::default());
+        assert_eq!((flag(&q, 3), header(&q).3), (0, 9));
+        q.store(VERSION_AT, 2u16);
+        assert_eq!(q.recover(0, QS, 9), Recovery::default());
+    }
+
+    #[test]
+    fn mapping_checks_geometry_size_and_file_length() {
+        let len = region_len(1, QS);
+        let file = || create_region_file(len).unwrap();
+        let map = |f, off, size, nq, qs| InflightRegion::map(f, off, size, nq, qs, 2).err();
+        assert!(matches!(
+            map(file(), 0, len as u64, 1, 0),
+            Some(InflightError::QueueSize(0))
+        ));
+        assert!(matches!(
+            map(file(), 0, len as u64, 1, 40000),
+            Some(InflightError::QueueSize(40000))
+        ));
+        assert!(matches!(
+            map(file(), 0, len as u64, 3, QS),
+            Some(InflightError::NumQueues { .. })
+        ));
+        assert!(matches!(
+            map(file(), 0, 64, 1, QS),
+            Some(InflightError::TooSmall { .. })
+        ));
+        assert!(matches!(
+            map(file(), 4096, len as u64, 1, QS),
+            Some(InflightError::BeyondFile { .. })
+        ));
+        assert!(matches!(
+            map(file(), u64::MAX, len as u64, 1, QS),
+            Some(InflightError::BeyondFile { .. })
+        ));
+        assert!(map(file(), 0, len as u64, 1, QS).is_none());
+    }
+}

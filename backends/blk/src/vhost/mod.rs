@@ -8,6 +8,25 @@
 //!
 //! rust-vmm's vhost-user-backend crate answers GET/SET_INFLIGHT_FD with "not supported",
 //! which is why this module exists.
+//!
+//! # Message order the server accepts
+//!
+//! - GET_FEATURES, GET/SET_PROTOCOL_FEATURES, SET_OWNER, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS,
+//!   GET_CONFIG: any time (GET_INFLIGHT_FD needs INFLIGHT_SHMFD acknowledged first).
+//! - SET_INFLIGHT_FD: any time no ring is running (refused otherwise); the region in place
+//!   when a ring starts is the one that ring uses. GET_INFLIGHT_FD may come before or after.
+//! - SET_FEATURES before the rings start (EVENT_IDX, INDIRECT_DESC, and whether rings start
+//!   enabled: without VHOST_USER_F_PROTOCOL_FEATURES they are enabled at once).
+//! - SET_MEM_TABLE (or ADD_MEM_REG) before SET_VRING_ADDR, which is translated on arrival.
+//! - Per ring, while it is stopped: SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE; the ring
+//!   starts as soon as it has addresses, a kick fd and is enabled (SET_VRING_KICK and
+//!   SET_VRING_ENABLE in either order). SET_VRING_CALL may come any time, also while running.
+//! - GET_VRING_BASE stops the ring after the request in progress and answers the next avail
+//!   index; a new SET_VRING_KICK starts it again. SET_VRING_ENABLE(0) stops it too.
+//!
+//! At start, a region with history decides where the avail ring resumes (the guest's used
+//! index plus the heads still in flight, which are resubmitted first); SET_VRING_BASE is used
+//! only with a fresh region or none.
 
 mod chain;
 mod handler;
@@ -63,7 +82,9 @@ pub struct ConnectionEnd {
 }
 
 /// Accept one frontend on `listener` and serve it until it disconnects or sends something
-/// the server cannot answer; every queue worker is stopped before this returns.
+/// the server cannot answer (a message vhost cannot parse, or a failed request whose reply
+/// has no way to say so); every queue worker is stopped before this returns. Refused
+/// requests that were answered do not end the connection.
 pub fn serve_frontend<D: VhostUserDevice>(
     listener: &mut Listener,
     device: Arc<D>,
@@ -77,8 +98,11 @@ pub fn serve_frontend<D: VhostUserDevice>(
     };
     info!("frontend connected");
     let error = loop {
-        if let Err(e) = connection.handle_request() {
-            break e;
+        match connection.handle_request() {
+            Ok(()) => {}
+            // Logged by the handler; the frontend got its failed REPLY_ACK.
+            Err(e) if handler::is_refusal(&e) => {}
+            Err(e) => break e,
         }
     };
     let mut handler = handler.lock().unwrap_or_else(|e| e.into_inner());

@@ -179,3 +179,24 @@ impl<'a> SplitVring<'a> {
         fence(Ordering::SeqCst);
     }
 }
+
+impl SplitVring<'_> {
+    /// Play a backend that completed `head`: append it to the used ring and bump the index.
+    pub fn push_used(&self, head: u16, len: u32) {
+        let idx = self.used_idx();
+        let at = self.used + 4 + 8 * u64::from(idx % self.size);
+        let m = &self.ram.mem;
+        m.write_obj(u32::from(head).to_le(), GuestAddress(at))
+            .unwrap();
+        m.write_obj(len.to_le(), GuestAddress(at + 4)).unwrap();
+        fence(Ordering::SeqCst);
+        m.write_obj(idx.wrapping_add(1).to_le(), GuestAddress(self.used + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+    }
+
+    /// The heads of used entries `from..to`, in ring order.
+    pub fn used_heads(&self, from: u16, to: u16) -> Vec<u16> {
+        (from..to).map(|i| self.used_elem(i).0 as u16).collect()
+    }
+}
