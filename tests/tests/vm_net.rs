@@ -127,8 +127,13 @@ struct TapNet {
 
 impl TapNet {
     fn start(dir: &Workdir) -> TapNet {
-        let ns = Netns::new(&format!("svt{}", std::process::id()));
-        let tap = format!("svtap{}", std::process::id() % 100_000);
+        // Unique per test: tests of one binary run in parallel in one process.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = std::process::id();
+        let ns = Netns::new(&format!("svt{pid}-{n}"));
+        // Interface names have at most 15 characters.
+        let tap = format!("svtap{}-{n}", pid % 100_000);
         let socket = dir.join("tap.sock");
         let daemon = Self::start_daemon(dir, "tap", &ns, &tap, &socket);
         TapNet {
