@@ -211,6 +211,20 @@ struct Backend {
     generation: u64,
 }
 
+impl Backend {
+    fn connected(candidate: Candidate, generation: u64) -> Self {
+        Self {
+            socket: candidate.socket,
+            frontend: Some(candidate.frontend),
+            features: candidate.features,
+            protocol: candidate.protocol,
+            state: LinkState::Connected,
+            since: Instant::now(),
+            generation,
+        }
+    }
+}
+
 /// Why the backend changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SwitchKind {
@@ -292,7 +306,7 @@ impl VhostUserDevice {
         memory: GuestMemory,
         wait: Duration,
     ) -> Result<Self, VhostUserError> {
-        let candidate = Candidate::connect(kind, socket, wait)?;
+        let mut candidate = Candidate::connect(kind, socket, wait)?;
         info!(
             "{id}: connected to {} backend on {} ({} queue(s), features {:#x})",
             kind.name(),
@@ -306,17 +320,9 @@ impl VhostUserDevice {
             kind,
             memory,
             offered_features,
-            config: Arc::new(Mutex::new(candidate.config)),
+            config: Arc::new(Mutex::new(std::mem::take(&mut candidate.config))),
             queue_count: candidate.queue_count,
-            backend: Backend {
-                socket: candidate.socket,
-                frontend: Some(candidate.frontend),
-                features: candidate.features,
-                protocol: candidate.protocol,
-                state: LinkState::Connected,
-                since: Instant::now(),
-                generation: 0,
-            },
+            backend: Backend::connected(candidate, 0),
             rings: None,
             running: false,
             inflight: None,
@@ -560,18 +566,7 @@ impl VhostUserDevice {
             at: Instant::now(),
         };
         let generation = self.backend.generation + 1;
-        let old = std::mem::replace(
-            &mut self.backend,
-            Backend {
-                socket: candidate.socket,
-                frontend: Some(candidate.frontend),
-                features: candidate.features,
-                protocol: candidate.protocol,
-                state: LinkState::Connected,
-                since: Instant::now(),
-                generation,
-            },
-        );
+        let old = std::mem::replace(&mut self.backend, Backend::connected(candidate, generation));
         self.running = resume_rings;
         self.set_link(true);
         match kind {
