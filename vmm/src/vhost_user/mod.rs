@@ -284,6 +284,9 @@ pub struct VhostUserDevice {
     rings: Option<Rings>,
     /// Whether the current backend is serving `rings`.
     running: bool,
+    /// Whether the lost backend was serving the rings when it went: only then can it have
+    /// left requests in flight.
+    rings_interrupted: bool,
     inflight: Option<InflightRegion>,
     swaps: u64,
     recoveries: u64,
@@ -325,6 +328,7 @@ impl VhostUserDevice {
             backend: Backend::connected(candidate, 0),
             rings: None,
             running: false,
+            rings_interrupted: false,
             inflight: None,
             swaps: 0,
             recoveries: 0,
@@ -396,6 +400,7 @@ impl VhostUserDevice {
         self.backend.state = LinkState::Lost {
             since: Instant::now(),
         };
+        self.rings_interrupted = self.running;
         self.running = false;
         self.set_link(false);
         true
@@ -495,7 +500,10 @@ impl VhostUserDevice {
             // A block backend may complete requests out of order: without the inflight
             // region, resuming from the used index could skip or repeat writes. A NIC only
             // risks a repeated or lost frame, which networks tolerate.
-            if resume == Resume::Recovery && self.kind == DeviceKind::Block {
+            if resume == Resume::Recovery
+                && self.kind == DeviceKind::Block
+                && self.rings_interrupted
+            {
                 if self.inflight.is_none() {
                     return Err(SwitchError::NoInflightRegion(self.backend.socket.clone()));
                 }
