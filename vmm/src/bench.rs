@@ -129,32 +129,18 @@ fn run_virtio(args: &BenchArgs, image: &Path, dir: &Path) -> Result<PathResult, 
     }
     let socket = dir.join("blk.sock");
     let log = dir.join("blk.log");
-    let log_file = std::fs::File::create(&log).map_err(BenchError::RunDir)?;
-    let mut backend = Command::new(&backend_bin)
-        .arg("--socket")
+    let mut cmd = Command::new(&backend_bin);
+    cmd.arg("--socket")
         .arg(&socket)
         .arg("--image")
         .arg(image)
-        .args(["--queues", &args.queues.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .map_err(|source| BenchError::Spawn {
-            what: backend_bin.display().to_string(),
-            source,
-        })?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if Instant::now() > deadline || matches!(backend.try_wait(), Ok(Some(_))) {
-            let _ = backend.kill();
-            return Err(BenchError::BackendNotReady { socket, log });
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        .args(["--queues", &args.queues.to_string()]);
+    let mut backend = Backend::start(cmd, &log, &backend_bin)?;
+    backend.wait_ready(|| socket.exists(), &socket)?;
     let disk = format!("socket={}", socket.display());
     let outcome = run_guest(args, "virtio", &["--disk", &disk]);
-    stop(&mut backend);
+    // Stopped before its log is read: it prints its STATS line on the way out.
+    backend.stop();
     let (result, vmm) = outcome?;
     Ok(PathResult {
         path: "virtio",
@@ -223,6 +209,68 @@ fn run_guest(args: &BenchArgs, dev: &str, extra: &[&str]) -> Result<(Value, Valu
             status,
             output,
         }),
+    }
+}
+
+/// A backend daemon process with its stderr in a log file; stopped (SIGTERM, so it prints
+/// its STATS) when asked or dropped.
+pub(crate) struct Backend {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Backend {
+    pub(crate) fn start(mut cmd: Command, log: &Path, what: &Path) -> Result<Backend, BenchError> {
+        let file = std::fs::File::create(log).map_err(BenchError::RunDir)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .map_err(|source| BenchError::Spawn {
+                what: what.display().to_string(),
+                source,
+            })?;
+        Ok(Backend {
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Polls `ready` for up to 10 s; fails if the daemon exits first.
+    pub(crate) fn wait_ready(
+        &mut self,
+        ready: impl Fn() -> bool,
+        socket: &Path,
+    ) -> Result<(), BenchError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready() {
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited || Instant::now() > deadline {
+                self.stop();
+                return Err(BenchError::BackendNotReady {
+                    socket: socket.to_path_buf(),
+                    log: self.log.clone(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child);
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

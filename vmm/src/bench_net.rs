@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::bench::{last_stats_line, round3, sibling, stop, BenchError};
+use crate::bench::{last_stats_line, round3, sibling, Backend, BenchError};
 use crate::cli::BenchArgs;
 
 /// Addresses of the stream's two ends (the TAP side is the receiver at .1).
@@ -328,64 +328,6 @@ fn stats_lines(log: &Path) -> Vec<Value> {
         }
     }
     latest
-}
-
-/// A `splitvisor-net` process with its stderr in a log file; stopped (SIGTERM, so it prints
-/// its STATS) when asked or dropped.
-struct Backend {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Backend {
-    fn start(mut cmd: Command, log: &Path, what: &Path) -> Result<Backend, BenchError> {
-        let file = std::fs::File::create(log).map_err(BenchError::RunDir)?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .map_err(|source| BenchError::Spawn {
-                what: what.display().to_string(),
-                source,
-            })?;
-        Ok(Backend {
-            child: Some(child),
-            log: log.to_path_buf(),
-        })
-    }
-
-    /// Polls `ready` for up to 10 s; fails if the daemon exits first.
-    fn wait_ready(&mut self, ready: impl Fn() -> bool, socket: &Path) -> Result<(), BenchError> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ready() {
-            let exited = self
-                .child
-                .as_mut()
-                .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))));
-            if exited || Instant::now() > deadline {
-                self.stop();
-                return Err(BenchError::BackendNotReady {
-                    socket: socket.to_path_buf(),
-                    log: self.log.clone(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            stop(&mut child);
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// A `splitvisor run` of the embedded guest whose console lines arrive over a channel.
