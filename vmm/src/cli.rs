@@ -13,11 +13,13 @@ const fn exit_status_help() -> &'static str {
     "Exit status:\n  \
      0-255  the status the guest wrote to the debug-exit port (0xf4); the project's guest uses\n         \
      0 = pass, 1 = fail, 2 = bad command line, 3 = CPU exception\n  \
+     0      also: a Linux guest powered off (poweroff, ACPI S5)\n  \
      1      also: the VM could not be set up (the message says why)\n  \
+     120    the guest rebooted (reboot, or a Linux panic with panic=N); start it again\n  \
      121    the guest triple-faulted or reset\n  \
      122    KVM could not run the guest (internal error / emulation failure)\n  \
      123    a vCPU thread failed\n  \
-     130    stopped by SIGINT, SIGTERM or the control API (PUT /vm/shutdown)\n\n\
+     130    stopped by SIGINT, SIGTERM, the control API (PUT /vm/shutdown) or Ctrl-A x\n\n\
      Environment:\n  \
      SPLITVISOR_KVM_DEVICE  the KVM device to open (default /dev/kvm)\n  \
      RUST_LOG               log level for the VMM's messages on stderr (default: warn)"
@@ -292,6 +294,7 @@ mod tests {
             vm_end::STATUS_INTERNAL_ERROR,
             vm_end::STATUS_VCPU_FAILED,
             vm_end::STATUS_INTERRUPTED,
+            vm_end::STATUS_REBOOT,
         ] {
             assert!(
                 EXIT_STATUS_HELP.contains(&format!("  {status} ")),

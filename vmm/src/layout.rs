@@ -9,6 +9,9 @@ pub const BOOT_GDT: u64 = 0x500;
 pub const START_INFO: u64 = 0x6000;
 pub const MEMMAP: u64 = 0x6100;
 pub const MEMMAP_MAX_ENTRIES: usize = 16;
+/// Linux's zero page (`struct boot_params`), for a Linux kernel booted through the 64-bit boot
+/// protocol.
+pub const ZERO_PAGE: u64 = 0x7000;
 /// Identity-map page tables: PML4, PDPT, then one page directory per GiB.
 pub const PML4: u64 = 0x9000;
 pub const PDPT: u64 = 0xa000;
@@ -19,6 +22,10 @@ pub const CMDLINE: u64 = 0x90000;
 pub const CMDLINE_MAX: usize = 0x9fc00 - 0x90000;
 /// End of conventional low RAM; `[EBDA_START, 1 MiB)` is reported reserved.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables: the RSDP first (Linux also finds it by scanning 0xe0000-0xfffff), then the
+/// XSDT, FADT, MADT and DSDT, all below the MP table.
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_MAX_SIZE: u64 = MPTABLE - ACPI_START;
 /// The MP table (floating pointer + configuration table) in the BIOS area.
 pub const MPTABLE: u64 = 0xf0000;
 /// Kernels are loaded at and above 1 MiB.
@@ -41,6 +48,17 @@ pub const SERIAL_GSI: u32 = 4;
 /// Writing a byte here ends the VM with that byte as the exit status (QEMU's isa-debug-exit
 /// uses the same port).
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// The i8042 keyboard controller's command port: writing 0xfe pulses the CPU reset line, which
+/// is how Linux reboots with `reboot=k`.
+pub const I8042_DATA_PORT: u16 = 0x60;
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// ACPI hardware-reduced sleep control and status registers (one byte each) and the reset
+/// register, in I/O space; the FADT points at them.
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
+pub const ACPI_RESET_PORT: u16 = 0x602;
+/// The value the FADT tells the guest to write to the reset register.
+pub const ACPI_RESET_VALUE: u8 = 0x1;
 
 /// The guest RAM ranges for a VM of `size` bytes: everything below the hole, the rest above 4 GiB.
 pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
@@ -90,6 +108,9 @@ mod tests {
     const _: () = assert!(MEMMAP + (MEMMAP_MAX_ENTRIES as u64) * 24 <= PML4);
     const _: () = assert!(PAGE_DIRS + PAGE_DIRS_MAX * 0x1000 <= CMDLINE);
     const _: () = assert!(CMDLINE + CMDLINE_MAX as u64 <= EBDA_START);
+    const _: () = assert!(MEMMAP + (MEMMAP_MAX_ENTRIES as u64) * 24 <= ZERO_PAGE);
+    const _: () = assert!(ZERO_PAGE + 0x1000 <= PML4);
+    const _: () = assert!(ACPI_START + ACPI_MAX_SIZE <= MPTABLE && EBDA_START <= ACPI_START);
 
     #[test]
     fn page_directories_cover_the_largest_vm() {

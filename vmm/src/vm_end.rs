@@ -15,6 +15,9 @@ pub const STATUS_INTERNAL_ERROR: u8 = 122;
 pub const STATUS_VCPU_FAILED: u8 = 123;
 /// Stopped by SIGINT/SIGTERM (the shell's 128 + SIGINT convention).
 pub const STATUS_INTERRUPTED: u8 = 130;
+/// The guest asked to reboot (`reboot`, or a Linux panic with `panic=N`): splitvisor does not
+/// restart a VM by itself, it ends with this status so that a supervisor can start it again.
+pub const STATUS_REBOOT: u8 = 120;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmEnd {
@@ -36,6 +39,14 @@ pub enum VmEnd {
     Interrupted,
     /// `PUT /vm/shutdown` on the control API; reported like an interrupt.
     StopRequested,
+    /// The guest powered itself off (ACPI sleep state S5, e.g. Linux `poweroff`): status 0.
+    PowerOff,
+    /// The guest asked for a reset (ACPI reset register, i8042 pulse, e.g. Linux `reboot`).
+    Reboot {
+        how: &'static str,
+    },
+    /// The user typed the console's quit keys (Ctrl-A x); reported like an interrupt.
+    ConsoleQuit,
 }
 
 impl VmEnd {
@@ -45,7 +56,9 @@ impl VmEnd {
             VmEnd::Shutdown { .. } => STATUS_SHUTDOWN,
             VmEnd::InternalError { .. } => STATUS_INTERNAL_ERROR,
             VmEnd::VcpuFailed { .. } => STATUS_VCPU_FAILED,
-            VmEnd::Interrupted | VmEnd::StopRequested => STATUS_INTERRUPTED,
+            VmEnd::Interrupted | VmEnd::StopRequested | VmEnd::ConsoleQuit => STATUS_INTERRUPTED,
+            VmEnd::PowerOff => 0,
+            VmEnd::Reboot { .. } => STATUS_REBOOT,
         }
     }
 
@@ -64,6 +77,11 @@ impl VmEnd {
             VmEnd::StopRequested => {
                 Some("stopped through the control API (PUT /vm/shutdown)".to_string())
             }
+            VmEnd::PowerOff => None,
+            VmEnd::Reboot { how } => Some(format!(
+                "the guest rebooted ({how}); splitvisor does not restart VMs, exit status {STATUS_REBOOT}"
+            )),
+            VmEnd::ConsoleQuit => Some("quit from the console (Ctrl-A x)".to_string()),
         }
     }
 }
@@ -140,6 +158,7 @@ mod tests {
             STATUS_INTERNAL_ERROR,
             STATUS_VCPU_FAILED,
             STATUS_INTERRUPTED,
+            STATUS_REBOOT,
         ];
         for (i, a) in statuses.iter().enumerate() {
             assert!(statuses[i + 1..].iter().all(|b| a != b));
