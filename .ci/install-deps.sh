@@ -1,11 +1,12 @@
 #!/bin/sh
 # Install the host packages the interop tests (tests/tests/interop_*.rs) need: QEMU (TCG) as an
 # independent vhost-user frontend and qemu-storage-daemon, a Debian kernel with virtio modules,
-# a static busybox for the guest's initramfs, and the networking tools of the net tests.
+# a static busybox for the guest's initramfs, e2fsprogs for the nested-SVM harness's disk image
+# (tests/src/nested), and the networking tools of the net tests.
 # Idempotent: installs only what is missing. Needs root (or sudo) and the Debian registry.
 set -eu
 
-PACKAGES="qemu-system-x86 qemu-system-common linux-image-cloud-amd64 busybox-static cpio xz-utils iproute2 iputils-ping python3-minimal"
+PACKAGES="qemu-system-x86 qemu-system-common linux-image-cloud-amd64 busybox-static cpio xz-utils e2fsprogs iproute2 iputils-ping python3-minimal"
 
 missing=""
 for p in $PACKAGES; do

@@ -3,5 +3,6 @@
 pub mod api;
 pub mod interop;
 pub mod launch;
+pub mod nested;
 pub mod pattern;
 pub mod vm;

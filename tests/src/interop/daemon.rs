@@ -23,21 +23,47 @@ pub const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 /// and target directory as the running test (a no-op when it is up to date), once per process.
 pub fn workspace_bin(package: &str, bin: &str) -> Result<PathBuf, String> {
     if let Some(dir) = std::env::var_os(ENV_BIN_DIR) {
-        let path = Path::new(&dir).join(bin);
-        return if path.is_file() {
-            Ok(path)
-        } else {
-            Err(format!("{} missing ({ENV_BIN_DIR} is set)", path.display()))
-        };
+        return bin_in_dir(Path::new(&dir), bin, ENV_BIN_DIR);
     }
-    static BUILT: OnceLock<Mutex<HashMap<String, Result<PathBuf, String>>>> = OnceLock::new();
+    built_bin(package, bin, None)
+}
+
+/// Like [`workspace_bin`] but always in cargo profile `profile` (e.g. `release`, for binaries
+/// that run under emulation, where a debug build is several times slower), in the same target
+/// directory. `bin_dir_env` names an environment variable that, when set, names a directory
+/// with prebuilt binaries to use instead.
+pub fn workspace_bin_in_profile(
+    package: &str,
+    bin: &str,
+    profile: &str,
+    bin_dir_env: &str,
+) -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os(bin_dir_env) {
+        return bin_in_dir(Path::new(&dir), bin, bin_dir_env);
+    }
+    built_bin(package, bin, Some(profile))
+}
+
+fn bin_in_dir(dir: &Path, bin: &str, var: &str) -> Result<PathBuf, String> {
+    let path = dir.join(bin);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("{} missing ({var} is set)", path.display()))
+    }
+}
+
+/// Build once per process and profile (`None`: the test's own).
+fn built_bin(package: &str, bin: &str, profile: Option<&str>) -> Result<PathBuf, String> {
+    type Cache = HashMap<(String, Option<String>), Result<PathBuf, String>>;
+    static BUILT: OnceLock<Mutex<Cache>> = OnceLock::new();
     let mut built = BUILT
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     built
-        .entry(bin.to_string())
-        .or_insert_with(|| cargo_build(package, bin))
+        .entry((bin.to_string(), profile.map(str::to_string)))
+        .or_insert_with(|| cargo_build(package, bin, profile))
         .clone()
 }
 
@@ -80,11 +106,18 @@ fn layout() -> Result<Layout, String> {
     }
 }
 
-fn cargo_build(package: &str, bin: &str) -> Result<PathBuf, String> {
+fn cargo_build(package: &str, bin: &str, profile: Option<&str>) -> Result<PathBuf, String> {
     let layout = layout()?;
-    let profile = match layout.profile_dir.file_name().and_then(|n| n.to_str()) {
+    let own = layout.profile_dir.file_name().and_then(|n| n.to_str());
+    let profile = match profile.or(own) {
         Some("debug") | None => "dev".to_string(),
         Some(other) => other.to_string(),
+    };
+    // Cargo puts profile `dev` in `debug/`, every other profile in a directory of its name.
+    let out_dir = match (profile.as_str(), layout.profile_dir.parent()) {
+        ("dev", Some(parent)) => parent.join("debug"),
+        (other, Some(parent)) => parent.join(other),
+        (_, None) => layout.profile_dir.clone(),
     };
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -102,7 +135,7 @@ fn cargo_build(package: &str, bin: &str) -> Result<PathBuf, String> {
     if !out.0.success() {
         return Err(format!("{cmd:?} failed with {}:\n{}", out.0, out.1));
     }
-    let path = layout.profile_dir.join(bin);
+    let path = out_dir.join(bin);
     if path.is_file() {
         Ok(path)
     } else {

@@ -19,6 +19,10 @@ pub struct Qemu {
     tools: HostTools,
     initrd: PathBuf,
     mem_mib: u32,
+    smp: u32,
+    accel: String,
+    cpu: Option<String>,
+    shared_memory: bool,
     append: Vec<String>,
     device_args: Vec<String>,
     devices: u32,
@@ -35,6 +39,10 @@ impl Qemu {
             tools: tools.clone(),
             initrd: initrd.to_path_buf(),
             mem_mib: 512,
+            smp: 1,
+            accel: "tcg".to_string(),
+            cpu: None,
+            shared_memory: true,
             append: ["console=ttyS0", "panic=-1", "quiet"]
                 .map(String::from)
                 .to_vec(),
@@ -84,6 +92,23 @@ impl Qemu {
         self
     }
 
+    /// Guest memory in MiB (default 512).
+    pub fn memory_mib(mut self, mib: u32) -> Qemu {
+        self.mem_mib = mib;
+        self
+    }
+
+    /// A guest that runs KVM itself: QEMU's TCG emulates AMD SVM with nested paging with
+    /// `-cpu max`; two vCPUs on host threads of their own (`thread=multi`). Its memory is
+    /// private (no vhost-user device of the host's attaches to such a guest).
+    pub fn nested_svm(mut self) -> Qemu {
+        self.smp = 2;
+        self.accel = "tcg,thread=multi".to_string();
+        self.cpu = Some("max".to_string());
+        self.shared_memory = false;
+        self
+    }
+
     pub fn timeout(mut self, timeout: Duration) -> Qemu {
         self.timeout = timeout;
         self
@@ -105,9 +130,16 @@ impl Qemu {
     pub fn command(&self, serial: &Path) -> Command {
         let mem = self.mem_mib;
         let mut cmd = Command::new(&self.tools.qemu);
-        cmd.args(["-accel", "tcg", "-smp", "1", "-m"])
-            .arg(format!("{mem}M"))
-            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        cmd.arg("-accel")
+            .arg(&self.accel)
+            .arg("-smp")
+            .arg(self.smp.to_string())
+            .arg("-m")
+            .arg(format!("{mem}M"));
+        if let Some(cpu) = &self.cpu {
+            cmd.arg("-cpu").arg(cpu);
+        }
+        cmd.args(["-nodefaults", "-no-user-config", "-display", "none"])
             .arg("-no-reboot")
             .arg("-serial")
             .arg(format!("file:{}", serial.display()))
@@ -116,12 +148,14 @@ impl Qemu {
             .arg("-initrd")
             .arg(&self.initrd)
             .arg("-append")
-            .arg(self.append.join(" "))
+            .arg(self.append.join(" "));
+        if self.shared_memory {
             // vhost-user backends map guest memory: it must be a shareable fd.
-            .arg("-object")
-            .arg(format!("memory-backend-memfd,id=mem,size={mem}M,share=on"))
-            .args(["-machine", "memory-backend=mem"])
-            .args(&self.device_args);
+            cmd.arg("-object")
+                .arg(format!("memory-backend-memfd,id=mem,size={mem}M,share=on"))
+                .args(["-machine", "memory-backend=mem"]);
+        }
+        cmd.args(&self.device_args);
         cmd
     }
 
