@@ -68,6 +68,9 @@ pub struct BootEntry {
     pub format: KernelFormat,
 }
 
+/// Writes the ACPI tables into guest memory and returns the RSDP's address.
+pub type AcpiWriter<'a> = &'a dyn Fn(&GuestMemory) -> Result<u64, BootError>;
+
 /// What to boot, as configured.
 pub struct BootRequest<'a> {
     pub kernel: &'a KernelSource,
@@ -80,7 +83,7 @@ pub struct BootRequest<'a> {
     pub device_words: &'a [String],
     pub vcpus: u8,
     /// Writes the ACPI tables and returns the RSDP's address; `None`: no ACPI.
-    pub acpi: Option<&'a dyn Fn(&GuestMemory) -> Result<u64, BootError>>,
+    pub acpi: Option<AcpiWriter<'a>>,
 }
 
 /// Loads the kernel and writes every table the guest reads at boot.
