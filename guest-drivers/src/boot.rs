@@ -34,6 +34,14 @@ core::arch::global_asm!(
     ".asciz \"Xen\"",
     ".balign 4",
     ".quad splitvisor_pvh_entry32",
+    // --- The splitvisor note: owner "splitvisor", type 1, desc = boot contract version 1. The
+    // VMM tells this guest from a Linux vmlinux by it (docs/boot-protocol.md). ---
+    ".section .note.splitvisor, \"a\", @note",
+    ".balign 4",
+    ".long 11, 4, 1",
+    ".asciz \"splitvisor\"",
+    ".balign 4",
+    ".long 1",
     // --- PVH entry: 32-bit protected mode, paging off, EBX = hvm_start_info. ---
     ".section .text.boot, \"ax\"",
     ".code32",

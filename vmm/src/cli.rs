@@ -160,14 +160,26 @@ pub struct VmArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub vcpus: u8,
 
-    /// Kernel to boot: an x86-64 ELF (the project's guest or a vmlinux). Default: the guest
-    /// embedded in this binary.
+    /// Kernel to boot, told apart by its content: a Linux bzImage, a Linux vmlinux (ELF), or
+    /// the project's guest (ELF). Default: the guest embedded in this binary. Linux needs a
+    /// VMX/SVM host: on a PVM host it is emulated far too slowly to boot.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
 
+    /// Initial ramdisk (initramfs) for a Linux kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+
     /// Kernel command line. For the project's guest, the task to run: `selftest`, `exit=N`, ...
-    #[arg(long, value_name = "STRING", default_value = "")]
-    pub cmdline: String,
+    /// For Linux the default is `console=ttyS0 reboot=k panic=1`.
+    #[arg(long, value_name = "STRING")]
+    pub cmdline: Option<String>,
+
+    /// ACPI tables for a Linux guest (devices, CPUs, power off and reset): on or off. Off: the
+    /// virtio-mmio devices go on the kernel command line, the CPUs in the MP table, and only
+    /// reboot (reboot=k, the i8042 reset) ends the VM; poweroff halts it.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub acpi: bool,
 
     /// Where the serial console goes: stdio, file=PATH, or none.
     #[arg(long, value_name = "DEST", default_value = "stdio")]
@@ -197,8 +209,6 @@ impl VmArgs {
             self.memory.to_string().into(),
             "--vcpus".into(),
             self.vcpus.to_string().into(),
-            "--cmdline".into(),
-            self.cmdline.clone().into(),
             "--serial".into(),
             serial_flag(&self.serial),
             "--connect-timeout".into(),
@@ -206,6 +216,15 @@ impl VmArgs {
         ];
         if let Some(kernel) = &self.kernel {
             flags.extend(["--kernel".into(), kernel.into()]);
+        }
+        if let Some(initramfs) = &self.initramfs {
+            flags.extend(["--initramfs".into(), initramfs.into()]);
+        }
+        if let Some(cmdline) = &self.cmdline {
+            flags.extend(["--cmdline".into(), cmdline.into()]);
+        }
+        if !self.acpi {
+            flags.extend(["--acpi".into(), "off".into()]);
         }
         if self.prefault {
             flags.push("--prefault".into());
@@ -217,6 +236,15 @@ impl VmArgs {
             flags.extend(["--api-socket".into(), api_socket.into()]);
         }
         flags
+    }
+}
+
+/// `on`/`off` (and the usual spellings of a boolean) for switches such as `--acpi`.
+fn parse_on_off(value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("'{value}': expected on or off")),
     }
 }
 
@@ -269,7 +297,9 @@ impl RunArgs {
                 Some(path) => KernelSource::File(path.clone()),
                 None => KernelSource::Embedded,
             },
+            initramfs: vm.initramfs.clone(),
             cmdline: vm.cmdline.clone(),
+            acpi: vm.acpi,
             serial: vm.serial.clone(),
             disks: self.disk.clone(),
             nets: self.net.clone(),
@@ -334,6 +364,10 @@ mod tests {
             "3",
             "--kernel",
             "/boot/guest.elf",
+            "--initramfs",
+            "/boot/initrd.gz",
+            "--acpi",
+            "off",
             "--cmdline",
             "blk-verify,seconds=5 ip=10.0.0.2/24",
             "--serial",

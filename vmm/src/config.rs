@@ -311,7 +311,12 @@ pub struct VmConfig {
     pub prefault: bool,
     pub vcpus: u8,
     pub kernel: KernelSource,
-    pub cmdline: String,
+    /// An initramfs for a Linux kernel.
+    pub initramfs: Option<PathBuf>,
+    /// The kernel command line as given; `None`: the default for the kind of kernel.
+    pub cmdline: Option<String>,
+    /// Whether a Linux guest gets ACPI tables.
+    pub acpi: bool,
     pub serial: SerialConfig,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
@@ -406,7 +411,9 @@ mod tests {
             prefault: false,
             vcpus,
             kernel: KernelSource::Embedded,
-            cmdline: String::new(),
+            initramfs: None,
+            cmdline: None,
+            acpi: true,
             serial: SerialConfig::Stdio,
             disks: Vec::new(),
             nets: Vec::new(),

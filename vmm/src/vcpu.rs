@@ -10,7 +10,7 @@ use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use log::{debug, warn};
 
-use crate::boot::{cpuid, vcpu_regs, BootEntry};
+use crate::boot::{cpuid, lapic, vcpu_regs, BootEntry, BootProtocol};
 use crate::bus::Bus;
 use crate::pause::PauseGate;
 use crate::vm_end::{EndSignal, VmEnd};
@@ -52,8 +52,9 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// Creates vCPU `index` and puts it in the boot state; application processors are made
-    /// runnable right away (the contract starts every vCPU at the entry point).
+    /// Creates vCPU `index` and puts it in the boot state. For the project's guest every vCPU
+    /// starts at the entry point (its contract); for Linux only the boot CPU does, and the
+    /// others wait in KVM for the kernel's INIT/SIPI, as on real hardware.
     pub fn new(
         kvm: &Kvm,
         vm: &VmFd,
@@ -78,8 +79,21 @@ impl Vcpu {
         let tsc_khz = fd.get_tsc_khz().ok();
         cpuid::filter(&mut ids, index, count, tsc_khz);
         fd.set_cpuid2(&ids).map_err(step("KVM_SET_CPUID2"))?;
+        let linux = matches!(boot.protocol, BootProtocol::Linux { .. });
+        if linux {
+            // Linux expects what firmware leaves behind: LINT0 in virtual-wire mode (the
+            // 8259's ExtINT, used until the IOAPIC is set up) and LINT1 as NMI.
+            let mut lapic = fd.get_lapic().map_err(step("KVM_GET_LAPIC"))?;
+            lapic::set_virtual_wire(&mut lapic);
+            fd.set_lapic(&lapic).map_err(step("KVM_SET_LAPIC"))?;
+            fd.set_msrs(&lapic::boot_msrs())
+                .map_err(step("KVM_SET_MSRS"))?;
+            if index > 0 {
+                return Ok(Self { index, fd });
+            }
+        }
         let sregs = fd.get_sregs().map_err(step("KVM_GET_SREGS"))?;
-        fd.set_sregs(&vcpu_regs::sregs(sregs))
+        fd.set_sregs(&vcpu_regs::sregs(sregs, &boot.protocol))
             .map_err(step("KVM_SET_SREGS"))?;
         fd.set_regs(&vcpu_regs::regs(boot, index))
             .map_err(step("KVM_SET_REGS"))?;

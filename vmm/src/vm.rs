@@ -7,14 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use log::{debug, info};
+use log::{debug, info, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::api::{ApiError, ApiListener};
 use crate::attach::{AttachError, AttachedDevice, Attacher};
-use crate::boot::{self, vcpu_regs, BootError};
+use crate::boot::{self, vcpu_regs, BootError, BootRequest};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::config::VmConfig;
 use crate::control::{AtaInfo, ControlParts, VmControl};
@@ -51,6 +51,8 @@ pub enum VmError {
     MapMemory(u64, #[source] kvm_ioctls::Error),
     #[error("creating the in-kernel interrupt controller failed")]
     Irqchip(#[source] kvm_ioctls::Error),
+    #[error("creating the in-kernel PIT (KVM_CREATE_PIT2) failed")]
+    Pit(#[source] kvm_ioctls::Error),
     #[error("KVM_SET_TSS_ADDR failed")]
     TssAddress(#[source] kvm_ioctls::Error),
     #[error("could not prepare the guest for boot")]
@@ -134,15 +136,33 @@ impl Vm {
             end: &end,
         }
         .attach_all(config)?;
-        let cmdline = std::iter::once(config.cmdline.as_str())
-            .chain(attached.cmdline_words.iter().map(String::as_str))
-            .filter(|w| !w.is_empty())
-            .collect::<Vec<_>>()
-            .join(" ");
-
-        let boot_entry = boot::prepare(&memory, &config.kernel, &cmdline, config.vcpus)?;
-        vcpu_regs::write_boot_gdt(&memory).map_err(VmError::BootGdt)?;
-        debug!("guest entry {:#x}", boot_entry.entry);
+        let boot_entry = boot::prepare(
+            &memory,
+            &BootRequest {
+                kernel: &config.kernel,
+                initramfs: config.initramfs.as_deref(),
+                cmdline: config.cmdline.as_deref(),
+                device_words: &attached.cmdline_words,
+                vcpus: config.vcpus,
+                acpi: None,
+            },
+        )?;
+        vcpu_regs::write_boot_gdt(&memory, &boot_entry.protocol).map_err(VmError::BootGdt)?;
+        debug!(
+            "{} guest, entry {:#x}",
+            boot_entry.format.guest_kind(),
+            boot_entry.entry
+        );
+        if boot_entry.format.is_linux() {
+            warn_if_pvm();
+            // Linux calibrates and ticks with the PIT until it has found better clocks.
+            vm_fd
+                .create_pit2(kvm_pit_config {
+                    flags: KVM_PIT_SPEAKER_DUMMY,
+                    ..Default::default()
+                })
+                .map_err(VmError::Pit)?;
+        }
 
         let (console, serial_irq) = SerialConsole::new(&config.serial)?;
         vm_fd
@@ -276,6 +296,21 @@ fn open_kvm() -> Result<Kvm, VmError> {
         };
         VmError::OpenKvm { path, source, hint }
     })
+}
+
+/// Whether this host's KVM is PVM (pagetable-based virtualization): it runs guest user mode
+/// natively but emulates guest kernel mode instruction by instruction.
+fn host_kvm_is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Linux spends its boot in kernel mode; on PVM that is ~1000x slower than on VMX/SVM.
+fn warn_if_pvm() {
+    if host_kvm_is_pvm() {
+        warn!(
+            "this host's KVM is PVM (module kvm_pvm), which emulates guest kernel-mode code: a Linux guest will not boot in useful time here; use a host with VMX or SVM"
+        );
+    }
 }
 
 fn register_memory(vm: &VmFd, memory: &GuestMemory) -> Result<(), VmError> {

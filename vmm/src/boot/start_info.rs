@@ -4,62 +4,41 @@
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
-use linux_loader::loader::Cmdline;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::GuestAddress;
 
-use crate::layout::{self, CMDLINE, CMDLINE_MAX, EBDA_START, HIGH_RAM_START, MEMMAP, START_INFO};
+use super::cmdline::{write_cmdline, CmdlineError};
+use super::e820;
+use crate::layout::{self, CMDLINE, CMDLINE_MAX, MEMMAP, START_INFO};
 use crate::memory::GuestMemory;
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
-pub const E820_RAM: u32 = 1;
-pub const E820_RESERVED: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartInfoError {
-    #[error("the kernel command line is longer than {CMDLINE_MAX} bytes")]
-    CmdlineTooLong,
-    #[error("the kernel command line is not valid: {0}")]
-    Cmdline(linux_loader::cmdline::Error),
-    #[error("could not write the command line into guest memory")]
-    WriteCmdline(#[source] linux_loader::loader::Error),
+    #[error(transparent)]
+    Cmdline(#[from] CmdlineError),
     #[error("could not write hvm_start_info into guest memory")]
     Write(#[source] linux_loader::configurator::Error),
 }
 
-/// The e820 map for the guest's RAM: low RAM, the reserved BIOS area, then RAM from 1 MiB.
+/// The e820 map in `hvm_start_info`'s format.
 pub fn memory_map(memory: &GuestMemory) -> Vec<hvm_memmap_table_entry> {
-    let entry = |addr: u64, size: u64, type_: u32| hvm_memmap_table_entry {
-        addr,
-        size,
-        type_,
-        reserved: 0,
-    };
-    let mut map = vec![
-        entry(0, EBDA_START, E820_RAM),
-        entry(EBDA_START, HIGH_RAM_START - EBDA_START, E820_RESERVED),
-    ];
-    for region in memory.iter() {
-        let start = region.start_addr().0.max(HIGH_RAM_START);
-        let end = region.start_addr().0 + region.len();
-        if end > start {
-            map.push(entry(start, end - start, E820_RAM));
-        }
-    }
+    let map: Vec<_> = e820::memory_map(memory)
+        .into_iter()
+        .map(|e| hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind,
+            reserved: 0,
+        })
+        .collect();
     debug_assert!(map.len() <= layout::MEMMAP_MAX_ENTRIES);
     map
 }
 
 /// Writes the command line, the memory map and `hvm_start_info`; returns its address.
 pub fn write(memory: &GuestMemory, cmdline: &str) -> Result<u64, StartInfoError> {
-    if cmdline.len() >= CMDLINE_MAX {
-        return Err(StartInfoError::CmdlineTooLong);
-    }
-    let mut line = Cmdline::new(CMDLINE_MAX).map_err(StartInfoError::Cmdline)?;
-    if !cmdline.is_empty() {
-        line.insert_str(cmdline).map_err(StartInfoError::Cmdline)?;
-    }
-    linux_loader::loader::load_cmdline(memory, GuestAddress(CMDLINE), &line)
-        .map_err(StartInfoError::WriteCmdline)?;
+    write_cmdline(memory, cmdline, CMDLINE_MAX)?;
 
     let map = memory_map(memory);
     let info = hvm_start_info {
@@ -80,6 +59,8 @@ pub fn write(memory: &GuestMemory, cmdline: &str) -> Result<u64, StartInfoError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::boot::e820::E820_RAM;
+    use crate::layout::{EBDA_START, HIGH_RAM_START};
     use crate::memory::create_guest_memory;
     use vm_memory::Bytes;
 
@@ -122,7 +103,7 @@ mod tests {
         let long = "x".repeat(CMDLINE_MAX);
         assert!(matches!(
             write(&mem, &long),
-            Err(StartInfoError::CmdlineTooLong)
+            Err(StartInfoError::Cmdline(CmdlineError::TooLong { .. }))
         ));
     }
 }

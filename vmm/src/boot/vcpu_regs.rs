@@ -4,7 +4,7 @@
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
-use super::BootEntry;
+use super::{BootEntry, BootProtocol};
 use crate::layout::{BOOT_GDT, PML4};
 use crate::memory::GuestMemory;
 
@@ -12,13 +12,58 @@ pub const CODE_SELECTOR: u16 = 0x08;
 pub const DATA_SELECTOR: u16 = 0x10;
 pub const TSS_SELECTOR: u16 = 0x18;
 
-/// null, 64-bit code, data, a 16-byte TSS slot (KVM wants a usable TR; the guest loads its own).
-const BOOT_GDT_ENTRIES: [u64; 4] = [
-    0,
-    0x00af_9b00_0000_ffff,
-    0x00cf_9300_0000_ffff,
-    0x0080_8b00_0000_0067,
+const NULL_DESCRIPTOR: u64 = 0;
+const CODE64_DESCRIPTOR: u64 = 0x00af_9b00_0000_ffff;
+const DATA_DESCRIPTOR: u64 = 0x00cf_9300_0000_ffff;
+/// A 64-bit TSS descriptor takes two slots; the upper one is zero for a base below 4 GiB.
+const TSS_DESCRIPTOR: [u64; 2] = [0x0080_8b00_0000_0067, 0];
+
+/// The project's guest: null, 64-bit code, data, a TSS slot (KVM wants a usable TR; the guest
+/// loads its own).
+const GUEST_GDT: [u64; 5] = [
+    NULL_DESCRIPTOR,
+    CODE64_DESCRIPTOR,
+    DATA_DESCRIPTOR,
+    TSS_DESCRIPTOR[0],
+    TSS_DESCRIPTOR[1],
 ];
+/// Linux's 64-bit boot protocol wants `__BOOT_CS` = 0x10 and `__BOOT_DS` = 0x18.
+const LINUX_GDT: [u64; 6] = [
+    NULL_DESCRIPTOR,
+    NULL_DESCRIPTOR,
+    CODE64_DESCRIPTOR,
+    DATA_DESCRIPTOR,
+    TSS_DESCRIPTOR[0],
+    TSS_DESCRIPTOR[1],
+];
+const LINUX_CODE_SELECTOR: u16 = 0x10;
+const LINUX_DATA_SELECTOR: u16 = 0x18;
+const LINUX_TSS_SELECTOR: u16 = 0x20;
+
+/// The boot GDT and the selectors into it, for one boot protocol.
+struct BootGdt {
+    entries: &'static [u64],
+    code: u16,
+    data: u16,
+    tss: u16,
+}
+
+fn boot_gdt(protocol: &BootProtocol) -> BootGdt {
+    match protocol {
+        BootProtocol::SplitvisorGuest { .. } => BootGdt {
+            entries: &GUEST_GDT,
+            code: CODE_SELECTOR,
+            data: DATA_SELECTOR,
+            tss: TSS_SELECTOR,
+        },
+        BootProtocol::Linux { .. } => BootGdt {
+            entries: &LINUX_GDT,
+            code: LINUX_CODE_SELECTOR,
+            data: LINUX_DATA_SELECTOR,
+            tss: LINUX_TSS_SELECTOR,
+        },
+    }
+}
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_MP: u64 = 1 << 1;
@@ -34,8 +79,11 @@ const EFER_LMA: u64 = 1 << 10;
 const RFLAGS_RESERVED: u64 = 1 << 1;
 
 /// Writes the boot GDT that `sregs` refers to.
-pub fn write_boot_gdt(memory: &GuestMemory) -> Result<(), GuestMemoryError> {
-    for (i, entry) in BOOT_GDT_ENTRIES.iter().enumerate() {
+pub fn write_boot_gdt(
+    memory: &GuestMemory,
+    protocol: &BootProtocol,
+) -> Result<(), GuestMemoryError> {
+    for (i, entry) in boot_gdt(protocol).entries.iter().enumerate() {
         memory.write_obj(*entry, GuestAddress(BOOT_GDT + i as u64 * 8))?;
     }
     Ok(())
@@ -43,19 +91,24 @@ pub fn write_boot_gdt(memory: &GuestMemory) -> Result<(), GuestMemoryError> {
 
 /// General-purpose registers for vCPU `index`.
 pub fn regs(boot: &BootEntry, index: u8) -> kvm_regs {
-    kvm_regs {
+    let mut regs = kvm_regs {
         rip: boot.entry,
         rflags: RFLAGS_RESERVED,
-        rbx: boot.start_info,
-        rsi: 0,
-        rdi: u64::from(index),
-        rsp: 0,
         ..Default::default()
+    };
+    match boot.protocol {
+        BootProtocol::SplitvisorGuest { start_info } => {
+            regs.rbx = start_info;
+            regs.rdi = u64::from(index);
+        }
+        BootProtocol::Linux { zero_page } => regs.rsi = zero_page,
     }
+    regs
 }
 
 /// Segment and control registers, starting from what KVM reports for a fresh vCPU.
-pub fn sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+pub fn sregs(mut sregs: kvm_sregs, protocol: &BootProtocol) -> kvm_sregs {
+    let gdt = boot_gdt(protocol);
     let segment = |selector: u16, type_: u8, long: u8, db: u8| kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
@@ -69,8 +122,8 @@ pub fn sregs(mut sregs: kvm_sregs) -> kvm_sregs {
         g: 1,
         ..Default::default()
     };
-    sregs.cs = segment(CODE_SELECTOR, 0xb, 1, 0);
-    let data = segment(DATA_SELECTOR, 0x3, 0, 1);
+    sregs.cs = segment(gdt.code, 0xb, 1, 0);
+    let data = segment(gdt.data, 0x3, 0, 1);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
@@ -79,13 +132,13 @@ pub fn sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.tr = kvm_segment {
         base: 0,
         limit: 0x67,
-        selector: TSS_SELECTOR,
+        selector: gdt.tss,
         type_: 0xb,
         present: 1,
         ..Default::default()
     };
     sregs.gdt.base = BOOT_GDT;
-    sregs.gdt.limit = (BOOT_GDT_ENTRIES.len() * 8 - 1) as u16;
+    sregs.gdt.limit = (gdt.entries.len() * 8 - 1) as u16;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
     sregs.cr3 = PML4;
@@ -108,9 +161,11 @@ pub fn fpu() -> kvm_fpu {
 mod tests {
     use super::*;
 
+    const GUEST: BootProtocol = BootProtocol::SplitvisorGuest { start_info: 0x6000 };
+
     #[test]
     fn long_mode_with_paging_and_sse() {
-        let s = sregs(kvm_sregs::default());
+        let s = sregs(kvm_sregs::default(), &GUEST);
         assert_eq!(s.cs.l, 1);
         assert_eq!(s.cs.selector, CODE_SELECTOR);
         assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
@@ -124,9 +179,32 @@ mod tests {
     fn aps_get_their_index_in_rdi() {
         let boot = BootEntry {
             entry: 0x10_0000,
-            start_info: 0x6000,
+            protocol: GUEST,
+            format: crate::boot::KernelFormat::SplitvisorGuest,
         };
         let r = regs(&boot, 3);
         assert_eq!((r.rip, r.rbx, r.rdi, r.rsp), (0x10_0000, 0x6000, 3, 0));
+    }
+
+    #[test]
+    fn linux_gets_the_zero_page_in_rsi_and_boot_cs_0x10() {
+        let protocol = BootProtocol::Linux { zero_page: 0x7000 };
+        let boot = BootEntry {
+            entry: 0x10_0200,
+            protocol,
+            format: crate::boot::KernelFormat::LinuxBzImage,
+        };
+        let r = regs(&boot, 0);
+        assert_eq!((r.rip, r.rsi, r.rbx), (0x10_0200, 0x7000, 0));
+        let s = sregs(kvm_sregs::default(), &protocol);
+        assert_eq!(
+            (s.cs.selector, s.ds.selector, s.ss.selector),
+            (0x10, 0x18, 0x18)
+        );
+        assert_eq!(s.cs.l, 1);
+        // The descriptors behind the selectors are 64-bit code and flat data.
+        assert_eq!(LINUX_GDT[usize::from(s.cs.selector) / 8], CODE64_DESCRIPTOR);
+        assert_eq!(LINUX_GDT[usize::from(s.ds.selector) / 8], DATA_DESCRIPTOR);
+        assert_eq!(usize::from(s.gdt.limit) + 1, LINUX_GDT.len() * 8);
     }
 }

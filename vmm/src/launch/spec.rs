@@ -196,7 +196,9 @@ struct FileSpec {
     prefault: Option<bool>,
     vcpus: Option<u8>,
     kernel: Option<PathBuf>,
+    initramfs: Option<PathBuf>,
     cmdline: Option<String>,
+    acpi: Option<bool>,
     serial: Option<String>,
     stats: Option<bool>,
     connect_timeout: Option<u64>,
@@ -282,7 +284,13 @@ impl FileSpec {
         vm.prefault = self.prefault.unwrap_or(vm.prefault);
         vm.vcpus = self.vcpus.unwrap_or(vm.vcpus);
         vm.kernel = self.kernel.clone().map(|p| paths.resolve(p)).or(vm.kernel);
-        vm.cmdline = self.cmdline.clone().unwrap_or(vm.cmdline);
+        vm.initramfs = self
+            .initramfs
+            .clone()
+            .map(|p| paths.resolve(p))
+            .or(vm.initramfs);
+        vm.cmdline = self.cmdline.clone().or(vm.cmdline);
+        vm.acpi = self.acpi.unwrap_or(vm.acpi);
         vm.stats = self.stats.unwrap_or(vm.stats);
         vm.connect_timeout = self.connect_timeout.unwrap_or(vm.connect_timeout);
         vm.api_socket = self

@@ -74,7 +74,7 @@ fn flags_give_devices_default_ids_in_order() {
     ]);
     let spec = LaunchSpec::from_args(&args).unwrap();
     assert_eq!(spec.vm.memory, ByteSize(512 << 20));
-    assert_eq!(spec.vm.cmdline, "blk-verify");
+    assert_eq!(spec.vm.cmdline.as_deref(), Some("blk-verify"));
     assert_eq!(
         spec.disks,
         [
@@ -210,7 +210,7 @@ switch = "lan"
     let spec = LaunchSpec::from_args(&launch_args(&["--config", path.to_str().unwrap()])).unwrap();
     let vm = &spec.vm;
     assert_eq!((vm.memory, vm.vcpus), (ByteSize(512 << 20), 2));
-    assert_eq!(vm.cmdline, "blk-verify,seconds=30");
+    assert_eq!(vm.cmdline.as_deref(), Some("blk-verify,seconds=30"));
     assert_eq!(vm.serial, SerialConfig::File(scratch.0.join("console.log")));
     assert!(vm.prefault && vm.stats);
     assert_eq!(vm.connect_timeout, 3);
