@@ -1,5 +1,6 @@
 //! The guest's initramfs: a static busybox, the kernel modules a test needs (with their
-//! dependencies, in load order), an `/init` that loads them and runs `/test.sh`, and nothing else.
+//! dependencies, in load order), an `/init` that loads them (with their parameters from the
+//! kernel command line, as modprobe would) and runs `/test.sh`, and nothing else.
 //!
 //! The guest reports through lines `SV:key=value` on the serial console; `/init` adds
 //! `SV:init=ready` before the script and `SV:exit=<status>` after it, then powers off.
@@ -145,7 +146,7 @@ impl Initramfs {
             let target = format!("modules/{i:02}-{name}.ko");
             w.file(&target, 0o644, &read_module(file)?).map_err(io)?;
             loads.push_str(&format!(
-                "insmod /{target} || echo SV:insmod-failed={name}\n"
+                "insmod /{target} $(modparams {name}) || echo SV:insmod-failed={name}\n"
             ));
         }
         w.file("init", 0o755, init_script(&loads).as_bytes())
@@ -164,6 +165,13 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# Like modprobe: parameters for module M on the kernel command line (M.param=value), e.g.
+# virtio_mmio.device=..., which the kernel itself applies only to built-in modules.
+modparams() {{
+    for arg in $(cat /proc/cmdline); do
+        case "$arg" in "$1".*=*) echo "${{arg#"$1".}}" ;; esac
+    done
+}}
 {loads}echo SV:init=ready
 sh /test.sh
 rc=$?
