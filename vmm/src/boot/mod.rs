@@ -1,6 +1,7 @@
 //! Getting a guest to its first instruction: load the kernel, write the boot tables, and
 //! prepare the registers each vCPU starts with (see `docs/boot-protocol.md`).
 
+pub mod acpi;
 pub mod cpuid;
 pub mod kernel;
 pub mod mptable;
