@@ -115,20 +115,22 @@ fn build(platform: &AcpiPlatform) -> Result<(u64, Vec<u8>), AcpiError> {
     let dsdt = dsdt(&platform.virtio_mmio)?;
     let madt = madt(platform.vcpus);
 
+    // The XSDT goes last, so that every address it lists is known before it is built.
     let rsdp_addr = layout::ACPI_START;
-    let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
-    let xsdt_len = 36 + 2 * 8; // header + two 64-bit entries
-    let fadt_addr = align(xsdt_addr + xsdt_len);
+    let fadt_addr = align(rsdp_addr + Rsdp::len() as u64);
     let madt_addr = align(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
     let dsdt_addr = align(madt_addr + madt.len() as u64);
-    let size = dsdt_addr + dsdt.len() as u64 - rsdp_addr;
-    if size > layout::ACPI_MAX_SIZE {
-        return Err(AcpiError::TooLarge { size });
-    }
-
+    let xsdt_addr = align(dsdt_addr + dsdt.len() as u64);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    let mut xsdt_bytes = Vec::new();
+    xsdt.to_aml_bytes(&mut xsdt_bytes);
+
+    let size = xsdt_addr + xsdt_bytes.len() as u64 - rsdp_addr;
+    if size > layout::ACPI_MAX_SIZE {
+        return Err(AcpiError::TooLarge { size });
+    }
 
     let mut out = vec![0u8; size as usize];
     let mut place = |addr: u64, table: &dyn Aml| {
@@ -138,10 +140,10 @@ fn build(platform: &AcpiPlatform) -> Result<(u64, Vec<u8>), AcpiError> {
         out[at..at + bytes.len()].copy_from_slice(&bytes);
     };
     place(rsdp_addr, &Rsdp::new(OEM_ID, xsdt_addr));
-    place(xsdt_addr, &xsdt);
     place(fadt_addr, &fadt(dsdt_addr));
     place(madt_addr, &madt);
     place(dsdt_addr, &dsdt);
+    place(xsdt_addr, &xsdt);
     Ok((rsdp_addr, out))
 }
 
