@@ -14,12 +14,14 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::api::{ApiError, ApiListener};
 use crate::attach::{AttachError, AttachedDevice, Attacher};
+use crate::boot::acpi::{AcpiPlatform, MmioWindow};
 use crate::boot::{self, vcpu_regs, BootError, BootRequest};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::config::VmConfig;
 use crate::control::{AtaInfo, ControlParts, VmControl};
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::serial::{SerialConsole, SerialError};
+use crate::devices::{acpi_power, i8042};
 use crate::event_loop::EventLoop;
 use crate::layout;
 use crate::memory::{self, GuestMemory, MemoryError};
@@ -136,6 +138,18 @@ impl Vm {
             end: &end,
         }
         .attach_all(config)?;
+        let acpi = config.acpi.then(|| AcpiPlatform {
+            vcpus: config.vcpus,
+            virtio_mmio: attached
+                .devices
+                .iter()
+                .map(|d| MmioWindow {
+                    base: d.mmio_base,
+                    size: layout::VIRTIO_MMIO_SIZE,
+                    gsi: d.gsi,
+                })
+                .collect(),
+        });
         let boot_entry = boot::prepare(
             &memory,
             &BootRequest {
@@ -144,7 +158,7 @@ impl Vm {
                 cmdline: config.cmdline.as_deref(),
                 device_words: &attached.cmdline_words,
                 vcpus: config.vcpus,
-                acpi: None,
+                acpi: acpi.as_ref(),
             },
         )?;
         vcpu_regs::write_boot_gdt(&memory, &boot_entry.protocol).map_err(VmError::BootGdt)?;
@@ -175,6 +189,12 @@ impl Vm {
             "serial",
             serial.clone() as SharedDevice,
         )?;
+        if boot_entry.format.is_linux() {
+            // How Linux powers off (ACPI S5) and reboots (ACPI reset register, or the
+            // keyboard controller's reset pulse with reboot=k).
+            acpi_power::attach(&mut pio, end.clone())?;
+            i8042::attach(&mut pio, end.clone())?;
+        }
         pio.insert(
             layout::DEBUG_EXIT_PORT.into(),
             1,

@@ -2,6 +2,7 @@
 //! prepare the registers each vCPU starts with. The project's guest gets `hvm_start_info`
 //! (docs/boot-protocol.md); Linux gets the zero page, an initramfs and ACPI tables.
 
+pub mod acpi;
 pub mod cmdline;
 pub mod cpuid;
 pub mod e820;
@@ -47,7 +48,7 @@ pub enum BootError {
     #[error("could not write the MP table")]
     MpTable(#[from] mptable::MpTableError),
     #[error("could not write the ACPI tables")]
-    Acpi(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Acpi(#[from] acpi::AcpiError),
 }
 
 /// How the boot CPU finds its boot information.
@@ -68,9 +69,6 @@ pub struct BootEntry {
     pub format: KernelFormat,
 }
 
-/// Writes the ACPI tables into guest memory and returns the RSDP's address.
-pub type AcpiWriter<'a> = &'a dyn Fn(&GuestMemory) -> Result<u64, BootError>;
-
 /// What to boot, as configured.
 pub struct BootRequest<'a> {
     pub kernel: &'a KernelSource,
@@ -82,8 +80,8 @@ pub struct BootRequest<'a> {
     /// devices when it has no ACPI tables to find them in.
     pub device_words: &'a [String],
     pub vcpus: u8,
-    /// Writes the ACPI tables and returns the RSDP's address; `None`: no ACPI.
-    pub acpi: Option<AcpiWriter<'a>>,
+    /// What the ACPI tables describe, for a Linux guest; `None`: no ACPI tables.
+    pub acpi: Option<&'a acpi::AcpiPlatform>,
 }
 
 /// Loads the kernel and writes every table the guest reads at boot.
@@ -125,7 +123,7 @@ fn prepare_linux(
         .transpose()?;
     let rsdp = request
         .acpi
-        .map(|write_acpi| write_acpi(memory))
+        .map(|platform| acpi::write(memory, platform))
         .transpose()?;
     // With ACPI the kernel finds the virtio-mmio devices in the DSDT; naming them on the
     // command line too would create each device twice.
