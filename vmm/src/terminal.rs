@@ -8,7 +8,7 @@
 //! ends lines so) still starts a new line at column 0, while a Linux guest's tty already sends
 //! "\r\n", which the terminal shows the same way.
 
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Mutex, Once, PoisonError};
 
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +17,8 @@ pub enum TerminalError {
     GetAttributes(#[source] std::io::Error),
     #[error("cannot put the terminal on stdin in raw mode")]
     SetAttributes(#[source] std::io::Error),
+    #[error("cannot duplicate the terminal's file descriptor")]
+    Duplicate(#[source] std::io::Error),
 }
 
 /// Whether a file descriptor is a terminal this process may put in raw mode.
@@ -56,14 +58,16 @@ static PANIC_HOOK: Once = Once::new();
 
 /// A terminal in raw mode; dropping it restores the settings it had.
 pub struct RawTerminal {
-    fd: RawFd,
+    /// A descriptor of its own, so that the restore works whoever closed theirs.
+    fd: OwnedFd,
     saved: libc::termios,
 }
 
 impl RawTerminal {
-    /// Puts the terminal on `fd` in raw mode. The caller keeps `fd` open while this lives.
+    /// Puts the terminal on `fd` in raw mode.
     pub fn enter(fd: BorrowedFd) -> Result<Self, TerminalError> {
-        let fd = fd.as_raw_fd();
+        let owned = fd.try_clone_to_owned().map_err(TerminalError::Duplicate)?;
+        let fd = owned.as_raw_fd();
         let saved = get_attributes(fd).map_err(TerminalError::GetAttributes)?;
         install_panic_hook();
         *SAVED.lock().unwrap_or_else(PoisonError::into_inner) = Some((fd, saved));
@@ -71,14 +75,14 @@ impl RawTerminal {
             SAVED.lock().unwrap_or_else(PoisonError::into_inner).take();
             return Err(TerminalError::SetAttributes(e));
         }
-        Ok(Self { fd, saved })
+        Ok(Self { fd: owned, saved })
     }
 }
 
 impl Drop for RawTerminal {
     fn drop(&mut self) {
         SAVED.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Err(e) = set_attributes(self.fd, &self.saved) {
+        if let Err(e) = set_attributes(self.fd.as_raw_fd(), &self.saved) {
             log::warn!("could not restore the terminal settings (try `stty sane`): {e}");
         }
     }
