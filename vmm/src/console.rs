@@ -159,8 +159,9 @@ impl Forwarder {
 /// The console input while the VM runs; dropping it stops the reader and restores the
 /// terminal. `Vm::run` holds it until the VM has ended.
 pub struct Console {
+    /// The reader thread and the eventfd that tells it to stop.
     reader: Option<(EventFd, JoinHandle<()>)>,
-    /// Declared after `reader`: the terminal is restored once the reader has stopped.
+    /// Dropped after `Drop::drop` has stopped the reader: the terminal is restored last.
     _raw: Option<RawTerminal>,
 }
 
@@ -221,19 +222,22 @@ pub fn start(
     } else {
         None
     };
-    let mut console = spawn_reader(input, interactive, serial.clone(), drained, end.clone())?;
-    console._raw = raw;
-    Ok(console)
+    let reader = spawn_reader(input, interactive, serial.clone(), drained, end.clone())?;
+    Ok(Console {
+        reader: Some(reader),
+        _raw: raw,
+    })
 }
 
-/// Runs the reader thread over `input` (stdin, or a pipe in tests).
+/// Starts the reader thread over `input` (stdin, or a pipe in tests); returns the eventfd
+/// that stops it and its handle.
 fn spawn_reader(
     input: File,
     interactive: bool,
     serial: Arc<Mutex<SerialConsole>>,
     drained: EventFd,
     end: Arc<EndSignal>,
-) -> Result<Console, ConsoleError> {
+) -> Result<(EventFd, JoinHandle<()>), ConsoleError> {
     let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ConsoleError::EventFd)?;
     let reader = Reader {
         input,
@@ -248,10 +252,7 @@ fn spawn_reader(
         .name("console".into())
         .spawn(move || reader.run())
         .map_err(ConsoleError::SpawnThread)?;
-    Ok(Console {
-        reader: Some((stop, thread)),
-        _raw: None,
-    })
+    Ok((stop, thread))
 }
 
 struct Reader {

@@ -52,7 +52,7 @@ fn reader(
 ) -> (File, Console) {
     let (read, write) = io::pipe().unwrap();
     let drained = serial.lock().unwrap().drained_event().unwrap();
-    let console = spawn_reader(
+    let reader = spawn_reader(
         File::from(std::os::fd::OwnedFd::from(read)),
         interactive,
         serial.clone(),
@@ -60,6 +60,10 @@ fn reader(
         end.clone(),
     )
     .unwrap();
+    let console = Console {
+        reader: Some(reader),
+        _raw: None,
+    };
     (File::from(std::os::fd::OwnedFd::from(write)), console)
 }
 

@@ -108,8 +108,9 @@ pub fn raw_mode(saved: &libc::termios) -> libc::termios {
     raw
 }
 
-/// True if `t` is in the raw mode `raw_mode` makes (for tests and checks).
-pub fn is_raw(t: &libc::termios) -> bool {
+/// True if `t` is in the raw mode `raw_mode` makes.
+#[cfg(test)]
+fn is_raw(t: &libc::termios) -> bool {
     t.c_lflag & (libc::ECHO | libc::ICANON | libc::ISIG | libc::IEXTEN) == 0
         && t.c_iflag & (libc::ICRNL | libc::IXON | libc::INLCR | libc::IGNCR) == 0
 }
@@ -154,6 +155,7 @@ fn install_panic_hook() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn raw_mode_keeps_output_processing_and_clears_input_processing() {
@@ -176,12 +178,14 @@ mod tests {
     #[test]
     fn a_pipe_is_not_a_terminal() {
         let (read, _write) = std::io::pipe().unwrap();
-        use std::os::fd::AsFd;
         assert_eq!(kind(read.as_fd()), TerminalKind::NotATerminal);
     }
 
-    #[test]
-    fn a_raw_pty_gets_its_settings_back() {
+    /// The raw-terminal state is process-wide (one terminal): one pty test at a time.
+    static PTY_TESTS: Mutex<()> = Mutex::new(());
+
+    /// A new pseudo-terminal: (master, slave).
+    fn openpty() -> (OwnedFd, OwnedFd) {
         let (mut master, mut slave) = (-1, -1);
         // SAFETY: the out-pointers are valid; the names/termios/winsize pointers may be null.
         let rc = unsafe {
@@ -195,11 +199,16 @@ mod tests {
         };
         assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
         // SAFETY: openpty just opened both; nothing else owns them.
-        let (master, slave) = unsafe {
-            use std::os::fd::{FromRawFd, OwnedFd};
+        unsafe {
+            use std::os::fd::FromRawFd;
             (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave))
-        };
-        use std::os::fd::AsFd;
+        }
+    }
+
+    #[test]
+    fn a_raw_pty_gets_its_settings_back() {
+        let _one = PTY_TESTS.lock().unwrap_or_else(PoisonError::into_inner);
+        let (_master, slave) = openpty();
         assert_eq!(kind(slave.as_fd()), TerminalKind::Foreground);
         let before = get_attributes(slave.as_raw_fd()).unwrap();
         assert!(!is_raw(&before), "a new pty is cooked");
@@ -216,6 +225,18 @@ mod tests {
                 before.c_cflag
             )
         );
-        drop(master);
+    }
+
+    #[test]
+    fn a_panic_restores_the_terminal_before_anything_is_dropped() {
+        let _one = PTY_TESTS.lock().unwrap_or_else(PoisonError::into_inner);
+        let (_master, slave) = openpty();
+        let raw = RawTerminal::enter(slave.as_fd()).unwrap();
+        assert!(is_raw(&get_attributes(slave.as_raw_fd()).unwrap()));
+        let panicked = std::panic::catch_unwind(|| panic!("test panic (expected)"));
+        assert!(panicked.is_err());
+        // The guard is still alive: only the hook can have restored the terminal.
+        assert!(!is_raw(&get_attributes(slave.as_raw_fd()).unwrap()));
+        drop(raw);
     }
 }
