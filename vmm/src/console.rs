@@ -39,7 +39,7 @@ const HELP: &str = "\nsplitvisor console escapes:\n\
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
-    #[error("cannot duplicate stdin for the console input")]
+    #[error("--serial stdio: cannot duplicate stdin for the console input")]
     DuplicateStdin(#[source] io::Error),
     #[error(transparent)]
     Terminal(#[from] TerminalError),

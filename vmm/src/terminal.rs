@@ -13,11 +13,11 @@ use std::sync::{Mutex, Once, PoisonError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TerminalError {
-    #[error("cannot read the terminal settings of stdin")]
+    #[error("--serial stdio: cannot read the settings of the terminal on stdin (redirect stdin, e.g. </dev/null, or use --serial file=PATH)")]
     GetAttributes(#[source] std::io::Error),
-    #[error("cannot put the terminal on stdin in raw mode")]
+    #[error("--serial stdio: cannot put the terminal on stdin in raw mode (redirect stdin, e.g. </dev/null, or use --serial file=PATH)")]
     SetAttributes(#[source] std::io::Error),
-    #[error("cannot duplicate the terminal's file descriptor")]
+    #[error("--serial stdio: cannot duplicate the descriptor of the terminal on stdin")]
     Duplicate(#[source] std::io::Error),
 }
 
