@@ -1,5 +1,5 @@
-//! The serial console (8250/16550 UART at COM1, polled) with `print!`/`println!`, and the
-//! debug-exit port that ends the VM with a status byte.
+//! The serial console (8250/16550 UART at COM1, polled) with `print!`/`println!` and polled
+//! input (`read_byte`), and the debug-exit port that ends the VM with a status byte.
 //!
 //! On the PVM hosts every port access from CPL 3 is a VM exit costing ~100 us, so the writer
 //! checks the line status once per 16 bytes (the 16550 FIFO depth) rather than once per byte.
@@ -11,6 +11,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 const COM1: u16 = 0x3f8;
 const THR: u16 = COM1; // transmit holding register (DLAB = 0)
+const RBR: u16 = COM1; // receive buffer register (DLAB = 0, read)
 const DLL: u16 = COM1; // divisor latch low (DLAB = 1)
 const IER: u16 = COM1 + 1;
 const DLM: u16 = COM1 + 1;
@@ -18,6 +19,7 @@ const FCR: u16 = COM1 + 2;
 const LCR: u16 = COM1 + 3;
 const MCR: u16 = COM1 + 4;
 const LSR: u16 = COM1 + 5;
+const LSR_DATA_READY: u8 = 1 << 0;
 const LSR_THR_EMPTY: u8 = 1 << 5;
 const FIFO_DEPTH: u32 = 16;
 
@@ -113,6 +115,16 @@ macro_rules! print {
 macro_rules! println {
     () => { $crate::serial::_print(format_args!(""), true) };
     ($($arg:tt)*) => { $crate::serial::_print(format_args!($($arg)*), true) };
+}
+
+/// The next received byte, if one is waiting (two port reads; no lock: one task reads).
+pub fn read_byte() -> Option<u8> {
+    let lsr = inb(LSR);
+    // 0xff is what a missing UART reads as: no data then, not an endless stream of 0xff.
+    if lsr == 0xff || lsr & LSR_DATA_READY == 0 {
+        return None;
+    }
+    Some(inb(RBR))
 }
 
 /// Ends the VM with `status` through the debug-exit port; parks if nothing listens there.

@@ -181,7 +181,8 @@ pub struct VmArgs {
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub acpi: bool,
 
-    /// Where the serial console goes: stdio, file=PATH, or none.
+    /// Where the serial console goes: stdio, file=PATH, or none. With stdio, stdin is the
+    /// guest's input (a terminal goes raw: Ctrl-A x quits, Ctrl-A h lists the escapes).
     #[arg(long, value_name = "DEST", default_value = "stdio")]
     pub serial: SerialConfig,
 

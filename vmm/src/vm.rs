@@ -83,6 +83,8 @@ pub enum VmError {
     Api(#[from] ApiError),
     #[error("could not start counting device completions")]
     Sampler(#[source] std::io::Error),
+    #[error(transparent)]
+    Console(#[from] crate::console::ConsoleError),
 }
 
 /// How often the used rings are sampled to count completed requests (see
@@ -261,6 +263,9 @@ impl Vm {
     pub fn run(mut self) -> Result<(VmEnd, serde_json::Value), VmError> {
         install_kick_handler()?;
         watch_termination_signals(self.ctx.end.clone())?;
+        // After the signal watcher: SIGINT/SIGTERM end the VM in order, and this guard (dropped
+        // when `run` returns, any way) restores the terminal after everything stopped.
+        let _console = crate::console::start(&self.serial, &self.ctx.end)?;
         let event_thread = self.events.spawn().map_err(VmError::EventLoop)?;
         let mut threads = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {

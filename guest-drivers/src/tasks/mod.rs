@@ -3,6 +3,7 @@
 mod bench_blk;
 mod bench_net;
 mod blk_verify;
+mod console_echo;
 mod disk;
 mod exit;
 mod fault;
@@ -58,10 +59,11 @@ pub fn run(task: &Task, ctx: &Context, report: &mut Report) -> Outcome {
         "bench" if task.value == Some("net") => bench_net::run(task, ctx, report),
         "serve" => net::serve(task, ctx, report),
         "ping" => net::ping(task, ctx, report),
+        "console-echo" => console_echo::run(task, report),
         other => {
             report.str(
                 "error",
-                format_args!("unknown task `{other}` (known: selftest, exit=N, fault=KIND, blk-verify, bench=blk, bench=net, serve, ping=ADDR)"),
+                format_args!("unknown task `{other}` (known: selftest, exit=N, fault=KIND, blk-verify, bench=blk, bench=net, serve, ping=ADDR, console-echo)"),
             );
             Outcome::BadCmdline
         }

@@ -1,10 +1,11 @@
 //! The console: vm-superio's 8250 UART on COM1, its output to stdout, a file or nowhere, its
-//! interrupt through an irqfd.
+//! interrupt through an irqfd, and the receive side that `console` feeds from stdin.
 
 use std::fs::File;
 use std::io::{self, LineWriter, Write};
 
 use log::warn;
+use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -30,10 +31,28 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// Signals the console input (through an eventfd it polls) when the guest has read the last
+/// byte of the receive FIFO, so that input held back by a full FIFO goes in without polling.
+pub struct InputEvents {
+    drained: EventFd,
+}
+
+impl SerialEvents for InputEvents {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        // Cannot fail short of the counter overflowing, which the reader's reads prevent.
+        let _ = self.drained.write(1);
+    }
+}
+
 type Output = Box<dyn Write + Send>;
 
 pub struct SerialConsole {
-    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, Output>,
+    uart: Serial<IrqTrigger, InputEvents, Output>,
+    /// `--serial stdio`: stdin feeds the guest's receive side.
+    reads_stdin: bool,
 }
 
 impl SerialConsole {
@@ -50,12 +69,49 @@ impl SerialConsole {
         };
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;
         let trigger = IrqTrigger(irq.try_clone().map_err(SerialError::EventFd)?);
+        let events = InputEvents {
+            drained: EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?,
+        };
         Ok((
             Self {
-                uart: Serial::new(trigger, out),
+                uart: Serial::with_events(trigger, events, out),
+                reads_stdin: matches!(config, SerialConfig::Stdio),
             },
             irq,
         ))
+    }
+
+    /// True for `--serial stdio`, where stdin is the guest's keyboard.
+    pub fn reads_stdin(&self) -> bool {
+        self.reads_stdin
+    }
+
+    /// An eventfd that becomes readable whenever the guest empties the receive FIFO.
+    pub fn drained_event(&self) -> io::Result<EventFd> {
+        self.uart.events().drained.try_clone()
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn receive_room(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    /// Puts as much of `bytes` into the receive FIFO as fits (raising the data interrupt if
+    /// the guest enabled it) and returns how many went in; 0 when the FIFO is full.
+    pub fn enqueue(&mut self, bytes: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity();
+        if bytes.is_empty() || room == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(vm_superio::serial::Error::FullFifo) => 0,
+            Err(e) => {
+                // Only the interrupt failed: the bytes are in the FIFO for a polling guest.
+                warn!("serial console input: {e}");
+                bytes.len().min(room)
+            }
+        }
     }
 
     pub fn flush(&mut self) {
