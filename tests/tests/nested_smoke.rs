@@ -3,11 +3,14 @@
 //! `splitvisor-blk` serving a tmpfs image to `splitvisor run --disk socket=... --cmdline
 //! blk-verify`, then the same on a writable extra disk of L1 (`/dev/vdb`, a host file), whose
 //! bytes the host checks after L1 is gone. Every RESULT line must say pass and every run exit 0.
+//! A second L1 boot checks what network tests inside L1 build on: an extra L1 module (`tun`)
+//! and host programs with their libraries (`ip`, `ping`) in the chroot.
 //!
 //! Needs QEMU, the Debian cloud kernel, busybox-static and e2fsprogs (`.ci/install-deps.sh`);
 //! skips without them unless `CI` is set. Takes ~20 s on an idle 2-core host.
 
 use serde_json::Value;
+use splitvisor_tests::interop::netns::NetTools;
 use splitvisor_tests::interop::{nonce, pattern as random};
 use splitvisor_tests::nested::{NestedHost, NestedOptions};
 use splitvisor_tests::pattern::{self, SECTOR};
@@ -112,4 +115,34 @@ fn selftest_and_blk_verify_pass_under_nested_svm() {
         first_diff, None,
         "the host's image differs at this byte\n{report}"
     );
+}
+
+#[test]
+fn l1_loads_extra_modules_and_runs_host_programs() {
+    let test = "l1_loads_extra_modules_and_runs_host_programs";
+    let (Some(host), Some(net)) = (NestedHost::require(test), NetTools::require(test)) else {
+        return;
+    };
+    // By full path: busybox's sh would run its own `ip` and `ping` applets.
+    let script = r#"
+/bin/ip tuntap add dev tap0 mode tap || exit 1
+/bin/ip link set tap0 up || exit 1
+echo SV:tap-type=$(cat /sys/class/net/tap0/type)
+/bin/ip link set lo up || exit 1
+/bin/ping -c 1 -W 10 127.0.0.1 >/tmp/ping.out 2>&1
+echo SV:ping-exit=$?
+echo SV:ping-received=$(grep -o '[0-9]* received' /tmp/ping.out)
+"#;
+    let options = NestedOptions::default()
+        .module("tun")
+        .program(&net.ip)
+        .program(&net.ping);
+    let run = host.run(script, &[], &options);
+    eprintln!("nested modules/programs: {:?} in all", run.elapsed);
+    run.assert_success();
+    let report = run.report();
+    // ARPHRD_ETHER: a TAP device.
+    assert_eq!(run.expect("tap-type"), "1", "{report}");
+    assert_eq!(run.expect("ping-exit"), "0", "{report}");
+    assert_eq!(run.expect("ping-received"), "1 received", "{report}");
 }

@@ -16,7 +16,10 @@
 //!    status and L1's measured boot and script times.
 //!
 //! Writable disks ([`NestedOptions::disk`]) are `/dev/vdb`, `/dev/vdc`, ... in L1 (serial =
-//! the name given). L1 boots are serialized per test binary: two TCG L1s on a 2-core host
+//! the name given). Further L1 modules ([`NestedOptions::module`], e.g. `tun`) and host programs
+//! ([`NestedOptions::program`], e.g. `ip`; call them as `/bin/ip`, since busybox's sh prefers
+//! its own applets) can be added. A run costs ~1 s for the image and ~4 s for L1's boot and
+//! power-off on an idle host, on top of the script. L1 boots are serialized per test binary: two TCG L1s on a 2-core host
 //! would double each other's time. Host prerequisites: `.ci/install-deps.sh` (QEMU, the cloud
 //! kernel, busybox-static, e2fsprogs); without them [`NestedHost::require`] skips, or fails
 //! when `CI` is set. Overrides: [`ENV_BIN_DIR`], [`run::ENV_TIMEOUT`], and those of

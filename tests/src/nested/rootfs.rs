@@ -128,7 +128,13 @@ impl RootFs {
 
     fn copy(&mut self, src: &Path, rel: impl AsRef<Path>) -> Result<(), String> {
         let dst = self.parent_of(rel.as_ref())?;
-        // fs::copy follows symlinks and keeps the permission bits.
+        // A program replacing a busybox applet link: fs::copy would write through the link
+        // into busybox itself.
+        if dst.is_symlink() {
+            std::fs::remove_file(&dst)
+                .map_err(|e| format!("cannot replace {}: {e}", dst.display()))?;
+        }
+        // fs::copy follows a symlink source and keeps the permission bits.
         self.bytes += std::fs::copy(src, &dst)
             .map_err(|e| format!("cannot copy {} to {}: {e}", src.display(), dst.display()))?;
         Ok(())

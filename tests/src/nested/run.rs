@@ -82,7 +82,8 @@ pub struct NestedOptions {
     /// script.
     pub modules: Vec<String>,
     /// Further host programs for `/bin` of the chroot (e.g. `/usr/sbin/ip`), with their
-    /// libraries.
+    /// libraries. Call them by full path (`/bin/ip`): Debian's busybox sh runs its own applet
+    /// of the same name before anything in `PATH`.
     pub programs: Vec<PathBuf>,
 }
 
