@@ -173,6 +173,7 @@ impl NestedHost {
                 .zip(parsed.start)
                 .map(|(e, s)| e.saturating_sub(s)),
             console: guest.serial,
+            bound,
             workdir,
         }
     }

@@ -155,6 +155,8 @@ pub struct NestedRun {
     pub script: Option<Duration>,
     /// Everything L1 printed on its console.
     pub console: String,
+    /// The script's time bound in L1 (the run's timeout less [`BOOT_MARGIN`]).
+    pub bound: Duration,
     pub(super) workdir: Workdir,
 }
 
@@ -201,8 +203,13 @@ impl NestedRun {
 
     /// The script's exit status, output and the tail of L1's console, for failure messages.
     pub fn report(&self) -> String {
+        let killed = if self.exit == 137 {
+            format!(" (SIGKILL: at the time bound of {:?}?)", self.bound)
+        } else {
+            String::new()
+        };
         format!(
-            "--- script exit status: {}\n--- script output:\n{}\n--- L1 console, last lines:\n{}",
+            "--- script exit status: {}{killed}\n--- script output:\n{}\n--- L1 console, last lines:\n{}",
             self.exit,
             self.output(),
             console_tail(&self.console, TAIL_LINES)
