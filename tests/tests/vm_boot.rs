@@ -131,7 +131,7 @@ fn bad_input_is_rejected_with_a_clear_message() {
         (
             vec!["--kernel", not_elf.to_str().unwrap()],
             1,
-            &["is not a loadable kernel", "ELF"],
+            &["is neither an ELF executable nor a Linux bzImage"],
         ),
         (vec!["--kernel", "/tmp"], 1, &["/tmp", "directory"]),
         (vec!["--memory", "0"], 1, &["--memory 0", "at least"]),
@@ -181,6 +181,108 @@ fn bad_input_is_rejected_with_a_clear_message() {
     std::fs::remove_file(not_elf).unwrap();
 }
 
+/// A bzImage with just a setup header (boot protocol `version`) and `code` at its 64-bit entry.
+fn synthetic_bzimage(version: u16, code: &[u8]) -> Vec<u8> {
+    const SETUP_SECTS: usize = 4;
+    let protected_mode = (SETUP_SECTS + 1) * 512;
+    let mut image = vec![0u8; protected_mode + 0x1000];
+    image[0x1f1] = SETUP_SECTS as u8;
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&version.to_le_bytes());
+    image[0x211] = 1; // loadflags: LOADED_HIGH
+    image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    image[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
+    image[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes()); // cmdline_size
+    let entry = protected_mode + 0x200;
+    image[entry..entry + code.len()].copy_from_slice(code);
+    image
+}
+
+/// Linux boot's bad inputs, each caught before the guest runs and named in the message.
+#[test]
+fn linux_boot_bad_input_names_the_file() {
+    if !require_kvm("linux_boot_bad_input_names_the_file") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sv-linux-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let old = dir.join("old-bzImage");
+    std::fs::write(&old, synthetic_bzimage(0x0206, &[])).unwrap();
+    let modern = dir.join("bzImage");
+    std::fs::write(&modern, synthetic_bzimage(0x020f, &[])).unwrap();
+    let big_initrd = dir.join("big-initrd");
+    std::fs::write(&big_initrd, vec![0x5au8; 20 << 20]).unwrap();
+    let (old, modern, big_initrd) = (
+        old.to_str().unwrap(),
+        modern.to_str().unwrap(),
+        big_initrd.to_str().unwrap(),
+    );
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["--kernel", modern, "--initramfs", "/nonexistent/initrd.gz"],
+            vec!["--initramfs /nonexistent/initrd.gz", "No such file"],
+        ),
+        (
+            vec!["--kernel", modern, "--initramfs", "/tmp"],
+            vec!["--initramfs /tmp is a directory"],
+        ),
+        (
+            vec!["--kernel", old],
+            vec![old, "boot protocol 2.06", "2.12"],
+        ),
+        (
+            vec![
+                "--kernel",
+                modern,
+                "--initramfs",
+                big_initrd,
+                "--memory",
+                "16M",
+            ],
+            vec![big_initrd, "do not fit in 16 MiB", "--memory"],
+        ),
+        (
+            vec!["--initramfs", big_initrd],
+            vec![big_initrd, "is for a Linux kernel", "splitvisor guest"],
+        ),
+    ];
+    for (extra, needles) in cases {
+        let mut args = vec!["run"];
+        args.extend(&extra);
+        let run = run(&args);
+        assert_eq!(run.code(), Some(1), "{extra:?}\n{run}");
+        for needle in needles {
+            assert!(
+                run.stderr.contains(needle),
+                "{extra:?}: expected {needle:?}\n{run}"
+            );
+        }
+        assert!(!run.stderr.contains("panicked"), "{extra:?}\n{run}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// On a PVM host a Linux kernel is not refused, but splitvisor says once why it will crawl.
+/// The kernel here is a bzImage whose entry is `ud2` with no IDT: it triple-faults at once.
+#[test]
+fn linux_kernel_on_pvm_gets_one_warning() {
+    if !require_kvm("linux_kernel_on_pvm_gets_one_warning") {
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("sv-ud2-bzimage-{}", std::process::id()));
+    std::fs::write(&path, synthetic_bzimage(0x020f, &[0x0f, 0x0b])).unwrap();
+    let run = run(&["run", "--kernel", path.to_str().unwrap(), "--memory", "64M"]);
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(run.code(), Some(121), "a triple fault\n{run}");
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    let warnings = run.stderr.matches("KVM is PVM").count();
+    assert_eq!(
+        warnings,
+        usize::from(pvm),
+        "one warning on PVM, none elsewhere\n{run}"
+    );
+}
+
 #[test]
 fn missing_or_inaccessible_kvm_is_explained() {
     let run = run_with_env(
@@ -212,12 +314,16 @@ fn help_documents_commands_flags_and_exit_statuses() {
         "--memory",
         "--vcpus",
         "--kernel",
+        "--initramfs",
+        "--acpi",
         "--cmdline",
         "--serial",
         "--disk",
         "--net",
         "Exit status",
+        "120",
         "121",
+        "Ctrl-A x",
     ] {
         assert!(run.stdout.contains(needle), "missing {needle}\n{run}");
     }

@@ -114,6 +114,8 @@ fn api_reports_pauses_resumes_and_stops_the_vm() {
     let status = api::get(&api, "/vm");
     assert_eq!(status["state"], "running");
     assert_eq!(status["vcpus"], 1);
+    assert_eq!(status["guest"]["kind"], "splitvisor guest");
+    assert_eq!(status["guest"]["kernel"], "<embedded guest>");
     assert_eq!(status["memory_bytes"], 256u64 << 20);
     let disk = &status["devices"][0];
     assert_eq!(disk["id"], "disk0");

@@ -46,8 +46,18 @@ pub struct AtaInfo {
     pub disk: AtaDisk,
 }
 
+/// What the VM boots, for reporting.
+#[derive(Clone, Debug)]
+pub struct GuestInfo {
+    /// "linux" or "splitvisor guest".
+    pub kind: &'static str,
+    /// The `--kernel` path, or "<embedded guest>".
+    pub kernel: String,
+}
+
 pub struct VmControl {
     epoch: Instant,
+    guest: GuestInfo,
     vcpus: u8,
     memory_bytes: u64,
     pause: Arc<PauseGate>,
@@ -63,6 +73,7 @@ pub struct VmControl {
 
 /// Everything `VmControl` reports on or acts upon.
 pub struct ControlParts {
+    pub guest: GuestInfo,
     pub vcpus: u8,
     pub memory_bytes: u64,
     pub pause: Arc<PauseGate>,
@@ -78,6 +89,7 @@ impl VmControl {
     pub fn new(parts: ControlParts) -> Self {
         Self {
             epoch: Instant::now(),
+            guest: parts.guest,
             vcpus: parts.vcpus,
             memory_bytes: parts.memory_bytes,
             pause: parts.pause,
@@ -233,6 +245,7 @@ impl VmControl {
         }
         json!({
             "state": self.state(),
+            "guest": { "kind": self.guest.kind, "kernel": self.guest.kernel },
             "vcpus": self.vcpus,
             "memory_bytes": self.memory_bytes,
             "uptime_ms": self.uptime_ms(),

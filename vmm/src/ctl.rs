@@ -111,6 +111,11 @@ fn describe_vm(vm: &Value) -> String {
         vm["memory_bytes"].as_u64().unwrap_or(0) >> 20,
         vm["uptime_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
     );
+    if let (Some(kind), Some(kernel)) =
+        (vm["guest"]["kind"].as_str(), vm["guest"]["kernel"].as_str())
+    {
+        let _ = writeln!(out, "guest: {kind}, kernel {kernel}");
+    }
     let _ = writeln!(
         out,
         "{:<8} {:<6} {:<12} {:<13} {:>6} {:>10} {:>10}  BACKEND",
@@ -190,7 +195,7 @@ mod tests {
     #[test]
     fn status_is_a_readable_table() {
         let vm = json!({
-            "state": "running", "vcpus": 2, "memory_bytes": 268435456u64, "uptime_ms": 1500,
+            "state": "running", "guest": {"kind": "linux", "kernel": "/boot/vmlinuz"}, "vcpus": 2, "memory_bytes": 268435456u64, "uptime_ms": 1500,
             "devices": [{
                 "id": "disk0", "kind": "block", "transport": "virtio-mmio", "needs_reset": false,
                 "backend": {"socket": "/r/a.sock", "state": "connected", "swaps": 2, "recoveries": 1,
@@ -200,7 +205,9 @@ mod tests {
         });
         let text = describe_vm(&vm);
         assert!(
-            text.starts_with("VM running: 2 vCPU(s), 256 MiB, up 1.5 s"),
+            text.starts_with(
+                "VM running: 2 vCPU(s), 256 MiB, up 1.5 s\nguest: linux, kernel /boot/vmlinuz\n"
+            ),
             "{text}"
         );
         assert!(text.contains("disk0"), "{text}");

@@ -17,8 +17,8 @@ use crate::attach::{AttachError, AttachedDevice, Attacher};
 use crate::boot::acpi::{AcpiPlatform, MmioWindow};
 use crate::boot::{self, vcpu_regs, BootError, BootRequest};
 use crate::bus::{Bus, BusError, SharedDevice};
-use crate::config::VmConfig;
-use crate::control::{AtaInfo, ControlParts, VmControl};
+use crate::config::{KernelSource, VmConfig};
+use crate::control::{AtaInfo, ControlParts, GuestInfo, VmControl};
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::serial::{SerialConsole, SerialError};
 use crate::devices::{acpi_power, i8042};
@@ -212,6 +212,13 @@ impl Vm {
         };
         sample_completions(&events, &attached.devices)?;
         let control = Arc::new(VmControl::new(ControlParts {
+            guest: GuestInfo {
+                kind: boot_entry.format.guest_kind(),
+                kernel: match &config.kernel {
+                    KernelSource::Embedded => "<embedded guest>".to_string(),
+                    KernelSource::File(path) => path.display().to_string(),
+                },
+            },
             vcpus: config.vcpus,
             memory_bytes: config.memory.0,
             pause: ctx.pause.clone(),
