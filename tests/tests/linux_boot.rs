@@ -250,19 +250,10 @@ case_run mem4g --memory 4G --cmdline "{CMDLINE}"
     checks.finish(&run);
 }
 
-#[test]
-fn linux_finds_a_splitvisor_blk_disk_with_and_without_acpi_and_reads_the_console() {
-    let test = "linux_finds_a_splitvisor_blk_disk_with_and_without_acpi_and_reads_the_console";
-    let Some(host) = NestedHost::require(test) else {
-        return;
-    };
-    let workdir = Workdir::new("linux-dev");
-    let disk = pattern(0x5eed, DISK_LEN);
-    let head_crc = format!("{:08x}", crc32(&disk[..HEAD_SECTORS * 512]));
-    let mut files = l2_files(&host, &workdir);
-    files.push(NestedFile::from_bytes("disk.img", disk));
-    let script = format!(
-        r#"{L1_FUNCTIONS}
+/// The devices and console cases in L1 (after [`L1_FUNCTIONS`]): one splitvisor-blk daemon on a
+/// tmpfs copy of `/files/disk.img` serves the ACPI and the no-ACPI guest in turn; then a guest
+/// whose stdin is a FIFO, written once the guest says it is ready for the line.
+const DEVICES_SCRIPT: &str = r#"
 cp /files/disk.img /tmp/disk.img
 splitvisor-blk --socket /tmp/blk.sock --image /tmp/disk.img --log-level warn &
 i=0
@@ -271,12 +262,11 @@ while [ ! -S /tmp/blk.sock ]; do
     if [ $i -gt 300 ]; then echo SV:error=no-blk-socket; exit 1; fi
     sleep 0.1
 done
-case_run acpi --disk socket=/tmp/blk.sock --cmdline "{CMDLINE}"
-case_run noacpi --acpi off --disk socket=/tmp/blk.sock --cmdline "{CMDLINE} sv.reboot"
+case_run acpi --disk socket=/tmp/blk.sock --cmdline "$CMDLINE"
+case_run noacpi --acpi off --disk socket=/tmp/blk.sock --cmdline "$CMDLINE sv.reboot"
 
-# The console: splitvisor's stdin is a FIFO, written once L2 is ready for the line.
 mkfifo /tmp/console.in
-splitvisor run $L2 --cmdline "{CMDLINE} sv.console" </tmp/console.in >/tmp/console.out 2>&1 &
+splitvisor run $L2 --cmdline "$CMDLINE sv.console" </tmp/console.in >/tmp/console.out 2>&1 &
 vm=$!
 exec 3>/tmp/console.in
 if wait_for /tmp/console.out SV:ready= 180; then
@@ -295,8 +285,20 @@ rc=$?
 exec 3>&-
 sed "s/^/console| /" /tmp/console.out
 echo SV:console-exit=$rc
-"#
-    );
+"#;
+
+#[test]
+fn linux_finds_a_splitvisor_blk_disk_with_and_without_acpi_and_reads_the_console() {
+    let test = "linux_finds_a_splitvisor_blk_disk_with_and_without_acpi_and_reads_the_console";
+    let Some(host) = NestedHost::require(test) else {
+        return;
+    };
+    let workdir = Workdir::new("linux-dev");
+    let disk = pattern(0x5eed, DISK_LEN);
+    let head_crc = format!("{:08x}", crc32(&disk[..HEAD_SECTORS * 512]));
+    let mut files = l2_files(&host, &workdir);
+    files.push(NestedFile::from_bytes("disk.img", disk));
+    let script = format!("CMDLINE=\"{CMDLINE}\"\n{L1_FUNCTIONS}{DEVICES_SCRIPT}");
     let options = NestedOptions::default().timeout(Duration::from_secs(900));
     let run = host.run(&script, &files, &options);
     eprintln!(
@@ -306,33 +308,7 @@ echo SV:console-exit=$rc
     print_case_times(&run, &["acpi", "noacpi"]);
     run.assert_success();
     let mut checks = Checks::default();
-    checks.eq("acpi exit", run.marker("acpi-exit"), POWER_OFF);
-    check_disk(&mut checks, &run, "acpi", &head_crc);
-    // The DSDT describes the device; naming it on the command line too would add it twice.
-    let cmdline = case_marker(&run, "acpi", "cmdline").unwrap_or("");
-    checks.that(
-        "acpi: no virtio_mmio.device= on the command line",
-        !cmdline.contains("virtio_mmio.device="),
-        format!("cmdline {cmdline:?}"),
-    );
-    // Without ACPI (and so without power off) the guest ends by rebooting.
-    checks.eq("noacpi exit", run.marker("noacpi-exit"), REBOOT);
-    checks.eq("noacpi: L2 ran", case_marker(&run, "noacpi", "nproc"), "1");
-    let cmdline = case_marker(&run, "noacpi", "cmdline").unwrap_or("");
-    checks.that(
-        "noacpi: the device is on the command line",
-        cmdline.contains("virtio_mmio.device=4K@0x"),
-        format!("cmdline {cmdline:?}"),
-    );
-    if kernel_reads_mmio_devices_from_cmdline(host.kernel()) {
-        check_disk(&mut checks, &run, "noacpi", &head_crc);
-    } else {
-        eprintln!(
-            "NOTE: {} lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, so with --acpi off it cannot \
-             find virtio-mmio devices; only the command line is checked",
-            host.kernel().display()
-        );
-    }
+    check_acpi_cases(&mut checks, &run, &head_crc, host.kernel());
     checks.eq(
         "console: L2 got ready",
         case_marker(&run, "console", "ready"),
@@ -345,4 +321,36 @@ echo SV:console-exit=$rc
     );
     checks.eq("console exit", run.marker("console-exit"), POWER_OFF);
     checks.finish(&run);
+}
+
+/// The disk with ACPI (found through the DSDT, powered off) and without (named on the command
+/// line, ended by a reboot).
+fn check_acpi_cases(checks: &mut Checks, run: &NestedRun, head_crc: &str, kernel: &Path) {
+    checks.eq("acpi exit", run.marker("acpi-exit"), POWER_OFF);
+    check_disk(checks, run, "acpi", head_crc);
+    // The DSDT describes the device; naming it on the command line too would add it twice.
+    let cmdline = case_marker(run, "acpi", "cmdline").unwrap_or("");
+    checks.that(
+        "acpi: no virtio_mmio.device= on the command line",
+        !cmdline.contains("virtio_mmio.device="),
+        format!("cmdline {cmdline:?}"),
+    );
+    // Without ACPI (and so without power off) the guest ends by rebooting.
+    checks.eq("noacpi exit", run.marker("noacpi-exit"), REBOOT);
+    checks.eq("noacpi: L2 ran", case_marker(run, "noacpi", "nproc"), "1");
+    let cmdline = case_marker(run, "noacpi", "cmdline").unwrap_or("");
+    checks.that(
+        "noacpi: the device is on the command line",
+        cmdline.contains("virtio_mmio.device=4K@0x"),
+        format!("cmdline {cmdline:?}"),
+    );
+    if kernel_reads_mmio_devices_from_cmdline(kernel) {
+        check_disk(checks, run, "noacpi", head_crc);
+    } else {
+        eprintln!(
+            "NOTE: {} lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, so with --acpi off it cannot \
+             find virtio-mmio devices; only the command line is checked",
+            kernel.display()
+        );
+    }
 }

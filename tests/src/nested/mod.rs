@@ -31,11 +31,11 @@ pub mod run;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::interop::daemon::workspace_bin_in_profile;
 use crate::interop::initramfs::Initramfs;
-use crate::interop::qemu::Qemu;
+use crate::interop::qemu::{GuestRun, Qemu};
 use crate::interop::{find_in_path, skip_unless_ci, HostTools, Workdir};
 use rootfs::RootFs;
 pub use run::{ExtraDisk, NestedFile, NestedOptions, NestedRun};
@@ -114,23 +114,9 @@ impl NestedHost {
             .unwrap_or_else(|e| panic!("nested: cannot make the files image: {e}"));
         let timeout = options.effective_timeout();
         let bound = timeout.saturating_sub(run::BOOT_MARGIN).max(timeout / 2);
-        let initrd = workdir.join("l1-initrd.cpio");
-        let mut modules: Vec<&str> = l1::L1_MODULES.to_vec();
-        modules.extend(options.modules.iter().map(String::as_str));
-        Initramfs::new(&l1::l1_script(bound))
-            .modules(&modules)
-            .build(&self.tools, &initrd)
+        let qemu = self
+            .l1_qemu(&workdir, &image, options, timeout, bound)
             .unwrap_or_else(|e| panic!("nested: cannot build the L1 initramfs: {e}"));
-        let qemu = Qemu::new(&self.tools, &initrd)
-            .nested_svm()
-            .memory_mib(options.memory_mib)
-            .timeout(timeout)
-            .args(
-                &disk_args(&image, &options.disks)
-                    .iter()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>(),
-            );
         let prepared = started.elapsed();
         let guest = {
             let _serial = L1_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -141,28 +127,7 @@ impl NestedHost {
             "nested: image and initramfs {prepared:?}, L1 (QEMU) {:?}",
             guest.elapsed
         );
-        let parsed = run::parse_console(&guest.serial);
-        let tail = || run::console_tail(&guest.serial, 60);
-        if guest.timed_out {
-            panic!(
-                "nested: L1 killed after {timeout:?} ({} to change); console tail:\n{}",
-                run::ENV_TIMEOUT,
-                tail()
-            );
-        }
-        if let Some(error) = &parsed.error {
-            panic!(
-                "nested: L1 setup failed: {error}; console tail:\n{}",
-                tail()
-            );
-        }
-        let Some(exit) = parsed.exit else {
-            panic!(
-                "nested: L1 ended ({:?}) without running the script; console tail:\n{}",
-                guest.status,
-                tail()
-            );
-        };
+        let (parsed, exit) = script_outcome(&guest, timeout);
         NestedRun {
             lines: parsed.lines,
             exit,
@@ -176,6 +141,30 @@ impl NestedHost {
             bound,
             workdir,
         }
+    }
+
+    /// L1's initramfs (in `workdir`) and QEMU command line, the files disk being `image`.
+    fn l1_qemu(
+        &self,
+        workdir: &Workdir,
+        image: &Path,
+        options: &NestedOptions,
+        timeout: Duration,
+        bound: Duration,
+    ) -> Result<Qemu, String> {
+        let initrd = workdir.join("l1-initrd.cpio");
+        let mut modules: Vec<&str> = l1::L1_MODULES.to_vec();
+        modules.extend(options.modules.iter().map(String::as_str));
+        Initramfs::new(&l1::l1_script(bound))
+            .modules(&modules)
+            .build(&self.tools, &initrd)?;
+        let disks = disk_args(image, &options.disks);
+        let disks: Vec<&str> = disks.iter().map(String::as_str).collect();
+        Ok(Qemu::new(&self.tools, &initrd)
+            .nested_svm()
+            .memory_mib(options.memory_mib)
+            .timeout(timeout)
+            .args(&disks))
     }
 
     /// Stage the binaries, busybox, files and script and make the ext4 image.
@@ -214,6 +203,34 @@ impl NestedHost {
         let _ = std::fs::remove_dir_all(workdir.join("root"));
         Ok(())
     }
+}
+
+/// The script's output and exit status from L1's console; panics with the console's tail when
+/// L1 timed out, failed to set up, or never ran the script.
+fn script_outcome(guest: &GuestRun, timeout: Duration) -> (run::Parsed, i32) {
+    let parsed = run::parse_console(&guest.serial);
+    let tail = || run::console_tail(&guest.serial, 60);
+    if guest.timed_out {
+        panic!(
+            "nested: L1 killed after {timeout:?} ({} to change); console tail:\n{}",
+            run::ENV_TIMEOUT,
+            tail()
+        );
+    }
+    if let Some(error) = &parsed.error {
+        panic!(
+            "nested: L1 setup failed: {error}; console tail:\n{}",
+            tail()
+        );
+    }
+    let Some(exit) = parsed.exit else {
+        panic!(
+            "nested: L1 ended ({:?}) without running the script; console tail:\n{}",
+            guest.status,
+            tail()
+        );
+    };
+    (parsed, exit)
 }
 
 /// QEMU arguments for the files disk (read-only, `/dev/vda`) and the writable extra disks, in
