@@ -399,3 +399,89 @@ fn slow_clients_do_not_lock_out_a_request(api: &Path) {
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
     assert!(took < Duration::from_secs(30), "{took:?}");
 }
+
+/// The device's own backend goes silent on GET_VRING_BASE when a swap stops its rings: the
+/// swap fails within the deadline naming it, the silent backend is treated as lost and, when
+/// it comes back on its socket, recovered (with its inflight region); `GET /vm` answers all
+/// along; then a swap to a good daemon succeeds and the guest's verification passes.
+#[test]
+fn a_backend_silent_on_get_vring_base_is_recovered() {
+    if !require_kvm("a_backend_silent_on_get_vring_base_is_recovered") {
+        return;
+    }
+    let dir = Workdir::new("vringbase");
+    let img = image(&dir, 8 << 20);
+    let a = blk_daemon(&dir, "a", &img);
+    let b = blk_daemon(&dir, "b", &img);
+    let proxy = StallingProxy::spawn(&dir.join("p.sock"), &a.socket, req::GET_VRING_BASE, 1);
+    let api = dir.join("api.sock");
+    let vm = RunningVm::spawn(
+        [
+            "run",
+            "--disk",
+            &format!("socket={}", proxy.socket.display()),
+            "--reconnect-timeout",
+            "30",
+            "--api-socket",
+            api.to_str().unwrap(),
+            "--cmdline",
+            "blk-verify,seconds=20",
+        ],
+        dir.path(),
+        "vm",
+    );
+    poll_until(
+        "the guest to bring its disk up",
+        Duration::from_secs(30),
+        || (api.exists() && api::get(&api, "/vm")["devices"][0]["driver_ok"] == true).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", vm.stderr_so_far()));
+
+    let started = Instant::now();
+    let stalled_swap = {
+        let (api, socket) = (api.clone(), b.socket.clone());
+        std::thread::spawn(move || swap(&api, &socket))
+    };
+    poll_until("the old backend to stall", Duration::from_secs(30), || {
+        (proxy.stalled() == 1).then_some(())
+    })
+    .unwrap();
+    let status = api::get(&api, "/vm");
+    assert!(
+        !stalled_swap.is_finished(),
+        "GET /vm answered during the stall"
+    );
+    assert_eq!(status["devices"][0]["busy"], true, "{status}");
+    let failed = stalled_swap.join().unwrap();
+    assert!(started.elapsed() < (MESSAGE_DEADLINE + Duration::from_secs(1)) * SLACK);
+    assert_eq!(failed.status, 409, "{:?}", failed.body);
+    let message = error_of(&failed);
+    for needle in [
+        proxy.socket.to_str().unwrap(),
+        "GET_VRING_BASE",
+        "within 5s",
+        "lost",
+    ] {
+        assert!(message.contains(needle), "no {needle:?} in {message}");
+    }
+
+    // The proxy takes the reconnection and relays it to the same daemon: recovered.
+    let backend = poll_until("the recovery", Duration::from_secs(30), || {
+        let backend = api::get(&api, "/vm")["devices"][0]["backend"].clone();
+        (backend["state"] == "connected" && backend["recoveries"] == 1).then_some(backend)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", vm.stderr_so_far()));
+    assert_eq!(
+        backend["socket"],
+        proxy.socket.to_str().unwrap(),
+        "{backend}"
+    );
+    assert_eq!(backend["history"][0]["inflight_region"], true, "{backend}");
+
+    let good = swap(&api, &b.socket);
+    assert_eq!(good.status, 200, "{:?}", good.body);
+    let run = vm.wait(VM_TIMEOUT);
+    let result = run.assert_passed();
+    assert_eq!(result["io_errors"], 0, "{run}");
+    assert_eq!(result["mismatched_sectors"], 0, "{run}");
+}
