@@ -259,6 +259,28 @@ mod tests {
         );
     }
 
+    /// A client too slow for the request deadline gets 408, not a generic 400.
+    #[test]
+    fn a_request_that_runs_out_of_time_gets_408() {
+        struct Slow(&'static [u8]);
+        impl Read for Slow {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0.is_empty() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                let n = self.0.len().min(buf.len()).min(3);
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let err = read_request(Slow(b"GET /vm HTTP/1.1\r\nHost")).unwrap_err();
+        assert_eq!(err.status, 408, "{err:?}");
+        let err =
+            read_request(Slow(b"PUT /vm HTTP/1.1\r\nContent-Length: 9\r\n\r\n{}")).unwrap_err();
+        assert_eq!(err.status, 408, "{err:?}");
+    }
+
     #[test]
     fn a_response_reads_back_through_the_client_side() {
         let mut out = Vec::new();

@@ -33,7 +33,7 @@ pub enum ConnectError {
         waited: Duration,
         source: std::io::Error,
     },
-    #[error("the backend on {} failed the vhost-user handshake", .path.display())]
+    #[error("the backend on {} failed the vhost-user handshake{}", .path.display(), if .source.timed_out() { " (a daemon that already serves another VMM leaves a new connection unanswered)" } else { "" })]
     Handshake {
         path: PathBuf,
         #[source]
