@@ -61,6 +61,9 @@ struct State {
     armed: Vec<Armed>,
     /// Set by `abort`: every exchange from now on fails at once.
     aborted: bool,
+    /// When the watchdog thread wakes up next by itself (`None`: only when notified). An
+    /// exchange due later needs no wake-up: in a burst of messages only the first one wakes it.
+    wake_at: Option<Instant>,
     thread_started: bool,
 }
 
@@ -128,7 +131,7 @@ impl Watchdog {
             state.next_id += 1;
             let id = state.next_id;
             let deadline = Instant::now() + timeout;
-            let earliest = state.armed.iter().all(|a| a.deadline > deadline);
+            let earliest = state.wake_at.is_none_or(|at| deadline < at);
             state.armed.push(Armed {
                 id,
                 fd,
@@ -188,6 +191,7 @@ impl Watchdog {
                 .filter(|a| a.fate == Fate::Pending)
                 .map(|a| a.deadline)
                 .min();
+            state.wake_at = next;
             state = match next {
                 Some(at) => {
                     let wait = at.saturating_duration_since(Instant::now());
