@@ -3,9 +3,12 @@
 //! `SocketRetry`), so a silent backend would block the caller forever. Instead, a watchdog
 //! thread shuts the socket down (`shutdown(2)`) when an exchange overruns its deadline: the
 //! crate's read then sees end-of-file and returns, and the caller gets `TimedOut` naming the
-//! message. When the VM ends, every pending exchange is cut short the same way (`abort_all`),
+//! message. A sequence of messages (a handshake, setting up or stopping the rings) is also
+//! bounded as a whole (`sequence`), so that a backend answering each message just in time
+//! cannot hold the caller for minutes. When the VM ends, every pending exchange is cut short the same way (`abort_all`),
 //! so that no thread stays blocked on a backend while the VMM stops.
 
+use std::cell::Cell;
 use std::os::fd::RawFd;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -15,6 +18,8 @@ use vhost::vhost_user::Frontend;
 
 /// How long a backend may take to answer one control message.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a whole sequence of messages may take (see `sequence`).
+pub const SEQUENCE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
@@ -22,6 +27,11 @@ pub enum ExchangeError {
     TimedOut {
         message: &'static str,
         deadline: Duration,
+    },
+    #[error("{message} got no answer before the {}s that its whole sequence of messages may take ran out; the backend is too slow and was disconnected", .total.as_secs_f32())]
+    SequenceTimedOut {
+        message: &'static str,
+        total: Duration,
     },
     #[error("{message} was abandoned: the VM is stopping")]
     Aborted { message: &'static str },
@@ -36,7 +46,10 @@ pub enum ExchangeError {
 impl ExchangeError {
     /// The backend did not answer in time (its connection is now shut down).
     pub fn timed_out(&self) -> bool {
-        matches!(self, ExchangeError::TimedOut { .. })
+        matches!(
+            self,
+            ExchangeError::TimedOut { .. } | ExchangeError::SequenceTimedOut { .. }
+        )
     }
 }
 
@@ -85,7 +98,35 @@ pub fn abort_all() {
     global().abort();
 }
 
-/// Runs `f`, one exchange with the backend on `frontend`, bounded by `MESSAGE_TIMEOUT`.
+thread_local! {
+    /// The end of the sequence this thread is in, and its length (see `sequence`).
+    static SEQUENCE: Cell<Option<(Instant, Duration)>> = const { Cell::new(None) };
+}
+
+/// While the returned guard lives, the exchanges of this thread together may take at most
+/// `total` (or what is left of an enclosing sequence, if that ends sooner).
+pub fn sequence(total: Duration) -> Sequence {
+    let end = Instant::now() + total;
+    let outer = SEQUENCE.get();
+    if outer.is_none_or(|(outer_end, _)| end < outer_end) {
+        SEQUENCE.set(Some((end, total)));
+    }
+    Sequence { outer }
+}
+
+/// Ends a `sequence` when dropped.
+pub struct Sequence {
+    outer: Option<(Instant, Duration)>,
+}
+
+impl Drop for Sequence {
+    fn drop(&mut self) {
+        SEQUENCE.set(self.outer);
+    }
+}
+
+/// Runs `f`, one exchange with the backend on `frontend`, bounded by `MESSAGE_TIMEOUT` and by
+/// what is left of the thread's `sequence`.
 pub fn exchange<T>(
     frontend: &mut Frontend,
     message: &'static str,
@@ -93,7 +134,20 @@ pub fn exchange<T>(
 ) -> Result<T, ExchangeError> {
     use std::os::fd::AsRawFd;
     let fd = frontend.as_raw_fd();
-    global().run(fd, message, MESSAGE_TIMEOUT, || f(frontend))
+    let left = SEQUENCE
+        .get()
+        .map(|(end, total)| (end.saturating_duration_since(Instant::now()), total));
+    match left {
+        Some((left, total)) if left < MESSAGE_TIMEOUT => global()
+            .run(fd, message, left, || f(frontend))
+            .map_err(|e| match e {
+                ExchangeError::TimedOut { message, .. } => {
+                    ExchangeError::SequenceTimedOut { message, total }
+                }
+                other => other,
+            }),
+        _ => global().run(fd, message, MESSAGE_TIMEOUT, || f(frontend)),
+    }
 }
 
 impl Watchdog {
@@ -291,6 +345,62 @@ mod tests {
             })
             .unwrap_err();
         assert!(matches!(err, ExchangeError::Failed { .. }), "{err}");
+    }
+
+    /// A sequence bounds its messages together; it ends with its guard.
+    #[test]
+    fn a_sequence_bounds_its_messages_together() {
+        assert_eq!(SEQUENCE.get(), None);
+        let outer = sequence(Duration::from_secs(60));
+        let (end, total) = SEQUENCE.get().unwrap();
+        assert_eq!(total, Duration::from_secs(60));
+        {
+            let _inner = sequence(Duration::from_millis(100));
+            assert_eq!(SEQUENCE.get().unwrap().1, Duration::from_millis(100));
+            let _longer = sequence(Duration::from_secs(600));
+            assert_eq!(
+                SEQUENCE.get().unwrap().1,
+                Duration::from_millis(100),
+                "an inner sequence cannot outlast its enclosing one"
+            );
+        }
+        assert_eq!(SEQUENCE.get(), Some((end, total)));
+        drop(outer);
+        assert_eq!(SEQUENCE.get(), None);
+    }
+
+    /// Through the vhost crate's own frontend: a silent backend that would keep it retrying
+    /// forever ends the sequence's time, and the error says which message went unanswered.
+    #[test]
+    fn the_vhost_frontend_returns_when_a_silent_backend_runs_out_of_time() {
+        use vhost::VhostBackend;
+        let (ours, _silent) = UnixStream::pair().unwrap();
+        // What made the crate retry forever: a read timeout turns into EAGAIN.
+        ours.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let mut frontend = Frontend::from_stream(ours, 1);
+        let _sequence = sequence(Duration::from_millis(300));
+        let started = Instant::now();
+        let err = exchange(&mut frontend, "GET_FEATURES", |f| f.get_features()).unwrap_err();
+        assert!(err.timed_out(), "{err}");
+        assert!(
+            matches!(
+                err,
+                ExchangeError::SequenceTimedOut {
+                    message: "GET_FEATURES",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("0.3s"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // The connection is shut down: the next message fails at once.
+        let err = exchange(&mut frontend, "GET_FEATURES", |f| f.get_features()).unwrap_err();
+        assert!(
+            err.timed_out() || matches!(err, ExchangeError::Failed { .. }),
+            "{err}"
+        );
     }
 
     /// Aborting frees a blocked exchange at once and refuses the next one.

@@ -160,6 +160,7 @@ impl Candidate {
         wait: Duration,
     ) -> Result<Self, VhostUserError> {
         let stream = connection::connect(socket, wait)?;
+        let _sequence = deadline::sequence(deadline::SEQUENCE_TIMEOUT);
         let mut conn = connection::handshake(socket, stream, MAX_QUEUES)?;
         if conn.features & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(VhostUserError::NotVersion1(socket.to_path_buf()));

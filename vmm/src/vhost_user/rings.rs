@@ -14,7 +14,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::deadline::{exchange, ExchangeError};
+use super::deadline::{exchange, sequence, ExchangeError, SEQUENCE_TIMEOUT};
 use crate::memory::GuestMemory;
 use crate::virtio::QueueConfig;
 
@@ -109,7 +109,7 @@ pub enum Resume {
 
 /// Sends the whole data-plane setup to `frontend` and starts every ready queue at `bases`.
 /// Returns the inflight region now in use, if the backend tracks inflight requests. Every
-/// message is bounded by the message deadline.
+/// message is bounded by the message deadline, and all of them by the sequence deadline.
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     frontend: &mut Frontend,
@@ -121,6 +121,7 @@ pub fn start(
     resume: Resume,
     kept: Option<InflightRegion>,
 ) -> Result<Option<InflightRegion>, ExchangeError> {
+    let _sequence = sequence(SEQUENCE_TIMEOUT);
     let inflight = if protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
         let region = match (resume, kept) {
             (Resume::Recovery, Some(kept)) => kept,
@@ -179,6 +180,7 @@ pub fn start(
 /// Stops every ready queue on `frontend` (GET_VRING_BASE: the backend finishes what it is doing
 /// and stops) and returns where each one stopped.
 pub fn stop(frontend: &mut Frontend, rings: &Rings) -> Result<Vec<(usize, u16)>, ExchangeError> {
+    let _sequence = sequence(SEQUENCE_TIMEOUT);
     rings
         .ready()
         .map(|index| {
