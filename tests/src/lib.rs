@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests.
 
 pub mod api;
+pub mod hostile;
 pub mod interop;
 pub mod launch;
 pub mod nested;

@@ -178,6 +178,19 @@ impl RunningVm {
         String::from_utf8_lossy(&std::fs::read(&self.stdout).unwrap_or_default()).into_owned()
     }
 
+    /// The VMM's stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.stderr).unwrap_or_default()).into_owned()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the VMM.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: plain syscall on the pid of our own child, which has not been reaped yet
+        // (`wait` and `kill` consume the RunningVm).
+        unsafe { libc::kill(pid, signal) };
+    }
+
     /// True once the VMM has exited (not reaped yet by `wait`).
     pub fn has_exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))

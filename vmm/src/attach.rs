@@ -92,6 +92,8 @@ impl Attacher<'_> {
             cmdline_words: Vec::new(),
         };
         let wait = config.connect_timeout;
+        // A vCPU or API thread blocked on a backend must not hold up the VM's end.
+        self.end.on_end(crate::vhost_user::deadline::abort_all);
         for (disk, id) in config.disks.iter().zip(config.disk_ids()) {
             match disk {
                 DiskConfig::VhostUser { socket, .. } => {

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -23,6 +23,10 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A swap's new backend is expected to be listening already; this covers a daemon that is
 /// just starting, without making a mistyped path cost long.
 const SWAP_CONNECT_WAIT: Duration = Duration::from_secs(1);
+/// How long a report waits for a device that is busy with its backend (a swap, a recovery,
+/// an activation may hold it for up to the message deadline) before it reports the device's
+/// last known state instead.
+const BUSY_DEVICE_WAIT: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -69,6 +73,8 @@ pub struct VmControl {
     exits: Arc<ExitCounters>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    /// Each device's latest report (`GET /vm` entry), given while the device is busy.
+    last_reports: Mutex<Vec<Option<Value>>>,
 }
 
 /// Everything `VmControl` reports on or acts upon.
@@ -100,6 +106,7 @@ impl VmControl {
             exits: parts.exits,
             pio: parts.pio,
             mmio: parts.mmio,
+            last_reports: Mutex::new(Vec::new()),
         }
     }
 
@@ -213,21 +220,8 @@ impl VmControl {
         let mut devices: Vec<Value> = self
             .devices
             .iter()
-            .map(|d| {
-                let mut mmio = d.device.lock().unwrap_or_else(PoisonError::into_inner);
-                let driver_status = mmio.driver_status();
-                json!({
-                    "id": d.id,
-                    "kind": d.kind.name(),
-                    "transport": "virtio-mmio",
-                    "mmio_base": format!("{:#x}", d.mmio_base),
-                    "gsi": d.gsi,
-                    "driver_ok": driver_status & VIRTIO_CONFIG_S_DRIVER_OK != 0,
-                    "needs_reset": d.interrupt.needs_reset(),
-                    "backend": mmio.device().status_json(self.epoch),
-                    "counters": device_counters(d, mmio.device_mut(), &mmio_exits),
-                })
-            })
+            .enumerate()
+            .map(|(index, d)| self.device_status(index, d, &mmio_exits))
             .collect();
         if let Some(ata) = &self.ata {
             devices.push(json!({
@@ -253,6 +247,55 @@ impl VmControl {
         })
     }
 
+    /// One device's `GET /vm` entry. A device busy with its backend is not waited for: its
+    /// last report is given again, marked `"busy": true`.
+    fn device_status(
+        &self,
+        index: usize,
+        d: &AttachedDevice,
+        mmio_exits: &[(String, u64)],
+    ) -> Value {
+        let mut reports = self
+            .last_reports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if reports.len() <= index {
+            reports.resize(index + 1, None);
+        }
+        let Some(mut mmio) = lock_briefly(&d.device) else {
+            let mut report = reports[index].clone().unwrap_or_else(|| {
+                json!({
+                    "id": d.id,
+                    "kind": d.kind.name(),
+                    "transport": "virtio-mmio",
+                    "mmio_base": format!("{:#x}", d.mmio_base),
+                    "gsi": d.gsi,
+                    "driver_ok": null,
+                    "backend": null,
+                    "counters": null,
+                })
+            });
+            report["needs_reset"] = json!(d.interrupt.needs_reset());
+            report["busy"] = json!(true);
+            return report;
+        };
+        let driver_status = mmio.driver_status();
+        let report = json!({
+            "id": d.id,
+            "kind": d.kind.name(),
+            "transport": "virtio-mmio",
+            "mmio_base": format!("{:#x}", d.mmio_base),
+            "gsi": d.gsi,
+            "driver_ok": driver_status & VIRTIO_CONFIG_S_DRIVER_OK != 0,
+            "needs_reset": d.interrupt.needs_reset(),
+            "busy": false,
+            "backend": mmio.device().status_json(self.epoch),
+            "counters": device_counters(d, mmio.device_mut(), mmio_exits),
+        });
+        reports[index] = Some(report.clone());
+        report
+    }
+
     fn mmio_exits_by_device(&self) -> Vec<(String, u64)> {
         self.mmio
             .exit_counts()
@@ -270,17 +313,38 @@ impl VmControl {
         let devices: serde_json::Map<String, Value> = self
             .devices
             .iter()
-            .map(|d| {
-                let mut mmio = d.device.lock().unwrap_or_else(PoisonError::into_inner);
-                (
-                    d.id.clone(),
-                    device_counters(d, mmio.device_mut(), &mmio_exits),
-                )
+            .enumerate()
+            .map(|(index, d)| {
+                let counters = match lock_briefly(&d.device) {
+                    Some(mut mmio) => device_counters(d, mmio.device_mut(), &mmio_exits),
+                    // Busy with its backend: the counters of the last report.
+                    None => self
+                        .last_reports
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get(index)
+                        .and_then(|r| r.as_ref())
+                        .map_or(Value::Null, |r| r["counters"].clone()),
+                };
+                (d.id.clone(), counters)
             })
             .collect();
         snapshot["uptime_ms"] = json!(self.uptime_ms());
         snapshot["devices"] = Value::Object(devices);
         snapshot
+    }
+}
+
+/// Locks `device` unless it stays busy (talking to its backend) for `BUSY_DEVICE_WAIT`.
+fn lock_briefly<T>(device: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    let deadline = Instant::now() + BUSY_DEVICE_WAIT;
+    loop {
+        match device.try_lock() {
+            Ok(guard) => return Some(guard),
+            Err(TryLockError::Poisoned(poisoned)) => return Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) if Instant::now() >= deadline => return None,
+            Err(TryLockError::WouldBlock) => std::thread::sleep(Duration::from_micros(500)),
+        }
     }
 }
 

@@ -125,6 +125,9 @@ fn describe_vm(vm: &Value) -> String {
         let backend = &d["backend"];
         let state = if d["needs_reset"] == true {
             "needs-reset"
+        } else if d["busy"] == true {
+            // Talking to its backend (activation, swap, recovery); the rest is the last report.
+            "busy"
         } else {
             backend["state"].as_str().unwrap_or("-")
         };

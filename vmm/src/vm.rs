@@ -377,12 +377,11 @@ fn sample_completions(events: &EventLoop, devices: &[AttachedDevice]) -> Result<
     events
         .add(fd, vmm_sys_util::epoll::EventSet::IN, move |_| {
             let _ = timer.wait();
+            // A device busy with its backend is sampled next time: the event loop must not wait.
             for device in &shared {
-                device
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .device_mut()
-                    .sample_completions();
+                if let Ok(mut device) = device.try_lock() {
+                    device.device_mut().sample_completions();
+                }
             }
             crate::event_loop::Next::Keep
         })

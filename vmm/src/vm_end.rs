@@ -86,12 +86,16 @@ impl VmEnd {
     }
 }
 
+/// Runs when the VM ends, e.g. to cut short a thread blocked on a backend.
+type EndHook = Box<dyn Fn() + Send + Sync>;
+
 /// The first reason to end the VM wins; every vCPU thread watches `stopping`.
 #[derive(Default)]
 pub struct EndSignal {
     end: Mutex<Option<VmEnd>>,
     changed: Condvar,
     stopping: AtomicBool,
+    hooks: Mutex<Vec<EndHook>>,
 }
 
 impl EndSignal {
@@ -102,7 +106,27 @@ impl EndSignal {
             *end = Some(why);
             self.stopping.store(true, Ordering::SeqCst);
             self.changed.notify_all();
+            drop(end);
+            for hook in self
+                .hooks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+            {
+                hook();
+            }
         }
+    }
+
+    /// Runs `hook` once the VM ends (at once if it has ended already).
+    pub fn on_end(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let mut hooks = self.hooks.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.is_stopping() {
+            drop(hooks);
+            hook();
+            return;
+        }
+        hooks.push(Box::new(hook));
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -149,6 +173,26 @@ mod tests {
         signal.end(VmEnd::Interrupted);
         assert_eq!(signal.wait().exit_status(), 42);
         assert!(signal.is_stopping());
+    }
+
+    #[test]
+    fn hooks_run_once_when_the_vm_ends() {
+        use std::sync::atomic::AtomicUsize;
+        let signal = EndSignal::default();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let r = runs.clone();
+        signal.on_end(move || {
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        signal.end(VmEnd::StopRequested);
+        signal.end(VmEnd::Interrupted);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let r = runs.clone();
+        signal.on_end(move || {
+            r.fetch_add(10, Ordering::SeqCst);
+        });
+        assert_eq!(runs.load(Ordering::SeqCst), 11, "late hooks run at once");
     }
 
     #[test]

@@ -31,6 +31,17 @@ impl HttpError {
     }
 }
 
+/// A read that failed: too slow (408), or a broken or short message (400).
+fn read_failed(e: io::Error, what: &str) -> HttpError {
+    match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => HttpError::new(
+            408,
+            "the request did not arrive in time; send it whole at once",
+        ),
+        _ => HttpError::new(400, format!("{what}: {e}")),
+    }
+}
+
 /// A message as read: its first line, its headers (lower-cased names), its body.
 struct Message {
     first: String,
@@ -46,7 +57,7 @@ fn read_message<R: Read>(reader: &mut BufReader<R>) -> Result<Option<Message>, H
             .by_ref()
             .take((MAX_HEAD - head_len) as u64 + 1)
             .read_until(b'\n', &mut line)
-            .map_err(|e| HttpError::new(400, format!("reading the request failed: {e}")))?;
+            .map_err(|e| read_failed(e, "reading the request failed"))?;
         head_len += n;
         if head_len > MAX_HEAD {
             return Err(HttpError::new(431, "request head larger than 8 KiB"));
@@ -91,7 +102,7 @@ fn read_message<R: Read>(reader: &mut BufReader<R>) -> Result<Option<Message>, H
     let mut body = vec![0; length];
     reader
         .read_exact(&mut body)
-        .map_err(|e| HttpError::new(400, format!("body shorter than Content-Length: {e}")))?;
+        .map_err(|e| read_failed(e, "body shorter than Content-Length"))?;
     Ok(Some(Message { first, body }))
 }
 
@@ -135,6 +146,7 @@ pub fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         409 => "Conflict",
         411 => "Length Required",
         413 => "Content Too Large",
@@ -245,6 +257,28 @@ mod tests {
             400,
             "no blank line"
         );
+    }
+
+    /// A client too slow for the request deadline gets 408, not a generic 400.
+    #[test]
+    fn a_request_that_runs_out_of_time_gets_408() {
+        struct Slow(&'static [u8]);
+        impl Read for Slow {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0.is_empty() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                let n = self.0.len().min(buf.len()).min(3);
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let err = read_request(Slow(b"GET /vm HTTP/1.1\r\nHost")).unwrap_err();
+        assert_eq!(err.status, 408, "{err:?}");
+        let err =
+            read_request(Slow(b"PUT /vm HTTP/1.1\r\nContent-Length: 9\r\n\r\n{}")).unwrap_err();
+        assert_eq!(err.status, 408, "{err:?}");
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! The control API server: HTTP/1.1 + JSON on a Unix socket (the convention of Firecracker and
 //! Cloud Hypervisor), described in docs/api.yaml. One thread accepts; each connection gets a
-//! thread of its own (a swap may wait seconds for a backend), up to a small limit.
+//! thread of its own (a swap may wait seconds for a backend), up to a small limit. A request
+//! must arrive whole within a deadline, and clients still sending theirs cannot starve the
+//! others: when every slot is taken, the one that has been sending its request the longest
+//! is dropped for the newcomer (see `Slots`).
+
+mod slots;
 
 pub mod http;
 pub mod routes;
@@ -9,19 +14,22 @@ use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
 use crate::control::VmControl;
 use routes::Response;
+use slots::{Slot, Slots};
 
-/// A client that sends nothing (or reads nothing) for this long is dropped.
+/// A client that reads nothing of its answer for this long is dropped.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more get 503.
+/// A request (head and body) must arrive within this time from the connection.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections served at once; more get 503 if every one is being handled.
 const MAX_CONNECTIONS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +119,7 @@ impl Drop for ApiServer {
 }
 
 fn accept_loop(listener: UnixListener, control: Arc<VmControl>, stopping: Arc<AtomicBool>) {
-    let active = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(Slots::new(MAX_CONNECTIONS));
     for stream in listener.incoming() {
         if stopping.load(Ordering::SeqCst) {
             return;
@@ -125,32 +133,32 @@ fn accept_loop(listener: UnixListener, control: Arc<VmControl>, stopping: Arc<At
                 continue;
             }
         };
-        let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
         let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::SeqCst);
+        let Some(slot) = slots.take(&stream) else {
             respond(
                 &stream,
-                Response::error(503, "too many API connections; retry"),
+                Response::error(503, "too many API requests in progress; retry"),
             );
             continue;
-        }
-        let (control, active) = (control.clone(), active.clone());
+        };
+        let control = control.clone();
         let spawned = std::thread::Builder::new()
             .name("api-client".into())
-            .spawn(move || {
-                serve_one(&stream, &control);
-                active.fetch_sub(1, Ordering::SeqCst);
-            });
+            .spawn(move || serve_one(&stream, &control, slot));
         if let Err(e) = spawned {
             warn!("api: could not start a connection thread: {e}");
         }
     }
 }
 
-fn serve_one(stream: &UnixStream, control: &VmControl) {
-    let response = match http::read_request(stream) {
+fn serve_one(stream: &UnixStream, control: &VmControl, slot: Slot) {
+    let reader = DeadlineReader {
+        stream,
+        deadline: Instant::now() + REQUEST_DEADLINE,
+    };
+    let response = match http::read_request(reader) {
         Ok(Some(request)) => {
+            slot.handling();
             debug!("api: {} {}", request.method, request.path);
             routes::handle(control, &request)
         }
@@ -158,6 +166,25 @@ fn serve_one(stream: &UnixStream, control: &VmControl) {
         Err(e) => Response::error(e.status, e.message),
     };
     respond(stream, response);
+}
+
+/// Reads from a client until a deadline for the whole request, not per read: a client that
+/// trickles a byte at a time still runs out of time.
+struct DeadlineReader<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl std::io::Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut stream: &UnixStream = self.stream;
+        stream.read(buf)
+    }
 }
 
 fn respond(stream: &UnixStream, response: Response) {

@@ -113,7 +113,7 @@ fn status_of(error: &ControlError) -> u16 {
         ControlError::UnknownDevice(_) => 404,
         ControlError::NotVhostUser(_) => 400,
         ControlError::Swap(swap) => match **swap {
-            SwapError::Busy(_) | SwapError::Switch { .. } => 409,
+            SwapError::Busy(_) | SwapError::SameBackend { .. } | SwapError::Switch { .. } => 409,
             SwapError::Connect { .. } => 502,
         },
     }

@@ -1,20 +1,19 @@
 //! Reaching a vhost-user backend: connect to its socket (retrying while it starts, up to a
-//! deadline), bound every later exchange with a socket timeout, and negotiate features and
-//! protocol features.
+//! deadline), and negotiate features and protocol features, each exchange bounded by the
+//! message deadline (`deadline`).
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use log::debug;
+use log::{debug, warn};
 use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
 
-/// How long a control message may take before the backend is declared unresponsive.
-pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+use super::deadline::{exchange, ExchangeError};
 
 /// What the VMM asks of backends; each is used only if the backend offers it. INFLIGHT_SHMFD
 /// lets a restarted backend resubmit the requests its predecessor had in flight.
@@ -34,19 +33,16 @@ pub enum ConnectError {
         waited: Duration,
         source: std::io::Error,
     },
-    #[error("the backend on {} failed during {step}", .path.display())]
+    #[error("the backend on {} failed the vhost-user handshake{}", .path.display(), if .source.timed_out() { " (a daemon that already serves another VMM leaves a new connection unanswered)" } else { "" })]
     Handshake {
         path: PathBuf,
-        step: &'static str,
         #[source]
-        source: vhost::Error,
+        source: ExchangeError,
     },
     #[error("the backend on {} does not offer VHOST_USER_F_PROTOCOL_FEATURES, which splitvisor requires (for CONFIG and REPLY_ACK)", .0.display())]
     NoProtocolFeatures(PathBuf),
     #[error("the backend on {} does not offer the CONFIG protocol feature, so its device configuration cannot be read", .0.display())]
     NoConfig(PathBuf),
-    #[error("could not set a timeout on the socket {}", .0.display())]
-    Timeout(PathBuf, #[source] std::io::Error),
 }
 
 /// A connected backend after the feature handshake.
@@ -58,19 +54,14 @@ pub struct Connection {
 }
 
 /// Connects to `path`, retrying until `wait` has passed (the daemon may still be starting);
-/// `wait` of zero tries once.
+/// `wait` of zero tries once. Says once on stderr that it waits, if the first try fails.
 pub fn connect(path: &Path, wait: Duration) -> Result<UnixStream, ConnectError> {
     let deadline = Instant::now() + wait;
     let mut delay = Duration::from_millis(5);
+    let mut announced = wait.is_zero();
     loop {
         match UnixStream::connect(path) {
-            Ok(stream) => {
-                for set in [UnixStream::set_read_timeout, UnixStream::set_write_timeout] {
-                    set(&stream, Some(MESSAGE_TIMEOUT))
-                        .map_err(|e| ConnectError::Timeout(path.to_path_buf(), e))?;
-                }
-                return Ok(stream);
-            }
+            Ok(stream) => return Ok(stream),
             Err(source) if Instant::now() >= deadline => {
                 return Err(ConnectError::Unreachable {
                     path: path.to_path_buf(),
@@ -79,6 +70,14 @@ pub fn connect(path: &Path, wait: Duration) -> Result<UnixStream, ConnectError> 
                 })
             }
             Err(e) => {
+                if !announced {
+                    warn!(
+                        "waiting for the backend on {} (up to {}s)",
+                        path.display(),
+                        wait.as_secs()
+                    );
+                    announced = true;
+                }
                 debug!("{}: not yet reachable ({e}); retrying", path.display());
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_millis(200));
@@ -93,32 +92,34 @@ pub fn handshake(
     stream: UnixStream,
     max_queues: u64,
 ) -> Result<Connection, ConnectError> {
-    let step = |step: &'static str| {
-        let path = path.to_path_buf();
-        move |source| ConnectError::Handshake { path, step, source }
+    let failed = |source| ConnectError::Handshake {
+        path: path.to_path_buf(),
+        source,
     };
     let mut frontend = Frontend::from_stream(stream, max_queues);
-    frontend.set_owner().map_err(step("SET_OWNER"))?;
-    let features = frontend.get_features().map_err(step("GET_FEATURES"))?;
+    exchange(&mut frontend, "SET_OWNER", |f| f.set_owner()).map_err(failed)?;
+    let features = exchange(&mut frontend, "GET_FEATURES", |f| f.get_features()).map_err(failed)?;
     if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
         return Err(ConnectError::NoProtocolFeatures(path.to_path_buf()));
     }
-    let offered = frontend
-        .get_protocol_features()
-        .map_err(step("GET_PROTOCOL_FEATURES"))?;
+    let offered = exchange(&mut frontend, "GET_PROTOCOL_FEATURES", |f| {
+        f.get_protocol_features()
+    })
+    .map_err(failed)?;
     let protocol_features = offered & wanted_protocol_features();
     if !protocol_features.contains(VhostUserProtocolFeatures::CONFIG) {
         return Err(ConnectError::NoConfig(path.to_path_buf()));
     }
-    frontend
-        .set_protocol_features(protocol_features)
-        .map_err(step("SET_PROTOCOL_FEATURES"))?;
+    exchange(&mut frontend, "SET_PROTOCOL_FEATURES", |f| {
+        f.set_protocol_features(protocol_features)
+    })
+    .map_err(failed)?;
     if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
         // Every message waits for the backend's verdict: failures surface where they happen.
         frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     }
     let max_queues = if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
-        Some(frontend.get_queue_num().map_err(step("GET_QUEUE_NUM"))?)
+        Some(exchange(&mut frontend, "GET_QUEUE_NUM", |f| f.get_queue_num()).map_err(failed)?)
     } else {
         None
     };

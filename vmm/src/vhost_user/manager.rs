@@ -3,7 +3,7 @@
 //! inflight region), and carries out planned swaps to another socket. One switch at a time.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
@@ -30,6 +30,8 @@ pub type SharedDevice = Arc<Mutex<VirtioMmio<VhostUserDevice>>>;
 pub enum SwapError {
     #[error("device {0}: another backend switch is in progress; try again")]
     Busy(String),
+    #[error("device {id}: {} is the socket of the backend it already uses; swap to another backend's socket", .socket.display())]
+    SameBackend { id: String, socket: PathBuf },
     #[error("device {id}: could not reach the new backend")]
     Connect {
         id: String,
@@ -312,11 +314,27 @@ impl BackendManager {
         socket: &Path,
         wait: Duration,
     ) -> Result<SwitchRecord, SwapError> {
-        let _switching = self
-            .switching
-            .try_lock()
-            .map_err(|_| SwapError::Busy(self.id.clone()))?;
-        let kind = self.lock_device().device().kind();
+        // A swap that panicked released the lock too (poisoned): it is not "in progress".
+        let _switching = match self.switching.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return Err(SwapError::Busy(self.id.clone())),
+        };
+        let (kind, current) = {
+            let device = self.lock_device();
+            (
+                device.device().kind(),
+                device.device().socket().to_path_buf(),
+            )
+        };
+        // The backend serves one frontend at a time: a second connection from us would wait
+        // in its listen backlog, unanswered.
+        if same_socket(socket, &current) {
+            return Err(SwapError::SameBackend {
+                id: self.id.clone(),
+                socket: socket.to_path_buf(),
+            });
+        }
         // Connect and negotiate before touching the rings: an unreachable backend costs the
         // guest nothing.
         let candidate =
@@ -355,5 +373,45 @@ impl BackendManager {
             record.stall.as_micros()
         );
         Ok(record)
+    }
+}
+
+/// Whether `a` and `b` name the same socket: the same file if both exist, else the same path.
+fn same_socket(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_socket_is_recognised_by_any_path() {
+        let dir = std::env::temp_dir().join(format!("sv-same-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("b.sock");
+        let _ = std::fs::remove_file(&socket);
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let other = dir.join("other.sock");
+        let _ = std::fs::remove_file(&other);
+        let _other = std::os::unix::net::UnixListener::bind(&other).unwrap();
+        assert!(same_socket(&socket, &dir.join("./b.sock")));
+        assert!(same_socket(
+            &socket,
+            &dir.join("../")
+                .join(dir.file_name().unwrap())
+                .join("b.sock")
+        ));
+        assert!(!same_socket(&socket, &other));
+        assert!(same_socket(
+            Path::new("/nonexistent/x"),
+            Path::new("/nonexistent/x")
+        ));
+        assert!(!same_socket(&socket, Path::new("/nonexistent/x")));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

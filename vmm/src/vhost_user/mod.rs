@@ -7,6 +7,7 @@
 //! and given the rings again, with its inflight region, when it comes back (`manager`).
 
 pub mod connection;
+pub mod deadline;
 pub mod manager;
 pub mod rings;
 
@@ -31,6 +32,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use crate::memory::GuestMemory;
 use crate::virtio::{ActivateError, Activation, VirtioDevice};
 use connection::ConnectError;
+use deadline::{exchange, ExchangeError};
 use rings::{InflightRegion, Resume, Rings};
 
 /// Queue size offered to drivers.
@@ -107,8 +109,8 @@ impl DeviceKind {
 pub enum VhostUserError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("the backend on {} did not return its configuration (GET_CONFIG)", .0.display())]
-    GetConfig(PathBuf, #[source] vhost::Error),
+    #[error("the backend on {} did not return its configuration", .0.display())]
+    GetConfig(PathBuf, #[source] ExchangeError),
     #[error("the backend on {} offers no VIRTIO_F_VERSION_1; splitvisor drives only virtio 1.x devices", .0.display())]
     NotVersion1(PathBuf),
     #[error("could not watch the backend socket {}", .0.display())]
@@ -124,17 +126,19 @@ pub enum SwitchError {
     Start {
         socket: PathBuf,
         #[source]
-        source: vhost::Error,
+        source: ExchangeError,
     },
     #[error("the backend on {} does not track inflight requests (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), so requests its predecessor had in flight would be lost", .0.display())]
     NoInflight(PathBuf),
     #[error("the lost backend on {} did not track inflight requests (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), so what it had in flight is unknown; the device cannot resume safely", .0.display())]
     NoInflightRegion(PathBuf),
-    #[error("the current backend on {} could not stop its rings (GET_VRING_BASE); it keeps serving the device", .socket.display())]
+    #[error("could not keep a handle on the inflight region")]
+    KeepInflight(#[source] std::io::Error),
+    #[error("the current backend on {} could not stop its rings{}", .socket.display(), if .source.timed_out() { "; it is treated as lost" } else { "; it keeps serving the device" })]
     Stop {
         socket: PathBuf,
         #[source]
-        source: vhost::Error,
+        source: ExchangeError,
     },
 }
 
@@ -156,20 +160,21 @@ impl Candidate {
         wait: Duration,
     ) -> Result<Self, VhostUserError> {
         let stream = connection::connect(socket, wait)?;
+        let _sequence = deadline::sequence(deadline::SEQUENCE_TIMEOUT);
         let mut conn = connection::handshake(socket, stream, MAX_QUEUES)?;
         if conn.features & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(VhostUserError::NotVersion1(socket.to_path_buf()));
         }
         let size = kind.config_size();
-        let (_, config) = conn
-            .frontend
-            .get_config(
+        let (_, config) = exchange(&mut conn.frontend, "GET_CONFIG", |f| {
+            f.get_config(
                 0,
                 size,
                 VhostUserConfigFlags::WRITABLE,
                 &vec![0; size as usize],
             )
-            .map_err(|e| VhostUserError::GetConfig(socket.to_path_buf(), e))?;
+        })
+        .map_err(|e| VhostUserError::GetConfig(socket.to_path_buf(), e))?;
         let queue_count = queue_count(kind, conn.features, &config, conn.max_queues);
         Ok(Self {
             socket: socket.to_path_buf(),
@@ -514,10 +519,12 @@ impl VhostUserDevice {
                     return Err(SwitchError::NoInflight(candidate.socket));
                 }
             }
-            let kept = if resume == Resume::Recovery {
-                self.inflight.take()
-            } else {
-                None
+            // A copy: if this backend fails too, the next one still needs the region.
+            let kept = match (&self.inflight, resume) {
+                (Some(region), Resume::Recovery) => {
+                    Some(region.try_clone().map_err(SwitchError::KeepInflight)?)
+                }
+                _ => None,
             };
             inflight_region = kept.is_some();
             self.resumed_from = Some((rings.used_indices(&self.memory), Instant::now()));
@@ -653,7 +660,7 @@ impl VhostUserDevice {
         self.completed
     }
 
-    fn start_rings(&mut self) -> Result<(), vhost::Error> {
+    fn start_rings(&mut self) -> Result<(), ExchangeError> {
         let (Some(rings), Some(frontend)) = (&self.rings, &mut self.backend.frontend) else {
             return Ok(());
         };
@@ -725,8 +732,14 @@ impl VirtioDevice for VhostUserDevice {
             );
             return;
         };
-        if let Err(e) = frontend.set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data) {
-            warn!("{}: SET_CONFIG at {offset:#x} failed: {e}", self.id);
+        if let Err(e) = exchange(frontend, "SET_CONFIG", |f| {
+            f.set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
+        }) {
+            warn!(
+                "{}: config write at {offset:#x} to the backend {}: {e}",
+                self.id,
+                self.backend.socket.display()
+            );
         }
     }
 
@@ -749,8 +762,9 @@ impl VirtioDevice for VhostUserDevice {
         // Without a backend right now, the rings start when one comes back.
         self.start_rings().map_err(|e| {
             ActivateError(format!(
-                "starting the queues on the backend {} failed: {e}",
-                self.backend.socket.display()
+                "starting the queues on the backend {} failed: {}",
+                self.backend.socket.display(),
+                crate::error_chain(&e)
             ))
         })
     }
@@ -764,7 +778,12 @@ impl VirtioDevice for VhostUserDevice {
         {
             // GET_VRING_BASE stops the ring in the backend.
             if let Err(e) = rings::stop(frontend, rings) {
-                warn!("{}: stopping the queues failed: {e}", self.id);
+                warn!(
+                    "{}: stopping the queues on the backend {} failed: {}",
+                    self.id,
+                    self.backend.socket.display(),
+                    crate::error_chain(&e)
+                );
             }
         }
         self.running = false;

@@ -14,6 +14,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::deadline::{exchange, sequence, ExchangeError, SEQUENCE_TIMEOUT};
 use crate::memory::GuestMemory;
 use crate::virtio::QueueConfig;
 
@@ -83,6 +84,16 @@ pub struct InflightRegion {
     pub info: VhostUserInflight,
 }
 
+impl InflightRegion {
+    /// Another handle on the same region: the VMM keeps one while a successor tries it.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+            info: self.info,
+        })
+    }
+}
+
 /// How the rings get their starting positions on a new backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resume {
@@ -97,7 +108,8 @@ pub enum Resume {
 }
 
 /// Sends the whole data-plane setup to `frontend` and starts every ready queue at `bases`.
-/// Returns the inflight region now in use, if the backend tracks inflight requests.
+/// Returns the inflight region now in use, if the backend tracks inflight requests. Every
+/// message is bounded by the message deadline, and all of them by the sequence deadline.
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     frontend: &mut Frontend,
@@ -108,7 +120,8 @@ pub fn start(
     bases: &[(usize, u16)],
     resume: Resume,
     kept: Option<InflightRegion>,
-) -> Result<Option<InflightRegion>, vhost::Error> {
+) -> Result<Option<InflightRegion>, ExchangeError> {
+    let _sequence = sequence(SEQUENCE_TIMEOUT);
     let inflight = if protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
         let region = match (resume, kept) {
             (Resume::Recovery, Some(kept)) => kept,
@@ -118,38 +131,63 @@ pub fn start(
                     queue_size: rings.queues.iter().map(|q| q.size).max().unwrap_or(0),
                     ..Default::default()
                 };
-                let (info, file) = frontend.get_inflight_fd(&ask)?;
+                let (info, file) =
+                    exchange(frontend, "GET_INFLIGHT_FD", |f| f.get_inflight_fd(&ask))?;
                 InflightRegion { file, info }
             }
         };
-        frontend.set_inflight_fd(&region.info, region.file.as_raw_fd())?;
+        exchange(frontend, "SET_INFLIGHT_FD", |f| {
+            f.set_inflight_fd(&region.info, region.file.as_raw_fd())
+        })?;
         Some(region)
     } else {
         None
     };
     let protocol_bit = backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-    frontend.set_features(rings.driver_features | protocol_bit)?;
-    frontend.set_mem_table(&memory_regions(memory))?;
+    exchange(frontend, "SET_FEATURES", |f| {
+        f.set_features(rings.driver_features | protocol_bit)
+    })?;
+    let regions = memory_regions(memory);
+    exchange(frontend, "SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
     for &(index, base) in bases {
         let queue = &rings.queues[index];
-        frontend.set_vring_num(index, queue.size)?;
-        frontend.set_vring_addr(index, &vring_addresses(memory, queue)?)?;
-        frontend.set_vring_base(index, base)?;
-        frontend.set_vring_call(index, &rings.calls[index])?;
-        frontend.set_vring_kick(index, &rings.kicks[index])?;
-        frontend.set_vring_enable(index, true)?;
+        let addresses = vring_addresses(memory, queue).map_err(|source| ExchangeError::Failed {
+            message: "SET_VRING_ADDR",
+            source,
+        })?;
+        exchange(frontend, "SET_VRING_NUM", |f| {
+            f.set_vring_num(index, queue.size)
+        })?;
+        exchange(frontend, "SET_VRING_ADDR", |f| {
+            f.set_vring_addr(index, &addresses)
+        })?;
+        exchange(frontend, "SET_VRING_BASE", |f| {
+            f.set_vring_base(index, base)
+        })?;
+        exchange(frontend, "SET_VRING_CALL", |f| {
+            f.set_vring_call(index, &rings.calls[index])
+        })?;
+        exchange(frontend, "SET_VRING_KICK", |f| {
+            f.set_vring_kick(index, &rings.kicks[index])
+        })?;
+        exchange(frontend, "SET_VRING_ENABLE", |f| {
+            f.set_vring_enable(index, true)
+        })?;
     }
     Ok(inflight)
 }
 
 /// Stops every ready queue on `frontend` (GET_VRING_BASE: the backend finishes what it is doing
 /// and stops) and returns where each one stopped.
-pub fn stop(frontend: &mut Frontend, rings: &Rings) -> Result<Vec<(usize, u16)>, vhost::Error> {
+pub fn stop(frontend: &mut Frontend, rings: &Rings) -> Result<Vec<(usize, u16)>, ExchangeError> {
+    let _sequence = sequence(SEQUENCE_TIMEOUT);
     rings
         .ready()
         .map(|index| {
-            frontend.set_vring_enable(index, false)?;
-            let base = frontend.get_vring_base(index)?;
+            exchange(frontend, "SET_VRING_ENABLE", |f| {
+                f.set_vring_enable(index, false)
+            })?;
+            let base = exchange(frontend, "GET_VRING_BASE", |f| f.get_vring_base(index))?;
             Ok((index, base as u16))
         })
         .collect()
