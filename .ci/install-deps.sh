@@ -6,7 +6,7 @@
 # Idempotent: installs only what is missing. Needs root (or sudo) and the Debian registry.
 set -eu
 
-PACKAGES="qemu-system-x86 qemu-system-common linux-image-cloud-amd64 busybox-static cpio xz-utils e2fsprogs iproute2 iputils-ping python3-minimal"
+PACKAGES="qemu-system-x86 qemu-system-common linux-image-cloud-amd64 busybox-static cpio xz-utils e2fsprogs acpica-tools iproute2 iputils-ping python3-minimal"
 
 missing=""
 for p in $PACKAGES; do
