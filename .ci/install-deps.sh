@@ -2,7 +2,8 @@
 # Install the host packages the interop tests (tests/tests/interop_*.rs) need: QEMU (TCG) as an
 # independent vhost-user frontend and qemu-storage-daemon, a Debian kernel with virtio modules,
 # a static busybox for the guest's initramfs, e2fsprogs for the nested-SVM harness's disk image
-# (tests/src/nested), and the networking tools of the net tests.
+# (tests/src/nested), acpica-tools (iasl) for the ACPI table test, and the networking tools of the
+# net tests.
 # Idempotent: installs only what is missing. Needs root (or sudo) and the Debian registry.
 set -eu
 
