@@ -2,12 +2,12 @@
 # Install the host packages the interop tests (tests/tests/interop_*.rs) need: QEMU (TCG) as an
 # independent vhost-user frontend and qemu-storage-daemon, a Debian kernel with virtio modules,
 # a static busybox for the guest's initramfs, e2fsprogs for the nested-SVM harness's disk image
-# (tests/src/nested), acpica-tools (iasl) for the ACPI table test, and the networking tools of the
-# net tests.
+# (tests/src/nested), lz4 to unpack a vmlinux from the kernel, acpica-tools (iasl) for the ACPI
+# table test, and the networking tools of the net tests.
 # Idempotent: installs only what is missing. Needs root (or sudo) and the Debian registry.
 set -eu
 
-PACKAGES="qemu-system-x86 qemu-system-common linux-image-cloud-amd64 busybox-static cpio xz-utils e2fsprogs acpica-tools iproute2 iputils-ping python3-minimal"
+PACKAGES="qemu-system-x86 qemu-system-common linux-image-cloud-amd64 busybox-static cpio xz-utils lz4 e2fsprogs acpica-tools iproute2 iputils-ping python3-minimal"
 
 missing=""
 for p in $PACKAGES; do

@@ -2,8 +2,8 @@
 //! (nested SVM) KVM, inside an L1 Linux under QEMU TCG (see `splitvisor_tests::nested`). Two L1
 //! boots, each running several L2 guests one after the other:
 //! - power and memory: 2 vCPUs and 512 MiB seen by Linux, `poweroff -f` -> exit 0,
-//!   `reboot -f` -> 120, a panic (sysrq `c`) with `panic=1` -> 120, and 4 GiB of RAM (memory
-//!   above the 32-bit hole) seen by Linux;
+//!   `reboot -f` -> 120, a panic (sysrq `c`) with `panic=1` -> 120, 4 GiB of RAM (memory
+//!   above the 32-bit hole) seen by Linux, and the same kernel booted as a `vmlinux` ELF;
 //! - devices and console: a `splitvisor-blk` disk found by Linux's virtio-mmio and virtio-blk
 //!   drivers, with ACPI (the default) and with `--acpi off` (where the device is named on the
 //!   command line: Debian's kernels lack CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, so for them only
@@ -211,18 +211,25 @@ case_run poweroff --vcpus 2 --memory 512M --cmdline "{CMDLINE}"
 case_run reboot --cmdline "{CMDLINE} sv.reboot"
 case_run panic --cmdline "{CMDLINE} sv.panic"
 case_run mem4g --memory 4G --cmdline "{CMDLINE}"
+L2="--kernel /files/vmlinux --initramfs /files/initrd.cpio"
+case_run vmlinux --vcpus 2 --cmdline "{CMDLINE}"
 "#
     );
     // L1 holds the 4 GiB guest's memory plus its own.
     let options = NestedOptions::default()
         .memory_mib(6144)
         .timeout(Duration::from_secs(900));
-    let run = host.run(&script, &l2_files(&host, &workdir), &options);
+    let mut files = l2_files(&host, &workdir);
+    let vmlinux = workdir.join("vmlinux");
+    splitvisor_tests::nested::vmlinux::extract(host.kernel(), &vmlinux)
+        .unwrap_or_else(|e| panic!("vmlinux from {}: {e}", host.kernel().display()));
+    files.push(NestedFile::from_path("vmlinux", &vmlinux));
+    let run = host.run(&script, &files, &options);
     eprintln!(
         "linux power/memory: {:?} in all, L1 boot {:?}, script {:?}",
         run.elapsed, run.boot, run.script
     );
-    print_case_times(&run, &["poweroff", "reboot", "panic", "mem4g"]);
+    print_case_times(&run, &["poweroff", "reboot", "panic", "mem4g", "vmlinux"]);
     run.assert_success();
     let mut checks = Checks::default();
     checks.eq("poweroff exit", run.marker("poweroff-exit"), POWER_OFF);
@@ -247,6 +254,8 @@ case_run mem4g --memory 4G --cmdline "{CMDLINE}"
         mib.is_some_and(|m| m > 3584),
         format!("{mib:?} MiB"),
     );
+    checks.eq("vmlinux exit", run.marker("vmlinux-exit"), POWER_OFF);
+    checks.eq("vmlinux: nproc", case_marker(&run, "vmlinux", "nproc"), "2");
     checks.finish(&run);
 }
 

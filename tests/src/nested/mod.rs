@@ -28,6 +28,7 @@
 pub mod l1;
 pub mod rootfs;
 pub mod run;
+pub mod vmlinux;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
