@@ -13,9 +13,9 @@ use log::{debug, info, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::api::{ApiError, ApiListener};
-use crate::attach::{AttachError, AttachedDevice, Attacher};
+use crate::attach::{AttachError, Attached, AttachedDevice, Attacher};
 use crate::boot::acpi::{AcpiPlatform, MmioWindow};
-use crate::boot::{self, vcpu_regs, BootError, BootRequest};
+use crate::boot::{self, vcpu_regs, BootEntry, BootError, BootRequest};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::config::{KernelSource, VmConfig};
 use crate::control::{AtaInfo, ControlParts, GuestInfo, VmControl};
@@ -106,22 +106,7 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM and everything in it; the vCPUs are ready at the entry point.
     pub fn new(config: &VmConfig) -> Result<Self, VmError> {
-        let kvm = open_kvm()?;
-        let max = kvm.get_max_vcpus().min(MAX_XAPIC_VCPUS);
-        if usize::from(config.vcpus) > max {
-            return Err(VmError::TooManyVcpus {
-                requested: config.vcpus,
-                max,
-            });
-        }
-        let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let memory = memory::create_guest_memory(config.memory.0, config.prefault)?;
-        register_memory(&vm_fd, &memory)?;
-        vm_fd
-            .set_tss_address(layout::RAM_HOLE_END as usize - 0x3000)
-            .map_err(VmError::TssAddress)?;
-        vm_fd.create_irq_chip().map_err(VmError::Irqchip)?;
-
+        let (kvm, vm_fd, memory) = create_kvm_vm(config)?;
         // Bound first: a socket in use is a configuration error worth failing on before boot.
         let api = config
             .api_socket
@@ -140,69 +125,8 @@ impl Vm {
             end: &end,
         }
         .attach_all(config)?;
-        let acpi = config.acpi.then(|| AcpiPlatform {
-            vcpus: config.vcpus,
-            virtio_mmio: attached
-                .devices
-                .iter()
-                .map(|d| MmioWindow {
-                    base: d.mmio_base,
-                    size: layout::VIRTIO_MMIO_SIZE,
-                    gsi: d.gsi,
-                })
-                .collect(),
-        });
-        let boot_entry = boot::prepare(
-            &memory,
-            &BootRequest {
-                kernel: &config.kernel,
-                initramfs: config.initramfs.as_deref(),
-                cmdline: config.cmdline.as_deref(),
-                device_words: &attached.cmdline_words,
-                vcpus: config.vcpus,
-                acpi: acpi.as_ref(),
-            },
-        )?;
-        vcpu_regs::write_boot_gdt(&memory, &boot_entry.protocol).map_err(VmError::BootGdt)?;
-        debug!(
-            "{} guest, entry {:#x}",
-            boot_entry.format.guest_kind(),
-            boot_entry.entry
-        );
-        if boot_entry.format.is_linux() {
-            warn_if_pvm();
-            // Linux calibrates and ticks with the PIT until it has found better clocks.
-            vm_fd
-                .create_pit2(kvm_pit_config {
-                    flags: KVM_PIT_SPEAKER_DUMMY,
-                    ..Default::default()
-                })
-                .map_err(VmError::Pit)?;
-        }
-
-        let (console, serial_irq) = SerialConsole::new(&config.serial)?;
-        vm_fd
-            .register_irqfd(&serial_irq, layout::SERIAL_GSI)
-            .map_err(|e| VmError::Irqfd("serial", e))?;
-        let serial = Arc::new(Mutex::new(console));
-        pio.insert(
-            layout::SERIAL_PORT.into(),
-            layout::SERIAL_PORT_LEN,
-            "serial",
-            serial.clone() as SharedDevice,
-        )?;
-        if boot_entry.format.is_linux() {
-            // How Linux powers off (ACPI S5) and reboots (ACPI reset register, or the
-            // keyboard controller's reset pulse with reboot=k).
-            acpi_power::attach(&mut pio, end.clone())?;
-            i8042::attach(&mut pio, end.clone())?;
-        }
-        pio.insert(
-            layout::DEBUG_EXIT_PORT.into(),
-            1,
-            "debug-exit",
-            Arc::new(Mutex::new(DebugExit::new(end.clone()))),
-        )?;
+        let boot_entry = boot_guest(&vm_fd, &memory, config, &attached)?;
+        let serial = attach_platform_ports(&vm_fd, config, &boot_entry, &end, &mut pio)?;
         let ctx = VcpuContext {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
@@ -212,13 +136,7 @@ impl Vm {
         };
         sample_completions(&events, &attached.devices)?;
         let control = Arc::new(VmControl::new(ControlParts {
-            guest: GuestInfo {
-                kind: boot_entry.format.guest_kind(),
-                kernel: match &config.kernel {
-                    KernelSource::Embedded => "<embedded guest>".to_string(),
-                    KernelSource::File(path) => path.display().to_string(),
-                },
-            },
+            guest: guest_info(config, &boot_entry),
             vcpus: config.vcpus,
             memory_bytes: config.memory.0,
             pause: ctx.pause.clone(),
@@ -306,6 +224,121 @@ impl Vm {
             .flush();
         let stats = self.stats();
         Ok((end, stats))
+    }
+}
+
+/// KVM, the VM with its memory registered, and the in-kernel interrupt controllers.
+fn create_kvm_vm(config: &VmConfig) -> Result<(Kvm, VmFd, GuestMemory), VmError> {
+    let kvm = open_kvm()?;
+    let max = kvm.get_max_vcpus().min(MAX_XAPIC_VCPUS);
+    if usize::from(config.vcpus) > max {
+        return Err(VmError::TooManyVcpus {
+            requested: config.vcpus,
+            max,
+        });
+    }
+    let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+    let memory = memory::create_guest_memory(config.memory.0, config.prefault)?;
+    register_memory(&vm_fd, &memory)?;
+    vm_fd
+        .set_tss_address(layout::RAM_HOLE_END as usize - 0x3000)
+        .map_err(VmError::TssAddress)?;
+    vm_fd.create_irq_chip().map_err(VmError::Irqchip)?;
+    Ok((kvm, vm_fd, memory))
+}
+
+/// Loads the kernel and writes the boot tables (ACPI describing the attached devices, for
+/// Linux); a Linux guest also gets the in-kernel PIT.
+fn boot_guest(
+    vm_fd: &VmFd,
+    memory: &GuestMemory,
+    config: &VmConfig,
+    attached: &Attached,
+) -> Result<BootEntry, VmError> {
+    let acpi = config.acpi.then(|| AcpiPlatform {
+        vcpus: config.vcpus,
+        virtio_mmio: attached
+            .devices
+            .iter()
+            .map(|d| MmioWindow {
+                base: d.mmio_base,
+                size: layout::VIRTIO_MMIO_SIZE,
+                gsi: d.gsi,
+            })
+            .collect(),
+    });
+    let boot_entry = boot::prepare(
+        memory,
+        &BootRequest {
+            kernel: &config.kernel,
+            initramfs: config.initramfs.as_deref(),
+            cmdline: config.cmdline.as_deref(),
+            device_words: &attached.cmdline_words,
+            vcpus: config.vcpus,
+            acpi: acpi.as_ref(),
+        },
+    )?;
+    vcpu_regs::write_boot_gdt(memory, &boot_entry.protocol).map_err(VmError::BootGdt)?;
+    debug!(
+        "{} guest, entry {:#x}",
+        boot_entry.format.guest_kind(),
+        boot_entry.entry
+    );
+    if boot_entry.format.is_linux() {
+        warn_if_pvm();
+        // Linux calibrates and ticks with the PIT until it has found better clocks.
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(VmError::Pit)?;
+    }
+    Ok(boot_entry)
+}
+
+/// The serial console, the debug-exit port and, for Linux, the power-off and reset ports.
+fn attach_platform_ports(
+    vm_fd: &VmFd,
+    config: &VmConfig,
+    boot_entry: &BootEntry,
+    end: &Arc<EndSignal>,
+    pio: &mut Bus,
+) -> Result<Arc<Mutex<SerialConsole>>, VmError> {
+    let (console, serial_irq) = SerialConsole::new(&config.serial)?;
+    vm_fd
+        .register_irqfd(&serial_irq, layout::SERIAL_GSI)
+        .map_err(|e| VmError::Irqfd("serial", e))?;
+    let serial = Arc::new(Mutex::new(console));
+    pio.insert(
+        layout::SERIAL_PORT.into(),
+        layout::SERIAL_PORT_LEN,
+        "serial",
+        serial.clone() as SharedDevice,
+    )?;
+    if boot_entry.format.is_linux() {
+        // How Linux powers off (ACPI S5) and reboots (ACPI reset register, or the keyboard
+        // controller's reset pulse with reboot=k).
+        acpi_power::attach(pio, end.clone())?;
+        i8042::attach(pio, end.clone())?;
+    }
+    pio.insert(
+        layout::DEBUG_EXIT_PORT.into(),
+        1,
+        "debug-exit",
+        Arc::new(Mutex::new(DebugExit::new(end.clone()))),
+    )?;
+    Ok(serial)
+}
+
+/// What `GET /vm` says the VM boots.
+fn guest_info(config: &VmConfig, boot_entry: &BootEntry) -> GuestInfo {
+    GuestInfo {
+        kind: boot_entry.format.guest_kind(),
+        kernel: match &config.kernel {
+            KernelSource::Embedded => "<embedded guest>".to_string(),
+            KernelSource::File(path) => path.display().to_string(),
+        },
     }
 }
 
