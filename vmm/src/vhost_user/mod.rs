@@ -176,6 +176,8 @@ impl Candidate {
         })
         .map_err(|e| VhostUserError::GetConfig(socket.to_path_buf(), e))?;
         let queue_count = queue_count(kind, conn.features, &config, conn.max_queues);
+        let mut config = config;
+        fit_config_to_queues(kind, conn.features, &mut config, queue_count);
         Ok(Self {
             socket: socket.to_path_buf(),
             frontend: conn.frontend,
@@ -680,23 +682,53 @@ impl VhostUserDevice {
     }
 }
 
-/// How many queues the device exposes: what its config space says, bounded by GET_QUEUE_NUM.
+/// Where the config space holds the queue count: virtio_blk_config.num_queues and
+/// virtio_net_config.max_virtqueue_pairs.
+const BLK_NUM_QUEUES_OFFSET: usize = 34;
+const NET_MAX_QUEUE_PAIRS_OFFSET: usize = 8;
+
+/// How many queues the device exposes: what its config space says, bounded by GET_QUEUE_NUM
+/// and by what the transport offers (`MAX_QUEUES`). A backend's count is peer data: it is
+/// computed wide, so an absurd one is clamped instead of overflowing.
 fn queue_count(kind: DeviceKind, features: u64, config: &[u8], max: Option<u64>) -> usize {
     let le16 = |at: usize| {
         config
             .get(at..at + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .map(|b| u64::from(u16::from_le_bytes([b[0], b[1]])))
     };
     let from_config = match kind {
-        DeviceKind::Block if features & (1 << VIRTIO_BLK_F_MQ) != 0 => le16(34).unwrap_or(1).max(1),
+        DeviceKind::Block if features & (1 << VIRTIO_BLK_F_MQ) != 0 => {
+            le16(BLK_NUM_QUEUES_OFFSET).unwrap_or(1).max(1)
+        }
         DeviceKind::Block => 1,
         DeviceKind::Net if features & (1 << VIRTIO_NET_F_MQ) != 0 => {
-            le16(8).unwrap_or(1).max(1) * 2
+            le16(NET_MAX_QUEUE_PAIRS_OFFSET).unwrap_or(1).max(1) * 2
         }
         DeviceKind::Net => 2,
     };
     let limit = max.unwrap_or(MAX_QUEUES).min(MAX_QUEUES);
-    usize::from(from_config).min(limit as usize).max(1)
+    if from_config > limit {
+        warn!("the backend's config space offers {from_config} queues; the device exposes {limit}");
+    }
+    from_config.min(limit).max(1) as usize
+}
+
+/// Makes the config space the guest reads agree with the queues the device exposes, so a
+/// driver never asks for queues the transport does not have.
+fn fit_config_to_queues(kind: DeviceKind, features: u64, config: &mut [u8], queues: usize) {
+    let (offset, value) = match kind {
+        DeviceKind::Block if features & (1 << VIRTIO_BLK_F_MQ) != 0 => {
+            (BLK_NUM_QUEUES_OFFSET, queues)
+        }
+        DeviceKind::Net if features & (1 << VIRTIO_NET_F_MQ) != 0 => {
+            (NET_MAX_QUEUE_PAIRS_OFFSET, queues / 2)
+        }
+        _ => return,
+    };
+    if let Some(field) = config.get_mut(offset..offset + 2) {
+        let value = u16::try_from(value).unwrap_or(u16::MAX);
+        field.copy_from_slice(&value.to_le_bytes());
+    }
 }
 
 impl VirtioDevice for VhostUserDevice {
@@ -820,6 +852,35 @@ mod tests {
             1,
             "short config"
         );
+    }
+
+    /// A backend claiming 0x8000 queue pairs once overflowed a u16 (a debug-build panic; one
+    /// queue in release builds): it gets the transport's maximum, and the config space the
+    /// guest reads says so.
+    #[test]
+    fn absurd_backend_queue_counts_are_clamped_and_the_config_agrees() {
+        let mq = 1 << VIRTIO_NET_F_MQ;
+        let mut net = vec![0u8; 12];
+        net[8..10].copy_from_slice(&0x8000u16.to_le_bytes());
+        let count = queue_count(DeviceKind::Net, mq, &net, Some(u64::MAX));
+        assert_eq!(count, MAX_QUEUES as usize);
+        fit_config_to_queues(DeviceKind::Net, mq, &mut net, count);
+        assert_eq!(
+            u16::from_le_bytes([net[8], net[9]]),
+            (MAX_QUEUES / 2) as u16
+        );
+
+        let blk_mq = 1 << VIRTIO_BLK_F_MQ;
+        let mut blk = vec![0u8; 60];
+        blk[34..36].copy_from_slice(&u16::MAX.to_le_bytes());
+        let count = queue_count(DeviceKind::Block, blk_mq, &blk, Some(4));
+        assert_eq!(count, 4);
+        fit_config_to_queues(DeviceKind::Block, blk_mq, &mut blk, count);
+        assert_eq!(u16::from_le_bytes([blk[34], blk[35]]), 4);
+        // Without MQ the field is not the device's to report; it stays as the backend sent it.
+        let mut plain = vec![0xaau8; 60];
+        fit_config_to_queues(DeviceKind::Block, 0, &mut plain, 1);
+        assert_eq!(plain[34..36], [0xaa, 0xaa]);
     }
 
     #[test]
