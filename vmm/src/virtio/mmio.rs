@@ -28,6 +28,9 @@ pub struct VirtioMmio<D: VirtioDevice> {
     device: D,
     interrupt: Arc<Interrupt>,
     queues: Vec<QueueConfig>,
+    /// Per queue, a `QueueNum` the driver wrote that the queue cannot have (0, not a power of
+    /// two, above `QueueNumMax`): kept to refuse the queue, never truncated into `size`.
+    invalid_sizes: Vec<Option<u32>>,
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
     status: u32,
@@ -55,11 +58,12 @@ impl<D: VirtioDevice> VirtioMmio<D> {
                 size: max_size,
                 ..Default::default()
             })
-            .collect();
+            .collect::<Vec<_>>();
         Self {
             name: name.to_string(),
             device,
             interrupt,
+            invalid_sizes: vec![None; queues.len()],
             queues,
             kicks,
             calls,
@@ -126,16 +130,8 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             VIRTIO_MMIO_DRIVER_FEATURES => self.write_driver_features(value),
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
-            VIRTIO_MMIO_QUEUE_NUM if queue_writable => {
-                if let Some(q) = self.selected_queue() {
-                    q.size = value as u16;
-                }
-            }
-            VIRTIO_MMIO_QUEUE_READY if queue_writable => {
-                if let Some(q) = self.selected_queue() {
-                    q.ready = value == 1;
-                }
-            }
+            VIRTIO_MMIO_QUEUE_NUM if queue_writable => self.write_queue_size(value),
+            VIRTIO_MMIO_QUEUE_READY if queue_writable => self.write_queue_ready(value),
             VIRTIO_MMIO_QUEUE_DESC_LOW
             | VIRTIO_MMIO_QUEUE_DESC_HIGH
             | VIRTIO_MMIO_QUEUE_AVAIL_LOW
@@ -161,6 +157,56 @@ impl<D: VirtioDevice> VirtioMmio<D> {
                 self.name
             ),
         }
+    }
+
+    /// A split ring's size is a power of two from 1 to `QueueNumMax` (virtio 1.2, 2.7).
+    fn write_queue_size(&mut self, value: u32) {
+        let index = self.queue_sel as usize;
+        let Some(q) = self.queues.get_mut(index) else {
+            return;
+        };
+        match u16::try_from(value) {
+            Ok(size) if size.is_power_of_two() && size <= q.max_size => {
+                q.size = size;
+                self.invalid_sizes[index] = None;
+            }
+            _ => {
+                warn!(
+                    "{}: driver set queue {index}'s size to {value}, which is not a power of two from 1 to {}; the queue will be refused",
+                    self.name, q.max_size
+                );
+                self.invalid_sizes[index] = Some(value);
+            }
+        }
+    }
+
+    fn write_queue_ready(&mut self, value: u32) {
+        let index = self.queue_sel as usize;
+        let invalid = self.invalid_sizes.get(index).copied().flatten();
+        let Some(q) = self.queues.get_mut(index) else {
+            return;
+        };
+        if value == 1 {
+            if let Some(size) = invalid {
+                warn!(
+                    "{}: refusing to make queue {index} ready with size {size}; the device needs a reset",
+                    self.name
+                );
+                q.ready = false;
+                self.interrupt.set_needs_reset();
+                return;
+            }
+        }
+        q.ready = value == 1;
+    }
+
+    /// A ready queue whose size was set invalid after it was made ready.
+    fn invalid_ready_queue(&self) -> Option<(usize, u32)> {
+        self.queues
+            .iter()
+            .zip(&self.invalid_sizes)
+            .enumerate()
+            .find_map(|(i, (q, bad))| bad.filter(|_| q.ready).map(|size| (i, size)))
     }
 
     fn write_driver_features(&mut self, value: u32) {
@@ -207,6 +253,14 @@ impl<D: VirtioDevice> VirtioMmio<D> {
     }
 
     fn activate(&mut self) {
+        if let Some((index, size)) = self.invalid_ready_queue() {
+            warn!(
+                "{}: DRIVER_OK with queue {index} of size {size}; not activating, the device needs a reset",
+                self.name
+            );
+            self.interrupt.set_needs_reset();
+            return;
+        }
         let activation = Activation {
             driver_features: self.driver_features,
             queues: &self.queues,
@@ -236,6 +290,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.queue_sel = 0;
+        self.invalid_sizes.fill(None);
         for q in &mut self.queues {
             *q = QueueConfig {
                 max_size: q.max_size,

@@ -223,3 +223,34 @@ fn config_space_reads_reach_the_device() {
     h.mmio.read(u64::from(VIRTIO_MMIO_CONFIG) + 4, &mut data);
     assert_eq!(data, [0x14, 0x14]);
 }
+
+/// A guest-written `QueueNum` the queue cannot have is never truncated into the ring size: the
+/// queue is refused at `QueueReady` (or at `DRIVER_OK` if set after it) with DEVICE_NEEDS_RESET.
+#[test]
+fn invalid_queue_sizes_are_refused_not_truncated() {
+    for bad in [0, 3, 100, 512, 0x1_0040] {
+        let mut h = harness(false);
+        h.negotiate(1 << VIRTIO_F_VERSION_1);
+        h.setup_queue(0, bad, 0x10000);
+        assert_eq!(h.read(VIRTIO_MMIO_QUEUE_READY), 0, "size {bad}: not ready");
+        assert_ne!(
+            h.read(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0,
+            "size {bad}: needs reset"
+        );
+    }
+    // Made ready with a good size, then given a bad one: DRIVER_OK does not activate.
+    let mut h = harness(false);
+    h.negotiate(1 << VIRTIO_F_VERSION_1);
+    h.setup_queue(0, 64, 0x10000);
+    h.write(VIRTIO_MMIO_QUEUE_NUM, 96);
+    h.write(VIRTIO_MMIO_STATUS, 0xf);
+    assert!(h.recorded.lock().unwrap().activations.is_empty());
+    assert_ne!(h.read(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    // A reset clears it; a power of two up to the maximum works.
+    h.write(VIRTIO_MMIO_STATUS, 0);
+    h.negotiate(1 << VIRTIO_F_VERSION_1);
+    h.setup_queue(0, 1, 0x10000);
+    h.write(VIRTIO_MMIO_STATUS, 0xf);
+    assert_eq!(h.recorded.lock().unwrap().activations[0].1[0].size, 1);
+}
