@@ -37,6 +37,8 @@ pub enum Behaviour {
     Send(Vec<u8>),
     /// Reads messages until `GET_FEATURES`, answers it with a header and half of its body.
     HalfReply,
+    /// Closes each connection at once, as a daemon busy with another frontend does.
+    CloseAtOnce,
 }
 
 /// A listener that accepts connections and misbehaves on each; it holds them open until the
@@ -98,6 +100,7 @@ fn stop_listener(stop: &AtomicBool, socket: &Path, thread: Option<JoinHandle<()>
 
 fn misbehave(mut stream: UnixStream, behaviour: &Behaviour) {
     match behaviour {
+        Behaviour::CloseAtOnce => return,
         Behaviour::Silent => {}
         Behaviour::Send(bytes) => {
             let _ = stream.write_all(bytes);

@@ -69,6 +69,35 @@ fn completed(api: &Path) -> u64 {
 
 /// `splitvisor run` against a backend that accepts and then says nothing useful ends with
 /// an error naming the socket, the unanswered message and the deadline - in bounded time.
+/// A daemon that already serves a VMM closes a second frontend's connection at once: the VMM
+/// says the backend is busy, naming the socket, instead of a generic handshake failure.
+#[test]
+fn a_backend_that_hangs_up_at_once_is_reported_busy() {
+    if !require_kvm("a_backend_that_hangs_up_at_once_is_reported_busy") {
+        return;
+    }
+    let dir = Workdir::new("busy");
+    let socket = dir.join("busy.sock");
+    let fake = FakeBackend::spawn(&socket, Behaviour::CloseAtOnce);
+    let run = run_splitvisor(
+        [
+            "run",
+            "--disk",
+            &format!("socket={}", socket.display()),
+            "--connect-timeout",
+            "1",
+            "--cmdline",
+            "exit=0",
+        ],
+        (Duration::from_secs(1) + MESSAGE_DEADLINE) * SLACK,
+    );
+    assert_eq!(run.code(), Some(1), "{run}");
+    for needle in [socket.to_str().unwrap(), "is busy", "one VMM at a time"] {
+        assert!(run.stderr.contains(needle), "no {needle:?}\n{run}");
+    }
+    assert_eq!(fake.accepted(), 1);
+}
+
 #[test]
 fn silent_backends_end_the_run_with_an_error() {
     if !require_kvm("silent_backends_end_the_run_with_an_error") {

@@ -39,6 +39,11 @@ pub enum ConnectError {
         #[source]
         source: ExchangeError,
     },
+    #[error("the backend on {} is busy: it closed the connection before answering {message}; a vhost-user backend serves one VMM at a time - is another VM using it? (start another daemon, or stop that VM)", .path.display())]
+    Busy {
+        path: PathBuf,
+        message: &'static str,
+    },
     #[error("the backend on {} does not offer VHOST_USER_F_PROTOCOL_FEATURES, which splitvisor requires (for CONFIG and REPLY_ACK)", .0.display())]
     NoProtocolFeatures(PathBuf),
     #[error("the backend on {} does not offer the CONFIG protocol feature, so its device configuration cannot be read", .0.display())]
@@ -96,9 +101,24 @@ pub fn handshake(
         path: path.to_path_buf(),
         source,
     };
+    // A daemon busy with another frontend accepts and closes at once: the first exchanges
+    // then end in a disconnection, which says more than a failed handshake.
+    let busy_or_failed = |message: &'static str| {
+        move |source: ExchangeError| {
+            if source.disconnected() {
+                ConnectError::Busy {
+                    path: path.to_path_buf(),
+                    message,
+                }
+            } else {
+                failed(source)
+            }
+        }
+    };
     let mut frontend = Frontend::from_stream(stream, max_queues);
-    exchange(&mut frontend, "SET_OWNER", |f| f.set_owner()).map_err(failed)?;
-    let features = exchange(&mut frontend, "GET_FEATURES", |f| f.get_features()).map_err(failed)?;
+    exchange(&mut frontend, "SET_OWNER", |f| f.set_owner()).map_err(busy_or_failed("SET_OWNER"))?;
+    let features = exchange(&mut frontend, "GET_FEATURES", |f| f.get_features())
+        .map_err(busy_or_failed("GET_FEATURES"))?;
     if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
         return Err(ConnectError::NoProtocolFeatures(path.to_path_buf()));
     }

@@ -51,6 +51,20 @@ impl ExchangeError {
             ExchangeError::TimedOut { .. } | ExchangeError::SequenceTimedOut { .. }
         )
     }
+
+    /// The backend closed the connection (or reset it) instead of answering.
+    pub fn disconnected(&self) -> bool {
+        use vhost::vhost_user::Error as Protocol;
+        matches!(
+            self,
+            ExchangeError::Failed {
+                source: vhost::Error::VhostUserProtocol(
+                    Protocol::Disconnected | Protocol::PartialMessage | Protocol::SocketBroken(_)
+                ),
+                ..
+            }
+        )
+    }
 }
 
 /// What happened to an armed exchange.
