@@ -9,6 +9,10 @@ mod slots;
 
 pub mod http;
 pub mod routes;
+pub mod types;
+
+#[cfg(test)]
+mod doc_tests;
 
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
