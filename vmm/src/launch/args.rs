@@ -21,7 +21,8 @@ Runtime directory:
   launch creates a private directory (mode 0700) named splitvisor-launch-PID under
   --runtime-dir, else $XDG_RUNTIME_DIR, else /run/splitvisor, else /tmp, and prints its path on
   stderr at start. It holds each backend's socket (ID.sock) and log (NAME.log: the daemon's
-  stdout and stderr). It is removed at exit; only when a backend died while the VM ran are the
+  stdout and stderr), and with --daemonize launch.log (launch's own messages, the VMM's and
+  the guest console). It is removed at exit; only when a backend died while the VM ran are the
   logs kept there (launch says so).
 
 Backends:
