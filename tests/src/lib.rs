@@ -6,5 +6,6 @@ pub mod interop;
 pub mod launch;
 pub mod named;
 pub mod nested;
+pub mod openapi;
 pub mod pattern;
 pub mod vm;

@@ -13,6 +13,8 @@ pub mod types;
 
 #[cfg(test)]
 mod doc_tests;
+#[cfg(test)]
+pub mod schema_check;
 
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
