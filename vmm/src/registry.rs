@@ -20,11 +20,17 @@ const ENTRY_FILE: &str = "vm.json";
 const SOCKET_FILE: &str = "api.sock";
 /// The longest VM name (it is a directory name and part of the socket path).
 const MAX_NAME_LEN: usize = 48;
+/// `splitvisor ctl`'s verbs: `ctl NAME VERB` could not tell a VM of that name from the verb.
+const RESERVED_NAMES: [&str; 7] = [
+    "status", "pause", "resume", "shutdown", "swap", "metrics", "help",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("VM name {0:?} must be 1 to {MAX_NAME_LEN} letters, digits, '.', '-' or '_', starting with a letter or digit")]
     CheckName(String),
+    #[error("VM name {0:?} is a verb of `splitvisor ctl`; choose another --name")]
+    ReservedName(String),
     #[error("cannot create the runtime directory {} (set XDG_RUNTIME_DIR to a directory of yours, or give --api-socket PATH)", .path.display())]
     CreateRoot {
         path: PathBuf,
@@ -95,11 +101,13 @@ pub fn check_name(name: &str) -> Result<(), RegistryError> {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
-    if ok {
-        Ok(())
-    } else {
-        Err(RegistryError::CheckName(name.to_string()))
+    if !ok {
+        return Err(RegistryError::CheckName(name.to_string()));
     }
+    if RESERVED_NAMES.contains(&name) {
+        return Err(RegistryError::ReservedName(name.to_string()));
+    }
+    Ok(())
 }
 
 /// This VMM's entry; dropping it removes the entry's directory (and the socket in it).
@@ -136,7 +144,8 @@ pub fn register(name: &str, api_socket: Option<&Path>) -> Result<Registration, R
     })?;
     let dir = root.join(name);
     let socket = match api_socket {
-        Some(path) => path.to_path_buf(),
+        // Absolute, so that `ctl NAME` finds it from any directory.
+        Some(path) => std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
         None => dir.join(SOCKET_FILE),
     };
     let len = socket.as_os_str().len();
@@ -277,6 +286,11 @@ mod tests {
             let err = check_name(bad).unwrap_err();
             assert!(err.to_string().contains("letters, digits"), "{err}");
         }
+        let err = check_name("status").unwrap_err();
+        assert!(
+            err.to_string().contains("a verb of `splitvisor ctl`"),
+            "{err}"
+        );
     }
 
     #[test]
