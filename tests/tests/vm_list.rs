@@ -75,11 +75,40 @@ fn named_vms_are_listed_controlled_and_stopped() {
     }
     let mut host = Host::new("list");
     let (_, img_b) = start_two(&mut host);
+    let a = assert_both_listed(&host);
 
-    // Both listed, running, with their devices' backend state.
+    // ctl NAME reaches that VM.
+    let status = host.ctl("a", &["status"]);
+    assert_eq!(status.code, Some(0), "{status}");
+    assert!(
+        status.stdout.starts_with("VM running: 1 vCPU(s), 256 MiB"),
+        "{status}"
+    );
+    let status = host.ctl("b", &["status"]);
+    assert!(
+        status.stdout.starts_with("VM running: 2 vCPU(s), 128 MiB"),
+        "{status}"
+    );
+    swap_reaches_b_only(&host, &img_b, &a);
+
+    // Unknown names are answered with the running ones.
+    let out = host.ctl("c", &["status"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr
+            .contains("no running VM is named \"c\"; running: a, b"),
+        "{out}"
+    );
+    shutdown_leaves_nothing_of_a(&host, &a);
+    assert_eq!(host.names(), ["b"]);
+}
+
+/// Both VMs are listed, running, with their devices' backend state, in the JSON and the
+/// table; the registry is private. Returns a's JSON entry.
+fn assert_both_listed(host: &Host) -> Value {
     assert_eq!(host.names(), ["a", "b"]);
-    let a = listed(&host, "a");
-    let b = listed(&host, "b");
+    let a = listed(host, "a");
+    let b = listed(host, "b");
     for (vm, vcpus, memory) in [(&a, 1, 256u64 << 20), (&b, 2, 128 << 20)] {
         assert_eq!(vm["state"], "running", "{vm}");
         assert_eq!(vm["vm"]["vcpus"], vcpus, "{vm}");
@@ -115,21 +144,11 @@ fn named_vms_are_listed_controlled_and_stopped() {
     let socket_a = PathBuf::from(a["api_socket"].as_str().expect("api_socket"));
     assert_eq!(socket_a, registry.join("a").join("api.sock"));
     assert_eq!(mode(&socket_a), 0o600);
+    a
+}
 
-    // ctl NAME reaches that VM.
-    let status = host.ctl("a", &["status"]);
-    assert_eq!(status.code, Some(0), "{status}");
-    assert!(
-        status.stdout.starts_with("VM running: 1 vCPU(s), 256 MiB"),
-        "{status}"
-    );
-    let status = host.ctl("b", &["status"]);
-    assert!(
-        status.stdout.starts_with("VM running: 2 vCPU(s), 128 MiB"),
-        "{status}"
-    );
-
-    // A swap through `ctl b` moves b's disk, not a's.
+/// A swap through `ctl b` moves b's disk, not a's.
+fn swap_reaches_b_only(host: &Host, img_b: &Path, a: &Value) {
     let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").expect("splitvisor-blk");
     let new_socket = host.dir.join("b2.sock");
     let _daemon = Daemon::start(
@@ -147,29 +166,20 @@ fn named_vms_are_listed_controlled_and_stopped() {
     .expect("start a second splitvisor-blk");
     let swap = host.ctl("b", &["swap", "disk0", new_socket.to_str().unwrap()]);
     assert_eq!(swap.code, Some(0), "{swap}");
-    assert!(
-        swap.stdout
-            .contains(&format!("disk0: now served by {}", new_socket.display())),
-        "{swap}"
-    );
+    let moved = format!("disk0: now served by {}", new_socket.display());
+    assert!(swap.stdout.contains(&moved), "{swap}");
     let backend = |vm: &Value| vm["vm"]["devices"][0]["backend"]["socket"].clone();
-    assert_eq!(backend(&listed(&host, "b")), new_socket.to_str().unwrap());
+    assert_eq!(backend(&listed(host, "b")), new_socket.to_str().unwrap());
     assert_eq!(
-        backend(&listed(&host, "a")),
-        backend(&a),
+        backend(&listed(host, "a")),
+        backend(a),
         "a's disk was not moved"
     );
+}
 
-    // Unknown names are answered with the running ones.
-    let out = host.ctl("c", &["status"]);
-    assert_eq!(out.code, Some(1), "{out}");
-    assert!(
-        out.stderr
-            .contains("no running VM is named \"c\"; running: a, b"),
-        "{out}"
-    );
-
-    // `ctl a shutdown`: a's launch stops its daemons; nothing of a is left.
+/// `ctl a shutdown`: a's launch stops its daemons; nothing of a is left.
+fn shutdown_leaves_nothing_of_a(host: &Host, a: &Value) {
+    let socket_a = PathBuf::from(a["api_socket"].as_str().expect("api_socket"));
     let launch_a = host.launch_pid("a").expect("a's pidfile");
     let vmm_a = a["pid"].as_u64().unwrap() as u32;
     let rundir_a = host.dir.join(&format!("splitvisor-launch-{launch_a}"));
@@ -182,7 +192,10 @@ fn named_vms_are_listed_controlled_and_stopped() {
     })
     .unwrap_or_else(|e| panic!("{e}: launch {launch_a} alive {}", alive(launch_a)));
     assert!(!alive(vmm_a), "a's VMM {vmm_a} is left");
-    assert!(!exists(&registry.join("a")), "a's registry entry is left");
+    assert!(
+        !exists(&host.registry().join("a")),
+        "a's registry entry is left"
+    );
     assert!(!exists(&socket_a), "a's API socket is left");
     assert!(!exists(&host.dir.join("a.pid")), "a's pidfile is left");
     let daemons_of_a: Vec<_> = splitvisor_tests::launch::processes()
@@ -190,7 +203,6 @@ fn named_vms_are_listed_controlled_and_stopped() {
         .filter(|p| p.cmdline.contains(rundir_a.to_str().unwrap()))
         .collect();
     assert!(daemons_of_a.is_empty(), "{daemons_of_a:?}");
-    assert_eq!(host.names(), ["b"]);
 }
 
 #[test]

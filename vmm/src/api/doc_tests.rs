@@ -59,9 +59,8 @@ fn every_route_is_documented_and_every_documented_route_is_served() {
     assert!(!routes::serves("GET", "/api/v2/vm"));
 }
 
-/// What each endpoint answers with 200, in every shape it can take.
-fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
-    let switch = |outage: Option<u64>| SwitchReport {
+fn switch(outage: Option<u64>) -> SwitchReport {
+    SwitchReport {
         kind: if outage.is_some() {
             SwitchKindReport::Recovery
         } else {
@@ -74,13 +73,21 @@ fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
         outage_ms: outage,
         inflight_region: true,
         at_ms: 5000,
-    };
-    let virtio = VirtioCounters {
+    }
+}
+
+fn virtio_counters() -> VirtioCounters {
+    VirtioCounters {
         mmio_exits: 1,
         used_buffer_interrupts: 2,
         config_interrupts: 0,
         completed_requests: 3,
-    };
+    }
+}
+
+/// A connected virtio device with a swap and a recovery behind it, one busy since before any
+/// report, and an ATA disk.
+fn devices() -> Vec<DeviceReport> {
     let connected = DeviceReport {
         id: "disk0".into(),
         kind: "block".into(),
@@ -102,7 +109,7 @@ fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
             recoveries: 1,
             history: vec![switch(None), switch(Some(40))],
         }),
-        counters: Some(DeviceCounters::Virtio(virtio.clone())),
+        counters: Some(DeviceCounters::Virtio(virtio_counters())),
     };
     // Busy since before any report: only what the VMM knows without the device.
     let busy = DeviceReport {
@@ -129,6 +136,11 @@ fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
         })),
         ..connected.clone()
     };
+    vec![connected, busy, ata]
+}
+
+/// What each endpoint answers with 200, in every shape it can take.
+fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
     let vm = VmReport {
         state: VmState::Running,
         guest: GuestReport {
@@ -138,7 +150,7 @@ fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
         vcpus: 1,
         memory_bytes: 256 << 20,
         uptime_ms: 1500,
-        devices: vec![connected, busy, ata],
+        devices: devices(),
     };
     let metrics = MetricsReport {
         uptime_ms: 1500,
@@ -155,7 +167,10 @@ fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
             config_interrupts: 0,
             needs_reset: false,
         }],
-        devices: BTreeMap::from([("disk0".into(), Some(virtio)), ("net0".into(), None)]),
+        devices: BTreeMap::from([
+            ("disk0".into(), Some(virtio_counters())),
+            ("net0".into(), None),
+        ]),
     };
     let states = [VmState::Running, VmState::Paused, VmState::Stopping]
         .map(|state| json!(StateReport { state }))

@@ -57,37 +57,9 @@ fn log_hint(log: &Option<PathBuf>) -> String {
 
 /// The foreground half: starts the background launch of VM `name` and waits (up to `wait`)
 /// until the VM answers. Returns the exit status: 0 when it runs, the background launch's
-/// status when it ended first.
+/// status when it ended first. `named`: the user gave --name (else `name` is added).
 pub fn start(name: &str, named: bool, wait: Duration) -> Result<u8, DaemonError> {
-    let exe = std::env::current_exe().map_err(|source| DaemonError::Spawn {
-        exe: PathBuf::from("splitvisor"),
-        source,
-    })?;
-    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    args.push("--daemon-child".into());
-    if !named {
-        // The name generated here (from this process's pid) is the VM's.
-        args.extend(["--name".into(), name.into()]);
-    }
-    let mut command = Command::new(&exe);
-    command
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    };
-    let mut child = command.spawn().map_err(|source| DaemonError::Spawn {
-        exe: exe.clone(),
-        source,
-    })?;
+    let mut child = spawn_background(name, named)?;
     let (log, relay) = relay_stderr(&mut child);
     eprintln!(
         "launch: VM {name} starting in the background (launch pid {})",
@@ -118,20 +90,58 @@ pub fn start(name: &str, named: bool, wait: Duration) -> Result<u8, DaemonError>
             return Ok(0);
         }
         if Instant::now() >= deadline {
-            let pid = child.id();
-            if let Ok(pid) = libc::pid_t::try_from(pid) {
-                // SAFETY: kill takes no pointers; the child is ours and not reaped yet.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
-            let _ = child.wait();
-            return Err(DaemonError::NotReady {
-                name: name.to_string(),
-                pid,
-                waited: wait,
-                log: log_path,
-            });
+            return Err(give_up(child, name, wait, log_path));
         }
         std::thread::sleep(POLL);
+    }
+}
+
+/// This launch's command line again, plus `--daemon-child`, in a session of its own (no
+/// terminal: the VM outlives the shell), with stdin and stdout on /dev/null.
+fn spawn_background(name: &str, named: bool) -> Result<Child, DaemonError> {
+    let exe = std::env::current_exe().map_err(|source| DaemonError::Spawn {
+        exe: PathBuf::from("splitvisor"),
+        source,
+    })?;
+    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    args.push("--daemon-child".into());
+    if !named {
+        // The name generated here (from this process's pid) is the VM's.
+        args.extend(["--name".into(), name.into()]);
+    }
+    let mut command = Command::new(&exe);
+    command
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    command
+        .spawn()
+        .map_err(|source| DaemonError::Spawn { exe, source })
+}
+
+/// Stops a background launch whose VM did not come up in time (it stops what it started).
+fn give_up(mut child: Child, name: &str, wait: Duration, log: Option<PathBuf>) -> DaemonError {
+    let pid = child.id();
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill takes no pointers; the child is ours and not reaped yet.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let _ = child.wait();
+    DaemonError::NotReady {
+        name: name.to_string(),
+        pid,
+        waited: wait,
+        log,
     }
 }
 

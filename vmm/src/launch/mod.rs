@@ -94,12 +94,7 @@ pub fn run(args: &LaunchArgs) -> Result<u8, LaunchError> {
     let socket_timeout = Duration::from_secs(args.socket_timeout);
     let rundir = RuntimeDir::create(args.runtime_dir.as_deref())?;
     eprintln!("launch: runtime directory {}", rundir.path().display());
-    if args.daemon_child {
-        daemon::redirect_output(&rundir.log("launch"))?;
-    } else {
-        eprintln!("launch: VM {name}");
-    }
-    let _pidfile = args.pidfile.as_deref().map(Pidfile::write).transpose()?;
+    let _pidfile = announce(args, &name, &rundir)?;
     let reconnect = policy.reconnect_timeout_secs(socket_timeout);
     let mut plan = Plan::new(&spec, &rundir, &backends, reconnect)?;
     plan.vmm_args
@@ -159,6 +154,21 @@ pub fn run(args: &LaunchArgs) -> Result<u8, LaunchError> {
         remove_rundir(rundir);
     }
     Ok(status)
+}
+
+/// Says which VM this is (or, in the background, sends the output to launch.log) and writes
+/// the pidfile.
+fn announce(
+    args: &LaunchArgs,
+    name: &str,
+    rundir: &RuntimeDir,
+) -> Result<Option<Pidfile>, LaunchError> {
+    if args.daemon_child {
+        daemon::redirect_output(&rundir.log("launch"))?;
+    } else {
+        eprintln!("launch: VM {name}");
+    }
+    Ok(args.pidfile.as_deref().map(Pidfile::write).transpose()?)
 }
 
 /// The VM's name: --name, else vm-PID; refused early when a running VM has it.
