@@ -461,6 +461,44 @@ mod tests {
     }
 
     #[test]
+    fn names_go_with_every_way_of_describing_the_vm() {
+        let cli = Cli::try_parse_from([
+            "splitvisor",
+            "launch",
+            "--config",
+            "vm.toml",
+            "--name",
+            "web",
+            "--daemonize",
+            "--pidfile",
+            "/run/web.pid",
+        ])
+        .unwrap();
+        let Command::Launch(args) = cli.command else {
+            panic!("parsed as another subcommand");
+        };
+        assert_eq!(args.name.as_deref(), Some("web"));
+        assert!(args.daemonize && !args.daemon_child);
+        let cli = Cli::try_parse_from(["splitvisor", "run", "--name", "web"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("parsed as another subcommand");
+        };
+        assert_eq!(args.name.as_deref(), Some("web"));
+        // ctl takes a name or a socket, not both.
+        let cli = Cli::try_parse_from(["splitvisor", "ctl", "web", "status"]).unwrap();
+        let Command::Ctl(args) = cli.command else {
+            panic!("parsed as another subcommand");
+        };
+        assert_eq!(args.name.as_deref(), Some("web"));
+        assert!(Cli::try_parse_from(["splitvisor", "ctl", "--api-socket", "/a", "status"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["splitvisor", "ctl", "web", "--api-socket", "/a", "status"])
+                .is_err()
+        );
+        assert!(Cli::try_parse_from(["splitvisor", "ctl", "status"]).is_err());
+    }
+
+    #[test]
     fn bench_defaults_compare_both_paths() {
         let cli = Cli::try_parse_from(["splitvisor", "bench"]).unwrap();
         let Command::Bench(args) = cli.command else {
