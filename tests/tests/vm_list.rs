@@ -262,3 +262,28 @@ fn a_name_in_use_is_refused() {
     let out = host.ctl("a", &["shutdown"]);
     assert_eq!(out.code, Some(0), "{out}");
 }
+
+#[test]
+fn run_registers_under_its_name_and_cleans_up() {
+    if !require_kvm("run_registers_under_its_name_and_cleans_up") {
+        return;
+    }
+    let host = Host::new("run");
+    let named = host.run(&["run", "--name", "solo", "--cmdline", "exit=0"]);
+    assert_eq!(named.code, Some(0), "{named}");
+    let socket = host.registry().join("solo").join("api.sock");
+    let line = format!("splitvisor: VM solo, API socket {}", socket.display());
+    assert!(named.stderr.contains(&line), "{named}");
+    assert!(
+        !exists(&host.registry().join("solo")),
+        "the entry is removed at exit"
+    );
+    // Without --name: a generated name, printed at start.
+    let unnamed = host.run(&["run", "--cmdline", "exit=0"]);
+    assert_eq!(unnamed.code, Some(0), "{unnamed}");
+    assert!(unnamed.stderr.contains("splitvisor: VM vm-"), "{unnamed}");
+    let left: Vec<_> = std::fs::read_dir(host.registry())
+        .expect("the registry")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -82,7 +82,7 @@ pub fn start(name: &str, named: bool, wait: Duration) -> Result<u8, DaemonError>
             show_tail(log_path.as_deref());
             return Ok(super::exit_status(status));
         }
-        if answers(name) {
+        if answers(name, child.id()) {
             eprintln!(
                 "launch: VM {name} is running; `splitvisor ctl {name} shutdown` stops it{}",
                 log_hint(&log_path)
@@ -163,14 +163,30 @@ fn relay_stderr(child: &mut Child) -> (mpsc::Receiver<PathBuf>, Option<JoinHandl
     (rx, relay)
 }
 
-/// Whether VM `name` is registered and answers `GET /api/v1/ping`.
-fn answers(name: &str) -> bool {
+/// Whether VM `name` is registered by a VMM of the background launch `launch` (not another
+/// VM that took the name meanwhile) and answers `GET /api/v1/ping`.
+fn answers(name: &str, launch: u32) -> bool {
     let Ok(entry) = registry::find(name) else {
         return false;
     };
+    if parent_of(entry.pid) != Some(launch) {
+        return false;
+    }
     let path = format!("{API_PREFIX}/ping");
     crate::ctl::request_within::<PingReport>(&entry.api_socket, "GET", &path, None, PING_TIMEOUT)
         .is_ok_and(|p| p.ok && p.pid == entry.pid)
+}
+
+/// The parent pid of `pid` (field 4 of /proc/PID/stat).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: the fields follow the last ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn show_tail(log: Option<&Path>) {
