@@ -366,7 +366,14 @@ impl VmControl {
 /// The device's backend as `GET /vm` reports it. `status_json` is the vhost-user module's
 /// report; it is read into the shared type here so that the API's shape is defined once.
 fn backend_report(id: &str, device: &VhostUserDevice, epoch: Instant) -> Option<BackendReport> {
-    match serde_json::from_value(device.status_json(epoch)) {
+    let raw = device.status_json(epoch);
+    match serde_json::from_value::<BackendReport>(raw.clone()) {
+        // A field added to the vhost-user report but not to the API's type would be dropped
+        // here: say so (docs/api.yaml and api::types need it too).
+        Ok(report) if serde_json::to_value(&report).ok().as_ref() != Some(&raw) => {
+            log::error!("control: device {id}: the backend's report has fields the API's BackendReport lacks: {raw}");
+            Some(report)
+        }
         Ok(report) => Some(report),
         Err(e) => {
             log::error!("control: device {id}: the backend's report does not fit the API: {e}");
