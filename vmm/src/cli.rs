@@ -56,16 +56,40 @@ pub enum Command {
     /// status is the guest's.
     #[command(after_long_help = crate::launch::LAUNCH_HELP)]
     Launch(crate::launch::LaunchArgs),
-    /// Talk to a running VM's control API (the VM was started with --api-socket PATH): show its
-    /// state, pause, resume or stop it, swap a device's backend, read its counters.
+    /// Talk to a running VM's control API, by its name (`splitvisor ctl NAME VERB`) or its
+    /// socket (`splitvisor ctl --api-socket PATH VERB`): show its state, pause, resume or stop
+    /// it, swap a device's backend, read its counters.
     Ctl(CtlArgs),
+    /// Show every VM running on this host (started by `run` or `launch`, named with --name or
+    /// not): name, VMM pid, state, vCPUs, memory, uptime, and each device with its backend's
+    /// state. Entries of VMMs that are gone are removed.
+    #[command(after_long_help = LIST_HELP)]
+    List(ListArgs),
+}
+
+const LIST_HELP: &str = "\
+Each VMM registers itself in $XDG_RUNTIME_DIR/splitvisor/NAME/ (else /run/splitvisor/NAME/):
+vm.json (its pid and API socket) and, without --api-socket, the API socket api.sock. Device
+states: connected, reconnecting (the backend went away and the VMM waits for it), failed,
+needs-reset, busy (a swap or recovery in progress), emulated (inside the VMM).";
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print a JSON array (name, pid, api_socket, state, and the VM as GET /vm reports it)
+    /// instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
+#[command(subcommand_precedence_over_arg = true)]
 pub struct CtlArgs {
-    /// The API socket the VM was started with (`run --api-socket PATH`).
-    #[arg(long, value_name = "PATH")]
-    pub api_socket: PathBuf,
+    /// The VM's name (`run --name`, `launch --name`; `splitvisor list` shows them).
+    #[arg(value_name = "NAME", required_unless_present = "api_socket")]
+    pub name: Option<String>,
+    /// The API socket the VM was started with (`run --api-socket PATH`), instead of its name.
+    #[arg(long, value_name = "PATH", conflicts_with = "name")]
+    pub api_socket: Option<PathBuf>,
     /// Print the API's JSON answer instead of a readable summary.
     #[arg(long)]
     pub json: bool,
@@ -197,6 +221,7 @@ pub struct VmArgs {
 
     /// Serve the control API (HTTP/1.1 + JSON, see docs/api.yaml) on this Unix socket,
     /// created with mode 0600 and removed when the VMM exits. `splitvisor ctl` is its client.
+    /// Default: api.sock in the VM's directory under the runtime directory (see --name).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 }
@@ -264,6 +289,12 @@ fn serial_flag(serial: &SerialConfig) -> OsString {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// The VM's name, for `splitvisor list` and `splitvisor ctl NAME` (letters, digits, '.',
+    /// '-', '_'); default: vm-PID, printed at start. Without --api-socket the API socket is
+    /// $XDG_RUNTIME_DIR/splitvisor/NAME/api.sock (else under /run/splitvisor/).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
     #[command(flatten)]
     pub vm: VmArgs,
 
@@ -427,6 +458,44 @@ mod tests {
             assert!(LAUNCH_HELP.contains(&fact), "{fact}");
         }
         assert_eq!(p.window, std::time::Duration::from_secs(60));
+    }
+
+    #[test]
+    fn names_go_with_every_way_of_describing_the_vm() {
+        let cli = Cli::try_parse_from([
+            "splitvisor",
+            "launch",
+            "--config",
+            "vm.toml",
+            "--name",
+            "web",
+            "--daemonize",
+            "--pidfile",
+            "/run/web.pid",
+        ])
+        .unwrap();
+        let Command::Launch(args) = cli.command else {
+            panic!("parsed as another subcommand");
+        };
+        assert_eq!(args.name.as_deref(), Some("web"));
+        assert!(args.daemonize && !args.daemon_child);
+        let cli = Cli::try_parse_from(["splitvisor", "run", "--name", "web"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("parsed as another subcommand");
+        };
+        assert_eq!(args.name.as_deref(), Some("web"));
+        // ctl takes a name or a socket, not both.
+        let cli = Cli::try_parse_from(["splitvisor", "ctl", "web", "status"]).unwrap();
+        let Command::Ctl(args) = cli.command else {
+            panic!("parsed as another subcommand");
+        };
+        assert_eq!(args.name.as_deref(), Some("web"));
+        assert!(Cli::try_parse_from(["splitvisor", "ctl", "--api-socket", "/a", "status"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["splitvisor", "ctl", "web", "--api-socket", "/a", "status"])
+                .is_err()
+        );
+        assert!(Cli::try_parse_from(["splitvisor", "ctl", "status"]).is_err());
     }
 
     #[test]

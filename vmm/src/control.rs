@@ -6,9 +6,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
 
+use crate::api::types::{
+    AtaCounters, BackendReport, DeviceCounters, DeviceReport, GuestReport, MetricsReport,
+    StateReport, SwapReport, SwitchReport, VirtioCounters, VmReport, VmState,
+};
 use crate::attach::AttachedDevice;
 use crate::bus::Bus;
 use crate::devices::ata::AtaDisk;
@@ -74,7 +77,7 @@ pub struct VmControl {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     /// Each device's latest report (`GET /vm` entry), given while the device is busy.
-    last_reports: Mutex<Vec<Option<Value>>>,
+    last_reports: Mutex<Vec<Option<DeviceReport>>>,
 }
 
 /// Everything `VmControl` reports on or acts upon.
@@ -130,18 +133,24 @@ impl VmControl {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn state(&self) -> &'static str {
+    fn state(&self) -> VmState {
         if self.end.is_stopping() {
-            "stopping"
+            VmState::Stopping
         } else if self.pause.is_paused() {
-            "paused"
+            VmState::Paused
         } else {
-            "running"
+            VmState::Running
+        }
+    }
+
+    fn state_report(&self) -> StateReport {
+        StateReport {
+            state: self.state(),
         }
     }
 
     /// Stops every vCPU between two instructions; returns once none runs.
-    pub fn pause(&self) -> Result<Value, ControlError> {
+    pub fn pause(&self) -> Result<StateReport, ControlError> {
         if self.end.is_stopping() {
             return Err(ControlError::Stopping);
         }
@@ -168,36 +177,38 @@ impl VmControl {
             }
         }
         log::info!("control: VM paused");
-        Ok(json!({ "state": self.state() }))
+        Ok(self.state_report())
     }
 
-    pub fn resume(&self) -> Result<Value, ControlError> {
+    pub fn resume(&self) -> Result<StateReport, ControlError> {
         if self.end.is_stopping() {
             return Err(ControlError::Stopping);
         }
         self.pause.resume();
         log::info!("control: VM resumed");
-        Ok(json!({ "state": self.state() }))
+        Ok(self.state_report())
     }
 
     /// Ends the VM as SIGTERM would: the VMM stops the vCPUs and exits with status 130.
-    pub fn shutdown(&self) -> Value {
+    pub fn shutdown(&self) -> StateReport {
         log::info!("control: shutdown requested");
         self.end.end(VmEnd::StopRequested);
         self.pause.resume();
-        json!({ "state": "stopping" })
+        StateReport {
+            state: VmState::Stopping,
+        }
     }
 
-    pub fn swap(&self, id: &str, socket: &Path) -> Result<Value, ControlError> {
+    pub fn swap(&self, id: &str, socket: &Path) -> Result<SwapReport, ControlError> {
         let device = self.vhost_user_device(id)?;
         let record: SwitchRecord = device
             .manager
             .swap(socket, SWAP_CONNECT_WAIT)
             .map_err(Box::new)?;
-        Ok(json!({
-            "id": id,
-            "swap": record.to_json(self.epoch),
-        }))
+        Ok(SwapReport {
+            id: id.to_string(),
+            swap: SwitchReport::from_record(&record, self.epoch),
+        })
     }
 
     fn vhost_user_device(&self, id: &str) -> Result<&AttachedDevice, ControlError> {
@@ -215,36 +226,44 @@ impl VmControl {
     }
 
     /// `GET /vm`.
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> VmReport {
         let mmio_exits = self.mmio_exits_by_device();
-        let mut devices: Vec<Value> = self
+        let mut devices: Vec<DeviceReport> = self
             .devices
             .iter()
             .enumerate()
             .map(|(index, d)| self.device_status(index, d, &mmio_exits))
             .collect();
         if let Some(ata) = &self.ata {
-            devices.push(json!({
-                "id": ata.id,
-                "kind": "block",
-                "transport": "ata-pio",
-                "backend": null,
-                "counters": {
-                    "commands": ata.disk.commands(),
-                    "sectors_read": ata.disk.sectors_read(),
-                    "sectors_written": ata.disk.sectors_written(),
-                    "errors": ata.disk.errors(),
-                },
-            }));
+            devices.push(DeviceReport {
+                id: ata.id.clone(),
+                kind: "block".into(),
+                transport: "ata-pio".into(),
+                mmio_base: None,
+                gsi: None,
+                driver_ok: None,
+                needs_reset: false,
+                busy: false,
+                backend: None,
+                counters: Some(DeviceCounters::Ata(AtaCounters {
+                    commands: ata.disk.commands(),
+                    sectors_read: ata.disk.sectors_read(),
+                    sectors_written: ata.disk.sectors_written(),
+                    errors: ata.disk.errors(),
+                })),
+            });
         }
-        json!({
-            "state": self.state(),
-            "guest": { "kind": self.guest.kind, "kernel": self.guest.kernel },
-            "vcpus": self.vcpus,
-            "memory_bytes": self.memory_bytes,
-            "uptime_ms": self.uptime_ms(),
-            "devices": devices,
-        })
+        VmReport {
+            state: self.state(),
+            guest: GuestReport {
+                kind: self.guest.kind.to_string(),
+                kernel: self.guest.kernel.clone(),
+            },
+            vcpus: self.vcpus,
+            memory_bytes: self.memory_bytes,
+            uptime_ms: self.uptime_ms(),
+            devices,
+        }
     }
 
     /// One device's `GET /vm` entry. A device busy with its backend is not waited for: its
@@ -254,7 +273,7 @@ impl VmControl {
         index: usize,
         d: &AttachedDevice,
         mmio_exits: &[(String, u64)],
-    ) -> Value {
+    ) -> DeviceReport {
         let mut reports = self
             .last_reports
             .lock()
@@ -263,35 +282,39 @@ impl VmControl {
             reports.resize(index + 1, None);
         }
         let Some(mut mmio) = lock_briefly(&d.device) else {
-            let mut report = reports[index].clone().unwrap_or_else(|| {
-                json!({
-                    "id": d.id,
-                    "kind": d.kind.name(),
-                    "transport": "virtio-mmio",
-                    "mmio_base": format!("{:#x}", d.mmio_base),
-                    "gsi": d.gsi,
-                    "driver_ok": null,
-                    "backend": null,
-                    "counters": null,
-                })
+            let mut report = reports[index].clone().unwrap_or_else(|| DeviceReport {
+                id: d.id.clone(),
+                kind: d.kind.name().to_string(),
+                transport: "virtio-mmio".into(),
+                mmio_base: Some(format!("{:#x}", d.mmio_base)),
+                gsi: Some(d.gsi),
+                driver_ok: None,
+                needs_reset: false,
+                busy: true,
+                backend: None,
+                counters: None,
             });
-            report["needs_reset"] = json!(d.interrupt.needs_reset());
-            report["busy"] = json!(true);
+            report.needs_reset = d.interrupt.needs_reset();
+            report.busy = true;
             return report;
         };
         let driver_status = mmio.driver_status();
-        let report = json!({
-            "id": d.id,
-            "kind": d.kind.name(),
-            "transport": "virtio-mmio",
-            "mmio_base": format!("{:#x}", d.mmio_base),
-            "gsi": d.gsi,
-            "driver_ok": driver_status & VIRTIO_CONFIG_S_DRIVER_OK != 0,
-            "needs_reset": d.interrupt.needs_reset(),
-            "busy": false,
-            "backend": mmio.device().status_json(self.epoch),
-            "counters": device_counters(d, mmio.device_mut(), mmio_exits),
-        });
+        let report = DeviceReport {
+            id: d.id.clone(),
+            kind: d.kind.name().to_string(),
+            transport: "virtio-mmio".into(),
+            mmio_base: Some(format!("{:#x}", d.mmio_base)),
+            gsi: Some(d.gsi),
+            driver_ok: Some(driver_status & VIRTIO_CONFIG_S_DRIVER_OK != 0),
+            needs_reset: d.interrupt.needs_reset(),
+            busy: false,
+            backend: backend_report(&d.id, mmio.device(), self.epoch),
+            counters: Some(DeviceCounters::Virtio(device_counters(
+                d,
+                mmio.device_mut(),
+                mmio_exits,
+            ))),
+        };
         reports[index] = Some(report.clone());
         report
     }
@@ -306,17 +329,16 @@ impl VmControl {
     }
 
     /// `GET /metrics`.
-    pub fn metrics(&self) -> Value {
-        let mut snapshot =
-            crate::stats::snapshot(&self.exits, &self.pio, &self.mmio, &self.devices);
+    pub fn metrics(&self) -> MetricsReport {
+        let counters = crate::stats::counters(&self.exits, &self.pio, &self.mmio, &self.devices);
         let mmio_exits = self.mmio_exits_by_device();
-        let devices: serde_json::Map<String, Value> = self
+        let devices = self
             .devices
             .iter()
             .enumerate()
             .map(|(index, d)| {
                 let counters = match lock_briefly(&d.device) {
-                    Some(mut mmio) => device_counters(d, mmio.device_mut(), &mmio_exits),
+                    Some(mut mmio) => Some(device_counters(d, mmio.device_mut(), &mmio_exits)),
                     // Busy with its backend: the counters of the last report.
                     None => self
                         .last_reports
@@ -324,14 +346,39 @@ impl VmControl {
                         .unwrap_or_else(PoisonError::into_inner)
                         .get(index)
                         .and_then(|r| r.as_ref())
-                        .map_or(Value::Null, |r| r["counters"].clone()),
+                        .and_then(|r| match &r.counters {
+                            Some(DeviceCounters::Virtio(c)) => Some(c.clone()),
+                            _ => None,
+                        }),
                 };
                 (d.id.clone(), counters)
             })
             .collect();
-        snapshot["uptime_ms"] = json!(self.uptime_ms());
-        snapshot["devices"] = Value::Object(devices);
-        snapshot
+        MetricsReport {
+            uptime_ms: self.uptime_ms(),
+            exits: counters.exits,
+            virtio: counters.virtio,
+            devices,
+        }
+    }
+}
+
+/// The device's backend as `GET /vm` reports it. `status_json` is the vhost-user module's
+/// report; it is read into the shared type here so that the API's shape is defined once.
+fn backend_report(id: &str, device: &VhostUserDevice, epoch: Instant) -> Option<BackendReport> {
+    let raw = device.status_json(epoch);
+    match serde_json::from_value::<BackendReport>(raw.clone()) {
+        // A field added to the vhost-user report but not to the API's type would be dropped
+        // here: say so (docs/api.yaml and api::types need it too).
+        Ok(report) if serde_json::to_value(&report).ok().as_ref() != Some(&raw) => {
+            log::error!("control: device {id}: the backend's report has fields the API's BackendReport lacks: {raw}");
+            Some(report)
+        }
+        Ok(report) => Some(report),
+        Err(e) => {
+            log::error!("control: device {id}: the backend's report does not fit the API: {e}");
+            None
+        }
     }
 }
 
@@ -355,11 +402,14 @@ fn device_counters(
     d: &AttachedDevice,
     device: &mut VhostUserDevice,
     mmio_exits: &[(String, u64)],
-) -> Value {
-    json!({
-        "mmio_exits": mmio_exits.iter().find(|(name, _)| *name == d.id).map_or(0, |(_, n)| *n),
-        "used_buffer_interrupts": d.interrupt.used_buffer_interrupts.load(Ordering::Relaxed),
-        "config_interrupts": d.interrupt.config_interrupts.load(Ordering::Relaxed),
-        "completed_requests": device.completed_requests(),
-    })
+) -> VirtioCounters {
+    VirtioCounters {
+        mmio_exits: mmio_exits
+            .iter()
+            .find(|(name, _)| *name == d.id)
+            .map_or(0, |(_, n)| *n),
+        used_buffer_interrupts: d.interrupt.used_buffer_interrupts.load(Ordering::Relaxed),
+        config_interrupts: d.interrupt.config_interrupts.load(Ordering::Relaxed),
+        completed_requests: device.completed_requests(),
+    }
 }

@@ -6,10 +6,17 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::api::http;
+use crate::api::types::{
+    DeviceCounters, DeviceReport, ErrorReport, MetricsReport, StateReport, SwapReport, SwapRequest,
+    VirtioCounters, VmReport, API_PREFIX,
+};
 use crate::cli::{CtlArgs, CtlVerb};
+use crate::registry::{self, RegistryError};
 
 /// A swap may wait for the new backend's socket (the VMM's --connect-timeout) and then move
 /// the rings; everything else answers at once.
@@ -24,46 +31,73 @@ pub enum CtlError {
     },
     #[error("talking to the VMM on {} failed", .0.display())]
     Exchange(PathBuf, #[source] std::io::Error),
-    #[error("the VMM's answer is not JSON: {0}")]
-    NotJson(String),
+    #[error("the VMM's answer is not the JSON expected ({why}): {text}")]
+    NotJson { why: String, text: String },
     #[error("{message} (HTTP {status})")]
     Refused { status: u16, message: String },
+    #[error("name the VM (`splitvisor ctl NAME VERB`; `splitvisor list` shows them) or give --api-socket PATH")]
+    NoTarget,
+    #[error(transparent)]
+    Lookup(#[from] RegistryError),
 }
 
 /// Runs one verb; returns what to print.
 pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
-    let (method, path, body) = match &args.verb {
-        CtlVerb::Status => ("GET", "/vm".to_string(), None),
-        CtlVerb::Metrics => ("GET", "/metrics".to_string(), None),
-        CtlVerb::Pause => ("PUT", "/vm/pause".to_string(), None),
-        CtlVerb::Resume => ("PUT", "/vm/resume".to_string(), None),
-        CtlVerb::Shutdown => ("PUT", "/vm/shutdown".to_string(), None),
-        CtlVerb::Swap { id, socket } => (
-            "PUT",
-            format!("/devices/{id}/backend"),
-            Some(json!({ "socket": absolute(socket) })),
-        ),
+    let socket = match (&args.api_socket, &args.name) {
+        (Some(path), _) => path.clone(),
+        (None, Some(name)) => registry::find(name)?.api_socket,
+        (None, None) => return Err(CtlError::NoTarget),
     };
-    let answer = request(&args.api_socket, method, &path, body.as_ref())?;
-    if args.json {
-        return Ok(answer.to_string());
-    }
-    Ok(match &args.verb {
-        CtlVerb::Status => describe_vm(&answer),
-        CtlVerb::Metrics => describe_metrics(&answer),
+    let v1 = |path: &str| format!("{API_PREFIX}{path}");
+    let json = args.json;
+    match &args.verb {
+        CtlVerb::Status => {
+            let vm: VmReport = request(&socket, "GET", &v1("/vm"), None)?;
+            show(json, &vm, describe_vm)
+        }
+        CtlVerb::Metrics => {
+            let m: MetricsReport = request(&socket, "GET", &v1("/metrics"), None)?;
+            show(json, &m, describe_metrics)
+        }
         CtlVerb::Pause | CtlVerb::Resume | CtlVerb::Shutdown => {
-            format!("VM {}", answer["state"].as_str().unwrap_or("?"))
+            let path = match args.verb {
+                CtlVerb::Pause => "/vm/pause",
+                CtlVerb::Resume => "/vm/resume",
+                _ => "/vm/shutdown",
+            };
+            let report: StateReport = request(&socket, "PUT", &v1(path), None)?;
+            show(json, &report, |r| format!("VM {}", r.state.as_str()))
         }
-        CtlVerb::Swap { id, .. } => {
-            let swap = &answer["swap"];
-            format!(
-                "{id}: now served by {} (was {}); rings stopped for {} us",
-                swap["to"].as_str().unwrap_or("?"),
-                swap["from"].as_str().unwrap_or("?"),
-                swap["stall_us"]
-            )
+        CtlVerb::Swap { id, socket: target } => {
+            let body = SwapRequest {
+                socket: absolute(target).display().to_string(),
+            };
+            let path = v1(&format!("/devices/{id}/backend"));
+            let report: SwapReport = request(&socket, "PUT", &path, Some(&json!(body)))?;
+            show(json, &report, |r| {
+                format!(
+                    "{id}: now served by {} (was {}); rings stopped for {} us",
+                    r.swap.to, r.swap.from, r.swap.stall_us
+                )
+            })
         }
-    })
+    }
+}
+
+/// The answer as JSON with `--json`, else readably.
+fn show<T: Serialize>(
+    json: bool,
+    value: &T,
+    describe: impl Fn(&T) -> String,
+) -> Result<String, CtlError> {
+    if json {
+        serde_json::to_string(value).map_err(|e| CtlError::NotJson {
+            why: e.to_string(),
+            text: String::new(),
+        })
+    } else {
+        Ok(describe(value))
+    }
 }
 
 /// The VMM resolves the socket path itself, so a relative path must not depend on its cwd.
@@ -72,91 +106,111 @@ fn absolute(path: &Path) -> PathBuf {
 }
 
 /// One HTTP exchange; a non-2xx answer becomes `CtlError::Refused` with the VMM's message.
-pub fn request(
+pub fn request<T: DeserializeOwned>(
     socket: &Path,
     method: &str,
     path: &str,
     body: Option<&Value>,
-) -> Result<Value, CtlError> {
+) -> Result<T, CtlError> {
+    request_within(socket, method, path, body, RESPONSE_TIMEOUT)
+}
+
+/// `request` with a deadline of its own for each read and write.
+pub fn request_within<T: DeserializeOwned>(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    timeout: Duration,
+) -> Result<T, CtlError> {
     let stream = UnixStream::connect(socket).map_err(|source| CtlError::Connect {
         path: socket.to_path_buf(),
         source,
     })?;
     let exchange_error = |e| CtlError::Exchange(socket.to_path_buf(), e);
     stream
-        .set_read_timeout(Some(RESPONSE_TIMEOUT))
+        .set_read_timeout(Some(timeout))
         .map_err(exchange_error)?;
     stream
-        .set_write_timeout(Some(RESPONSE_TIMEOUT))
+        .set_write_timeout(Some(timeout))
         .map_err(exchange_error)?;
     let (status, raw) = http::exchange(&stream, method, path, body).map_err(exchange_error)?;
-    let value: Value = serde_json::from_slice(&raw)
-        .map_err(|_| CtlError::NotJson(String::from_utf8_lossy(&raw).into_owned()))?;
+    let text = || String::from_utf8_lossy(&raw).into_owned();
     if !(200..300).contains(&status) {
-        return Err(CtlError::Refused {
-            status,
-            message: value["error"]
-                .as_str()
-                .map_or_else(|| value.to_string(), str::to_string),
-        });
+        let message = match serde_json::from_slice::<ErrorReport>(&raw) {
+            Ok(report) => report.error,
+            Err(_) => text(),
+        };
+        return Err(CtlError::Refused { status, message });
     }
-    Ok(value)
+    serde_json::from_slice(&raw).map_err(|e| CtlError::NotJson {
+        why: e.to_string(),
+        text: text(),
+    })
 }
 
-fn describe_vm(vm: &Value) -> String {
-    let mut out = format!(
-        "VM {}: {} vCPU(s), {} MiB, up {:.1} s\n",
-        vm["state"].as_str().unwrap_or("?"),
-        vm["vcpus"],
-        vm["memory_bytes"].as_u64().unwrap_or(0) >> 20,
-        vm["uptime_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
-    );
-    if let (Some(kind), Some(kernel)) =
-        (vm["guest"]["kind"].as_str(), vm["guest"]["kernel"].as_str())
-    {
-        let _ = writeln!(out, "guest: {kind}, kernel {kernel}");
+/// "2.5 s" from milliseconds.
+pub fn seconds(ms: u64) -> String {
+    format!("{:.1} s", ms as f64 / 1000.0)
+}
+
+/// A device's state in one word: its backend's, or what keeps it from having one.
+pub fn device_state(d: &DeviceReport) -> &'static str {
+    if d.needs_reset {
+        "needs-reset"
+    } else if d.busy {
+        // Talking to its backend (activation, swap, recovery); the rest is the last report.
+        "busy"
+    } else {
+        match &d.backend {
+            Some(b) => b.state.as_str(),
+            None if d.transport == "ata-pio" => "emulated",
+            None => "-",
+        }
     }
+}
+
+fn describe_vm(vm: &VmReport) -> String {
+    let mut out = format!(
+        "VM {}: {} vCPU(s), {} MiB, up {}\n",
+        vm.state.as_str(),
+        vm.vcpus,
+        vm.memory_bytes >> 20,
+        seconds(vm.uptime_ms)
+    );
+    let _ = writeln!(out, "guest: {}, kernel {}", vm.guest.kind, vm.guest.kernel);
     let _ = writeln!(
         out,
         "{:<8} {:<6} {:<12} {:<13} {:>6} {:>10} {:>10}  BACKEND",
         "DEVICE", "KIND", "TRANSPORT", "STATE", "SWAPS", "RECOVERIES", "REQUESTS"
     );
-    for d in vm["devices"].as_array().into_iter().flatten() {
-        let backend = &d["backend"];
-        let state = if d["needs_reset"] == true {
-            "needs-reset"
-        } else if d["busy"] == true {
-            // Talking to its backend (activation, swap, recovery); the rest is the last report.
-            "busy"
-        } else {
-            backend["state"].as_str().unwrap_or("-")
+    for d in &vm.devices {
+        let backend = d.backend.as_ref();
+        let state = match device_state(d) {
+            "emulated" => "-",
+            other => other,
         };
-        let requests = d["counters"]["completed_requests"]
-            .as_u64()
-            .or(d["counters"]["commands"].as_u64())
-            .unwrap_or(0);
         let _ = writeln!(
             out,
             "{:<8} {:<6} {:<12} {:<13} {:>6} {:>10} {:>10}  {}",
-            d["id"].as_str().unwrap_or("?"),
-            d["kind"].as_str().unwrap_or("?"),
-            d["transport"].as_str().unwrap_or("?"),
+            d.id,
+            d.kind,
+            d.transport,
             state,
-            backend["swaps"].as_u64().unwrap_or(0),
-            backend["recoveries"].as_u64().unwrap_or(0),
-            requests,
-            backend["socket"].as_str().unwrap_or("(in the VMM)")
+            backend.map_or(0, |b| b.swaps),
+            backend.map_or(0, |b| b.recoveries),
+            d.counters.as_ref().map_or(0, DeviceCounters::requests),
+            backend.map_or("(in the VMM)", |b| b.socket.as_str())
         );
-        if let Some(last) = backend["history"].as_array().and_then(|h| h.last()) {
+        if let Some(last) = backend.and_then(|b| b.history.last()) {
             let _ = writeln!(
                 out,
                 "         last {} {} -> {}: rings stopped {} us{}",
-                last["kind"].as_str().unwrap_or("?"),
-                last["from"].as_str().unwrap_or("?"),
-                last["to"].as_str().unwrap_or("?"),
-                last["stall_us"],
-                last["outage_ms"]
-                    .as_u64()
+                last.kind.as_str(),
+                last.from,
+                last.to,
+                last.stall_us,
+                last.outage_ms
                     .map(|ms| format!(", backend away {ms} ms"))
                     .unwrap_or_default()
             );
@@ -165,27 +219,27 @@ fn describe_vm(vm: &Value) -> String {
     out.trim_end().to_string()
 }
 
-fn describe_metrics(m: &Value) -> String {
-    let exits = &m["exits"];
+fn describe_metrics(m: &MetricsReport) -> String {
+    let exits = &m.exits;
     let mut out = format!(
         "exits: {} port I/O, {} MMIO, {} other\n",
-        exits["pio"], exits["mmio"], exits["other"]
+        exits.pio, exits.mmio, exits.other
     );
     let _ = writeln!(
         out,
         "{:<8} {:>12} {:>12} {:>12} {:>12}",
         "DEVICE", "REQUESTS", "MMIO EXITS", "INTERRUPTS", "CONFIG IRQS"
     );
-    for (id, d) in m["devices"].as_object().into_iter().flatten() {
-        let n = |key: &str| d[key].as_u64().unwrap_or(0);
+    for (id, d) in &m.devices {
+        let n = |f: fn(&VirtioCounters) -> u64| d.as_ref().map_or(0, f);
         let _ = writeln!(
             out,
             "{:<8} {:>12} {:>12} {:>12} {:>12}",
             id,
-            n("completed_requests"),
-            n("mmio_exits"),
-            n("used_buffer_interrupts"),
-            n("config_interrupts")
+            n(|c| c.completed_requests),
+            n(|c| c.mmio_exits),
+            n(|c| c.used_buffer_interrupts),
+            n(|c| c.config_interrupts)
         );
     }
     out.trim_end().to_string()
@@ -197,15 +251,20 @@ mod tests {
 
     #[test]
     fn status_is_a_readable_table() {
-        let vm = json!({
+        let vm: VmReport = serde_json::from_value(json!({
             "state": "running", "guest": {"kind": "linux", "kernel": "/boot/vmlinuz"}, "vcpus": 2, "memory_bytes": 268435456u64, "uptime_ms": 1500,
             "devices": [{
                 "id": "disk0", "kind": "block", "transport": "virtio-mmio", "needs_reset": false,
+                "mmio_base": "0xd0000000", "gsi": 5, "driver_ok": true, "busy": false,
                 "backend": {"socket": "/r/a.sock", "state": "connected", "swaps": 2, "recoveries": 1,
-                            "history": [{"kind": "swap", "from": "/r/b.sock", "to": "/r/a.sock", "stall_us": 812, "outage_ms": null}]},
-                "counters": {"completed_requests": 42}
+                            "since_ms": 3, "features": "0x1", "inflight_tracking": true,
+                            "rings_running": true, "queues": 1,
+                            "history": [{"kind": "swap", "from": "/r/b.sock", "to": "/r/a.sock", "stall_us": 812, "outage_ms": null,
+                                         "first_completion_us": null, "inflight_region": true, "at_ms": 10}]},
+                "counters": {"completed_requests": 42, "mmio_exits": 1, "used_buffer_interrupts": 2, "config_interrupts": 0}
             }]
-        });
+        }))
+        .unwrap();
         let text = describe_vm(&vm);
         assert!(
             text.starts_with(
@@ -223,7 +282,8 @@ mod tests {
 
     #[test]
     fn an_unreachable_socket_names_the_flag() {
-        let err = request(Path::new("/nonexistent/api.sock"), "GET", "/vm", None).unwrap_err();
+        let err = request::<VmReport>(Path::new("/nonexistent/api.sock"), "GET", "/vm", None)
+            .unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("/nonexistent/api.sock") && text.contains("--api-socket"),

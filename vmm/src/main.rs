@@ -4,7 +4,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use splitvisor::cli::{BenchArgs, Cli, Command, CtlArgs, RunArgs};
+use splitvisor::cli::{BenchArgs, Cli, Command, CtlArgs, ListArgs, RunArgs};
+use splitvisor::config::VmConfig;
+use splitvisor::registry::{self, Registration, RegistryError};
 use splitvisor::vm::Vm;
 
 fn main() -> ExitCode {
@@ -15,6 +17,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(&args),
         Command::Launch(args) => splitvisor::launch::run(&args).map_err(Into::into),
         Command::Ctl(args) => ctl(&args),
+        Command::List(args) => list(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),
@@ -26,8 +29,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
-    let config = args.to_config();
+    let mut config = args.to_config();
     config.validate()?;
+    // Dropped after the VM ends: removes the VM's entry (and its API socket with it).
+    let _registration = register(args, &mut config)?;
     let (end, stats) = Vm::new(&config)?.run()?;
     if let Some(message) = end.describe() {
         eprintln!("splitvisor: {message}");
@@ -36,6 +41,36 @@ fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         println!("{}{stats}", splitvisor::stats::STATS_PREFIX);
     }
     Ok(end.exit_status())
+}
+
+/// Registers the VM under its name and points the API socket into its entry unless
+/// --api-socket chose one. Without --name, a VM that cannot be registered (no usable runtime
+/// directory) still runs, as before names existed, without an API unless --api-socket.
+fn register(args: &RunArgs, config: &mut VmConfig) -> Result<Option<Registration>, RegistryError> {
+    let name = args.name.clone().unwrap_or_else(registry::generated_name);
+    match registry::register(&name, config.api_socket.as_deref()) {
+        Ok(registration) => {
+            eprintln!(
+                "splitvisor: VM {name}, API socket {} (`splitvisor ctl {name} status`)",
+                registration.api_socket().display()
+            );
+            config.api_socket = Some(registration.api_socket().to_path_buf());
+            Ok(Some(registration))
+        }
+        Err(e) if args.name.is_none() => {
+            eprintln!(
+                "splitvisor: warning: running unnamed: {}",
+                splitvisor::error_chain(&e)
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn list(args: &ListArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    println!("{}", splitvisor::list::run(args)?);
+    Ok(0)
 }
 
 fn ctl(args: &CtlArgs) -> Result<u8, Box<dyn std::error::Error>> {

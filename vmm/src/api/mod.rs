@@ -9,6 +9,12 @@ mod slots;
 
 pub mod http;
 pub mod routes;
+pub mod types;
+
+#[cfg(test)]
+mod doc_tests;
+#[cfg(test)]
+pub mod schema_check;
 
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

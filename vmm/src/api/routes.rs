@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use super::http::Request;
+use super::types::{ErrorReport, PingReport, VersionReport, API_PREFIX};
 use crate::control::{ControlError, VmControl};
 use crate::vhost_user::manager::SwapError;
 
@@ -29,35 +30,105 @@ impl Response {
         Self {
             status,
             headers: Vec::new(),
-            body: json!({ "error": message.into() }),
+            body: json!(ErrorReport {
+                error: message.into()
+            }),
         }
     }
 }
 
+/// Every endpoint: method and path, as documented in docs/api.yaml (`{id}` is a device id).
+/// Each is served under `/api/v1`; those with `legacy` also without the prefix, as the first
+/// API had them.
+pub const ROUTES: &[Route] = &[
+    Route::new("GET", "/vm", true),
+    Route::new("GET", "/metrics", true),
+    Route::new("PUT", "/vm/pause", true),
+    Route::new("PUT", "/vm/resume", true),
+    Route::new("PUT", "/vm/shutdown", true),
+    Route::new("PUT", "/devices/{id}/backend", true),
+    Route::new("GET", "/version", false),
+    Route::new("GET", "/ping", false),
+];
+
+/// One endpoint of `ROUTES`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub method: &'static str,
+    /// The path after `/api/v1`.
+    pub path: &'static str,
+    /// Also served without the `/api/v1` prefix.
+    pub legacy: bool,
+}
+
+impl Route {
+    const fn new(method: &'static str, path: &'static str, legacy: bool) -> Self {
+        Self {
+            method,
+            path,
+            legacy,
+        }
+    }
+
+    /// The device id when `path` (without the prefix) is this route's, `Some("")` if it has no
+    /// parameter.
+    fn matches<'p>(&self, path: &'p str) -> Option<&'p str> {
+        let mut id = "";
+        let mut pattern = self.path.split('/');
+        let mut segments = path.split('/');
+        loop {
+            match (pattern.next(), segments.next()) {
+                (None, None) => return Some(id),
+                (Some("{id}"), Some(segment)) if !segment.is_empty() => id = segment,
+                (Some(p), Some(segment)) if p == segment => {}
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// The routes `path` names and the device id in it; empty when no route has this path.
+fn routes_for(path: &str) -> (Vec<&'static Route>, &str) {
+    let trimmed = path.trim_end_matches('/');
+    let (unprefixed, versioned) = match trimmed.strip_prefix(API_PREFIX) {
+        Some(rest) if rest.starts_with('/') => (rest, true),
+        _ => (trimmed, false),
+    };
+    let mut id = "";
+    let routes = ROUTES
+        .iter()
+        .filter(|r| versioned || r.legacy)
+        .filter(|r| match r.matches(unprefixed) {
+            Some(found) => {
+                id = found;
+                true
+            }
+            None => false,
+        })
+        .collect();
+    (routes, id)
+}
+
+/// Whether a request `method path` reaches an endpoint.
+pub fn serves(method: &str, path: &str) -> bool {
+    routes_for(path).0.iter().any(|r| r.method == method)
+}
+
 /// Routes one request.
 pub fn handle(control: &VmControl, request: &Request) -> Response {
-    let segments: Vec<&str> = request
-        .path
-        .trim_end_matches('/')
-        .split('/')
-        .skip(1)
-        .collect();
+    let (routes, id) = routes_for(&request.path);
+    if routes.is_empty() {
+        return Response::error(
+            404,
+            format!(
+                "no endpoint {}; see docs/api.yaml (under {API_PREFIX}: GET /vm, GET /metrics, PUT /vm/pause, PUT /vm/resume, PUT /vm/shutdown, PUT /devices/{{id}}/backend, GET /version, GET /ping)",
+                request.path
+            ),
+        );
+    }
     let method = request.method.as_str();
-    let allowed: &[&str] = match segments.as_slice() {
-        ["vm"] | ["metrics"] => &["GET"],
-        ["vm", "pause" | "resume" | "shutdown"] => &["PUT"],
-        ["devices", _, "backend"] => &["PUT"],
-        _ => {
-            return Response::error(
-                404,
-                format!(
-                    "no endpoint {}; see docs/api.yaml (GET /vm, GET /metrics, PUT /vm/pause, PUT /vm/resume, PUT /vm/shutdown, PUT /devices/{{id}}/backend)",
-                    request.path
-                ),
-            )
-        }
-    };
-    if !allowed.contains(&method) {
+    let Some(route) = routes.iter().find(|r| r.method == method) else {
+        let allowed: Vec<&str> = routes.iter().map(|r| r.method).collect();
         let mut response = Response::error(
             405,
             format!(
@@ -68,18 +139,23 @@ pub fn handle(control: &VmControl, request: &Request) -> Response {
         );
         response.headers.push(("Allow", allowed.join(", ")));
         return response;
-    }
-    let result = match segments.as_slice() {
-        ["vm"] => Ok(control.status()),
-        ["metrics"] => Ok(control.metrics()),
-        ["vm", "pause"] => control.pause(),
-        ["vm", "resume"] => control.resume(),
-        ["vm", "shutdown"] => Ok(control.shutdown()),
-        ["devices", id, "backend"] => match swap_target(&request.body) {
-            Ok(socket) => control.swap(id, &socket),
+    };
+    let result = match route.path {
+        "/vm" => Ok(json!(control.status())),
+        "/metrics" => Ok(json!(control.metrics())),
+        "/vm/pause" => control.pause().map(|r| json!(r)),
+        "/vm/resume" => control.resume().map(|r| json!(r)),
+        "/vm/shutdown" => Ok(json!(control.shutdown())),
+        "/version" => Ok(json!(VersionReport::current())),
+        "/ping" => Ok(json!(PingReport {
+            ok: true,
+            pid: std::process::id(),
+        })),
+        "/devices/{id}/backend" => match swap_target(&request.body) {
+            Ok(socket) => control.swap(id, &socket).map(|r| json!(r)),
             Err(message) => return Response::error(400, message),
         },
-        _ => unreachable!("every routed path is matched above"),
+        other => unreachable!("route {other} is in ROUTES but not handled"),
     };
     match result {
         Ok(body) => Response::ok(body),
@@ -122,6 +198,22 @@ fn status_of(error: &ControlError) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versioned_and_legacy_paths_reach_the_same_endpoints() {
+        for path in ["/vm", "/api/v1/vm", "/api/v1/vm/", "/vm/"] {
+            assert!(serves("GET", path), "{path}");
+            assert!(!serves("PUT", path), "{path}");
+        }
+        let (routes, id) = routes_for("/api/v1/devices/net1/backend");
+        assert_eq!((routes.len(), id), (1, "net1"));
+        assert!(serves("PUT", "/devices/disk0/backend"));
+        assert!(!serves("PUT", "/devices//backend"));
+        assert!(serves("GET", "/api/v1/ping") && serves("GET", "/api/v1/version"));
+        assert!(!serves("GET", "/ping"), "new endpoints are versioned only");
+        assert!(!serves("GET", "/api/v1"));
+        assert!(!serves("GET", "/api/v1vm"));
+    }
 
     #[test]
     fn swap_bodies_are_checked() {

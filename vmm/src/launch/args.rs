@@ -12,11 +12,17 @@ use crate::cli::VmArgs;
 pub const ENV_BACKEND_DIR: &str = "SPLITVISOR_BACKEND_DIR";
 
 pub const LAUNCH_HELP: &str = "\
+Names:
+  The VM is registered under --name (default vm-PID) in $XDG_RUNTIME_DIR/splitvisor/NAME/
+  (else /run/splitvisor/NAME/), where its API socket is unless --api-socket says otherwise:
+  `splitvisor list` shows it, `splitvisor ctl NAME VERB` controls it.
+
 Runtime directory:
   launch creates a private directory (mode 0700) named splitvisor-launch-PID under
   --runtime-dir, else $XDG_RUNTIME_DIR, else /run/splitvisor, else /tmp, and prints its path on
   stderr at start. It holds each backend's socket (ID.sock) and log (NAME.log: the daemon's
-  stdout and stderr). It is removed at exit; only when a backend died while the VM ran are the
+  stdout and stderr), and with --daemonize launch.log (launch's own messages, the VMM's and
+  the guest console). It is removed at exit; only when a backend died while the VM ran are the
   logs kept there (launch says so).
 
 Backends:
@@ -47,6 +53,26 @@ Signals and exit status:
 /// Flags of `splitvisor launch`.
 #[derive(Debug, Args)]
 pub struct LaunchArgs {
+    /// The VM's name, for `splitvisor list` and `splitvisor ctl NAME` (letters, digits, '.',
+    /// '-', '_'); default: vm-PID, printed at start. A name in use by a running VM is refused.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Run in the background: return once the VM runs (exit status 0), or with launch's
+    /// error if it does not come up. launch's own messages, the VMM's and the guest console
+    /// (with --serial stdio) go to launch.log in the runtime directory. Stop the VM with
+    /// `splitvisor ctl NAME shutdown` (launch then stops its daemons) or SIGTERM to launch.
+    #[arg(long)]
+    pub daemonize: bool,
+
+    /// Write the pid of the supervising launch process to this file (removed when it exits).
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
+
+    /// Internal: this launch is the background half of --daemonize.
+    #[arg(long, hide = true, requires = "daemonize")]
+    pub daemon_child: bool,
+
     #[command(flatten)]
     pub vm: VmArgs,
 

@@ -9,6 +9,7 @@
 //! restart policy), `signals` (the one wait for signals and children).
 
 mod args;
+mod daemon;
 mod plan;
 mod restart;
 mod rundir;
@@ -27,6 +28,8 @@ pub use restart::RestartPolicy;
 pub use rundir::RuntimeDir;
 pub use spec::{DiskFlag, NetFlag};
 
+use crate::registry::{self, RegistryError};
+use daemon::{DaemonError, Pidfile};
 use plan::{BackendDir, Plan, PlanError};
 use rundir::RunDirError;
 use signals::{signal_name, SignalWait, Wakeup};
@@ -52,6 +55,10 @@ pub enum LaunchError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Start(#[from] StartError),
+    #[error(transparent)]
+    Name(#[from] RegistryError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
     #[error("cannot start the VMM {exe}")]
     SpawnVmm {
         exe: PathBuf,
@@ -73,14 +80,25 @@ pub fn run(args: &LaunchArgs) -> Result<u8, LaunchError> {
     let spec = LaunchSpec::from_args(args)?;
     let backends = BackendDir::locate(args.backend_dir.as_deref())?;
     let exe = std::env::current_exe().map_err(PlanError::CurrentExe)?;
+    let name = vm_name(args)?;
+    if args.daemonize && !args.daemon_child {
+        return Ok(daemon::start(
+            &name,
+            args.name.is_some(),
+            ready_wait(args, &spec),
+        )?);
+    }
     // Before any child exists, so that no SIGCHLD or interrupt is missed.
     let signals = SignalWait::install().map_err(LaunchError::Signals)?;
     let policy = RestartPolicy::DEFAULT;
     let socket_timeout = Duration::from_secs(args.socket_timeout);
     let rundir = RuntimeDir::create(args.runtime_dir.as_deref())?;
     eprintln!("launch: runtime directory {}", rundir.path().display());
+    let _pidfile = announce(args, &name, &rundir)?;
     let reconnect = policy.reconnect_timeout_secs(socket_timeout);
-    let plan = Plan::new(&spec, &rundir, &backends, reconnect)?;
+    let mut plan = Plan::new(&spec, &rundir, &backends, reconnect)?;
+    plan.vmm_args
+        .splice(1..1, ["--name".into(), OsString::from(&name)]);
 
     let mut supervisor = Supervisor::new(plan.daemons.clone(), policy, socket_timeout);
     if let Err(error) = supervisor.start_all(&signals) {
@@ -136,6 +154,43 @@ pub fn run(args: &LaunchArgs) -> Result<u8, LaunchError> {
         remove_rundir(rundir);
     }
     Ok(status)
+}
+
+/// Says which VM this is (or, in the background, sends the output to launch.log) and writes
+/// the pidfile.
+fn announce(
+    args: &LaunchArgs,
+    name: &str,
+    rundir: &RuntimeDir,
+) -> Result<Option<Pidfile>, LaunchError> {
+    if args.daemon_child {
+        daemon::redirect_output(&rundir.log("launch"))?;
+    } else {
+        eprintln!("launch: VM {name}");
+    }
+    Ok(args.pidfile.as_deref().map(Pidfile::write).transpose()?)
+}
+
+/// The VM's name: --name, else vm-PID; refused early when a running VM has it.
+fn vm_name(args: &LaunchArgs) -> Result<String, RegistryError> {
+    let name = args.name.clone().unwrap_or_else(registry::generated_name);
+    registry::check_name(&name)?;
+    if let Ok(entry) = registry::find(&name) {
+        return Err(RegistryError::NameTaken {
+            name,
+            pid: entry.pid,
+        });
+    }
+    Ok(name)
+}
+
+/// How long `--daemonize` waits for the VM: each daemon may take --socket-timeout to come
+/// up, the VMM --connect-timeout for each backend, and then sets the VM up.
+fn ready_wait(args: &LaunchArgs, spec: &LaunchSpec) -> Duration {
+    let daemons = (spec.disks.len() + spec.nets.len()) as u64;
+    Duration::from_secs(
+        args.socket_timeout * (daemons + 1) + spec.vm.connect_timeout * daemons.max(1) + 30,
+    )
 }
 
 /// Starts `splitvisor run ...` with the guest console on launch's own stdout and stderr, in

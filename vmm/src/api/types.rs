@@ -1,0 +1,276 @@
+//! The control API's request and response bodies as typed structs, shared by the server
+//! (`control`, `api::routes`), its client `splitvisor ctl` and `splitvisor list`, and checked
+//! against docs/api.yaml by the tests in `api::doc_tests`.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::vhost_user::{SwitchKind, SwitchRecord};
+
+/// The API version served under `/api/v1/`.
+pub const API_VERSION: &str = "v1";
+/// The prefix of the versioned paths; the unprefixed paths of the first API stay as aliases.
+pub const API_PREFIX: &str = "/api/v1";
+
+/// What the VM is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Running,
+    Paused,
+    Stopping,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+        }
+    }
+}
+
+/// `PUT /vm/pause`, `/vm/resume`, `/vm/shutdown`: the VM's state after the request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateReport {
+    pub state: VmState,
+}
+
+/// What the VM boots.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GuestReport {
+    /// "linux" or "splitvisor guest".
+    pub kind: String,
+    /// The `--kernel` path, or "<embedded guest>".
+    pub kernel: String,
+}
+
+/// `GET /vm`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmReport {
+    pub state: VmState,
+    pub guest: GuestReport,
+    pub vcpus: u8,
+    pub memory_bytes: u64,
+    pub uptime_ms: u64,
+    pub devices: Vec<DeviceReport>,
+}
+
+/// One device of `GET /vm`. Fields a transport does not have are null (an ATA disk has no
+/// MMIO window, no driver status and no backend).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceReport {
+    pub id: String,
+    /// "block" or "net".
+    pub kind: String,
+    /// "virtio-mmio" or "ata-pio".
+    pub transport: String,
+    pub mmio_base: Option<String>,
+    pub gsi: Option<u32>,
+    pub driver_ok: Option<bool>,
+    pub needs_reset: bool,
+    /// Busy with its backend: `driver_ok`, `backend` and `counters` are from the last report.
+    pub busy: bool,
+    pub backend: Option<BackendReport>,
+    pub counters: Option<DeviceCounters>,
+}
+
+/// A vhost-user device's backend connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendReport {
+    pub socket: String,
+    pub state: BackendState,
+    pub since_ms: u64,
+    /// The backend's virtio feature bits, in hex.
+    pub features: String,
+    pub inflight_tracking: bool,
+    pub rings_running: bool,
+    pub queues: u64,
+    pub swaps: u64,
+    pub recoveries: u64,
+    pub history: Vec<SwitchReport>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    Connected,
+    Reconnecting,
+    Failed,
+}
+
+impl BackendState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Connected => "connected",
+            BackendState::Reconnecting => "reconnecting",
+            BackendState::Failed => "failed",
+        }
+    }
+}
+
+/// One completed switch of backend (a swap or a recovery).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SwitchReport {
+    pub kind: SwitchKindReport,
+    pub from: String,
+    pub to: String,
+    pub stall_us: u64,
+    pub first_completion_us: Option<u64>,
+    pub outage_ms: Option<u64>,
+    pub inflight_region: bool,
+    pub at_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SwitchKindReport {
+    Swap,
+    Recovery,
+}
+
+impl SwitchKindReport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SwitchKindReport::Swap => "swap",
+            SwitchKindReport::Recovery => "recovery",
+        }
+    }
+}
+
+impl SwitchReport {
+    /// `record` with its times counted from the VM's start (`epoch`).
+    pub fn from_record(record: &SwitchRecord, epoch: Instant) -> Self {
+        Self {
+            kind: match record.kind {
+                SwitchKind::Swap => SwitchKindReport::Swap,
+                SwitchKind::Recovery => SwitchKindReport::Recovery,
+            },
+            from: record.from.display().to_string(),
+            to: record.to.display().to_string(),
+            stall_us: record.stall.as_micros() as u64,
+            first_completion_us: record.first_completion.map(|d| d.as_micros() as u64),
+            outage_ms: record.outage.map(|d| d.as_millis() as u64),
+            inflight_region: record.inflight_region,
+            at_ms: record.at.saturating_duration_since(epoch).as_millis() as u64,
+        }
+    }
+}
+
+/// A device's counters: what the VMM sees of a virtio device, or an ATA disk's commands.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DeviceCounters {
+    Virtio(VirtioCounters),
+    Ata(AtaCounters),
+}
+
+impl DeviceCounters {
+    /// Requests completed, whatever the transport.
+    pub fn requests(&self) -> u64 {
+        match self {
+            DeviceCounters::Virtio(c) => c.completed_requests,
+            DeviceCounters::Ata(c) => c.commands,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VirtioCounters {
+    pub mmio_exits: u64,
+    pub used_buffer_interrupts: u64,
+    pub config_interrupts: u64,
+    pub completed_requests: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AtaCounters {
+    pub commands: u64,
+    pub sectors_read: u64,
+    pub sectors_written: u64,
+    pub errors: u64,
+}
+
+/// `PUT /devices/{id}/backend`'s request body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwapRequest {
+    pub socket: String,
+}
+
+/// `PUT /devices/{id}/backend`'s answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SwapReport {
+    pub id: String,
+    pub swap: SwitchReport,
+}
+
+/// VM exits by kind and by device (also `run --stats`'s `VMM-STATS` line).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExitCounts {
+    pub pio: u64,
+    pub mmio: u64,
+    pub other: u64,
+    pub pio_by_device: BTreeMap<String, u64>,
+    pub mmio_by_device: BTreeMap<String, u64>,
+}
+
+/// One virtio device's interrupts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VirtioInterrupts {
+    pub id: String,
+    pub used_buffer_interrupts: u64,
+    pub config_interrupts: u64,
+    pub needs_reset: bool,
+}
+
+/// What the VMM counted: exits and interrupts (`run --stats`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmmCounters {
+    pub exits: ExitCounts,
+    pub virtio: Vec<VirtioInterrupts>,
+}
+
+/// `GET /metrics`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricsReport {
+    pub uptime_ms: u64,
+    pub exits: ExitCounts,
+    pub virtio: Vec<VirtioInterrupts>,
+    /// Per vhost-user device; null for a device busy with its backend since before any report.
+    pub devices: BTreeMap<String, Option<VirtioCounters>>,
+}
+
+/// `GET /api/v1/version`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VersionReport {
+    /// The splitvisor release serving the API.
+    pub version: String,
+    /// The API version, "v1".
+    pub api_version: String,
+}
+
+impl VersionReport {
+    pub fn current() -> Self {
+        Self {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            api_version: API_VERSION.to_string(),
+        }
+    }
+}
+
+/// `GET /api/v1/ping`: the VMM answers, and which process it is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PingReport {
+    pub ok: bool,
+    pub pid: u32,
+}
+
+/// Every error answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorReport {
+    pub error: String,
+}
