@@ -29,6 +29,7 @@
 //! only with a fresh region or none.
 
 mod chain;
+mod fdcheck;
 mod handler;
 mod inflight;
 mod memory;

@@ -3,4 +3,5 @@
 
 pub mod daemon;
 pub mod inflight;
+pub mod session;
 pub mod vring;
