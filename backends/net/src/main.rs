@@ -4,7 +4,12 @@
 mod backend;
 mod daemon;
 mod device;
+// One checker for both daemons: the file lives with splitvisor-blk's vhost server.
+#[path = "../../blk/src/vhost/fdcheck.rs"]
+#[allow(dead_code)] // seal_size is for splitvisor-blk's own inflight memfd
+mod fdcheck;
 mod relay;
+mod relay_check;
 mod ring;
 mod rxtx;
 mod socket;

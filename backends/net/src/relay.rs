@@ -18,6 +18,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use crate::relay_check;
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures, MAX_ATTACHED_FD_ENTRIES,
     MAX_MSG_SIZE,
@@ -53,6 +54,8 @@ pub enum RelayError {
     TooManyFds(&'static str),
     #[error("the frontend enabled more than {MAX_HELD} rings before SET_FEATURES")]
     TooManyHeld,
+    #[error("refused a request that asked for no reply, closing the connection: {0}")]
+    Refused(String),
 }
 
 const FRONTEND: &str = "frontend";
@@ -148,6 +151,9 @@ fn forward_request(
     frontend: &UnixStream,
     backend: &UnixStream,
 ) -> Result<(), RelayError> {
+    if let Some(why) = relay_check::refusal(request.request, &request.payload, &request.fds) {
+        return refuse(&request, why, frontend);
+    }
     if request.is(FrontendReq::SET_VRING_ENABLE) && !gate.protocol_features {
         return hold_enable(request, gate, frontend);
     }
@@ -175,6 +181,23 @@ fn forward_request(
         write_message(backend, &replay, BACKEND)?;
     }
     Ok(())
+}
+
+/// Answer a refused request with a failed REPLY_ACK if the frontend asked for one (the
+/// connection goes on; the crates never saw it), or end the connection.
+fn refuse(request: &Message, why: String, frontend: &UnixStream) -> Result<(), RelayError> {
+    if request.flags & VhostUserHeaderFlag::NEED_REPLY.bits() == 0 {
+        return Err(RelayError::Refused(why));
+    }
+    log::warn!("refusing request: {why}");
+    let flags = VERSION_1 | VhostUserHeaderFlag::REPLY.bits();
+    let nack = Message {
+        request: request.request,
+        flags,
+        payload: 1u64.to_le_bytes().into(),
+        fds: Vec::new(),
+    };
+    write_message(frontend, &nack, FRONTEND)
 }
 
 fn hold_enable(request: Message, gate: &mut Gate, frontend: &UnixStream) -> Result<(), RelayError> {

@@ -67,7 +67,11 @@ pub fn gather_tx_chain(
     mut visit: impl FnMut(GuestAddress, usize) -> Result<(), DropReason>,
 ) -> Result<usize, DropReason> {
     let mut total = 0usize;
+    let mut more = false;
     for desc in chain {
+        // virtio-queue ends a chain silently after as many descriptors as its table holds (or
+        // at a NEXT index outside the table): a last descriptor that still has NEXT is a loop.
+        more = desc.has_next();
         if desc.is_write_only() {
             return Err(DropReason::WrongDirection);
         }
@@ -80,6 +84,9 @@ pub fn gather_tx_chain(
             return Err(DropReason::TxTooLarge);
         }
         visit(desc.addr(), len)?;
+    }
+    if more {
+        return Err(DropReason::ChainLoop);
     }
     if total < VNET_HDR_LEN {
         return Err(DropReason::TxTooShort);
