@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod disk;
+pub mod loglimit;
 pub mod request;
 pub mod socket;
 pub mod stats;

@@ -153,3 +153,42 @@ fn kick_and_call_fds_must_be_eventfds() {
     assert!(log.contains("the call fd is not an eventfd"), "{log}");
     assert_serves(&daemon.socket);
 }
+
+#[test]
+fn a_flood_of_bad_requests_logs_a_bounded_amount() {
+    let dir = TempDir::new().unwrap();
+    let image = make_image(dir.as_path());
+    let daemon = Daemon::start(dir.as_path(), &image, &[]);
+    let ram = GuestRam::new(RAM_GPA, RAM_SIZE);
+    let mut ring = SplitVring::new(&ram, 0x1_0000, QUEUE_SIZE);
+    let (s, _) = handshake(&daemon.socket, &ram, &[&ring]);
+    let b = bufs(0);
+    let mut hdr = [0u8; 16];
+    hdr[..4].copy_from_slice(&99u32.to_le_bytes());
+    ram.write(b.hdr, &hdr);
+    let log_before = daemon.log().len();
+    let (total, batch) = (10_000u32, 32u16);
+    let mut done = 0u32;
+    while done < total {
+        for _ in 0..batch {
+            ring.add_chain(&[(b.hdr, 16, false), (b.status, 1, true)]);
+        }
+        s.kicks[0].write(1).unwrap();
+        done += u32::from(batch);
+        let want = done as u16;
+        wait_for("the batch to complete", || {
+            (ring.used_idx() == want).then_some(())
+        });
+    }
+    let log = daemon.log();
+    let flood = &log[log_before..];
+    let lines = flood.matches("unsupported request type 99").count();
+    assert_eq!(lines, splitvisor_blk::loglimit::BURST as usize, "{flood}");
+    assert!(
+        flood.len() < 4096,
+        "{} log bytes for {total} bad requests",
+        flood.len()
+    );
+    drop(s);
+    assert_serves(&daemon.socket);
+}

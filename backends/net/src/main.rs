@@ -8,6 +8,9 @@ mod device;
 #[path = "../../blk/src/vhost/fdcheck.rs"]
 #[allow(dead_code)] // seal_size is for splitvisor-blk's own inflight memfd
 mod fdcheck;
+// Shared with splitvisor-blk: per-queue rate limiting of guest-caused log lines.
+#[path = "../../blk/src/loglimit.rs"]
+mod loglimit;
 mod relay;
 mod relay_check;
 mod ring;

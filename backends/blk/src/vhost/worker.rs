@@ -18,11 +18,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::chain::DescriptorTable;
 use super::inflight::InflightQueue;
 use super::VhostUserDevice;
+use crate::loglimit::{burst_note, LogLimit, INTERVAL};
 
 const KICK_TOKEN: u64 = 0;
 const EXIT_TOKEN: u64 = 1;
-/// Bad chains logged in full before the log is thinned to powers of two.
-const WARN_BURST: u64 = 16;
 
 /// Why a worker stopped serving its queue before it was asked to.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +71,7 @@ impl RunningQueue {
             stop: stop.clone(),
             setup,
             device,
-            bad_chains: 0,
+            bad_chain_log: LogLimit::default(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("queue-{index}"))
@@ -110,7 +109,8 @@ struct Worker<D> {
     device: Arc<D>,
     exit: EventFd,
     stop: Arc<AtomicBool>,
-    bad_chains: u64,
+    /// Rate limit of the bad-chain warnings the guest can cause on this queue.
+    bad_chain_log: LogLimit,
 }
 
 impl<D: VhostUserDevice> Worker<D> {
@@ -306,19 +306,20 @@ impl<D: VhostUserDevice> Worker<D> {
     }
 
     fn warn_bad_chain(&mut self, head: u16, err: &super::chain::ChainError) {
-        self.bad_chains += 1;
-        let n = self.bad_chains;
-        if n > WARN_BURST && !n.is_power_of_two() {
-            return;
+        let q = self.setup.index;
+        let verdict = self.bad_chain_log.check();
+        if verdict.suppressed > 0 {
+            warn!(
+                "queue {q}: {} more unusable chain(s) in the last {}s were not logged",
+                verdict.suppressed,
+                INTERVAL.as_secs()
+            );
         }
-        let suppressed = if n >= WARN_BURST {
-            " (further warnings are rate limited)"
-        } else {
-            ""
-        };
-        warn!(
-            "queue {}: chain at head {head} is unusable and returned with length 0: {err}{suppressed}",
-            self.setup.index
-        );
+        if verdict.log {
+            warn!(
+                "queue {q}: chain at head {head} is unusable and returned with length 0: {err}{}",
+                burst_note(&verdict)
+            );
+        }
     }
 }
