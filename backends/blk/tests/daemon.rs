@@ -11,8 +11,8 @@ use std::path::Path;
 
 use common::daemon::{make_image, wait_call, wait_exit, wait_for, Daemon, IMAGE_SIZE};
 use common::session::{
-    bufs, do_request, handshake, le_u32, le_u64, Session, QUEUE_SIZE, RAM_GPA, RAM_SIZE, T_IN,
-    T_OUT,
+    assert_serves, bufs, do_request, handshake, le_u32, le_u64, Session, QUEUE_SIZE, RAM_GPA,
+    RAM_SIZE, T_IN, T_OUT,
 };
 use common::vring::{GuestRam, SplitVring};
 use vhost::VhostBackend;
@@ -213,5 +213,73 @@ fn direct_io_round_trips() {
         !daemon.log().contains("O_DIRECT transfer failed"),
         "{}",
         daemon.log()
+    );
+}
+
+#[test]
+fn a_second_writer_on_one_image_is_refused_unless_both_share() {
+    let (dir, other) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    let image = make_image(dir.as_path());
+    let first = Daemon::start(dir.as_path(), &image, &[]);
+    for (name, flags) in [
+        ("writer", &[][..]),
+        ("reader", &["--readonly"][..]),
+        ("sharer", &["--share"][..]),
+    ] {
+        let mut second = Daemon::spawn(other.as_path(), name, &image, flags);
+        assert!(!wait_exit(&mut second).success(), "{name}");
+        let err = std::fs::read_to_string(other.as_path().join(format!("{name}.log"))).unwrap();
+        assert!(err.contains(&image.display().to_string()), "{err}");
+        assert!(err.contains("in use by another process"), "{err}");
+        assert!(err.contains("exclusive lock"), "{err}");
+        assert!(err.contains("--share"), "{err}");
+        assert!(
+            !other.as_path().join("blk.sock").exists(),
+            "{name}: socket removed"
+        );
+    }
+    assert_serves(&first.socket);
+    drop(first);
+
+    // Two daemons taking turns on one image (planned swaps) both say --share.
+    let first = Daemon::start(dir.as_path(), &image, &["--share"]);
+    let second = Daemon::start_with(other.as_path(), "second", &image, &["--share"], &[]);
+    assert_serves(&second.socket);
+    assert_serves(&first.socket);
+    let third = TempDir::new().unwrap();
+    let mut writer = Daemon::spawn(third.as_path(), "late-writer", &image, &[]);
+    assert!(!wait_exit(&mut writer).success());
+    let err = std::fs::read_to_string(third.as_path().join("late-writer.log")).unwrap();
+    assert!(err.contains("shared lock"), "{err}");
+    drop((first, second));
+
+    // A killed daemon's lock goes with it.
+    let mut first = Daemon::start(dir.as_path(), &image, &[]);
+    first.kill();
+    let again = Daemon::start_with(other.as_path(), "again", &image, &[], &[]);
+    assert_serves(&again.socket);
+}
+
+#[test]
+fn an_image_of_partial_sectors_or_not_a_file_is_refused_for_writing() {
+    let dir = TempDir::new().unwrap();
+    let odd = dir.as_path().join("odd.img");
+    File::create(&odd).unwrap().set_len(4096 + 100).unwrap();
+    let mut child = Daemon::spawn(dir.as_path(), "odd", &odd, &[]);
+    assert!(!wait_exit(&mut child).success());
+    let err = std::fs::read_to_string(dir.as_path().join("odd.log")).unwrap();
+    assert!(
+        err.contains("odd.img") && err.contains("not a whole number of 512-byte sectors"),
+        "{err}"
+    );
+    assert!(err.contains("--readonly"), "{err}");
+    let reader = Daemon::start(dir.as_path(), &odd, &["--readonly"]);
+    drop(reader);
+    let mut child = Daemon::spawn(dir.as_path(), "null", Path::new("/dev/null"), &[]);
+    assert!(!wait_exit(&mut child).success());
+    let err = std::fs::read_to_string(dir.as_path().join("null.log")).unwrap();
+    assert!(
+        err.contains("/dev/null is not a regular file or block device"),
+        "{err}"
     );
 }
