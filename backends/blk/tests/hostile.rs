@@ -5,10 +5,14 @@
 mod common;
 
 use std::fs::File;
+use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
+use std::time::Duration;
 
 use common::daemon::{make_image, wait_call, wait_for, Daemon, TIMEOUT};
+use common::raw;
 use common::session::{
     assert_serves, bufs, connect, handshake, QUEUE_SIZE, RAM_GPA, RAM_SIZE, T_OUT,
 };
@@ -190,5 +194,88 @@ fn a_flood_of_bad_requests_logs_a_bounded_amount() {
         flood.len()
     );
     drop(s);
+    assert_serves(&daemon.socket);
+}
+
+#[test]
+fn a_frontend_stalling_mid_message_is_cut_off() {
+    let dir = TempDir::new().unwrap();
+    let image = make_image(dir.as_path());
+    let daemon = Daemon::start(dir.as_path(), &image, &[]);
+    let mut stalled = UnixStream::connect(&daemon.socket).unwrap();
+    stalled.set_read_timeout(Some(TIMEOUT)).unwrap();
+    // Half a header, then nothing: the daemon gives up on the message (5 s) and the
+    // connection, instead of waiting forever while other frontends queue up.
+    raw::send(
+        &mut stalled,
+        &raw::message(raw::GET_FEATURES, raw::VERSION_1, &[])[..6],
+    );
+    let mut byte = [0u8; 1];
+    let n = stalled
+        .read(&mut byte)
+        .expect("the daemon ends the connection in time");
+    assert_eq!(n, 0, "closed, not answered");
+    wait_for("the stalled connection to be logged", || {
+        let log = daemon.log();
+        log.contains("stopped in the middle of a message")
+            .then_some(())
+    });
+    assert_serves(&daemon.socket);
+}
+
+#[test]
+fn a_payload_in_two_segments_is_read_whole() {
+    let dir = TempDir::new().unwrap();
+    let image = make_image(dir.as_path());
+    let daemon = Daemon::start(dir.as_path(), &image, &[]);
+    let mut fe = UnixStream::connect(&daemon.socket).unwrap();
+    fe.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let features = 1u64 << 0; // VHOST_USER_PROTOCOL_F_MQ
+    let msg = raw::message(
+        raw::SET_PROTOCOL_FEATURES,
+        raw::VERSION_1,
+        &features.to_le_bytes(),
+    );
+    raw::send(&mut fe, &msg[..16]);
+    // The rest a moment later, as its own segment.
+    std::thread::sleep(Duration::from_millis(50));
+    raw::send(&mut fe, &msg[16..]);
+    raw::send(
+        &mut fe,
+        &raw::message(raw::GET_QUEUE_NUM, raw::VERSION_1, &[]),
+    );
+    let (request, _, payload) = raw::read_reply(&mut fe);
+    assert_eq!(request, raw::GET_QUEUE_NUM);
+    assert_eq!(payload, 1u64.to_le_bytes());
+    drop(fe);
+    assert_serves(&daemon.socket);
+}
+
+#[test]
+fn a_message_with_too_many_fds_is_answered_and_the_connection_closed() {
+    let dir = TempDir::new().unwrap();
+    let image = make_image(dir.as_path());
+    let daemon = Daemon::start(dir.as_path(), &image, &[]);
+    let mut fe = UnixStream::connect(&daemon.socket).unwrap();
+    fe.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let efd = EventFd::new(0).unwrap();
+    let fds = vec![std::os::fd::AsRawFd::as_raw_fd(&efd); 40];
+    let msg = raw::message(
+        raw::SET_VRING_CALL,
+        raw::VERSION_1 | raw::NEED_REPLY,
+        &0u64.to_le_bytes(),
+    );
+    raw::send_with_fds(&fe, &msg, &fds);
+    let (request, flags, payload) = raw::read_reply(&mut fe);
+    assert_eq!(request, raw::SET_VRING_CALL);
+    assert_ne!(flags & 0x4, 0, "a reply");
+    assert_ne!(payload, 0u64.to_le_bytes(), "a failure");
+    let mut byte = [0u8; 1];
+    assert_eq!(fe.read(&mut byte).expect("closed in time"), 0);
+    wait_for("the refused message to be logged", || {
+        let log = daemon.log();
+        log.contains("more file descriptors than a message may carry")
+            .then_some(())
+    });
     assert_serves(&daemon.socket);
 }

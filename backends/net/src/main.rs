@@ -19,8 +19,12 @@ mod socket;
 mod stats;
 mod switch;
 mod tap;
+// Shared with splitvisor-blk: whole vhost-user messages with deadlines and descriptors.
 #[cfg(test)]
 mod testutil;
+#[path = "../../blk/src/vhost/wire.rs"]
+#[allow(dead_code)] // relay() serves splitvisor-blk's plain relay
+mod wire;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

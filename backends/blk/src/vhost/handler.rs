@@ -47,7 +47,7 @@ fn refuse(msg: impl Display) -> Error {
 }
 
 /// `e` and its causes, for a log line and the refusal.
-fn with_causes(e: &dyn std::error::Error) -> String {
+pub fn with_causes(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
