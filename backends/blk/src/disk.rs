@@ -92,15 +92,7 @@ impl FileDisk {
         direct: bool,
         lock: LockMode,
     ) -> Result<Self, DiskError> {
-        // Look before opening: opening a FIFO or a device other than a disk can have effects.
-        if let Ok(meta) = std::fs::metadata(path) {
-            let kind = meta.file_type();
-            if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
-                return Err(DiskError::NotAFile {
-                    path: path.to_owned(),
-                });
-            }
-        }
+        refuse_non_disk(path)?;
         let mut opts = OpenOptions::new();
         opts.read(true).write(!readonly);
         let file = opts.open(path).map_err(|source| DiskError::Open {
@@ -112,22 +104,7 @@ impl FileDisk {
             },
             source,
         })?;
-        let meta = file.metadata().map_err(|source| DiskError::Metadata {
-            path: path.to_owned(),
-            source,
-        })?;
-        let raw_len = if meta.file_type().is_file() {
-            meta.len()
-        } else if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
-            seek_end(&file).map_err(|source| DiskError::Metadata {
-                path: path.to_owned(),
-                source,
-            })?
-        } else {
-            return Err(DiskError::NotAFile {
-                path: path.to_owned(),
-            });
-        };
+        let raw_len = raw_len(path, &file)?;
         let len = raw_len - raw_len % 512;
         if len == 0 {
             return Err(DiskError::TooSmall {
@@ -192,6 +169,39 @@ impl FileDisk {
             Err(e) if e.errno() == libc::EOPNOTSUPP => Ok(false),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// Look before opening: opening a FIFO or a device other than a disk can have effects.
+fn refuse_non_disk(path: &Path) -> Result<(), DiskError> {
+    if let Ok(meta) = std::fs::metadata(path) {
+        let kind = meta.file_type();
+        if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
+            return Err(DiskError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The size of the opened image: a regular file's length or a block device's size.
+fn raw_len(path: &Path, file: &File) -> Result<u64, DiskError> {
+    let meta = file.metadata().map_err(|source| DiskError::Metadata {
+        path: path.to_owned(),
+        source,
+    })?;
+    if meta.file_type().is_file() {
+        Ok(meta.len())
+    } else if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+        seek_end(file).map_err(|source| DiskError::Metadata {
+            path: path.to_owned(),
+            source,
+        })
+    } else {
+        Err(DiskError::NotAFile {
+            path: path.to_owned(),
+        })
     }
 }
 
