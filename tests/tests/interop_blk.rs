@@ -16,7 +16,8 @@ use splitvisor_tests::interop::{crc32, nonce, pattern, yes_pattern, HostTools, W
 
 const MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
 const SECTOR: usize = 512;
-/// 12 MiB and 3 sectors, plus a partial sector the daemon must leave out of the capacity.
+/// 12 MiB and 3 sectors, plus a partial sector the daemon must leave out of the capacity
+/// (read-only: a writable image must be whole sectors).
 const CAPACITY_SECTORS: usize = 24_579;
 const IMAGE_LEN: usize = CAPACITY_SECTORS * SECTOR + 123;
 const HEAD_SECTORS: usize = 8;
@@ -115,7 +116,8 @@ fn linux_virtio_blk_reads_and_writes_through_splitvisor_blk() {
     };
     let workdir = Workdir::new("interop-blk-rw");
     let seed = nonce();
-    let image = pattern(seed, IMAGE_LEN);
+    // Writable: whole sectors only (splitvisor-blk refuses a partial sector without --readonly).
+    let image = pattern(seed, CAPACITY_SECTORS * SECTOR);
     let direct_line = format!("splitvisor-direct-{seed:016x}");
     let buffered_line = format!("splitvisor-buffered-{seed:016x}");
     let direct_count = DIRECT_LEN / 4096;

@@ -32,6 +32,8 @@ fn blk_daemon(dir: &Workdir, name: &str, image: &Path) -> Daemon {
             socket.as_os_str(),
             "--image".as_ref(),
             image.as_os_str(),
+            // Swaps run two daemons on one image, each holding it until its VM side is gone.
+            "--share".as_ref(),
         ],
         &socket,
     )

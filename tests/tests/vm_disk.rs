@@ -276,8 +276,7 @@ fn last_sectors_are_writable_a_partial_sector_is_invisible_and_oob_fails() {
     for transport in [Transport::VhostUser, Transport::Ata] {
         let workdir = Workdir::new("disk-tail");
         let path = workdir.join("disk.img");
-        // Whole sectors plus 123 bytes that no guest may see or touch.
-        let image = splitvisor_tests::interop::pattern(nonce(), IMAGE_LEN + 123);
+        let image = splitvisor_tests::interop::pattern(nonce(), IMAGE_LEN);
         std::fs::write(&path, &image).unwrap();
         let seed = nonce() >> 1;
         let last = IMAGE_SECTORS - 8;
@@ -290,6 +289,53 @@ fn last_sectors_are_writable_a_partial_sector_is_invisible_and_oob_fails() {
             "a read at the capacity\n{run}"
         );
         assert_image(&path, &with_pattern(&image, seed, last, 4096));
+
+        // Whole sectors plus 123 bytes: not a disk image to write to (like /etc/passwd); read
+        // only, the partial sector is invisible.
+        let odd_path = workdir.join("odd.img");
+        let odd = splitvisor_tests::interop::pattern(nonce(), IMAGE_LEN + 123);
+        std::fs::write(&odd_path, &odd).unwrap();
+        let refusal = match transport {
+            Transport::VhostUser => {
+                let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").unwrap();
+                let out = std::process::Command::new(bin)
+                    .arg("--socket")
+                    .arg(workdir.join("odd.sock"))
+                    .arg("--image")
+                    .arg(&odd_path)
+                    .output()
+                    .unwrap();
+                assert!(!out.status.success(), "splitvisor-blk on a partial sector");
+                String::from_utf8_lossy(&out.stderr).into_owned()
+            }
+            Transport::Ata => {
+                let disk = format!("path={},emulated=ata", odd_path.display());
+                let run = run_vm(&disk, "blk-verify,dev=ata");
+                assert_ne!(run.code(), Some(0), "{run}");
+                run.stderr
+            }
+        };
+        assert!(refusal.contains("odd.img"), "{refusal}");
+        assert!(
+            refusal.contains("not a whole number of 512-byte sectors"),
+            "{refusal}"
+        );
+        let disk = match transport {
+            Transport::VhostUser => None,
+            Transport::Ata => Some(format!("path={},emulated=ata,readonly", odd_path.display())),
+        };
+        let task = format!("blk-verify,dev={},size=4K,oob=1", transport.dev());
+        let run = match disk {
+            Some(disk) => run_vm(&disk, &task),
+            None => {
+                let mut daemon = start_blk(&workdir, &odd_path, &["--readonly"]);
+                let run = run_vm(&socket_disk(&daemon.socket), &task);
+                assert!(daemon.stop().unwrap().success());
+                run
+            }
+        };
+        assert_eq!(run.result()["capacity_sectors"], IMAGE_SECTORS, "{run}");
+        assert_image(&odd_path, &odd);
     }
 }
 

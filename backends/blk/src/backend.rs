@@ -2,8 +2,10 @@
 //! request handed to `request`, with per-queue counters.
 
 use std::mem::{offset_of, size_of};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+
+use crate::loglimit::{burst_note, LogLimit, INTERVAL};
 use std::time::Duration;
 
 use log::{info, warn};
@@ -21,9 +23,6 @@ use crate::disk::Disk;
 use crate::request::{process_chain, Completion, DeviceInfo, IoBuffer, RequestError, SECTOR_SIZE};
 use crate::stats::{DeviceStats, QueueCounters};
 use crate::vhost::VhostUserDevice;
-
-/// Bad requests logged in full before the log is thinned to powers of two.
-const WARN_BURST: u64 = 16;
 
 /// Virtio feature bits with their names, for logging what a frontend negotiated.
 const FEATURE_NAMES: &[(u64, &str)] = &[
@@ -62,7 +61,8 @@ pub struct BlkBackend {
     stats: Arc<DeviceStats>,
     /// One bounce buffer per queue; each is only used by that queue's worker.
     buffers: Vec<Mutex<IoBuffer>>,
-    bad_requests: AtomicU64,
+    /// Per queue: rate limit of the bad-request warnings a guest can cause.
+    bad_request_log: Vec<Mutex<LogLimit>>,
     /// Test-only: sleep this long before executing each request (see `TEST_DELAY_ENV`).
     request_delay: Option<Duration>,
 }
@@ -85,7 +85,7 @@ impl BlkBackend {
             config,
             stats,
             buffers: (0..num_queues).map(|_| Mutex::default()).collect(),
-            bad_requests: AtomicU64::new(0),
+            bad_request_log: (0..num_queues).map(|_| Mutex::default()).collect(),
             request_delay: None,
         }
     }
@@ -109,24 +109,30 @@ impl BlkBackend {
     }
 
     fn warn_bad_request(&self, queue: usize, done: &Completion, err: &RequestError) {
-        let n = self.bad_requests.fetch_add(1, Ordering::Relaxed) + 1;
-        if n > WARN_BURST && !n.is_power_of_two() {
+        let Some(limit) = self.bad_request_log.get(queue) else {
+            return;
+        };
+        let verdict = limit.lock().unwrap_or_else(|e| e.into_inner()).check();
+        if verdict.suppressed > 0 {
+            warn!(
+                "queue {queue}: {} more bad request(s) in the last {}s were not logged",
+                verdict.suppressed,
+                INTERVAL.as_secs()
+            );
+        }
+        if !verdict.log {
             return;
         }
-        let suppressed = if n >= WARN_BURST {
-            " (further bad-request warnings are rate limited)"
-        } else {
-            ""
-        };
         let fate = if done.used_len == 0 {
             "returned with length 0 (no usable status byte)".to_string()
         } else {
             format!("failed with status {}", err.status())
         };
         warn!(
-            "queue {queue}: request at descriptor {} {fate}: {}{suppressed}",
+            "queue {queue}: request at descriptor {} {fate}: {}{}",
             done.head,
-            error_chain(err)
+            error_chain(err),
+            burst_note(&verdict)
         );
     }
 

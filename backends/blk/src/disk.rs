@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use log::warn;
+
+use crate::imagelock::{lock_image, ImageLockError, LockMode};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 /// Byte alignment O_DIRECT transfers are attempted with (buffer address, offset and length).
@@ -62,7 +64,16 @@ pub enum DiskError {
     NotAFile { path: PathBuf },
     #[error("image {path} is smaller than one 512-byte sector")]
     TooSmall { path: PathBuf },
+    #[error("image {path} is {len} bytes, not a whole number of 512-byte sectors: it does not look like a disk image; use --readonly to serve it anyway (the last {tail} bytes stay invisible) or resize it to whole sectors")]
+    PartialSector { path: PathBuf, len: u64, tail: u64 },
+    #[error(transparent)]
+    Locked(#[from] ImageLockError),
 }
+
+/// What a refused image lock tells splitvisor-blk's user to do.
+const LOCK_HINT: &str = "stop the other user, or serve it with --readonly if all users only \
+    read; two splitvisor-blk daemons that take turns on one image (planned swaps) must both \
+    be started with --share";
 
 /// A raw image file, optionally opened a second time with O_DIRECT for the data path.
 pub struct FileDisk {
@@ -73,8 +84,15 @@ pub struct FileDisk {
 }
 
 impl FileDisk {
-    /// Open `path`; the usable size is rounded down to whole 512-byte sectors.
-    pub fn open(path: &Path, readonly: bool, direct: bool) -> Result<Self, DiskError> {
+    /// Open and lock `path` (see imagelock.rs). A writable image must be a whole number of
+    /// 512-byte sectors; a read-only one is rounded down.
+    pub fn open(
+        path: &Path,
+        readonly: bool,
+        direct: bool,
+        lock: LockMode,
+    ) -> Result<Self, DiskError> {
+        refuse_non_disk(path)?;
         let mut opts = OpenOptions::new();
         opts.read(true).write(!readonly);
         let file = opts.open(path).map_err(|source| DiskError::Open {
@@ -86,28 +104,21 @@ impl FileDisk {
             },
             source,
         })?;
-        let meta = file.metadata().map_err(|source| DiskError::Metadata {
-            path: path.to_owned(),
-            source,
-        })?;
-        let raw_len = if meta.file_type().is_file() {
-            meta.len()
-        } else if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
-            seek_end(&file).map_err(|source| DiskError::Metadata {
-                path: path.to_owned(),
-                source,
-            })?
-        } else {
-            return Err(DiskError::NotAFile {
-                path: path.to_owned(),
-            });
-        };
+        let raw_len = raw_len(path, &file)?;
         let len = raw_len - raw_len % 512;
         if len == 0 {
             return Err(DiskError::TooSmall {
                 path: path.to_owned(),
             });
         }
+        if len != raw_len && !readonly {
+            return Err(DiskError::PartialSector {
+                path: path.to_owned(),
+                len: raw_len,
+                tail: raw_len - len,
+            });
+        }
+        lock_image(&file, path, lock, LOCK_HINT)?;
         if len != raw_len {
             warn!(
                 "image {} is {raw_len} bytes, not a multiple of 512: the last {} bytes are not visible to the guest",
@@ -158,6 +169,39 @@ impl FileDisk {
             Err(e) if e.errno() == libc::EOPNOTSUPP => Ok(false),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// Look before opening: opening a FIFO or a device other than a disk can have effects.
+fn refuse_non_disk(path: &Path) -> Result<(), DiskError> {
+    if let Ok(meta) = std::fs::metadata(path) {
+        let kind = meta.file_type();
+        if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
+            return Err(DiskError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The size of the opened image: a regular file's length or a block device's size.
+fn raw_len(path: &Path, file: &File) -> Result<u64, DiskError> {
+    let meta = file.metadata().map_err(|source| DiskError::Metadata {
+        path: path.to_owned(),
+        source,
+    })?;
+    if meta.file_type().is_file() {
+        Ok(meta.len())
+    } else if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+        seek_end(file).map_err(|source| DiskError::Metadata {
+            path: path.to_owned(),
+            source,
+        })
+    } else {
+        Err(DiskError::NotAFile {
+            path: path.to_owned(),
+        })
     }
 }
 
@@ -316,7 +360,23 @@ mod tests {
     fn file_disk_rounds_down_and_round_trips() {
         let tmp = TempFile::new().unwrap();
         tmp.as_file().set_len(4096 + 100).unwrap();
-        let disk = FileDisk::open(tmp.as_path(), false, false).unwrap();
+        // Not whole sectors: only read-only, rounded down.
+        let err = FileDisk::open(tmp.as_path(), false, false, LockMode::Exclusive)
+            .err()
+            .unwrap();
+        assert!(matches!(
+            err,
+            DiskError::PartialSector {
+                len: 4196,
+                tail: 100,
+                ..
+            }
+        ));
+        let disk = FileDisk::open(tmp.as_path(), true, false, LockMode::Shared).unwrap();
+        assert_eq!(disk.len(), 4096);
+        drop(disk);
+        tmp.as_file().set_len(4096).unwrap();
+        let disk = FileDisk::open(tmp.as_path(), false, false, LockMode::Exclusive).unwrap();
         assert_eq!(disk.len(), 4096);
         disk.write_at(&[7u8; 512], 512).unwrap();
         let mut buf = [0u8; 512];
@@ -331,20 +391,36 @@ mod tests {
 
     #[test]
     fn file_disk_errors_name_the_path() {
-        let err = FileDisk::open(Path::new("/nonexistent/img"), false, false)
-            .err()
-            .unwrap();
+        let err = FileDisk::open(
+            Path::new("/nonexistent/img"),
+            false,
+            false,
+            LockMode::Exclusive,
+        )
+        .err()
+        .unwrap();
         assert!(err.to_string().contains("/nonexistent/img"));
         let tmp = TempFile::new().unwrap();
-        let err = FileDisk::open(tmp.as_path(), true, false).err().unwrap();
+        let err = FileDisk::open(tmp.as_path(), true, false, LockMode::Shared)
+            .err()
+            .unwrap();
         assert!(matches!(err, DiskError::TooSmall { .. }));
+        let err = FileDisk::open(Path::new("/dev/null"), false, false, LockMode::Exclusive)
+            .err()
+            .unwrap();
+        assert!(matches!(err, DiskError::NotAFile { .. }), "{err}");
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let err = FileDisk::open(dir.as_path(), true, false, LockMode::Shared)
+            .err()
+            .unwrap();
+        assert!(matches!(err, DiskError::NotAFile { .. }), "{err}");
     }
 
     #[test]
     fn direct_disk_handles_aligned_and_unaligned_buffers() {
         let tmp = TempFile::new_in(Path::new("/var/tmp")).unwrap();
         tmp.as_file().set_len(8192).unwrap();
-        let Ok(disk) = FileDisk::open(tmp.as_path(), false, true) else {
+        let Ok(disk) = FileDisk::open(tmp.as_path(), false, true, LockMode::Exclusive) else {
             eprintln!("O_DIRECT not supported here; skipping");
             return;
         };

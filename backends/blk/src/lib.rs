@@ -2,6 +2,8 @@
 
 pub mod backend;
 pub mod disk;
+pub mod imagelock;
+pub mod loglimit;
 pub mod request;
 pub mod socket;
 pub mod stats;
@@ -16,6 +18,7 @@ use log::{error, info, warn};
 
 use crate::backend::{feature_names, BlkBackend};
 use crate::disk::{Disk, DiskError, FileDisk};
+use crate::imagelock::LockMode;
 use crate::request::{DeviceInfo, Limits, SECTOR_SIZE};
 use crate::socket::{SocketError, SocketGuard};
 use crate::stats::DeviceStats;
@@ -39,6 +42,9 @@ pub struct Config {
     pub queues: usize,
     pub queue_size: usize,
     pub direct: bool,
+    /// Take a shared image lock even when writing (`--share`): for two daemons that take
+    /// turns on one image.
+    pub share: bool,
     /// GET_ID answer, at most 20 bytes.
     pub serial: String,
 }
@@ -106,22 +112,31 @@ pub fn device_info(config: &Config, disk_len: u64) -> DeviceInfo {
 /// SIGINT/SIGTERM.
 pub fn run(config: Config) -> Result<(), RunError> {
     validate(&config)?;
+    // The socket first: a second daemon on the same socket (and image) is told about the
+    // socket, the more direct conflict; its guard removes the socket again if the image fails.
+    let (listener, guard) = socket::bind(&config.socket)?;
+    let lock = if config.readonly || config.share {
+        LockMode::Shared
+    } else {
+        LockMode::Exclusive
+    };
     let disk: Arc<dyn Disk> = Arc::new(FileDisk::open(
         &config.image,
         config.readonly,
         config.direct,
+        lock,
     )?);
     let info = device_info(&config, disk.len());
     let stats = Arc::new(DeviceStats::new(config.queues));
-    let (listener, guard) = socket::bind(&config.socket)?;
     let guard = Arc::new(guard);
     handle_signals(guard.clone(), stats.clone(), disk.clone()).map_err(RunError::Signals)?;
     let mut listener = Listener::from(listener);
     info!(
-        "serving {} ({} sectors{}{}) on {} with {} queue(s) of {}",
+        "serving {} ({} sectors{}{}{}) on {} with {} queue(s) of {}",
         config.image.display(),
         info.capacity_sectors,
         if config.readonly { ", read-only" } else { "" },
+        if config.share { ", shared lock" } else { "" },
         if config.direct { ", O_DIRECT" } else { "" },
         guard.path().display(),
         config.queues,

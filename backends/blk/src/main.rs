@@ -14,12 +14,19 @@ struct Cli {
     /// Unix socket to listen on (created with mode 0600; PATH.lock guards against a second daemon).
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
-    /// Raw disk image; its size is rounded down to whole 512-byte sectors.
+    /// Raw disk image: a regular file or block device of whole 512-byte sectors (with
+    /// --readonly, any size, rounded down). It is locked like QEMU does (an OFD lock): shared
+    /// with --readonly or --share, exclusive otherwise; a second writer is refused.
     #[arg(long, value_name = "PATH")]
     image: PathBuf,
     /// Expose the disk read-only (VIRTIO_BLK_F_RO); writes fail with IOERR.
     #[arg(long)]
     readonly: bool,
+    /// Take a shared image lock even though the disk is writable: for two splitvisor-blk
+    /// daemons on one image that a VMM swaps between (planned swaps), which both need it.
+    /// The VMM must use only one of them at a time; nothing else protects the image then.
+    #[arg(long)]
+    share: bool,
     /// Number of virtqueues, each served by its own worker thread (1-64).
     #[arg(long, value_name = "N", default_value_t = 1)]
     queues: usize,
@@ -63,6 +70,7 @@ fn main() -> ExitCode {
         queues: cli.queues,
         queue_size: cli.queue_size,
         direct: cli.direct,
+        share: cli.share,
     };
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,127 +10,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
 use common::daemon::{make_image, wait_call, wait_exit, wait_for, Daemon, IMAGE_SIZE};
-use common::vring::{GuestRam, SplitVring};
-use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+use common::session::{
+    assert_serves, bufs, do_request, handshake, le_u32, le_u64, Session, QUEUE_SIZE, RAM_GPA,
+    RAM_SIZE, T_IN, T_OUT,
 };
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use common::vring::{GuestRam, SplitVring};
 use vhost::VhostBackend;
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::tempdir::TempDir;
-
-const RAM_GPA: u64 = 0;
-const RAM_SIZE: u64 = 4 << 20;
-const QUEUE_SIZE: u16 = 64;
-
-const F_VERSION_1: u64 = 1 << 32;
-const F_EVENT_IDX: u64 = 1 << 29;
-const F_PROTOCOL: u64 = 1 << 30;
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-
-/// A connected, configured frontend with its queues.
-struct Session {
-    fe: Frontend,
-    kicks: Vec<EventFd>,
-    calls: Vec<EventFd>,
-}
-
-/// The full handshake a VMM does; returns the session and the config space bytes.
-fn handshake(socket: &Path, ram: &GuestRam, rings: &[&SplitVring]) -> (Session, Vec<u8>) {
-    let mut fe = Frontend::connect(socket, rings.len() as u64).unwrap();
-    fe.set_owner().unwrap();
-    let features = fe.get_features().unwrap();
-    assert_eq!(
-        features & (F_VERSION_1 | F_PROTOCOL | F_EVENT_IDX),
-        F_VERSION_1 | F_PROTOCOL | F_EVENT_IDX
-    );
-    let wanted = VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-    let proto = fe.get_protocol_features().unwrap();
-    assert!(proto.contains(wanted), "protocol features {proto:?}");
-    fe.set_protocol_features(wanted).unwrap();
-    // Every following message asks for a REPLY_ACK.
-    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    assert!(fe.get_queue_num().unwrap() >= rings.len() as u64);
-    assert_eq!(fe.get_max_mem_slots().unwrap(), 509);
-    let (_, config) = fe
-        .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
-        .unwrap();
-    fe.set_features(features).unwrap();
-    fe.set_mem_table(&[ram.region()]).unwrap();
-    let (mut kicks, mut calls) = (Vec::new(), Vec::new());
-    for (q, ring) in rings.iter().enumerate() {
-        let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
-        fe.set_vring_num(q, ring.size).unwrap();
-        fe.set_vring_addr(q, &ring.config()).unwrap();
-        fe.set_vring_base(q, 0).unwrap();
-        fe.set_vring_call(q, &call).unwrap();
-        fe.set_vring_kick(q, &kick).unwrap();
-        fe.set_vring_enable(q, true).unwrap();
-        kicks.push(kick);
-        calls.push(call);
-    }
-    (Session { fe, kicks, calls }, config)
-}
-
-fn le_u64(b: &[u8]) -> u64 {
-    u64::from_le_bytes(b[..8].try_into().unwrap())
-}
-
-fn le_u32(b: &[u8]) -> u32 {
-    u32::from_le_bytes(b[..4].try_into().unwrap())
-}
-
-/// Guest addresses of one request's buffers (per queue, so queues do not overlap).
-struct Bufs {
-    hdr: u64,
-    data: u64,
-    status: u64,
-}
-
-fn bufs(q: usize) -> Bufs {
-    let base = 0x10_0000 + q as u64 * 0x10_0000;
-    Bufs {
-        hdr: base,
-        data: base + 0x1000,
-        status: base + 0x800,
-    }
-}
-
-/// Submit one IN/OUT request on queue `q` and wait for its completion.
-fn do_request(
-    s: &Session,
-    ram: &GuestRam,
-    ring: &mut SplitVring,
-    q: usize,
-    kind: u32,
-    sector: u64,
-    len: u32,
-) -> (u8, u32) {
-    let b = bufs(q);
-    let mut hdr = [0u8; 16];
-    hdr[..4].copy_from_slice(&kind.to_le_bytes());
-    hdr[8..].copy_from_slice(&sector.to_le_bytes());
-    ram.write(b.hdr, &hdr);
-    ram.write(b.status, &[0xff]);
-    let before = ring.used_idx();
-    let head = ring.add_chain(&[
-        (b.hdr, 16, false),
-        (b.data, len, kind == T_IN),
-        (b.status, 1, true),
-    ]);
-    s.kicks[q].write(1).unwrap();
-    wait_call(&s.calls[q]);
-    assert_eq!(ring.used_idx(), before.wrapping_add(1));
-    let (id, used_len) = ring.used_elem(before);
-    assert_eq!(id, u32::from(head));
-    // EVENT_IDX: ask for the next interrupt after this completion.
-    ring.set_used_event(ring.used_idx());
-    (ram.read(b.status, 1)[0], used_len)
-}
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
@@ -327,5 +213,73 @@ fn direct_io_round_trips() {
         !daemon.log().contains("O_DIRECT transfer failed"),
         "{}",
         daemon.log()
+    );
+}
+
+#[test]
+fn a_second_writer_on_one_image_is_refused_unless_both_share() {
+    let (dir, other) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    let image = make_image(dir.as_path());
+    let first = Daemon::start(dir.as_path(), &image, &[]);
+    for (name, flags) in [
+        ("writer", &[][..]),
+        ("reader", &["--readonly"][..]),
+        ("sharer", &["--share"][..]),
+    ] {
+        let mut second = Daemon::spawn(other.as_path(), name, &image, flags);
+        assert!(!wait_exit(&mut second).success(), "{name}");
+        let err = std::fs::read_to_string(other.as_path().join(format!("{name}.log"))).unwrap();
+        assert!(err.contains(&image.display().to_string()), "{err}");
+        assert!(err.contains("in use by another process"), "{err}");
+        assert!(err.contains("exclusive lock"), "{err}");
+        assert!(err.contains("--share"), "{err}");
+        assert!(
+            !other.as_path().join("blk.sock").exists(),
+            "{name}: socket removed"
+        );
+    }
+    assert_serves(&first.socket);
+    drop(first);
+
+    // Two daemons taking turns on one image (planned swaps) both say --share.
+    let first = Daemon::start(dir.as_path(), &image, &["--share"]);
+    let second = Daemon::start_with(other.as_path(), "second", &image, &["--share"], &[]);
+    assert_serves(&second.socket);
+    assert_serves(&first.socket);
+    let third = TempDir::new().unwrap();
+    let mut writer = Daemon::spawn(third.as_path(), "late-writer", &image, &[]);
+    assert!(!wait_exit(&mut writer).success());
+    let err = std::fs::read_to_string(third.as_path().join("late-writer.log")).unwrap();
+    assert!(err.contains("shared lock"), "{err}");
+    drop((first, second));
+
+    // A killed daemon's lock goes with it.
+    let mut first = Daemon::start(dir.as_path(), &image, &[]);
+    first.kill();
+    let again = Daemon::start_with(other.as_path(), "again", &image, &[], &[]);
+    assert_serves(&again.socket);
+}
+
+#[test]
+fn an_image_of_partial_sectors_or_not_a_file_is_refused_for_writing() {
+    let dir = TempDir::new().unwrap();
+    let odd = dir.as_path().join("odd.img");
+    File::create(&odd).unwrap().set_len(4096 + 100).unwrap();
+    let mut child = Daemon::spawn(dir.as_path(), "odd", &odd, &[]);
+    assert!(!wait_exit(&mut child).success());
+    let err = std::fs::read_to_string(dir.as_path().join("odd.log")).unwrap();
+    assert!(
+        err.contains("odd.img") && err.contains("not a whole number of 512-byte sectors"),
+        "{err}"
+    );
+    assert!(err.contains("--readonly"), "{err}");
+    let reader = Daemon::start(dir.as_path(), &odd, &["--readonly"]);
+    drop(reader);
+    let mut child = Daemon::spawn(dir.as_path(), "null", Path::new("/dev/null"), &[]);
+    assert!(!wait_exit(&mut child).success());
+    let err = std::fs::read_to_string(dir.as_path().join("null.log")).unwrap();
+    assert!(
+        err.contains("/dev/null is not a regular file or block device"),
+        "{err}"
     );
 }

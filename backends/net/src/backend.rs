@@ -2,6 +2,7 @@
 //! events (queue kicks, TAP readable) to the frame path in `rxtx` / `switch`.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -15,7 +16,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::device::{has_mrg_rxbuf, tap_offload_flags, DeviceModel};
-use crate::ring::{sync_next_used, Mem};
+use crate::ring::{check_avail, sync_next_used, Mem};
 use crate::rxtx::{process_rx, process_tx, Batch, RxState, RxStop, RxTxError, TxScratch};
 use crate::stats::{PortStats, QueueStats};
 use crate::switch::{RxTarget, Switch, SwitchScratch};
@@ -72,6 +73,12 @@ pub struct NetBackend {
     acked: AtomicU64,
     attached: AtomicBool,
     switch_scratch: Mutex<SwitchScratch>,
+    /// The exit-event consumers handed to vhost-user-backend, which keeps each as a raw fd
+    /// registered in a worker's epoll and never closes it (0.24, `VringEpollHandler::new`):
+    /// closed in `Drop`, when the daemon and its workers that used them are gone.
+    exit_consumers: Mutex<Vec<RawFd>>,
+    /// Per vring: a broken avail index (see `check_avail`) was logged on this connection.
+    broken_logged: Vec<AtomicBool>,
 }
 
 impl NetBackend {
@@ -82,13 +89,17 @@ impl NetBackend {
         mem: GuestMemoryAtomic<Mem>,
     ) -> Self {
         NetBackend {
-            model,
             engine,
             stats,
             mem,
             acked: AtomicU64::new(0),
             attached: AtomicBool::new(false),
             switch_scratch: Mutex::new(SwitchScratch::default()),
+            exit_consumers: Mutex::new(Vec::new()),
+            broken_logged: (0..usize::from(model.pairs) * 2)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
+            model,
         }
     }
 
@@ -110,11 +121,11 @@ impl NetBackend {
         let result = match event {
             RX_QUEUE_EVENT => {
                 QueueStats::bump(&stats.rx_kicks);
-                self.run_rx(tap_pair, rx, stats)
+                self.run_rx(2 * pair, tap_pair, rx, stats)
             }
             TX_QUEUE_EVENT => {
                 QueueStats::bump(&stats.tx_kicks);
-                self.run_tx(tx, stats, |queue, mem| {
+                self.run_tx(2 * pair + 1, tx, stats, |queue, mem| {
                     let mut st = tap_pair
                         .state
                         .lock()
@@ -122,20 +133,21 @@ impl NetBackend {
                     process_tx(queue, mem, &tap_pair.tap, &mut st.tx, stats)
                 })
             }
-            e if e == tap_event(self.num_queues()) => self.run_rx(tap_pair, rx, stats),
+            e if e == tap_event(self.num_queues()) => self.run_rx(2 * pair, tap_pair, rx, stats),
             other => {
                 log::warn!("unexpected event id {other}");
                 Ok(())
             }
         };
         if let Err(e) = result {
-            log::warn!("queue pair {pair}: {e}");
+            log::warn!("queue pair {pair}: {}", with_causes(&e));
         }
     }
 
     /// Drain a TX queue with notifications off, re-enabling them only when it is empty.
     fn run_tx(
         &self,
+        index: usize,
         vring: &Vring,
         stats: &QueueStats,
         mut process: impl FnMut(&mut virtio_queue::Queue, &Mem) -> Result<Batch, RxTxError>,
@@ -147,6 +159,9 @@ impl NetBackend {
         }
         sync_next_used(state.get_queue_mut(), &mem)?;
         loop {
+            if !self.ring_usable(index, state.get_queue(), &mem) {
+                return Ok(());
+            }
             let _ = state.disable_notification();
             let batch = process(state.get_queue_mut(), &mem)?;
             if batch.interrupt {
@@ -158,7 +173,13 @@ impl NetBackend {
         }
     }
 
-    fn run_rx(&self, pair: &TapPair, vring: &Vring, stats: &QueueStats) -> Result<(), RxTxError> {
+    fn run_rx(
+        &self,
+        index: usize,
+        pair: &TapPair,
+        vring: &Vring,
+        stats: &QueueStats,
+    ) -> Result<(), RxTxError> {
         let mem = self.mem.memory();
         let mrg = self.mrg_rxbuf();
         let mut st = pair.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -168,6 +189,9 @@ impl NetBackend {
         }
         sync_next_used(state.get_queue_mut(), &mem)?;
         loop {
+            if !self.ring_usable(index, state.get_queue(), &mem) {
+                return Ok(());
+            }
             let (batch, stop) = process_rx(
                 state.get_queue_mut(),
                 &mem,
@@ -184,6 +208,22 @@ impl NetBackend {
                 return Ok(());
             }
         }
+    }
+
+    /// Whether vring `index` can be served: not when the driver's avail index ran more than
+    /// the ring ahead, which would make popping fail while the notification re-check reports
+    /// work forever (a busy loop holding the vring lock GET_VRING_BASE needs). Such a ring is
+    /// not served, logged once per connection; it is looked at again on the next event (a
+    /// frontend taking the ring over may still be writing its indices).
+    fn ring_usable(&self, index: usize, queue: &virtio_queue::Queue, mem: &Mem) -> bool {
+        let Err(e) = check_avail(queue, mem) else {
+            return true;
+        };
+        let logged = self.broken_logged.get(index);
+        if !logged.is_some_and(|l| l.swap(true, Ordering::AcqRel)) {
+            log::warn!("vring {index}: {e}");
+        }
+        false
     }
 
     fn handle_switch(&self, switch: &Switch, port: usize, event: u16, vrings: &[Vring]) {
@@ -205,14 +245,41 @@ impl NetBackend {
                     .switch_scratch
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
-                let result = self.run_tx(tx, stats, |queue, mem| {
+                let result = self.run_tx(TX_QUEUE_EVENT.into(), tx, stats, |queue, mem| {
                     switch.process_tx(port, queue, mem, &mut scratch)
                 });
                 if let Err(e) = result {
-                    log::warn!("switch port {port}: {e}");
+                    log::warn!("switch port {port}: {}", with_causes(&e));
                 }
             }
             other => log::warn!("unexpected event id {other}"),
+        }
+    }
+}
+
+/// `e` and its causes in one line, for the log.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        msg.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    msg
+}
+
+impl Drop for NetBackend {
+    fn drop(&mut self) {
+        let fds = self
+            .exit_consumers
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for fd in fds.drain(..) {
+            // SAFETY: `fd` is an exit-event consumer this backend created in `exit_event`;
+            // vhost-user-backend (pinned to 0.24.0 in the workspace) turned it into a raw fd
+            // that nothing closes. The last reference to this backend is going away, so the
+            // daemon that registered the fd and its worker epolls are gone: nobody uses it.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
 }
@@ -277,7 +344,13 @@ impl VhostUserBackend for NetBackend {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
+            Ok(pair) => {
+                self.exit_consumers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(pair.0.as_raw_fd());
+                Some(pair)
+            }
             Err(e) => {
                 log::error!("failed to create a worker exit event: {e}");
                 None

@@ -65,6 +65,12 @@ struct PortSpec {
 }
 
 pub fn run(config: Config) -> Result<(), DaemonError> {
+    // The TAP before the socket: a daemon that cannot attach exits before its socket exists,
+    // so a supervisor (launch) never mistakes it for one that started.
+    let taps = match &config.mode {
+        Mode::Tap { name, queues } => Some(TapQueue::open_all(name, usize::from(*queues))?),
+        Mode::Switch => None,
+    };
     let bound = config
         .sockets
         .iter()
@@ -81,9 +87,11 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         }
     })
     .map_err(DaemonError::Signals)?;
-    let result = match &config.mode {
-        Mode::Tap { name, queues } => run_tap(&config, bound, all_stats, name, *queues),
-        Mode::Switch => run_switch(&config, bound, all_stats),
+    let result = match (&config.mode, taps) {
+        (Mode::Tap { name, queues }, Some(taps)) => {
+            run_tap(&config, bound, all_stats, taps, name, *queues)
+        }
+        _ => run_switch(&config, bound, all_stats),
     };
     socket::cleanup();
     result
@@ -97,10 +105,10 @@ fn run_tap(
     config: &Config,
     mut bound: Vec<BoundSocket>,
     stats: Vec<Arc<PortStats>>,
+    taps: Vec<TapQueue>,
     name: &str,
     queues: u16,
 ) -> Result<(), DaemonError> {
-    let taps = TapQueue::open_all(name, usize::from(queues))?;
     let offloads = taps[0].set_offload(ALL_TAP_OFFLOADS).is_ok();
     if !offloads {
         log::warn!("TAP {name} refuses checksum/TSO offloads; not offering them");

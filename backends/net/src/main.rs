@@ -4,15 +4,27 @@
 mod backend;
 mod daemon;
 mod device;
+// One checker for both daemons: the file lives with splitvisor-blk's vhost server.
+#[path = "../../blk/src/vhost/fdcheck.rs"]
+#[allow(dead_code)] // seal_size is for splitvisor-blk's own inflight memfd
+mod fdcheck;
+// Shared with splitvisor-blk: per-queue rate limiting of guest-caused log lines.
+#[path = "../../blk/src/loglimit.rs"]
+mod loglimit;
 mod relay;
+mod relay_check;
 mod ring;
 mod rxtx;
 mod socket;
 mod stats;
 mod switch;
 mod tap;
+// Shared with splitvisor-blk: whole vhost-user messages with deadlines and descriptors.
 #[cfg(test)]
 mod testutil;
+#[path = "../../blk/src/vhost/wire.rs"]
+#[allow(dead_code)] // relay() serves splitvisor-blk's plain relay
+mod wire;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

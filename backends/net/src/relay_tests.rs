@@ -8,6 +8,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::*;
+use crate::wire::{recv_with_fds, send_with_fds, HEADER_LEN};
+use std::io;
+use vhost::vhost_user::message::MAX_MSG_SIZE;
 
 const GET_FEATURES: u32 = 1;
 const SET_FEATURES: u32 = 2;
@@ -178,7 +181,7 @@ fn send_with_fd(sock: &UnixStream, bytes: &[u8], fd: &OwnedFd) {
 fn recv_with_fd(sock: &UnixStream, len: usize) -> (Vec<u8>, Vec<OwnedFd>) {
     let mut buf = vec![0u8; len];
     let mut fds = Vec::new();
-    let n = recv_with_fds(sock, &mut buf, &mut fds, "test").expect("recvmsg");
+    let n = recv_with_fds(sock, &mut buf, &mut fds, &mut false, "test").expect("recvmsg");
     assert_eq!(n, len);
     (buf, fds)
 }
@@ -229,7 +232,10 @@ fn oversized_message_closes_both_sides() {
     assert_eq!(h.frontend.read_to_end(&mut rest).ok(), Some(0));
     let result = h.finish();
     assert!(
-        matches!(result, Err(RelayError::Malformed(FRONTEND, _))),
+        matches!(
+            result,
+            Err(RelayError::Wire(WireError::Malformed(FRONTEND, _)))
+        ),
         "{result:?}"
     );
 }
@@ -240,7 +246,7 @@ fn bad_version_and_truncated_message_end_the_connection() {
     (&h.frontend).write_all(&raw(SET_OWNER, 0x2, &[])).unwrap();
     let result = h.finish();
     assert!(
-        matches!(result, Err(RelayError::Malformed(..))),
+        matches!(result, Err(RelayError::Wire(WireError::Malformed(..)))),
         "{result:?}"
     );
 
@@ -250,7 +256,10 @@ fn bad_version_and_truncated_message_end_the_connection() {
     (&h.frontend).write_all(&msg[..HEADER_LEN + 3]).unwrap();
     let result = h.finish();
     assert!(
-        matches!(result, Err(RelayError::Truncated(FRONTEND))),
+        matches!(
+            result,
+            Err(RelayError::Wire(WireError::Truncated(FRONTEND)))
+        ),
         "{result:?}"
     );
 }
@@ -263,7 +272,7 @@ fn early_enable_with_a_short_payload_is_refused() {
         .unwrap();
     let result = h.finish();
     assert!(
-        matches!(result, Err(RelayError::Malformed(..))),
+        matches!(result, Err(RelayError::Wire(WireError::Malformed(..)))),
         "{result:?}"
     );
 }

@@ -31,6 +31,26 @@ pub enum RingError {
     ReadAvail(#[source] vm_memory::GuestMemoryError),
     #[error("failed to read the used ring index")]
     ReadUsed(#[source] virtio_queue::Error),
+    #[error(
+        "the driver's avail index {avail} is more than the ring size {size} ahead of the \
+         device's {next}: the ring is broken; it is not served until the driver's index \
+         makes sense again"
+    )]
+    AvailAhead { avail: u16, next: u16, size: u16 },
+}
+
+/// A split ring never holds more than its size in published, unserved chains; more means the
+/// ring is broken (popping would fail forever while the notification re-check reports work).
+pub fn check_avail(queue: &Queue, mem: &Mem) -> Result<(), RingError> {
+    let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) else {
+        // Unreadable: popping fails the same way and serves nothing; not a busy loop.
+        return Ok(());
+    };
+    let (avail, next, size) = (avail.0, queue.next_avail(), queue.size());
+    if avail.wrapping_sub(next) > size {
+        return Err(RingError::AvailAhead { avail, next, size });
+    }
+    Ok(())
 }
 
 /// Continue the used ring from the `used.idx` the guest sees, if the queue's own position

@@ -6,6 +6,7 @@ use std::io;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
+use crate::loglimit::{burst_note, LogLimit, INTERVAL};
 use crate::ring::{
     needs_interrupt, write_rx_frame, Mem, RingError, RxOutcome, UsedBatch, MAX_FRAME_LEN,
     VNET_HDR_LEN,
@@ -45,6 +46,8 @@ pub struct Batch {
 pub struct TxScratch {
     iov: Vec<libc::iovec>,
     used: UsedBatch,
+    /// Rate limit of the bad-chain warnings the guest can cause on this queue.
+    bad_chain_log: LogLimit,
 }
 
 // SAFETY: the iovecs are only filled and used within one `process_tx` call on the owning thread;
@@ -56,6 +59,7 @@ impl Default for TxScratch {
         TxScratch {
             iov: Vec::with_capacity(MAX_TX_SEGMENTS),
             used: UsedBatch::default(),
+            bad_chain_log: LogLimit::default(),
         }
     }
 }
@@ -67,7 +71,11 @@ pub fn gather_tx_chain(
     mut visit: impl FnMut(GuestAddress, usize) -> Result<(), DropReason>,
 ) -> Result<usize, DropReason> {
     let mut total = 0usize;
+    let mut more = false;
     for desc in chain {
+        // virtio-queue ends a chain silently after as many descriptors as its table holds (or
+        // at a NEXT index outside the table): a last descriptor that still has NEXT is a loop.
+        more = desc.has_next();
         if desc.is_write_only() {
             return Err(DropReason::WrongDirection);
         }
@@ -80,6 +88,9 @@ pub fn gather_tx_chain(
             return Err(DropReason::TxTooLarge);
         }
         visit(desc.addr(), len)?;
+    }
+    if more {
+        return Err(DropReason::ChainLoop);
     }
     if total < VNET_HDR_LEN {
         return Err(DropReason::TxTooShort);
@@ -127,7 +138,7 @@ pub fn process_tx<T: Tap + ?Sized>(
                 }
             },
             Err(reason) => {
-                log::warn!("dropping TX chain {head}: {}", reason.name());
+                warn_bad_chain(&mut scratch.bad_chain_log, head, reason);
                 stats.count_drop(reason);
             }
         }
@@ -137,6 +148,25 @@ pub fn process_tx<T: Tap + ?Sized>(
     let used = scratch.used.publish(queue, mem)?;
     let interrupt = needs_interrupt(queue, mem, old_used)?;
     Ok(Batch { used, interrupt })
+}
+
+/// Log a dropped TX chain, rate limited per queue (a guest can send any number).
+fn warn_bad_chain(limit: &mut LogLimit, head: u16, reason: DropReason) {
+    let verdict = limit.check();
+    if verdict.suppressed > 0 {
+        log::warn!(
+            "{} more dropped TX chain(s) in the last {}s were not logged (see the drop counters)",
+            verdict.suppressed,
+            INTERVAL.as_secs()
+        );
+    }
+    if verdict.log {
+        log::warn!(
+            "dropping TX chain {head}: {}{}",
+            reason.name(),
+            burst_note(&verdict)
+        );
+    }
 }
 
 /// RX state of one queue: the frame read from the TAP that is waiting for guest buffers.

@@ -171,3 +171,26 @@ fn interrupt_honours_no_interrupt_flag() {
         }
     );
 }
+
+#[test]
+fn tx_looping_chain_is_dropped_counted_and_returned() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem, 0);
+    ring.add_chain(&[(BUF_BASE, 512, false), (BUF_BASE, 512, false)]);
+    // Descriptor 1 links back to descriptor 0: the chain never ends.
+    let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    let d1 = GuestAddress(ring.vq.desc_table_addr().0 + 16);
+    mem.write_obj(next.to_le(), GuestAddress(d1.0 + 12))
+        .unwrap();
+    mem.write_obj(0u16.to_le(), GuestAddress(d1.0 + 14))
+        .unwrap();
+    ring.add_chain(&[(BUF_BASE, 60, false)]);
+    let mut q = ring.queue();
+    let tap = MemTap::default();
+    let stats = QueueStats::default();
+    process_tx(&mut q, &mem, &tap, &mut TxScratch::default(), &stats).unwrap();
+    assert_eq!(tap.written.borrow().len(), 1, "only the good chain is sent");
+    assert_eq!(tap.written.borrow()[0].len(), 60);
+    assert_eq!(stats.drops(DropReason::ChainLoop), 1);
+    assert_eq!(ring.used_idx(), 2);
+}

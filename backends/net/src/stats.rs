@@ -26,10 +26,12 @@ pub enum DropReason {
     NoRxBuffers,
     /// Switch: a frame addressed to the port it came from, or a runt without an Ethernet header.
     Filtered,
+    /// A chain whose NEXT links go on past its table (a loop, or a link out of the table).
+    ChainLoop,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::TxTooShort,
         DropReason::TxTooLarge,
         DropReason::WrongDirection,
@@ -40,6 +42,7 @@ impl DropReason {
         DropReason::RxTooLarge,
         DropReason::NoRxBuffers,
         DropReason::Filtered,
+        DropReason::ChainLoop,
     ];
 
     /// The counter's name in the STATS line.
@@ -55,6 +58,7 @@ impl DropReason {
             DropReason::RxTooLarge => "rx_too_large",
             DropReason::NoRxBuffers => "no_rx_buffers",
             DropReason::Filtered => "filtered",
+            DropReason::ChainLoop => "chain_loop",
         }
     }
 

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::frontend::{net_frame, wait_for, Daemon, TestFrontend};
+use vhost::VhostBackend;
 use vm_memory::{Bytes, GuestAddress};
 
 const RX: usize = 0;
@@ -133,5 +134,97 @@ fn tap_moves_frames_both_ways() {
         daemon.stderr()
     );
     drop(fe);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tap_a_flood_of_bad_tx_chains_logs_a_bounded_amount() {
+    if !tap_available() {
+        return;
+    }
+    let dir = common::frontend::temp_dir("tap-flood");
+    let sock = dir.join("net.sock");
+    let tap = format!("svf{}", std::process::id() % 100_000);
+    let args: Vec<String> = vec![
+        "--tap".into(),
+        tap.clone(),
+        "--socket".into(),
+        sock.display().to_string(),
+    ];
+    let daemon = Daemon::spawn(&dir, &args, std::slice::from_ref(&sock));
+    let mut fe = TestFrontend::connect(&sock, 1);
+    let log_before = daemon.stderr().len();
+    // Shorter than the virtio-net header: each one is dropped (and was logged, 84 bytes each).
+    let (total, batch) = (10_000u32, 32u32);
+    let mut done = 0u32;
+    while done < total {
+        for _ in 0..batch {
+            fe.send(TX, TX_BUF, &[0u8; 8]);
+        }
+        done += batch;
+        let want = done as u16;
+        let completed = wait_for(Duration::from_secs(10), || {
+            fe.vqs[TX].used_idx(fe.mem()) == want
+        });
+        assert!(completed, "batch up to {done}: {}", daemon.stderr());
+    }
+    let log = daemon.stderr();
+    let flood = &log[log_before..];
+    assert_eq!(flood.matches("dropping TX chain").count(), 10, "{flood}"); // loglimit::BURST
+    assert!(
+        flood.len() < 4096,
+        "{} log bytes for {total} bad chains",
+        flood.len()
+    );
+    drop(fe);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tap_avail_index_far_ahead_stops_the_queue_once_and_the_daemon_answers() {
+    if !tap_available() {
+        return;
+    }
+    let dir = common::frontend::temp_dir("tap-avail");
+    let sock = dir.join("net.sock");
+    let tap = format!("sva{}", std::process::id() % 100_000);
+    let args: Vec<String> = vec![
+        "--tap".into(),
+        tap.clone(),
+        "--socket".into(),
+        sock.display().to_string(),
+    ];
+    let mut daemon = Daemon::spawn(&dir, &args, std::slice::from_ref(&sock));
+    let fe = TestFrontend::connect(&sock, 1);
+    let ahead: u16 = common::frontend::QSIZE + 100;
+    for q in [RX, TX] {
+        fe.mem()
+            .write_obj(ahead.to_le(), GuestAddress(fe.vqs[q].avail() + 2))
+            .unwrap();
+        for _ in 0..50 {
+            fe.kick(q);
+        }
+    }
+    let logged = wait_for(Duration::from_secs(10), || {
+        daemon.stderr().matches("the ring is broken").count() == 2
+    });
+    assert!(logged, "{}", daemon.stderr());
+    // GET_VRING_BASE needs the vring lock a spinning worker would hold.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let bases = [RX, TX].map(|q| fe.fe.get_vring_base(q).map_err(|e| e.to_string()));
+        let _ = tx.send(bases);
+    });
+    let bases = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("GET_VRING_BASE answered");
+    assert_eq!(bases, [Ok(0), Ok(0)]);
+    assert_eq!(daemon.stderr().matches("the ring is broken").count(), 2);
+    let again = TestFrontend::connect(&sock, 1);
+    assert_eq!(
+        again.fe.get_features().ok().map(|f| f & 1 << 32),
+        Some(1 << 32)
+    );
+    assert!(!daemon.exited());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -26,6 +26,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
 use super::chain::DescriptorTable;
+use super::fdcheck::is_eventfd;
 use super::inflight::{self, InflightQueue, InflightRegion};
 use super::memory::{MemoryTable, MAX_MEM_SLOTS};
 use super::worker::{CallFd, QueueSetup, RunningQueue};
@@ -43,6 +44,17 @@ fn refuse(msg: impl Display) -> Error {
     let msg = msg.to_string();
     warn!("refusing request: {msg}");
     Error::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, Refusal(msg)))
+}
+
+/// `e` and its causes, for a log line and the refusal.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        msg.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    msg
 }
 
 /// Log `msg` for a request whose reply cannot carry an error: the connection has to end.
@@ -313,7 +325,9 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
         files: Vec<File>,
         _postcopy_listening: Option<bool>,
     ) -> Result<Option<Vec<VhostUserMemoryRegionBase>>> {
-        self.memory.set(regions, files).map_err(refuse)?;
+        self.memory
+            .set(regions, files)
+            .map_err(|e| refuse(format!("SET_MEM_TABLE: {}", with_causes(&e))))?;
         Ok(None)
     }
 
@@ -387,6 +401,11 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
                 "vring {index}: polling without a kick fd is not supported"
             )));
         };
+        if !is_eventfd(&fd) {
+            return Err(refuse(format!(
+                "vring {index}: the kick fd is not an eventfd"
+            )));
+        }
         // A new kick fd for a running ring: restart the worker on it where it stopped.
         vring.stop();
         vring.kick = Some(fd);
@@ -395,6 +414,11 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
         let vring = self.vring(u32::from(index))?;
+        if fd.as_ref().is_some_and(|f| !is_eventfd(f)) {
+            return Err(refuse(format!(
+                "vring {index}: the call fd is not an eventfd"
+            )));
+        }
         *vring.call.lock().unwrap_or_else(|e| e.into_inner()) = fd;
         Ok(())
     }
@@ -506,7 +530,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
             queue_size,
             self.vrings.len(),
         )
-        .map_err(|e| refuse(format!("SET_INFLIGHT_FD: {e}")))?;
+        .map_err(|e| refuse(format!("SET_INFLIGHT_FD: {}", with_causes(&e))))?;
         info!(
             "SET_INFLIGHT_FD: tracking {} queue(s) of {} descriptors",
             region.num_queues(),
@@ -526,7 +550,9 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
         fd: File,
         _postcopy_listening: Option<bool>,
     ) -> Result<Option<VhostUserMemoryRegionBase>> {
-        self.memory.add(region, fd).map_err(refuse)?;
+        self.memory
+            .add(region, fd)
+            .map_err(|e| refuse(format!("ADD_MEM_REG: {}", with_causes(&e))))?;
         Ok(None)
     }
 

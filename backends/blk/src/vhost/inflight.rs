@@ -18,6 +18,8 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 use log::{info, warn};
+
+use super::fdcheck::{check_mappable, seal_size, FdCheckError};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, FileOffset, VolatileMemory};
 
@@ -61,18 +63,10 @@ pub enum InflightError {
         num_queues: u16,
         queue_size: u16,
     },
-    #[error(
-        "mmap_offset {offset} + mmap_size {size} lies beyond the end of the {file_len}-byte file"
-    )]
-    BeyondFile {
-        offset: u64,
-        size: u64,
-        file_len: u64,
-    },
     #[error("cannot create the region memfd")]
     Create(#[source] io::Error),
-    #[error("cannot inspect the region fd")]
-    Stat(#[source] io::Error),
+    #[error("refusing the region's file")]
+    Unmappable(#[source] FdCheckError),
     #[error("cannot map the region")]
     Map(#[source] vm_memory::mmap::MmapRegionError),
 }
@@ -98,13 +92,20 @@ pub fn check_geometry(
 /// A fresh zero-filled memfd of `len` bytes for GET_INFLIGHT_FD.
 pub fn create_region_file(len: usize) -> Result<File, InflightError> {
     // SAFETY: the name is a valid NUL-terminated string; the returned fd is checked below.
-    let fd = unsafe { libc::memfd_create(c"splitvisor-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"splitvisor-inflight".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(InflightError::Create(io::Error::last_os_error()));
     }
     // SAFETY: fd is a fresh descriptor nothing else owns.
     let file = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
     file.set_len(len as u64).map_err(InflightError::Create)?;
+    // Sealed so that the next backend, which gets this fd back, can trust its size.
+    seal_size(&file).map_err(InflightError::Create)?;
     Ok(file)
 }
 
@@ -136,14 +137,7 @@ impl InflightRegion {
                 queue_size,
             });
         }
-        let file_len = file.metadata().map_err(InflightError::Stat)?.len();
-        if offset.checked_add(size).is_none_or(|end| end > file_len) {
-            return Err(InflightError::BeyondFile {
-                offset,
-                size,
-                file_len,
-            });
-        }
+        check_mappable(&file, offset, size).map_err(InflightError::Unmappable)?;
         // Only the part the queues use is mapped; the rest of the frontend's area is not ours.
         let map = MmapRegion::from_file(FileOffset::new(file, offset), need)
             .map_err(InflightError::Map)?;
@@ -437,12 +431,23 @@ mod tests {
         ));
         assert!(matches!(
             map(file(), 4096, len as u64, 1, QS),
-            Some(InflightError::BeyondFile { .. })
+            Some(InflightError::Unmappable(FdCheckError::BeyondEnd { .. }))
         ));
         assert!(matches!(
             map(file(), u64::MAX, len as u64, 1, QS),
-            Some(InflightError::BeyondFile { .. })
+            Some(InflightError::Unmappable(FdCheckError::BeyondEnd { .. }))
         ));
         assert!(map(file(), 0, len as u64, 1, QS).is_none());
+        // A memfd the frontend could still shrink under the mapping.
+        // SAFETY: a valid NUL-terminated name; the fd is checked before it is owned.
+        let fd = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor nobody else owns.
+        let unsealed = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        unsealed.set_len(len as u64).unwrap();
+        assert!(matches!(
+            map(unsealed, 0, len as u64, 1, QS),
+            Some(InflightError::Unmappable(FdCheckError::NotSealed))
+        ));
     }
 }

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
+use super::fdcheck::{check_mappable, FdCheckError};
 use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserSingleMemoryRegion};
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
@@ -21,6 +22,13 @@ pub enum MemoryError {
         size: u64,
         #[source]
         source: vhost::vhost_user::Error,
+    },
+    #[error("refusing the file of the region at guest address {gpa:#x} ({size} bytes)")]
+    Unmappable {
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: FdCheckError,
     },
     #[error("region at guest address {gpa:#x} ({size} bytes) is empty or wraps around")]
     Invalid { gpa: u64, size: u64 },
@@ -57,15 +65,21 @@ impl Default for MemoryTable {
     }
 }
 
-fn map_region(
-    gpa: u64,
-    size: u64,
-    mmap: impl FnOnce() -> vhost::vhost_user::Result<vm_memory::mmap::MmapRegion<()>>,
-) -> Result<GuestRegionMmap, MemoryError> {
+/// Map one region of `file` after checking it stays backed (see fdcheck.rs: a region past the
+/// end of its file, or a memfd the frontend may shrink, would kill the daemon with SIGBUS).
+fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<GuestRegionMmap, MemoryError> {
+    let (gpa, size) = (region.guest_phys_addr, region.memory_size);
     if size == 0 || gpa.checked_add(size).is_none() {
         return Err(MemoryError::Invalid { gpa, size });
     }
-    let map = mmap().map_err(|source| MemoryError::Map { gpa, size, source })?;
+    check_mappable(&file, region.mmap_offset, size).map_err(|source| MemoryError::Unmappable {
+        gpa,
+        size,
+        source,
+    })?;
+    let map = region
+        .mmap_region(file)
+        .map_err(|source| MemoryError::Map { gpa, size, source })?;
     GuestRegionMmap::new(map, GuestAddress(gpa)).ok_or(MemoryError::Invalid { gpa, size })
 }
 
@@ -93,7 +107,7 @@ impl MemoryTable {
         let mut mappings = Vec::with_capacity(regions.len());
         for (region, file) in regions.iter().zip(files) {
             let (gpa, size) = (region.guest_phys_addr, region.memory_size);
-            mapped.push(map_region(gpa, size, || region.mmap_region(file))?);
+            mapped.push(map_region(region, file)?);
             mappings.push(Mapping {
                 frontend_addr: region.user_addr,
                 gpa,
@@ -116,7 +130,7 @@ impl MemoryTable {
             return Err(MemoryError::TooManyRegions);
         }
         let (gpa, size) = (region.guest_phys_addr, region.memory_size);
-        let mapped = map_region(gpa, size, || region.mmap_region(file))?;
+        let mapped = map_region(region, file)?;
         let mem = self
             .atomic
             .memory()

@@ -29,15 +29,19 @@
 //! only with a fresh region or none.
 
 mod chain;
+mod fdcheck;
 mod handler;
 mod inflight;
 mod memory;
+pub mod wire;
 mod worker;
 
 use std::sync::{Arc, Mutex};
 
-use log::info;
-use vhost::vhost_user::{BackendListener, Listener};
+use std::os::unix::net::UnixStream;
+
+use log::{info, warn};
+use vhost::vhost_user::{BackendReqHandler, Listener};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryMmap;
 
@@ -90,12 +94,20 @@ pub fn serve_frontend<D: VhostUserDevice>(
     device: Arc<D>,
 ) -> vhost::vhost_user::Result<ConnectionEnd> {
     let handler = Arc::new(Mutex::new(FrontendHandler::new(device)));
-    let mut backend_listener = BackendListener::new(listener, handler.clone())?;
-    let mut connection = loop {
-        if let Some(connection) = backend_listener.accept()? {
-            break connection;
+    let frontend = loop {
+        if let Some(stream) = listener.accept()? {
+            break stream;
         }
     };
+    // vhost's parser reads each message with single recv calls and no deadline: the relay in
+    // front of it gives it whole messages (wire.rs) and cuts off a frontend that stalls.
+    let (relay_end, server_end) =
+        UnixStream::pair().map_err(vhost::vhost_user::Error::SocketError)?;
+    let relay = std::thread::Builder::new()
+        .name("relay".into())
+        .spawn(move || wire::relay(frontend, relay_end, "vhost-user server side"))
+        .map_err(vhost::vhost_user::Error::SocketError)?;
+    let mut connection = BackendReqHandler::from_stream(server_end, handler.clone());
     info!("frontend connected");
     let error = loop {
         match connection.handle_request() {
@@ -105,6 +117,13 @@ pub fn serve_frontend<D: VhostUserDevice>(
             Err(e) => break e,
         }
     };
+    // Closing our end ends the relay if the frontend is still there.
+    drop(connection);
+    match relay.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!("frontend connection cut off: {}", handler::with_causes(&e)),
+        Err(_) => warn!("the relay thread panicked"),
+    }
     let mut handler = handler.lock().unwrap_or_else(|e| e.into_inner());
     handler.stop_all_queues();
     let error = match error {

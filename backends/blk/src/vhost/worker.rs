@@ -18,11 +18,23 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::chain::DescriptorTable;
 use super::inflight::InflightQueue;
 use super::VhostUserDevice;
+use crate::loglimit::{burst_note, LogLimit, INTERVAL};
 
 const KICK_TOKEN: u64 = 0;
 const EXIT_TOKEN: u64 = 1;
-/// Bad chains logged in full before the log is thinned to powers of two.
-const WARN_BURST: u64 = 16;
+
+/// Why a worker stopped serving its queue before it was asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot wait for kicks")]
+    Wait(#[from] io::Error),
+    #[error(
+        "the driver's avail index {avail} is more than the ring size {size} ahead of the \
+         device's {next}: the ring is broken; the queue stays stopped until the frontend \
+         sets it up again"
+    )]
+    AvailAhead { avail: u16, next: u16, size: u16 },
+}
 
 /// The call eventfd of a queue; SET_VRING_CALL may replace it while the worker runs.
 pub type CallFd = Arc<Mutex<Option<File>>>;
@@ -59,7 +71,7 @@ impl RunningQueue {
             stop: stop.clone(),
             setup,
             device,
-            bad_chains: 0,
+            bad_chain_log: LogLimit::default(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("queue-{index}"))
@@ -97,7 +109,8 @@ struct Worker<D> {
     device: Arc<D>,
     exit: EventFd,
     stop: Arc<AtomicBool>,
-    bad_chains: u64,
+    /// Rate limit of the bad-chain warnings the guest can cause on this queue.
+    bad_chain_log: LogLimit,
 }
 
 impl<D: VhostUserDevice> Worker<D> {
@@ -113,7 +126,7 @@ impl<D: VhostUserDevice> Worker<D> {
         self.setup.queue
     }
 
-    fn serve_forever(&mut self) -> io::Result<()> {
+    fn serve_forever(&mut self) -> Result<(), WorkerError> {
         let epoll = Epoll::new()?;
         let watch = |fd: i32, token: u64| {
             epoll.ctl(
@@ -127,7 +140,7 @@ impl<D: VhostUserDevice> Worker<D> {
         self.resubmit();
         // Requests made available before this worker started (a new backend after a crash
         // or a swap) have no kick coming: look at the ring once on our own.
-        self.serve();
+        self.serve()?;
         let mut events = [EpollEvent::default(); 2];
         loop {
             if self.stop.load(Ordering::SeqCst) {
@@ -136,7 +149,7 @@ impl<D: VhostUserDevice> Worker<D> {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             for event in &events[..n] {
                 match event.data() {
@@ -147,7 +160,7 @@ impl<D: VhostUserDevice> Worker<D> {
                         // means another wakeup is pending, which serve() covers anyway.
                         let _ = (&self.setup.kick).read(&mut count);
                         self.device.queue_kicked(self.setup.index);
-                        self.serve();
+                        self.serve()?;
                     }
                 }
             }
@@ -174,7 +187,7 @@ impl<D: VhostUserDevice> Worker<D> {
 
     /// Serve the ring until it is empty (or a stop is requested), with the EVENT_IDX re-check
     /// so that a request added while notifications were off is never missed.
-    fn serve(&mut self) {
+    fn serve(&mut self) -> Result<(), WorkerError> {
         let memory = self.setup.memory.memory();
         let event_idx = self.setup.queue.event_idx_enabled();
         loop {
@@ -190,26 +203,47 @@ impl<D: VhostUserDevice> Worker<D> {
             if served > 0 {
                 self.notify(&memory);
             }
+            // Checked after what could be served was: a broken ring would make popping fail
+            // and the EVENT_IDX re-check below report work forever.
+            self.check_avail(&memory)?;
             if self.stop.load(Ordering::SeqCst) || !event_idx {
-                return;
+                return Ok(());
             }
             match self.setup.queue.enable_notification(&*memory) {
                 Ok(true) => continue,
-                Ok(false) => return,
+                Ok(false) => return Ok(()),
                 Err(e) => {
                     warn!(
                         "queue {}: cannot enable notifications: {e}",
                         self.setup.index
                     );
-                    return;
+                    return Ok(());
                 }
             }
         }
     }
 
+    /// A split ring never holds more than its size in published, unserved chains.
+    fn check_avail(&self, memory: &GuestMemoryMmap) -> Result<(), WorkerError> {
+        let queue = &self.setup.queue;
+        let Ok(avail) = queue.avail_idx(memory, Ordering::Acquire) else {
+            // Unreadable: popping fails the same way and serves nothing; not a busy loop.
+            return Ok(());
+        };
+        let (avail, next, size) = (avail.0, queue.next_avail(), queue.size());
+        if avail.wrapping_sub(next) > size {
+            return Err(WorkerError::AvailAhead { avail, next, size });
+        }
+        Ok(())
+    }
+
     /// Pop and serve every available chain; returns how many were completed.
     fn drain(&mut self, memory: &GuestMemoryMmap) -> usize {
         let mut served = 0;
+        // virtio-queue would log an error for every pop from a broken ring.
+        if self.check_avail(memory).is_err() {
+            return 0;
+        }
         while !self.stop.load(Ordering::SeqCst) {
             let Some(chain) = self.setup.queue.pop_descriptor_chain(memory) else {
                 break;
@@ -272,19 +306,20 @@ impl<D: VhostUserDevice> Worker<D> {
     }
 
     fn warn_bad_chain(&mut self, head: u16, err: &super::chain::ChainError) {
-        self.bad_chains += 1;
-        let n = self.bad_chains;
-        if n > WARN_BURST && !n.is_power_of_two() {
-            return;
+        let q = self.setup.index;
+        let verdict = self.bad_chain_log.check();
+        if verdict.suppressed > 0 {
+            warn!(
+                "queue {q}: {} more unusable chain(s) in the last {}s were not logged",
+                verdict.suppressed,
+                INTERVAL.as_secs()
+            );
         }
-        let suppressed = if n >= WARN_BURST {
-            " (further warnings are rate limited)"
-        } else {
-            ""
-        };
-        warn!(
-            "queue {}: chain at head {head} is unusable and returned with length 0: {err}{suppressed}",
-            self.setup.index
-        );
+        if verdict.log {
+            warn!(
+                "queue {q}: chain at head {head} is unusable and returned with length 0: {err}{}",
+                burst_note(&verdict)
+            );
+        }
     }
 }

@@ -3,4 +3,6 @@
 
 pub mod daemon;
 pub mod inflight;
+pub mod raw;
+pub mod session;
 pub mod vring;

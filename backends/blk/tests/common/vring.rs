@@ -21,9 +21,22 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
+    /// RAM in a memfd sealed against resizing, as a VMM shares it.
     pub fn new(gpa: u64, size: u64) -> Self {
+        let ram = Self::unsealed(gpa, size);
+        seal_size(&ram.file);
+        ram
+    }
+
+    /// RAM in a memfd the frontend could still shrink (the daemon must refuse it).
+    pub fn unsealed(gpa: u64, size: u64) -> Self {
         // SAFETY: the name is a valid NUL-terminated string; the returned fd is checked.
-        let fd = unsafe { libc::memfd_create(c"splitvisor-test-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"splitvisor-test-ram".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let file = unsafe { File::from_raw_fd(fd) };
@@ -40,6 +53,11 @@ impl GuestRam {
             size,
             file,
         }
+    }
+
+    /// The memfd itself (for tests that resize or misdescribe it).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// This process's address of guest address `gpa`.
@@ -73,6 +91,14 @@ impl GuestRam {
     pub fn write(&self, gpa: u64, bytes: &[u8]) {
         self.mem.write_slice(bytes, GuestAddress(gpa)).unwrap();
     }
+}
+
+/// Seal `file` against shrinking and growing, as the splitvisor VMM and QEMU seal guest RAM.
+pub fn seal_size(file: &File) {
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    // SAFETY: F_ADD_SEALS on a descriptor we own; no memory is passed.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    assert_eq!(rc, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
 }
 
 /// A split virtqueue at `base`: descriptor table, then avail ring, then the used ring on the

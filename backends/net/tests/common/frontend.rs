@@ -95,9 +95,25 @@ pub struct GuestMem {
 }
 
 impl GuestMem {
+    /// Guest memory in a memfd sealed against resizing, as a VMM shares it.
     pub fn new() -> GuestMem {
+        let guest = Self::unsealed();
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        // SAFETY: F_ADD_SEALS on a descriptor we own; no memory is passed.
+        let rc = unsafe { libc::fcntl(guest.file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+        assert_eq!(rc, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
+        guest
+    }
+
+    /// Guest memory in a memfd the frontend could still shrink (the daemon must refuse it).
+    pub fn unsealed() -> GuestMem {
         // SAFETY: memfd_create with a NUL-terminated name; the fd is checked before use.
-        let fd = unsafe { libc::memfd_create(c"svnet-test".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"svnet-test".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         assert!(fd >= 0, "memfd_create failed");
         // SAFETY: `fd` is a fresh fd we own.
         let file = unsafe { File::from_raw_fd(fd) };
@@ -112,7 +128,7 @@ impl GuestMem {
         GuestMem { file, mem }
     }
 
-    fn host_base(&self) -> u64 {
+    pub fn host_base(&self) -> u64 {
         self.mem
             .get_host_address(GuestAddress(0))
             .expect("host address") as u64
@@ -195,6 +211,34 @@ pub enum RingPosition {
     AfterSetup,
 }
 
+/// Connect and negotiate features (VERSION_1, EVENT_IDX, MRG_RXBUF, ...) and protocol
+/// features (CONFIG, MQ, REPLY_ACK); returns the frontend and the acked features. No message
+/// asks for a REPLY_ACK yet.
+pub fn negotiate(path: &Path, pairs: usize) -> (Frontend, u64) {
+    let mut fe = Frontend::connect(path, (pairs * 2) as u64).expect("connect");
+    fe.set_owner().expect("set_owner");
+    let offered = fe.get_features().expect("get_features");
+    let wanted = VERSION_1 | EVENT_IDX | MRG_RXBUF | MAC | STATUS | PROTOCOL_FEATURES;
+    assert_eq!(offered & wanted, wanted, "offered features {offered:#x}");
+    let features = offered & (wanted | (1 << 22));
+    fe.set_features(features).expect("set_features");
+    let proto = fe.get_protocol_features().expect("get_protocol_features");
+    let want = VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK;
+    assert!(proto.contains(want), "protocol features {proto:?}");
+    fe.set_protocol_features(want)
+        .expect("set_protocol_features");
+    (fe, features)
+}
+
+/// Open descriptors of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .count()
+}
+
 /// A connected, fully set up frontend with `pairs` RX/TX pairs; ring `q` lives at 0x1000*(q+1).
 pub struct TestFrontend {
     pub fe: Frontend,
@@ -217,32 +261,13 @@ impl TestFrontend {
     /// is kicked.
     pub fn connect_at(path: &Path, pairs: usize, base: u16, when: RingPosition) -> TestFrontend {
         let queues = pairs * 2;
-        let mut fe = Frontend::connect(path, queues as u64).expect("connect");
-        fe.set_owner().expect("set_owner");
-        let offered = fe.get_features().expect("get_features");
-        let wanted = VERSION_1 | EVENT_IDX | MRG_RXBUF | MAC | STATUS | PROTOCOL_FEATURES;
-        assert_eq!(offered & wanted, wanted, "offered features {offered:#x}");
-        let features = offered & (wanted | (1 << 22));
-        fe.set_features(features).expect("set_features");
-        let proto = fe.get_protocol_features().expect("get_protocol_features");
-        let want = VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK;
-        assert!(proto.contains(want), "protocol features {proto:?}");
-        fe.set_protocol_features(want)
-            .expect("set_protocol_features");
+        let (mut fe, features) = negotiate(path, pairs);
         let (_, config) = fe
             .get_config(0, 12, VhostUserConfigFlags::empty(), &[0u8; 12])
             .expect("get_config");
         let guest = GuestMem::new();
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: guest.host_base(),
-            mmap_offset: 0,
-            mmap_handle: guest.file.as_raw_fd(),
-        };
-        fe.set_mem_table(&[region]).expect("set_mem_table");
+        fe.set_mem_table(&[Self::region(&guest)])
+            .expect("set_mem_table");
         let mut frontend = TestFrontend {
             fe,
             guest,
@@ -306,6 +331,17 @@ impl TestFrontend {
         self.vqs.push(vq);
         self.kicks.push(kick);
         self.calls.push(call);
+    }
+
+    /// The region SET_MEM_TABLE describes for this guest memory.
+    pub fn region(guest: &GuestMem) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: guest.host_base(),
+            mmap_offset: 0,
+            mmap_handle: guest.file.as_raw_fd(),
+        }
     }
 
     pub fn mem(&self) -> &GuestMemoryMmap {

@@ -15,6 +15,9 @@
 
 mod drive;
 mod identify;
+// The same image lock as splitvisor-blk takes (one implementation, kept with the daemon).
+#[path = "../../../../backends/blk/src/imagelock.rs"]
+mod imagelock;
 #[cfg(test)]
 mod tests;
 
@@ -29,6 +32,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{BusDevice, SharedDevice};
 use drive::Drive;
+use imagelock::{lock_image, ImageLockError, LockMode};
 
 /// First port of the primary channel's command block (data, error/features, ... status/command).
 pub const COMMAND_BLOCK_BASE: u64 = 0x1f0;
@@ -68,7 +72,15 @@ pub enum AtaError {
     NotAFile { path: PathBuf },
     #[error("disk image {path} is smaller than one 512-byte sector")]
     TooSmall { path: PathBuf },
+    #[error("disk image {path} is {len} bytes, not a whole number of 512-byte sectors: it does not look like a disk image; add readonly to use it anyway (the last {tail} bytes stay invisible) or resize it to whole sectors")]
+    PartialSector { path: PathBuf, len: u64, tail: u64 },
+    #[error(transparent)]
+    Locked(#[from] ImageLockError),
 }
+
+/// What a refused image lock tells the user to do.
+const LOCK_HINT: &str = "stop the other user (another VM, or a splitvisor-blk daemon on this \
+    image), or add readonly if all users only read";
 
 /// A snapshot of the drive's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -88,9 +100,19 @@ pub struct AtaDisk {
 }
 
 impl AtaDisk {
-    /// Opens the raw image at `path`. Its size is rounded down to whole 512-byte sectors (with a
-    /// warning), like the vhost-user-blk backend does; an image below one sector is an error.
+    /// Opens and locks the raw image at `path` (a regular file or block device) as
+    /// splitvisor-blk does: shared when `readonly`, exclusive otherwise. A writable image must
+    /// be a whole number of 512-byte sectors; a read-only one is rounded down (with a
+    /// warning). An image below one sector is an error.
     pub fn open(path: &Path, readonly: bool) -> Result<Self, AtaError> {
+        // Look before opening: opening a FIFO or a device other than a disk can have effects.
+        if let Ok(meta) = std::fs::metadata(path) {
+            if !meta.file_type().is_file() && !meta.file_type().is_block_device() {
+                return Err(AtaError::NotAFile {
+                    path: path.to_owned(),
+                });
+            }
+        }
         let file = open_image(path, readonly)?;
         let raw_len = image_len(path, &file)?;
         let len = raw_len - raw_len % SECTOR_SIZE;
@@ -99,6 +121,18 @@ impl AtaDisk {
                 path: path.to_owned(),
             });
         }
+        if len != raw_len && !readonly {
+            return Err(AtaError::PartialSector {
+                path: path.to_owned(),
+                len: raw_len,
+                tail: raw_len - len,
+            });
+        }
+        let mode = match readonly {
+            true => LockMode::Shared,
+            false => LockMode::Exclusive,
+        };
+        lock_image(&file, path, mode, LOCK_HINT)?;
         if len != raw_len {
             warn!(
                 "disk image {} is {raw_len} bytes, not a multiple of 512: the last {} bytes are not visible to the guest",

@@ -163,8 +163,9 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn identify_reports_model_capacity_and_features() {
+    // Partial sectors are only allowed read-only; IDENTIFY does not depend on it.
     let image = TempImage::new(1000 * 512 + 100);
-    let guest = Guest::new(&image, false);
+    let guest = Guest::new(&image, true);
     assert_eq!(guest.inb(STATUS), DRDY | 0x10);
     guest.outb(DEVICE, 0xa0);
     guest.outb(STATUS, 0xec);
@@ -383,6 +384,48 @@ fn open_errors_name_the_image() {
     assert!(matches!(dir, AtaError::NotAFile { .. }));
 }
 
+#[test]
+fn only_disk_like_files_open_and_a_second_writer_is_refused() {
+    // Not a regular file or block device: refused before it is even opened.
+    let err = AtaDisk::open(Path::new("/dev/null"), false).err().unwrap();
+    assert!(matches!(err, AtaError::NotAFile { .. }), "{err}");
+    // A file that is not whole sectors (like /etc/passwd) only read-only.
+    let odd = TempImage::new(4096 + 100);
+    let err = AtaDisk::open(&odd.0, false).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            AtaError::PartialSector {
+                len: 4196,
+                tail: 100,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("readonly"), "{err}");
+    assert_eq!(AtaDisk::open(&odd.0, true).unwrap().sectors(), 8);
+
+    let image = TempImage::new(8 * 512);
+    let writer = AtaDisk::open(&image.0, false).unwrap();
+    for readonly in [false, true] {
+        let err = AtaDisk::open(&image.0, readonly).err().unwrap();
+        assert!(matches!(err, AtaError::Locked(_)), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(&image.0.display().to_string()), "{msg}");
+        assert!(msg.contains("in use by another process"), "{msg}");
+    }
+    drop(writer);
+    let reader = AtaDisk::open(&image.0, true).unwrap();
+    let other_reader = AtaDisk::open(&image.0, true).unwrap();
+    assert!(
+        AtaDisk::open(&image.0, false).is_err(),
+        "a writer beside readers"
+    );
+    drop((reader, other_reader));
+    AtaDisk::open(&image.0, false).unwrap();
+}
+
 /// xorshift64: deterministic noise for the access sequence.
 fn next(state: &mut u64) -> u64 {
     *state ^= *state << 13;
@@ -393,8 +436,9 @@ fn next(state: &mut u64) -> u64 {
 
 #[test]
 fn random_register_traffic_never_panics() {
-    let image = TempImage::new(64 * 512 + 17);
-    for readonly in [false, true] {
+    // Read-only, the size may end in a partial sector (rounded down).
+    for (len, readonly) in [(64 * 512, false), (64 * 512 + 17, true)] {
+        let image = TempImage::new(len);
         let guest = Guest::new(&image, readonly);
         let commands = [
             0x20, 0x24, 0x30, 0x34, 0xec, 0xe7, 0xea, 0xef, 0x90, 0x91, 0x00,
