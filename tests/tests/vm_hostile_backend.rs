@@ -35,6 +35,8 @@ fn blk_daemon(dir: &Workdir, name: &str, image: &Path) -> Daemon {
             socket.as_os_str(),
             "--image".as_ref(),
             image.as_os_str(),
+            // Several daemons serve one image here, handing it over by swaps.
+            "--share".as_ref(),
         ],
         &socket,
     )

@@ -151,6 +151,10 @@ fn assert_both_listed(host: &Host) -> Value {
 fn swap_reaches_b_only(host: &Host, img_b: &Path, a: &Value) {
     let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").expect("splitvisor-blk");
     let new_socket = host.dir.join("b2.sock");
+    // launch's daemon holds b's image exclusively; the new backend gets a copy of it (same
+    // size, which is what a swap checks).
+    let img_b2 = host.dir.join("b2.img");
+    std::fs::copy(img_b, &img_b2).expect("copy b's image");
     let _daemon = Daemon::start(
         &host.dir,
         "b2",
@@ -159,7 +163,7 @@ fn swap_reaches_b_only(host: &Host, img_b: &Path, a: &Value) {
             "--socket".as_ref(),
             new_socket.as_os_str(),
             "--image".as_ref(),
-            img_b.as_os_str(),
+            img_b2.as_os_str(),
         ],
         &new_socket,
     )
