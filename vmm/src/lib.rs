@@ -19,6 +19,7 @@ pub mod launch;
 pub mod layout;
 pub mod memory;
 pub mod pause;
+pub mod seccomp;
 pub mod stats;
 pub mod terminal;
 pub mod vcpu;

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
 fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let config = args.to_config();
     config.validate()?;
+    splitvisor::seccomp::set_mode(args.vm.seccomp);
     let (end, stats) = Vm::new(&config)?.run()?;
     if let Some(message) = end.describe() {
         eprintln!("splitvisor: {message}");
