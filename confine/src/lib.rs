@@ -12,7 +12,10 @@ mod sigsys;
 use std::collections::BTreeMap;
 
 pub use seccompiler::SeccompAction;
-use seccompiler::{BpfProgram, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    TargetArch,
+};
 
 pub use caps::drop_all_capabilities;
 
@@ -112,38 +115,44 @@ pub const BASE: &[libc::c_long] = &[
 /// thread names itself with prctl(PR_SET_NAME) under the inherited filter.
 pub const SPAWN: &[libc::c_long] = &[libc::SYS_clone3, libc::SYS_clone, libc::SYS_prctl];
 
-/// Confines the calling thread to `BASE` plus `allowed`, as `mode` says. `kind` names the
-/// thread kind in error messages and in the SIGSYS report.
-pub fn confine_thread(
-    mode: SeccompMode,
-    kind: &'static str,
-    allowed: &[&[libc::c_long]],
-) -> Result<(), ConfineError> {
-    install(mode, kind, allowed, false)
+/// An ioctl request a thread may make. ioctl is never allowed outright: one on the wrong file
+/// descriptor (TIOCSTI on the terminal, say) is as dangerous as many a system call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ioctl {
+    /// Every request of this ioctl type (`_IOC_TYPE`), e.g. KVMIO for all of KVM's.
+    Type(u8),
+    /// This one request.
+    Request(u64),
 }
 
-/// Confines every thread of the process (TSYNC) to `BASE` plus `allowed`, as `mode` says; for
+/// What one kind of thread may do beyond `BASE`.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// Named in error messages, the SIGSYS report and `SELFTEST_ENV`.
+    pub kind: &'static str,
+    pub syscalls: &'static [&'static [libc::c_long]],
+    pub ioctls: &'static [Ioctl],
+}
+
+/// Confines the calling thread to `BASE` plus `policy`, as `mode` says.
+pub fn confine_thread(mode: SeccompMode, policy: &Policy) -> Result<(), ConfineError> {
+    install(mode, policy, false)
+}
+
+/// Confines every thread of the process (TSYNC) to `BASE` plus `policy`, as `mode` says; for
 /// the daemons, once set-up is done.
-pub fn confine_process(
-    mode: SeccompMode,
-    kind: &'static str,
-    allowed: &[&[libc::c_long]],
-) -> Result<(), ConfineError> {
-    install(mode, kind, allowed, true)
+pub fn confine_process(mode: SeccompMode, policy: &Policy) -> Result<(), ConfineError> {
+    install(mode, policy, true)
 }
 
-fn install(
-    mode: SeccompMode,
-    kind: &'static str,
-    allowed: &[&[libc::c_long]],
-    all_threads: bool,
-) -> Result<(), ConfineError> {
+fn install(mode: SeccompMode, policy: &Policy, all_threads: bool) -> Result<(), ConfineError> {
+    let kind = policy.kind;
     let mismatch = match mode {
         SeccompMode::Off => return Ok(()),
         SeccompMode::On => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
     };
-    let program = compile(kind, allowed, mismatch)?;
+    let program = compile(policy, mismatch)?;
     fix_arena_limit();
     if mode == SeccompMode::On {
         sigsys::install_handler().map_err(ConfineError::InstallHandler)?;
@@ -177,23 +186,40 @@ fn fix_arena_limit() {
     });
 }
 
-/// The BPF program allowing `BASE` and `allowed`, doing `mismatch` for anything else.
+/// The BPF program allowing `BASE` and `policy`, doing `mismatch` for anything else.
 // c_long is i64 on the 64-bit targets splitvisor runs on, but not everywhere.
 #[allow(clippy::useless_conversion)]
-pub fn compile(
-    kind: &'static str,
-    allowed: &[&[libc::c_long]],
-    mismatch: SeccompAction,
-) -> Result<BpfProgram, ConfineError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = std::iter::once(BASE)
-        .chain(allowed.iter().copied())
+pub fn compile(policy: &Policy, mismatch: SeccompAction) -> Result<BpfProgram, ConfineError> {
+    let kind = policy.kind;
+    let build = |source| ConfineError::BuildFilter { kind, source };
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = std::iter::once(BASE)
+        .chain(policy.syscalls.iter().copied())
         .flatten()
+        .filter(|&&nr| nr != libc::SYS_ioctl)
         .map(|&nr| (i64::from(nr), Vec::new()))
         .collect();
-    let build = |source| ConfineError::BuildFilter { kind, source };
+    if !policy.ioctls.is_empty() {
+        let ioctl_rules = policy
+            .ioctls
+            .iter()
+            .map(|ioctl| ioctl_rule(*ioctl))
+            .collect::<Result<_, _>>()
+            .map_err(build)?;
+        rules.insert(i64::from(libc::SYS_ioctl), ioctl_rules);
+    }
     let filter =
         SeccompFilter::new(rules, mismatch, SeccompAction::Allow, target_arch()).map_err(build)?;
     BpfProgram::try_from(filter).map_err(build)
+}
+
+/// The request is ioctl's second argument; its type is bits 8-15 (`_IOC_TYPESHIFT`).
+fn ioctl_rule(ioctl: Ioctl) -> Result<SeccompRule, seccompiler::BackendError> {
+    let (op, value) = match ioctl {
+        Ioctl::Type(t) => (SeccompCmpOp::MaskedEq(0xff00), u64::from(t) << 8),
+        Ioctl::Request(r) => (SeccompCmpOp::Eq, r),
+    };
+    let condition = SeccompCondition::new(1, SeccompCmpArgLen::Qword, op, value)?;
+    SeccompRule::new(vec![condition])
 }
 
 fn target_arch() -> TargetArch {
@@ -225,7 +251,12 @@ mod tests {
 
     #[test]
     fn every_list_compiles() {
-        let program = compile("test", &[SPAWN], SeccompAction::Trap).unwrap();
+        let policy = Policy {
+            kind: "test",
+            syscalls: &[SPAWN],
+            ioctls: &[Ioctl::Type(0xAE), Ioctl::Request(0x5401)],
+        };
+        let program = compile(&policy, SeccompAction::Trap).unwrap();
         // One comparison per allowed number at least, plus the arch check and the verdicts.
         assert!(program.len() > BASE.len() + SPAWN.len());
     }
@@ -239,30 +270,75 @@ mod tests {
         }
     }
 
+    /// Runs `call` in a forked child (so the filter does not confine the test harness) after
+    /// confining it to `policy` in `mode`; returns the child's wait status.
+    fn in_confined_child(mode: SeccompMode, policy: &Policy, call: fn()) -> libc::c_int {
+        // SAFETY: the child only installs a filter, makes syscalls and _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let ok = confine_thread(mode, policy).is_ok();
+            call();
+            // SAFETY: ends the forked child without running the parent's destructors.
+            unsafe { libc::_exit(if ok { 0 } else { 7 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        status
+    }
+
+    fn killed_by_sigsys(status: libc::c_int) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    fn exited_0(status: libc::c_int) -> bool {
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
+
     #[test]
     fn a_forbidden_call_kills_and_log_mode_lets_it_through() {
-        // In a forked child, so the filter does not confine the test harness.
-        for (mode, killed) in [(SeccompMode::On, true), (SeccompMode::Log, false)] {
-            // SAFETY: the child only installs a filter, makes syscalls and _exits.
-            let pid = unsafe { libc::fork() };
-            assert!(pid >= 0, "fork failed");
-            if pid == 0 {
-                let ok = confine_thread(mode, "child", &[]).is_ok();
-                // SAFETY: as in `selftest_if_requested`: a query with no effect.
-                unsafe { libc::syscall(libc::SYS_personality, 0xffff_ffff_u64) };
-                // SAFETY: ends the forked child without running the parent's destructors.
-                unsafe { libc::_exit(if ok { 0 } else { 7 }) };
-            }
-            let mut status = 0;
-            // SAFETY: waits for the child forked above.
-            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-            if killed {
-                assert!(libc::WIFSIGNALED(status), "{mode}: status {status:#x}");
-                assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
-            } else {
-                assert!(libc::WIFEXITED(status), "{mode}: status {status:#x}");
-                assert_eq!(libc::WEXITSTATUS(status), 0);
-            }
-        }
+        let policy = Policy {
+            kind: "child",
+            syscalls: &[],
+            ioctls: &[],
+        };
+        // SAFETY: as in `selftest_if_requested`: a query with no effect.
+        let call = || unsafe {
+            libc::syscall(libc::SYS_personality, 0xffff_ffff_u64);
+        };
+        let on = in_confined_child(SeccompMode::On, &policy, call);
+        assert!(killed_by_sigsys(on), "status {on:#x}");
+        let log = in_confined_child(SeccompMode::Log, &policy, call);
+        assert!(exited_0(log), "status {log:#x}");
+    }
+
+    #[test]
+    fn only_the_listed_ioctl_requests_pass() {
+        let policy = Policy {
+            kind: "child",
+            syscalls: &[],
+            ioctls: &[Ioctl::Request(libc::TCGETS), Ioctl::Type(0xAE)],
+        };
+        // SAFETY: TCGETS on stdin writes a termios, or fails with ENOTTY; either is fine.
+        let listed = || unsafe {
+            let mut t = std::mem::MaybeUninit::<libc::termios>::uninit();
+            libc::ioctl(0, libc::TCGETS, t.as_mut_ptr());
+        };
+        // SAFETY: KVM_GET_API_VERSION (type 0xAE) on a closed descriptor fails with EBADF.
+        let of_type = || unsafe {
+            libc::ioctl(-1, 0xAE00);
+        };
+        // SAFETY: FIONREAD on stdin writes an int, or fails; the filter stops it first.
+        let other = || unsafe {
+            let mut n: libc::c_int = 0;
+            libc::ioctl(0, libc::FIONREAD, &mut n);
+        };
+        let status = in_confined_child(SeccompMode::On, &policy, listed);
+        assert!(exited_0(status), "TCGETS: {status:#x}");
+        let status = in_confined_child(SeccompMode::On, &policy, of_type);
+        assert!(exited_0(status), "KVM type: {status:#x}");
+        let status = in_confined_child(SeccompMode::On, &policy, other);
+        assert!(killed_by_sigsys(status), "FIONREAD: {status:#x}");
     }
 }

@@ -13,7 +13,7 @@
 use std::sync::OnceLock;
 
 use log::error;
-use splitvisor_confine::{ConfineError, SeccompMode, SPAWN};
+use splitvisor_confine::{ConfineError, Ioctl, Policy, SeccompMode, SPAWN};
 
 pub use splitvisor_confine::SELFTEST_ENV;
 
@@ -49,16 +49,22 @@ impl ThreadKind {
         }
     }
 
-    /// The system calls this kind needs beyond `BASE`.
-    pub fn allowed(self) -> &'static [&'static [libc::c_long]] {
-        match self {
-            Self::Main => &[MAIN, ENDING],
-            Self::Vcpu => &[VCPU, VHOST_FRONTEND, DISK_IO],
-            Self::EventLoop => &[EVENT_LOOP, VHOST_FRONTEND, SPAWN],
-            Self::Api => &[API, VHOST_FRONTEND, SPAWN],
-            Self::Signals => &[SIGNALS, ENDING],
-            Self::Console => &[CONSOLE, ENDING],
-            Self::VhostDeadline => &[VHOST_DEADLINE],
+    /// The system calls this kind needs beyond `BASE`, and its ioctl requests.
+    pub fn policy(self) -> Policy {
+        let (syscalls, ioctls): (&'static [&'static [libc::c_long]], &'static [Ioctl]) = match self
+        {
+            Self::Main => (&[MAIN, ENDING], TERMINAL_IOCTLS),
+            Self::Vcpu => (&[VHOST_FRONTEND, DISK_IO], KVM_IOCTLS),
+            Self::EventLoop => (&[EVENT_LOOP, VHOST_FRONTEND, SPAWN], &[]),
+            Self::Api => (&[API, VHOST_FRONTEND, SPAWN], &[]),
+            Self::Signals => (&[SIGNALS, ENDING], &[]),
+            Self::Console => (&[CONSOLE, ENDING], &[]),
+            Self::VhostDeadline => (&[VHOST_DEADLINE], &[]),
+        };
+        Policy {
+            kind: self.name(),
+            syscalls,
+            ioctls,
         }
     }
 }
@@ -87,8 +93,18 @@ const VHOST_FRONTEND: &[libc::c_long] = &[
 /// `VHOST_FRONTEND`).
 const ENDING: &[libc::c_long] = &[libc::SYS_shutdown];
 
-/// KVM_RUN and the register and interrupt ioctls of exits (ioctl is not narrowed per request).
-const VCPU: &[libc::c_long] = &[libc::SYS_ioctl];
+/// KVM_RUN and the register and interrupt ioctls of exits: any KVM ioctl, nothing else (no
+/// TIOCSTI on the terminal, no TUN or block device requests).
+const KVM_IOCTLS: &[Ioctl] = &[Ioctl::Type(kvm_bindings::KVMIO as u8)];
+
+/// Restoring the terminal (tcsetattr, isatty, tcgetpgrp) as the VM ends.
+const TERMINAL_IOCTLS: &[Ioctl] = &[
+    Ioctl::Request(libc::TCGETS),
+    Ioctl::Request(libc::TCSETS),
+    Ioctl::Request(libc::TCSETSW),
+    Ioctl::Request(libc::TCSETSF),
+    Ioctl::Request(libc::TIOCGPGRP),
+];
 
 /// The emulated ATA disk, served on the vCPU thread that touched its registers.
 const DISK_IO: &[libc::c_long] = &[
@@ -126,14 +142,13 @@ const CONSOLE: &[libc::c_long] = &[
 const VHOST_DEADLINE: &[libc::c_long] = &[libc::SYS_shutdown];
 
 /// After set-up: waking the API's accept with a connection of its own and removing its socket,
-/// kicking and joining the vCPU threads, restoring the terminal (TCSETS), closing everything.
+/// kicking and joining the vCPU threads, restoring the terminal, closing everything.
 const MAIN: &[libc::c_long] = &[
     libc::SYS_socket,
     libc::SYS_connect,
     libc::SYS_unlink,
     libc::SYS_close,
     libc::SYS_fcntl,
-    libc::SYS_ioctl,
     libc::SYS_read,
     libc::SYS_statx,
     libc::SYS_newfstatat,
@@ -162,7 +177,7 @@ pub fn confine(kind: ThreadKind) {
 }
 
 fn try_confine(mode: SeccompMode, kind: ThreadKind) -> Result<(), ConfineError> {
-    splitvisor_confine::confine_thread(mode, kind.name(), kind.allowed())
+    splitvisor_confine::confine_thread(mode, &kind.policy())
 }
 
 #[cfg(test)]
@@ -183,7 +198,7 @@ mod tests {
     #[test]
     fn every_kind_compiles_to_a_filter() {
         for kind in KINDS {
-            splitvisor_confine::compile(kind.name(), kind.allowed(), SeccompAction::Trap)
+            splitvisor_confine::compile(&kind.policy(), SeccompAction::Trap)
                 .unwrap_or_else(|e| panic!("{}: {e}", kind.name()));
         }
     }
@@ -192,7 +207,8 @@ mod tests {
     fn only_the_kinds_that_start_threads_may_clone() {
         for kind in KINDS {
             let spawns = kind
-                .allowed()
+                .policy()
+                .syscalls
                 .iter()
                 .any(|list| list.contains(&libc::SYS_clone3));
             let expected = matches!(kind, ThreadKind::EventLoop | ThreadKind::Api);

@@ -8,7 +8,7 @@
 
 use std::sync::OnceLock;
 
-use splitvisor_confine::{ConfineError, SeccompMode, SPAWN};
+use splitvisor_confine::{ConfineError, Policy, SeccompMode, SPAWN};
 
 static MODE: OnceLock<SeccompMode> = OnceLock::new();
 
@@ -64,8 +64,14 @@ pub fn set_mode(mode: SeccompMode) {
 pub fn confine() -> Result<(), ConfineError> {
     let mode = MODE.get().copied().unwrap_or_default();
     splitvisor_confine::drop_all_capabilities()?;
-    splitvisor_confine::confine_process(mode, "splitvisor-blk", ALLOWED)
+    splitvisor_confine::confine_process(mode, &POLICY)
 }
+
+const POLICY: Policy = Policy {
+    kind: "splitvisor-blk",
+    syscalls: ALLOWED,
+    ioctls: &[],
+};
 
 const ALLOWED: &[&[libc::c_long]] = &[VHOST_BACKEND, DISK_IO, SIGNALS, SPAWN];
 
@@ -74,6 +80,6 @@ mod tests {
     #[test]
     fn the_allow_list_compiles() {
         let action = splitvisor_confine::SeccompAction::Trap;
-        splitvisor_confine::compile("splitvisor-blk", super::ALLOWED, action).unwrap();
+        splitvisor_confine::compile(&super::POLICY, action).unwrap();
     }
 }

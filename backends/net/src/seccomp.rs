@@ -8,7 +8,7 @@
 
 use std::sync::OnceLock;
 
-use splitvisor_confine::{ConfineError, SeccompMode, SPAWN};
+use splitvisor_confine::{ConfineError, Ioctl, Policy, SeccompMode, SPAWN};
 
 static MODE: OnceLock<SeccompMode> = OnceLock::new();
 
@@ -41,9 +41,11 @@ const VHOST_BACKEND: &[libc::c_long] = &[
     libc::SYS_fstat,
 ];
 
-/// Frames to and from the TAP (read, writev), kicks and calls (eventfd read/write), and the
-/// offload settings the guest negotiates (TUNSETOFFLOAD, which needs no capability).
-const FRAMES: &[libc::c_long] = &[libc::SYS_read, libc::SYS_readv, libc::SYS_ioctl];
+/// Frames to and from the TAP (read, writev), kicks and calls (eventfd read/write).
+const FRAMES: &[libc::c_long] = &[libc::SYS_read, libc::SYS_readv];
+
+/// The offload settings the guest negotiates (TUNSETOFFLOAD, which needs no capability).
+const NET_IOCTLS: &[Ioctl] = &[Ioctl::Request(libc::TUNSETOFFLOAD)];
 
 /// The SIGINT/SIGTERM thread: wait, print the counters, remove the sockets, exit.
 const SIGNALS: &[libc::c_long] = &[libc::SYS_rt_sigtimedwait, libc::SYS_rt_sigaction];
@@ -57,8 +59,14 @@ pub fn set_mode(mode: SeccompMode) {
 pub fn confine() -> Result<(), ConfineError> {
     let mode = MODE.get().copied().unwrap_or_default();
     splitvisor_confine::drop_all_capabilities()?;
-    splitvisor_confine::confine_process(mode, "splitvisor-net", ALLOWED)
+    splitvisor_confine::confine_process(mode, &POLICY)
 }
+
+const POLICY: Policy = Policy {
+    kind: "splitvisor-net",
+    syscalls: ALLOWED,
+    ioctls: NET_IOCTLS,
+};
 
 const ALLOWED: &[&[libc::c_long]] = &[VHOST_BACKEND, FRAMES, SIGNALS, SPAWN];
 
@@ -67,6 +75,6 @@ mod tests {
     #[test]
     fn the_allow_list_compiles() {
         let action = splitvisor_confine::SeccompAction::Trap;
-        splitvisor_confine::compile("splitvisor-net", super::ALLOWED, action).unwrap();
+        splitvisor_confine::compile(&super::POLICY, action).unwrap();
     }
 }
