@@ -54,9 +54,9 @@ impl ThreadKind {
         let (syscalls, ioctls): (&'static [&'static [libc::c_long]], &'static [Ioctl]) = match self
         {
             Self::Main => (&[MAIN, ENDING], TERMINAL_IOCTLS),
-            Self::Vcpu => (&[VHOST_FRONTEND, DISK_IO], KVM_IOCTLS),
-            Self::EventLoop => (&[EVENT_LOOP, VHOST_FRONTEND, SPAWN], &[]),
-            Self::Api => (&[API, VHOST_FRONTEND, SPAWN], &[]),
+            Self::Vcpu => (&[VHOST_MESSAGES, DISK_IO, ENDING], KVM_IOCTLS),
+            Self::EventLoop => (&[EVENT_LOOP, VHOST_MESSAGES, VHOST_CONNECT, SPAWN], &[]),
+            Self::Api => (&[API, VHOST_MESSAGES, VHOST_CONNECT, SPAWN], &[]),
             Self::Signals => (&[SIGNALS, ENDING], &[]),
             Self::Console => (&[CONSOLE, ENDING], &[]),
             Self::VhostDeadline => (&[VHOST_DEADLINE], &[]),
@@ -69,28 +69,33 @@ impl ThreadKind {
     }
 }
 
-/// Talking to a vhost-user backend (set-up, activation, swaps, recovery): connecting, messages
-/// with file descriptors, eventfds, and watching the socket on the event loop.
-const VHOST_FRONTEND: &[libc::c_long] = &[
-    libc::SYS_socket,
-    libc::SYS_connect,
+/// vhost-user messages on a connected backend, with file descriptors (duplicated first): what a
+/// guest's register write does on the vCPU thread when it activates or resets a device.
+const VHOST_MESSAGES: &[libc::c_long] = &[
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
     libc::SYS_read,
     libc::SYS_close,
     libc::SYS_fcntl,
+    libc::SYS_shutdown,
+];
+
+/// Connecting to a backend (recovery, swaps): the socket, its timeouts, the path check, and
+/// watching the new connection on the event loop.
+const VHOST_CONNECT: &[libc::c_long] = &[
+    libc::SYS_socket,
+    libc::SYS_connect,
     libc::SYS_poll,
     libc::SYS_eventfd2,
     libc::SYS_epoll_ctl,
-    libc::SYS_shutdown,
     libc::SYS_setsockopt,
     libc::SYS_statx,
     libc::SYS_newfstatat,
 ];
 
-/// Ending the VM (`EndSignal::end`, on whichever thread saw the reason) runs its hooks, which
-/// shut down the sockets of vhost-user exchanges still pending (the others have `shutdown` in
-/// `VHOST_FRONTEND`).
+/// Ending the VM (`EndSignal::end`, on whichever thread saw the reason: guest exit, signal,
+/// console escape, API) runs its hooks, which shut down the sockets of vhost-user exchanges
+/// still pending.
 const ENDING: &[libc::c_long] = &[libc::SYS_shutdown];
 
 /// KVM_RUN and the register and interrupt ioctls of exits: any KVM ioctl, nothing else (no
