@@ -65,7 +65,7 @@ pub enum RunError {
         #[source]
         source: ::vhost::vhost_user::Error,
     },
-    #[error("cannot confine the daemon (--seccomp off turns the filter off)")]
+    #[error("cannot confine the daemon")]
     Confine(#[from] splitvisor_confine::ConfineError),
 }
 

@@ -52,7 +52,7 @@ pub enum DaemonError {
     Serve { path: PathBuf, reason: String },
     #[error("failed to start the thread for {0}")]
     SpawnPort(PathBuf, #[source] std::io::Error),
-    #[error("failed to confine the daemon (--seccomp off turns the filter off)")]
+    #[error("failed to confine the daemon")]
     Confine(#[from] splitvisor_confine::ConfineError),
 }
 
