@@ -173,6 +173,11 @@ impl RunningVm {
         }
     }
 
+    /// The VMM's process id (for /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The guest's console output so far.
     pub fn stdout_so_far(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.stdout).unwrap_or_default()).into_owned()

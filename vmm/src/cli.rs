@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use splitvisor_confine::SeccompMode;
 
 use crate::config::{ByteSize, DiskConfig, KernelSource, NetConfig, SerialConfig, VmConfig};
 
@@ -224,6 +225,12 @@ pub struct VmArgs {
     /// Default: api.sock in the VM's directory under the runtime directory (see --name).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// seccomp filters on the VMM's threads, each allowed only the system calls its kind
+    /// needs: `on` kills the VMM with SIGSYS on any other call (saying which), `log` lets it
+    /// through but logs it in the kernel log (dmesg, type=1326), `off` does not filter.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompMode::On)]
+    pub seccomp: SeccompMode,
 }
 
 impl VmArgs {
@@ -239,6 +246,8 @@ impl VmArgs {
             serial_flag(&self.serial),
             "--connect-timeout".into(),
             self.connect_timeout.to_string().into(),
+            "--seccomp".into(),
+            self.seccomp.to_string().into(),
         ];
         if let Some(kernel) = &self.kernel {
             flags.extend(["--kernel".into(), kernel.into()]);
@@ -409,6 +418,8 @@ mod tests {
             "4",
             "--api-socket",
             "/run/api.sock",
+            "--seccomp",
+            "log",
         ])
         .unwrap();
         let Command::Run(original) = cli.command else {

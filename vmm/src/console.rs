@@ -267,6 +267,7 @@ struct Reader {
 
 impl Reader {
     fn run(mut self) {
+        crate::seccomp::confine(crate::seccomp::ThreadKind::Console);
         let mut buf = [0u8; 4096];
         loop {
             if self.end.is_stopping() || (self.eof && self.forwarder.pending.is_empty()) {

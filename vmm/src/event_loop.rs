@@ -92,6 +92,7 @@ impl EventLoop {
     }
 
     fn run(&self) {
+        crate::seccomp::confine(crate::seccomp::ThreadKind::EventLoop);
         let mut events = vec![EpollEvent::default(); 64];
         loop {
             let count = match self.epoll.wait(-1, &mut events) {

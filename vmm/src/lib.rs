@@ -21,6 +21,7 @@ pub mod list;
 pub mod memory;
 pub mod pause;
 pub mod registry;
+pub mod seccomp;
 pub mod stats;
 pub mod terminal;
 pub mod vcpu;

@@ -33,6 +33,7 @@ fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     config.validate()?;
     // Dropped after the VM ends: removes the VM's entry (and its API socket with it).
     let _registration = register(args, &mut config)?;
+    splitvisor::seccomp::set_mode(args.vm.seccomp);
     let (end, stats) = Vm::new(&config)?.run()?;
     if let Some(message) = end.describe() {
         eprintln!("splitvisor: {message}");

@@ -26,6 +26,7 @@ use crate::event_loop::EventLoop;
 use crate::layout;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::pause::PauseGate;
+use crate::seccomp::ThreadKind;
 use crate::vcpu::{self, ExitCounters, Vcpu, VcpuContext, VcpuError};
 use crate::vm_end::{EndSignal, VmEnd};
 
@@ -198,7 +199,10 @@ impl Vm {
             let ctx = self.ctx.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu::run_catching_panics(vcpu, ctx))
+                .spawn(move || {
+                    crate::seccomp::confine(ThreadKind::Vcpu);
+                    vcpu::run_catching_panics(vcpu, ctx)
+                })
                 .map_err(|e| VmError::SpawnVcpu(index, e))?;
             threads.push(handle);
         }
@@ -209,6 +213,8 @@ impl Vm {
             .take()
             .map(|listener| listener.serve(self.control.clone()))
             .transpose()?;
+        // Every thread is started: what is left here is waiting, stopping and reporting.
+        crate::seccomp::confine(ThreadKind::Main);
         let end = self.ctx.end.wait();
         // No API request may kick a thread once it is joined.
         drop(api);
@@ -460,12 +466,15 @@ fn watch_termination_signals(end: Arc<EndSignal>) -> Result<(), VmError> {
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            let mut signal = 0;
-            // SAFETY: `set` and `signal` are valid for the call.
-            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                info!("received signal {signal}; stopping the VM");
-                end.end(VmEnd::Interrupted);
+        .spawn(move || {
+            crate::seccomp::confine(ThreadKind::Signals);
+            loop {
+                let mut signal = 0;
+                // SAFETY: `set` and `signal` are valid for the call.
+                if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                    info!("received signal {signal}; stopping the VM");
+                    end.end(VmEnd::Interrupted);
+                }
             }
         })
         .map(|_| ())

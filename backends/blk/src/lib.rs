@@ -5,6 +5,7 @@ pub mod disk;
 pub mod imagelock;
 pub mod loglimit;
 pub mod request;
+pub mod seccomp;
 pub mod socket;
 pub mod stats;
 pub mod vhost;
@@ -70,6 +71,8 @@ pub enum RunError {
         #[source]
         source: ::vhost::vhost_user::Error,
     },
+    #[error("cannot confine the daemon")]
+    Confine(#[from] splitvisor_confine::ConfineError),
 }
 
 fn validate(config: &Config) -> Result<(), RunError> {
@@ -148,6 +151,8 @@ pub fn run(config: Config) -> Result<(), RunError> {
         BlkBackend::new(disk, info, config.queues, queue_size, stats.clone())
             .with_request_delay(test_request_delay()),
     );
+    // Image open, socket bound, signal thread started: nothing privileged is left to do.
+    seccomp::confine()?;
     loop {
         let end = vhost::serve_frontend(&mut listener, device.clone()).map_err(|source| {
             RunError::Accept {

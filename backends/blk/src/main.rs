@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use splitvisor_blk::{run, Config};
+use splitvisor_confine::SeccompMode;
 
 /// vhost-user-blk backend daemon of splitvisor: serves a raw disk image to a VMM over a
 /// vhost-user Unix socket, one frontend at a time, accepting the next one after a disconnect.
@@ -42,6 +43,11 @@ struct Cli {
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: String,
+    /// seccomp filter once set-up is done: `on` kills the daemon with SIGSYS on a system call
+    /// outside its allow-list (saying which), `log` lets it through but logs it in the kernel
+    /// log (dmesg, type=1326), `off` does not filter. Capabilities are dropped in every mode.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompMode::On)]
+    seccomp: SeccompMode,
 }
 
 fn default_serial(image: &std::path::Path) -> String {
@@ -62,6 +68,7 @@ fn main() -> ExitCode {
         .parse_filters(&cli.log_level)
         .parse_env("RUST_LOG")
         .init();
+    splitvisor_blk::seccomp::set_mode(cli.seccomp);
     let config = Config {
         serial: cli.serial.unwrap_or_else(|| default_serial(&cli.image)),
         socket: cli.socket,

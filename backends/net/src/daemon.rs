@@ -52,6 +52,8 @@ pub enum DaemonError {
     Serve { path: PathBuf, reason: String },
     #[error("failed to start the thread for {0}")]
     SpawnPort(PathBuf, #[source] std::io::Error),
+    #[error("failed to confine the daemon")]
+    Confine(#[from] splitvisor_confine::ConfineError),
 }
 
 /// How to build one connection's backend on a port.
@@ -117,6 +119,8 @@ fn run_tap(
         log::warn!("{e}");
     }
     log::info!("attached to TAP {name} with {queues} queue pair(s)");
+    // The TAP is attached: CAP_NET_ADMIN and everything else can go.
+    crate::seccomp::confine()?;
     let tap_fds = taps.iter().map(TapQueue::fd).collect();
     let pairs = Arc::new(taps.into_iter().map(TapPair::new).collect::<Vec<_>>());
     let spec = PortSpec {
@@ -140,6 +144,7 @@ fn run_switch(
     bound: Vec<BoundSocket>,
     stats: Vec<Arc<PortStats>>,
 ) -> Result<(), DaemonError> {
+    crate::seccomp::confine()?;
     let switch = Arc::new(Switch::new(stats.clone()));
     let mut threads = Vec::new();
     for (port, sock) in bound.into_iter().enumerate() {

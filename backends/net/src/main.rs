@@ -15,6 +15,7 @@ mod relay;
 mod relay_check;
 mod ring;
 mod rxtx;
+mod seccomp;
 mod socket;
 mod stats;
 mod switch;
@@ -30,6 +31,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use splitvisor_confine::SeccompMode;
 
 use crate::daemon::{Config, Mode};
 use crate::switch::{MacAddr, MAX_PORTS};
@@ -62,6 +64,11 @@ struct Args {
     /// MTU to advertise (VIRTIO_NET_F_MTU).
     #[arg(long)]
     mtu: Option<u16>,
+    /// seccomp filter once set-up is done: `on` kills the daemon with SIGSYS on a system call
+    /// outside its allow-list (saying which), `log` lets it through but logs it in the kernel
+    /// log (dmesg, type=1326), `off` does not filter. Capabilities are dropped in every mode.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompMode::On)]
+    seccomp: SeccompMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +169,9 @@ fn report(error: &dyn std::error::Error) -> ExitCode {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let config = match config(Args::parse()) {
+    let args = Args::parse();
+    seccomp::set_mode(args.seccomp);
+    let config = match config(args) {
         Ok(config) => config,
         Err(e) => return report(&e),
     };

@@ -125,6 +125,7 @@ impl Drop for ApiServer {
 }
 
 fn accept_loop(listener: UnixListener, control: Arc<VmControl>, stopping: Arc<AtomicBool>) {
+    crate::seccomp::confine(crate::seccomp::ThreadKind::Api);
     let slots = Arc::new(Slots::new(MAX_CONNECTIONS));
     for stream in listener.incoming() {
         if stopping.load(Ordering::SeqCst) {

@@ -242,6 +242,7 @@ impl Watchdog {
 
     /// The watchdog thread: sleeps until the earliest deadline, fires what overran.
     fn watch(&self) {
+        crate::seccomp::confine(crate::seccomp::ThreadKind::VhostDeadline);
         let mut state = self.lock();
         loop {
             let now = Instant::now();
