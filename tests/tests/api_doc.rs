@@ -38,7 +38,8 @@ fn a_live_vmm_answers_every_documented_route_as_documented() {
     std::fs::File::create(&img)
         .and_then(|f| f.set_len(16 << 20))
         .expect("create the image");
-    let disk = format!("image={}", img.display());
+    // Shared: a second daemon on the same image is the target of the swaps below.
+    let disk = format!("image={},share", img.display());
     let out = host.launch(
         "d",
         &["--disk", &disk, "--cmdline", "blk-verify,seconds=120"],
@@ -62,6 +63,7 @@ fn a_live_vmm_answers_every_documented_route_as_documented() {
             second_backend.as_os_str(),
             "--image".as_ref(),
             img.as_os_str(),
+            "--share".as_ref(),
         ],
         &second_backend,
     )

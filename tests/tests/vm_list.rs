@@ -47,7 +47,8 @@ fn listed(host: &Host, name: &str) -> Value {
 fn start_two(host: &mut Host) -> (PathBuf, PathBuf) {
     let (img_a, img_b) = (image(host, "a.img"), image(host, "b.img"));
     let disk_a = format!("image={}", img_a.display());
-    let disk_b = format!("image={}", img_b.display());
+    // Shared: b's disk is swapped to a second daemon on the same image.
+    let disk_b = format!("image={},share", img_b.display());
     let out = host.launch("a", &["--disk", &disk_a, "--cmdline", TASK]);
     assert_eq!(out.code, Some(0), "launch a\n{out}");
     assert!(out.stderr.contains("launch: VM a is running"), "{out}");
@@ -151,10 +152,6 @@ fn assert_both_listed(host: &Host) -> Value {
 fn swap_reaches_b_only(host: &Host, img_b: &Path, a: &Value) {
     let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").expect("splitvisor-blk");
     let new_socket = host.dir.join("b2.sock");
-    // launch's daemon holds b's image exclusively; the new backend gets a copy of it (same
-    // size, which is what a swap checks).
-    let img_b2 = host.dir.join("b2.img");
-    std::fs::copy(img_b, &img_b2).expect("copy b's image");
     let _daemon = Daemon::start(
         &host.dir,
         "b2",
@@ -163,7 +160,8 @@ fn swap_reaches_b_only(host: &Host, img_b: &Path, a: &Value) {
             "--socket".as_ref(),
             new_socket.as_os_str(),
             "--image".as_ref(),
-            img_b2.as_os_str(),
+            img_b.as_os_str(),
+            "--share".as_ref(),
         ],
         &new_socket,
     )

@@ -129,8 +129,19 @@ impl Registration {
 }
 
 impl Drop for Registration {
+    /// Removes the entry by its known files and then the directory: plain unlink and rmdir,
+    /// which the confined main thread may call (a directory walk would need openat and
+    /// getdents64, which its seccomp filter does not allow).
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        for file in [ENTRY_FILE, SOCKET_FILE] {
+            let _ = std::fs::remove_file(self.dir.join(file));
+        }
+        if let Err(e) = std::fs::remove_dir(&self.dir) {
+            log::warn!(
+                "could not remove the VM's runtime entry {}: {e}",
+                self.dir.display()
+            );
+        }
     }
 }
 

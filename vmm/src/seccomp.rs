@@ -152,6 +152,8 @@ const MAIN: &[libc::c_long] = &[
     libc::SYS_socket,
     libc::SYS_connect,
     libc::SYS_unlink,
+    // The VM's runtime entry (registry) is removed at exit.
+    libc::SYS_rmdir,
     libc::SYS_close,
     libc::SYS_fcntl,
     libc::SYS_read,

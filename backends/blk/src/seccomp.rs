@@ -34,6 +34,12 @@ const VHOST_BACKEND: &[libc::c_long] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_read,
+    // The message relay in front of vhost's parser (a socketpair per frontend) and the fd
+    // checks (an eventfd is recognised by its /proc/self/fd link).
+    libc::SYS_socketpair,
+    libc::SYS_setsockopt,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
 ];
 
 /// Requests on the image: reads, writes, flushes, discard and write-zeroes (fallocate).

@@ -39,6 +39,9 @@ const VHOST_BACKEND: &[libc::c_long] = &[
     libc::SYS_statx,
     libc::SYS_newfstatat,
     libc::SYS_fstat,
+    // The relay's fd checks: an eventfd is recognised by its /proc/self/fd link.
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
 ];
 
 /// Frames to and from the TAP (read, writev), kicks and calls (eventfd read/write).

@@ -27,6 +27,7 @@ Runtime directory:
 
 Backends:
   --disk image=PATH       splitvisor-blk --socket RUNDIR/ID.sock --image PATH [--readonly] [--queues N]
+                          [--share] (share: another daemon may serve the image too, for swaps)
   --net tap=NAME          splitvisor-net --tap NAME --socket RUNDIR/ID.sock
   --net switch=NAME       one splitvisor-net --switch --socket RUNDIR/ID.sock ... per switch name,
                           shared by every NIC that names it (its log: switch-NAME.log)
@@ -77,7 +78,8 @@ pub struct LaunchArgs {
     pub vm: VmArgs,
 
     /// A disk served by its own splitvisor-blk (repeatable; ids default to disk0, disk1, ...):
-    /// `image=PATH[,readonly][,queues=N][,id=NAME]`.
+    /// `image=PATH[,readonly][,share][,queues=N][,id=NAME]`; `share` lets another splitvisor-blk
+    /// open the image too (the target of a planned swap; see splitvisor-blk --share).
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<DiskFlag>,
 

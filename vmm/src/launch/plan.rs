@@ -127,7 +127,7 @@ impl Plan {
     }
 }
 
-/// `splitvisor-blk --socket SOCKET --image IMAGE [--readonly] [--queues N]`.
+/// `splitvisor-blk --socket SOCKET --image IMAGE [--readonly] [--queues N] [--share]`.
 fn blk_daemon(
     disk: &DiskSpec,
     socket: &Path,
@@ -145,6 +145,9 @@ fn blk_daemon(
     }
     if let Some(queues) = disk.queues {
         args.extend(["--queues".into(), queues.to_string().into()]);
+    }
+    if disk.share {
+        args.push("--share".into());
     }
     Ok(DaemonSpec {
         name: disk.id.clone(),

@@ -87,6 +87,7 @@ fn each_disk_and_tap_gets_a_daemon_and_each_switch_one_shared_daemon() {
             image: "/images/a.img".into(),
             readonly: true,
             queues: Some(2),
+            share: true,
         }],
         vec![
             net("net0", NetBackend::Tap("tap0".into()), None),
@@ -130,6 +131,7 @@ fn each_disk_and_tap_gets_a_daemon_and_each_switch_one_shared_daemon() {
                 "--readonly".into(),
                 "--queues".into(),
                 "2".into(),
+                "--share".into(),
             ]),
             1,
         ),

@@ -72,6 +72,9 @@ pub struct DiskSpec {
     pub image: PathBuf,
     pub readonly: bool,
     pub queues: Option<u16>,
+    /// Passes `--share` to the daemon: the image may be opened by another splitvisor-blk
+    /// too (the target of a planned swap), so it takes a shared lock.
+    pub share: bool,
 }
 
 /// What a network card is connected to.
@@ -104,30 +107,38 @@ pub fn switch_daemon_name(switch: &str) -> String {
     format!("switch-{switch}")
 }
 
-/// `--disk image=PATH[,readonly][,queues=N][,id=NAME]`, before ids are assigned.
+/// `--disk image=PATH[,readonly][,share][,queues=N][,id=NAME]`, before ids are assigned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskFlag {
     id: Option<String>,
     image: Option<PathBuf>,
     readonly: bool,
     queues: Option<u16>,
+    share: bool,
 }
 
 impl FromStr for DiskFlag {
     type Err = ConfigError;
 
     fn from_str(value: &str) -> Result<Self, Self::Err> {
-        let pairs = parse_key_values("disk", value, "image, readonly, queues, id", &["readonly"])?;
+        let pairs = parse_key_values(
+            "disk",
+            value,
+            "image, readonly, share, queues, id",
+            &["readonly", "share"],
+        )?;
         let mut disk = DiskFlag {
             id: None,
             image: None,
             readonly: false,
             queues: None,
+            share: false,
         };
         for (key, val) in pairs {
             match key.as_str() {
                 "image" => disk.image = Some(PathBuf::from(val)),
                 "readonly" => disk.readonly = parse_bool("disk", value, &key, &val)?,
+                "share" => disk.share = parse_bool("disk", value, &key, &val)?,
                 "queues" => {
                     disk.queues = Some(val.parse().map_err(|_| ConfigError::BadDevice {
                         flag: "disk",
@@ -225,6 +236,8 @@ struct FileDisk {
     #[serde(default)]
     readonly: bool,
     queues: Option<u16>,
+    #[serde(default)]
+    share: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -316,6 +329,7 @@ impl FileDisk {
             image: paths.resolve(image),
             readonly: self.readonly,
             queues: self.queues,
+            share: self.share,
         })
     }
 }
@@ -362,6 +376,7 @@ impl LaunchSpec {
             image: d.image.clone().unwrap_or_default(),
             readonly: d.readonly,
             queues: d.queues,
+            share: d.share,
         });
         let nets = args.net.iter().enumerate().map(|(i, n)| NetSpec {
             id: n.id.clone().unwrap_or_else(|| format!("net{i}")),

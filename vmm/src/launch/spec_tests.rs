@@ -83,12 +83,14 @@ fn flags_give_devices_default_ids_in_order() {
                 image: scratch.image().into(),
                 readonly: true,
                 queues: Some(2),
+                share: false,
             },
             DiskSpec {
                 id: "data".into(),
                 image: scratch.image().into(),
                 readonly: false,
                 queues: None,
+                share: false,
             },
         ]
     );

@@ -39,7 +39,7 @@ pub enum ConnectError {
         #[source]
         source: ExchangeError,
     },
-    #[error("the backend on {} is busy: it closed the connection before answering {message}; a vhost-user backend serves one VMM at a time - is another VM using it? (start another daemon, or stop that VM)", .path.display())]
+    #[error("the backend on {} is busy or failed: it closed the connection before answering {message}; a vhost-user backend serves one VMM at a time - is another VM using it? (start another daemon, or stop that VM; otherwise see the backend's log)", .path.display())]
     Busy {
         path: PathBuf,
         message: &'static str,
