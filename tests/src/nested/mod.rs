@@ -25,6 +25,7 @@
 //! when `CI` is set. Overrides: [`ENV_BIN_DIR`], [`run::ENV_TIMEOUT`], and those of
 //! [`crate::interop`] for QEMU, kernel and busybox.
 
+pub mod cases;
 pub mod l1;
 pub mod rootfs;
 pub mod run;
