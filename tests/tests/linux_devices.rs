@@ -20,13 +20,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 use splitvisor_tests::interop::netns::NetTools;
-use splitvisor_tests::interop::{crc32, find_in_path, nonce, skip_unless_ci, Workdir};
+use splitvisor_tests::interop::{nonce, Workdir};
 use splitvisor_tests::nested::cases::{case_lines, case_marker, case_markers, Checks};
+use splitvisor_tests::nested::ext4::{crc_hex, ext4_image, E2fs, ImageFile};
 use splitvisor_tests::nested::{NestedFile, NestedHost, NestedOptions, NestedRun, L2_MODULES};
 
 const L2_SCRIPT: &str = include_str!("linux_devices/l2.sh");
@@ -65,100 +65,6 @@ fn l1_script(body: &str) -> String {
     format!("NET_BYTES={NET_BYTES}\nSWAPS={SWAPS}\nKILLS={KILLS}\n{L1_COMMON}\n{body}")
 }
 
-/// e2fsprogs' checker and debugger on the host.
-struct E2fs {
-    e2fsck: PathBuf,
-    debugfs: PathBuf,
-}
-
-impl E2fs {
-    fn require(test: &str) -> Option<E2fs> {
-        match (find_in_path("e2fsck"), find_in_path("debugfs")) {
-            (Some(e2fsck), Some(debugfs)) => Some(E2fs { e2fsck, debugfs }),
-            _ => {
-                let missing = ["e2fsck or debugfs not found".to_string()];
-                skip_unless_ci(test, &missing, "install e2fsprogs");
-                None
-            }
-        }
-    }
-
-    /// `e2fsck -fn IMAGE` must find the file system clean (exit 0).
-    fn check_clean(&self, checks: &mut Checks, what: &str, image: &Path) {
-        let out = Command::new(&self.e2fsck)
-            .arg("-fn")
-            .arg(image)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.e2fsck.display()));
-        checks.that(
-            &format!("{what}: e2fsck -fn {} is clean", image.display()),
-            out.status.success(),
-            format!(
-                "{}\n{}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        );
-    }
-
-    /// The contents of `path` in the ext4 image (`debugfs -R "cat PATH"`).
-    fn cat(&self, image: &Path, path: &str) -> Result<Vec<u8>, String> {
-        let out = Command::new(&self.debugfs)
-            .args(["-R", &format!("cat {path}")])
-            .arg(image)
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", self.debugfs.display()))?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() || stderr.contains("not found") {
-            return Err(format!("debugfs cat {path}: {} {stderr}", out.status));
-        }
-        Ok(out.stdout)
-    }
-
-    /// The crc32 of `path` in the image, as busybox prints it.
-    fn crc(&self, image: &Path, path: &str) -> Result<String, String> {
-        self.cat(image, path).map(|data| crc_hex(&data))
-    }
-}
-
-fn crc_hex(data: &[u8]) -> String {
-    format!("{:08x}", crc32(data))
-}
-
-/// A file for [`ext4_image`]: path inside the image, contents, permission bits.
-type ImageFile<'a> = (&'a str, &'a [u8], u32);
-
-/// A raw ext4 image of [`IMAGE_LEN`] bytes made with `mkfs.ext4 -d` from `files`.
-fn ext4_image(host: &NestedHost, workdir: &Workdir, name: &str, files: &[ImageFile]) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = workdir.join(&format!("{name}.d"));
-    std::fs::create_dir_all(&dir).unwrap();
-    for (file, data, mode) in files {
-        let path = dir.join(file);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, data).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode)).unwrap();
-    }
-    let image = workdir.join(&format!("{name}.ext4"));
-    let file = std::fs::File::create(&image).unwrap();
-    file.set_len(IMAGE_LEN).unwrap();
-    drop(file);
-    let out = Command::new(&host.mkfs)
-        .args(["-q", "-F", "-t", "ext4", "-E", "root_owner=0:0", "-d"])
-        .arg(&dir)
-        .arg(&image)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", host.mkfs.display()));
-    assert!(
-        out.status.success(),
-        "mkfs.ext4 -d {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    image
-}
-
 /// Print the run's times and how long each case ran in L1 (from the `SV:t-<case>` stamps), for
 /// spotting slow or hung cases.
 fn print_times(name: &str, run: &NestedRun) {
@@ -194,6 +100,10 @@ fn check_interrupts(checks: &mut Checks, run: &NestedRun, name: &str, device: &s
     );
     let metrics = json_marker(checks, run, &format!("{name}-metrics"));
     let interrupts = metrics["devices"][device]["used_buffer_interrupts"].as_u64();
+    eprintln!(
+        "  {name}: GET /metrics devices.{device} = {}",
+        metrics["devices"][device]
+    );
     checks.that(
         &format!("{name}: GET /metrics counts interrupts for {device}"),
         interrupts.is_some_and(|n| n > 0),
@@ -223,6 +133,7 @@ fn linux_uses_ext4_on_splitvisor_blk_with_two_queues_readonly_and_driver_resets(
         &host,
         &workdir,
         "disk",
+        IMAGE_LEN,
         &[("seed.txt", seed.as_bytes(), 0o644)],
     );
     let original_crc = crc_hex(&std::fs::read(&image).unwrap());
@@ -449,8 +360,8 @@ fn linux_keeps_every_write_across_planned_swaps_and_backend_kills() {
         return;
     };
     let workdir = Workdir::new("linux-swap");
-    let swap_image = ext4_image(&host, &workdir, "swap", &[]);
-    let launch_image = ext4_image(&host, &workdir, "launch", &[]);
+    let swap_image = ext4_image(&host, &workdir, "swap", IMAGE_LEN, &[]);
+    let launch_image = ext4_image(&host, &workdir, "launch", IMAGE_LEN, &[]);
     let mut files = l2_files(&host, &workdir);
     files.push(NestedFile::from_path(
         "root.ext4",
@@ -591,7 +502,7 @@ fn root_image(host: &NestedHost, workdir: &Workdir) -> PathBuf {
         ("sys/.keep", b"", 0o644),
         ("dev/.keep", b"", 0o644),
     ];
-    ext4_image(host, workdir, "root", &files)
+    ext4_image(host, workdir, "root", IMAGE_LEN, &files)
 }
 
 /// The guest booted with `root=/dev/vda` under launch: ext4 from splitvisor-blk as `/`,
