@@ -24,7 +24,13 @@
 //! kernel, busybox-static, e2fsprogs); without them [`NestedHost::require`] skips, or fails
 //! when `CI` is set. Overrides: [`ENV_BIN_DIR`], [`run::ENV_TIMEOUT`], and those of
 //! [`crate::interop`] for QEMU, kernel and busybox.
+//!
+//! Helpers for tests running several L2 guests per L1 boot: [`cases`] (each guest's output
+//! under a `<case>| ` prefix, a collector of failed checks) and [`ext4`] (ext4 images made on
+//! the host for writable disks, checked afterwards with `e2fsck` and `debugfs`).
 
+pub mod cases;
+pub mod ext4;
 pub mod l1;
 pub mod rootfs;
 pub mod run;
