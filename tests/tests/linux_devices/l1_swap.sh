@@ -1,10 +1,10 @@
-# Planned swaps (/dev/vdb, two daemons on one image) and crash recovery under launch
+# Planned swaps (/dev/vdb, two daemons sharing one image: --share) and crash recovery under launch
 # (/dev/vdc, the disk daemon killed KILLS times, then the net daemon once), both while the guest
 # writes and verifies in a loop that a line on its console ends.
 stamp swap
-splitvisor-blk --socket /tmp/s0.sock --image /dev/vdb --log-level warn 2>/tmp/s0.log &
+splitvisor-blk --socket /tmp/s0.sock --image /dev/vdb --share --log-level warn 2>/tmp/s0.log &
 d0=$!
-splitvisor-blk --socket /tmp/s1.sock --image /dev/vdb --log-level warn 2>/tmp/s1.log &
+splitvisor-blk --socket /tmp/s1.sock --image /dev/vdb --share --log-level warn 2>/tmp/s1.log &
 d1=$!
 wait_sock /tmp/s0.sock /tmp/s1.sock || exit 1
 mkfifo /tmp/swap.in
