@@ -17,6 +17,12 @@ pub enum ConfigError {
     ParseSize(String),
     #[error("--memory {0} is too small: the guest needs at least {min} MiB", min = MIN_MEMORY_BYTES >> 20)]
     MemoryTooSmall(String),
+    #[error(
+        "--memory {value} is {value} bytes, too small for a guest (at least {min} MiB): did you \
+         mean {value}M?",
+        min = MIN_MEMORY_BYTES >> 20
+    )]
+    MemoryBareNumber { value: u64 },
     #[error("--memory {0} is too large: splitvisor supports at most {max} GiB", max = MAX_MEMORY_BYTES >> 30)]
     MemoryTooLarge(String),
     #[error("--memory {0} is not a whole number of MiB")]
@@ -136,8 +142,22 @@ pub enum KernelSource {
     File(PathBuf),
 }
 
-/// `key=value,key=value` as written on the command line, checked against the keys allowed.
-/// Keys in `switches` may be written bare (`readonly` = `readonly=on`).
+/// The device grammar's other spellings of a key, shared by `run`, `launch` and the TOML file
+/// (README, "One device grammar"): `(alias, key)`.
+pub const KEY_ALIASES: &[(&str, &str)] =
+    &[("path", "image"), ("ro", "readonly"), ("serial", "disk_id")];
+
+/// The key an alias stands for (the key itself if it is none).
+pub fn canonical_key(key: &str) -> &str {
+    KEY_ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == key)
+        .map_or(key, |(_, canonical)| canonical)
+}
+
+/// `key=value,key=value` as written on the command line, checked against the keys allowed
+/// (aliases are replaced by their key first). Keys in `switches` may be written bare
+/// (`readonly` = `readonly=on`).
 pub(crate) fn parse_key_values(
     flag: &'static str,
     value: &str,
@@ -147,9 +167,9 @@ pub(crate) fn parse_key_values(
     let mut pairs = Vec::new();
     for item in value.split(',').filter(|i| !i.is_empty()) {
         let (key, val) = match item.split_once('=') {
-            Some((k, v)) => (k, v),
+            Some((k, v)) => (canonical_key(k), v),
             // Boolean flags may be written bare: `readonly`.
-            None if switches.contains(&item) => (item, "on"),
+            None if switches.contains(&canonical_key(item)) => (canonical_key(item), "on"),
             None => {
                 return Err(ConfigError::NotKeyValue {
                     flag,
@@ -222,7 +242,7 @@ impl FromStr for DiskConfig {
         let pairs = parse_key_values(
             "disk",
             value,
-            "socket, path, emulated, readonly, id",
+            "socket, image, emulated, readonly, id",
             &["readonly"],
         )?;
         let (mut id, mut socket, mut path, mut emulated, mut readonly) =
@@ -230,7 +250,7 @@ impl FromStr for DiskConfig {
         for (key, val) in pairs {
             match key.as_str() {
                 "socket" => socket = Some(PathBuf::from(val)),
-                "path" => path = Some(PathBuf::from(val)),
+                "image" => path = Some(PathBuf::from(val)),
                 "emulated" => emulated = Some(val),
                 "readonly" => readonly = parse_bool("disk", value, &key, &val)?,
                 _ => id = Some(val),
@@ -276,11 +296,10 @@ impl FromStr for NetConfig {
             match key.as_str() {
                 "socket" => socket = Some(PathBuf::from(val)),
                 "mac" => {
-                    mac = Some(parse_mac(&val).ok_or_else(|| {
-                        bad(format!(
-                            "mac={val}: expected six hex bytes like 52:54:00:12:34:56"
-                        ))
-                    })?)
+                    mac = Some(
+                        crate::device_values::parse_mac(&val)
+                            .map_err(|e| bad(format!("mac={val}: {e}")))?,
+                    )
                 }
                 _ => id = Some(val),
             }
@@ -288,19 +307,6 @@ impl FromStr for NetConfig {
         let socket = socket.ok_or_else(|| bad("expected socket=PATH".to_string()))?;
         Ok(NetConfig { id, socket, mac })
     }
-}
-
-fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        let part = parts.next()?;
-        if part.len() != 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
 }
 
 /// Everything `splitvisor run` needs to build and start a VM.
@@ -333,6 +339,16 @@ impl VmConfig {
     /// Limits that depend on the host (KVM's vCPU maximum) are checked when the VM is built.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let shown = self.memory.to_string();
+        let as_mib = self.memory.0.checked_mul(1 << 20);
+        if self.memory.0 != 0
+            && self.memory.0 < MIN_MEMORY_BYTES
+            && as_mib.is_some_and(|b| (MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&b))
+        {
+            // A bare number that makes sense as MiB, not as bytes: `--memory 512`.
+            return Err(ConfigError::MemoryBareNumber {
+                value: self.memory.0,
+            });
+        }
         if self.memory.0 < MIN_MEMORY_BYTES {
             return Err(ConfigError::MemoryTooSmall(shown));
         }

@@ -15,10 +15,10 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
     /// Raw disk image; its size is rounded down to whole 512-byte sectors.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, visible_alias = "path", value_name = "PATH")]
     image: PathBuf,
     /// Expose the disk read-only (VIRTIO_BLK_F_RO); writes fail with IOERR.
-    #[arg(long)]
+    #[arg(long, visible_alias = "ro")]
     readonly: bool,
     /// Number of virtqueues, each served by its own worker thread (1-64).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -30,7 +30,7 @@ struct Cli {
     #[arg(long)]
     direct: bool,
     /// Disk ID returned by GET_ID (at most 20 bytes) [default: image file name, truncated].
-    #[arg(long, visible_alias = "id", value_name = "ID")]
+    #[arg(long, visible_aliases = ["id", "disk-id"], value_name = "ID")]
     serial: Option<String>,
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).
     #[arg(long, value_name = "LEVEL", default_value = "info")]

@@ -1,7 +1,7 @@
 //! Unit tests of the command lines launch builds.
 
 use super::*;
-use crate::launch::spec::{DiskSpec, NetSpec};
+use crate::launch::spec::{DiskOptions, DiskSpec, NetSpec};
 
 /// A backend directory with (empty) binaries and a runtime directory, removed at drop.
 struct Fixture {
@@ -61,6 +61,8 @@ fn spec(disks: Vec<DiskSpec>, nets: Vec<NetSpec>) -> LaunchSpec {
         vm: args.vm,
         disks,
         nets,
+        socket_timeout: None,
+        reconnect_timeout: None,
     }
 }
 
@@ -75,6 +77,7 @@ fn net(id: &str, backend: NetBackend, mac: Option<&str>) -> NetSpec {
         id: id.into(),
         backend,
         mac: mac.map(str::to_string),
+        options: NetOptions::default(),
     }
 }
 
@@ -87,6 +90,7 @@ fn each_disk_and_tap_gets_a_daemon_and_each_switch_one_shared_daemon() {
             image: "/images/a.img".into(),
             readonly: true,
             queues: Some(2),
+            options: DiskOptions::default(),
         }],
         vec![
             net("net0", NetBackend::Tap("tap0".into()), None),
