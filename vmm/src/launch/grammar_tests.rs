@@ -207,3 +207,15 @@ fn a_bare_memory_number_gets_a_suggestion() {
     let spec = toml("memory", "memory = 512\n").unwrap();
     assert!(spec.vm.to_run_flags().contains(&"512".into()));
 }
+
+#[test]
+fn a_bad_switch_value_gets_the_same_message_from_run_and_launch() {
+    let from_run = run(&["--disk", "path=/i,emulated=ata,ro=maybe"]).unwrap_err();
+    let from_launch = launch(&["--disk", "image=/i,ro=maybe"]).unwrap_err();
+    for message in [from_run, from_launch] {
+        assert!(
+            message.contains("readonly=maybe: expected on or off"),
+            "{message}"
+        );
+    }
+}
