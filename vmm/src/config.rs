@@ -41,12 +41,14 @@ pub enum ConfigError {
         value: String,
         item: String,
     },
-    #[error("--{flag} '{value}': unknown key '{key}'; expected one of: {expected}")]
+    #[error("--{flag} '{value}': unknown key '{key}'; expected one of: {expected}{aliases}")]
     UnknownKey {
         flag: &'static str,
         value: String,
         key: String,
         expected: &'static str,
+        /// ` (aliases: path for image, ...)` for the allowed keys that have aliases.
+        aliases: String,
     },
     #[error("--{flag} '{value}': {problem}")]
     BadDevice {
@@ -179,11 +181,21 @@ pub(crate) fn parse_key_values(
             }
         };
         if !allowed.split(", ").any(|k| k == key) {
+            let aliases: Vec<String> = KEY_ALIASES
+                .iter()
+                .filter(|(_, canonical)| allowed.split(", ").any(|k| k == *canonical))
+                .map(|(alias, canonical)| format!("{alias} for {canonical}"))
+                .collect();
             return Err(ConfigError::UnknownKey {
                 flag,
                 value: value.to_string(),
                 key: key.to_string(),
                 expected: allowed,
+                aliases: if aliases.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (aliases: {})", aliases.join(", "))
+                },
             });
         }
         pairs.push((key.to_string(), val.to_string()));

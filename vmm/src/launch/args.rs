@@ -78,7 +78,7 @@ pub struct LaunchArgs {
     pub vm: VmArgs,
 
     /// A disk served by its own splitvisor-blk (repeatable; ids default to disk0, disk1, ...):
-    /// `image=PATH[,readonly][,queues=N][,direct][,queue_size=N][,disk_id=ID][,id=NAME]`
+    /// `image=PATH[,readonly][,queues=N][,id=NAME][,direct][,queue_size=N][,disk_id=ID]`
     /// (aliases: path= for image=, ro for readonly, serial= for disk_id=).
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<DiskFlag>,
