@@ -82,6 +82,25 @@ mod tests {
         assert!(checked >= 20, "only {checked} cases");
     }
 
+    /// splitvisor-net's copy of the checks is this file's, but for the header (its tests are
+    /// these but for this one).
+    #[test]
+    fn splitvisor_net_has_the_same_checks() {
+        let code = |text: &str| -> Vec<String> {
+            text.lines()
+                .take_while(|l| *l != "#[cfg(test)]")
+                .filter(|l| !l.starts_with("//!"))
+                .map(str::to_string)
+                .collect()
+        };
+        let net = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../backends/net/src/values.rs"
+        ));
+        let ours = include_str!("device_values.rs");
+        assert_eq!(code(net), code(ours));
+    }
+
     #[test]
     fn a_mac_parses_to_its_bytes() {
         assert_eq!(
