@@ -171,10 +171,10 @@ fn launch_passes_disk_keys_to_the_daemon_and_reports_its_errors() {
     let config = workdir.join("vm.toml");
     std::fs::write(
         &config,
-        "[[disk]]\npath = \"disk.img\"\nro = true\nqueue_size = 3\n",
+        "[[disk]]\npath = \"disk.img\"\nro = true\nqueue_size = 1000\n",
     )
     .unwrap();
-    let flag = format!("path={},ro,queue_size=3", image.display());
+    let flag = format!("path={},ro,queue_size=1000", image.display());
     for args in [
         vec!["--disk", flag.as_str()],
         vec!["--config", config.to_str().unwrap()],
@@ -182,8 +182,8 @@ fn launch_passes_disk_keys_to_the_daemon_and_reports_its_errors() {
         let run = Launch::run(&args, &workdir, "bad", LAUNCH_TIMEOUT);
         assert_eq!(run.run.code(), Some(1), "{args:?}\n{run}");
         for text in [
-            "--queue-size 3",
-            "--queue-size must be a power of two between 2 and 32768, got 3",
+            "--queue-size 1000",
+            "--queue-size must be a power of two between 2 and 32768, got 1000",
         ] {
             assert!(run.run.stderr.contains(text), "{args:?}: {text}\n{run}");
         }

@@ -69,23 +69,23 @@ fn run_takes_the_disk_keys_and_their_aliases() {
 #[test]
 fn launch_and_toml_take_every_disk_key_and_pass_it_to_the_daemon() {
     let image = image();
-    let flag = format!("path={image},ro,queues=2,direct,queue_size=128,serial=boot-1,id=root");
+    let flag = format!("path={image},ro,queues=2,direct,queue_size=512,serial=boot-1,id=root");
     let from_flag = launch(&["--disk", &flag]).unwrap();
     let from_file = toml(
         "disk",
         "[[disk]]\nid = \"root\"\npath = \"disk.img\"\nro = true\nqueues = 2\ndirect = true\n\
-         queue_size = 128\nserial = \"boot-1\"\n",
+         queue_size = 512\nserial = \"boot-1\"\n",
     )
     .unwrap();
     let canonical = toml(
         "disk-canonical",
         "[[disk]]\nid = \"root\"\nimage = \"disk.img\"\nreadonly = true\nqueues = 2\n\
-         direct = true\nqueue_size = 128\ndisk_id = \"boot-1\"\n",
+         direct = true\nqueue_size = 512\ndisk_id = \"boot-1\"\n",
     )
     .unwrap();
     let options = DiskOptions {
         direct: true,
-        queue_size: Some(128),
+        queue_size: Some(512),
         disk_id: Some("boot-1".into()),
     };
     for spec in [&from_flag, &from_file, &canonical] {
@@ -230,4 +230,15 @@ fn an_unknown_key_error_lists_the_aliases() {
     );
     let err = run(&["--net", "socket=/n,colour=red"]).unwrap_err();
     assert!(err.contains("expected one of: socket, mac, id\n"), "{err}");
+}
+
+#[test]
+fn a_queue_size_below_the_vmm_s_rings_is_refused_before_anything_starts() {
+    let image = image();
+    let expected = "queue_size = \"128\": the VMM offers the guest rings of 256 entries";
+    let err = launch(&["--disk", &format!("image={image},queue_size=128")]).unwrap_err();
+    assert!(err.contains(expected), "{err}");
+    let err = toml("qs", "[[disk]]\nimage = \"disk.img\"\nqueue_size = 128\n").unwrap_err();
+    assert!(err.contains(expected), "{err}");
+    let _ = std::fs::remove_file(&image);
 }

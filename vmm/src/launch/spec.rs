@@ -401,6 +401,7 @@ impl LaunchSpec {
         }
         self.check_switch_options(origin)?;
         for disk in &self.disks {
+            check_queue_size(disk, origin)?;
             check_image(disk, origin)?;
         }
         Ok(())
@@ -486,6 +487,25 @@ fn check_net(net: &NetSpec, ids: &HashSet<&str>, origin: &str) -> Result<(), Spe
         })?;
     }
     Ok(())
+}
+
+/// A queue size the guest's rings fit in: the VMM offers rings of `QUEUE_SIZE` entries and
+/// guests take them whole, so a daemon with smaller rings would fail the device at activation.
+/// Other values (not a power of two, too large) are the daemon's to refuse, with its message.
+fn check_queue_size(disk: &DiskSpec, origin: &str) -> Result<(), SpecError> {
+    use crate::vhost_user::QUEUE_SIZE;
+    match disk.options.queue_size {
+        Some(size) if size < QUEUE_SIZE => Err(SpecError::BadValue {
+            origin: format!("{origin}: disk '{}'", disk.id),
+            key: "queue_size",
+            value: size.to_string(),
+            problem: format!(
+                "the VMM offers the guest rings of {QUEUE_SIZE} entries, so splitvisor-blk \
+                 needs queue_size {QUEUE_SIZE} or more"
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The image exists and is not a directory (the daemon reports anything subtler).
