@@ -310,7 +310,8 @@ pub struct RunArgs {
     /// A disk (repeatable; ids default to disk0, disk1, ...). `socket=PATH[,id=NAME]`: a
     /// virtio-blk device served by a vhost-user backend (e.g. splitvisor-blk) listening on PATH.
     /// `path=IMAGE,emulated=ata[,readonly][,id=NAME]`: the image as a legacy ATA disk emulated
-    /// inside the VMM (every register access traps: slow on purpose, for comparison).
+    /// inside the VMM (every register access traps: slow on purpose, for comparison); image= and
+    /// ro are aliases of path= and readonly, as in `launch`.
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<DiskConfig>,
 

@@ -17,6 +17,12 @@ pub enum ConfigError {
     ParseSize(String),
     #[error("--memory {0} is too small: the guest needs at least {min} MiB", min = MIN_MEMORY_BYTES >> 20)]
     MemoryTooSmall(String),
+    #[error(
+        "--memory {value} is {value} bytes, too small for a guest (at least {min} MiB): did you \
+         mean {value}M?",
+        min = MIN_MEMORY_BYTES >> 20
+    )]
+    MemoryBareNumber { value: u64 },
     #[error("--memory {0} is too large: splitvisor supports at most {max} GiB", max = MAX_MEMORY_BYTES >> 30)]
     MemoryTooLarge(String),
     #[error("--memory {0} is not a whole number of MiB")]
@@ -35,12 +41,14 @@ pub enum ConfigError {
         value: String,
         item: String,
     },
-    #[error("--{flag} '{value}': unknown key '{key}'; expected one of: {expected}")]
+    #[error("--{flag} '{value}': unknown key '{key}'; expected one of: {expected}{aliases}")]
     UnknownKey {
         flag: &'static str,
         value: String,
         key: String,
         expected: &'static str,
+        /// ` (aliases: path for image, ...)` for the allowed keys that have aliases.
+        aliases: String,
     },
     #[error("--{flag} '{value}': {problem}")]
     BadDevice {
@@ -136,57 +144,8 @@ pub enum KernelSource {
     File(PathBuf),
 }
 
-/// `key=value,key=value` as written on the command line, checked against the keys allowed.
-/// Keys in `switches` may be written bare (`readonly` = `readonly=on`).
-pub(crate) fn parse_key_values(
-    flag: &'static str,
-    value: &str,
-    allowed: &'static str,
-    switches: &[&str],
-) -> Result<Vec<(String, String)>, ConfigError> {
-    let mut pairs = Vec::new();
-    for item in value.split(',').filter(|i| !i.is_empty()) {
-        let (key, val) = match item.split_once('=') {
-            Some((k, v)) => (k, v),
-            // Boolean flags may be written bare: `readonly`.
-            None if switches.contains(&item) => (item, "on"),
-            None => {
-                return Err(ConfigError::NotKeyValue {
-                    flag,
-                    value: value.to_string(),
-                    item: item.to_string(),
-                })
-            }
-        };
-        if !allowed.split(", ").any(|k| k == key) {
-            return Err(ConfigError::UnknownKey {
-                flag,
-                value: value.to_string(),
-                key: key.to_string(),
-                expected: allowed,
-            });
-        }
-        pairs.push((key.to_string(), val.to_string()));
-    }
-    Ok(pairs)
-}
-
-pub(crate) fn parse_bool(
-    flag: &'static str,
-    value: &str,
-    key: &str,
-    v: &str,
-) -> Result<bool, ConfigError> {
-    match v {
-        "on" | "true" | "yes" | "1" => Ok(true),
-        "off" | "false" | "no" | "0" => Ok(false),
-        _ => Err(ConfigError::BadDevice {
-            flag,
-            value: value.to_string(),
-            problem: format!("{key}={v}: expected on or off"),
-        }),
-    }
-}
+pub use crate::device_keys::{canonical_key, KEY_ALIASES};
+pub(crate) use crate::device_keys::{parse_bool, parse_key_values};
 
 /// A disk: served by a vhost-user backend daemon, or emulated inside the VMM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -222,7 +181,7 @@ impl FromStr for DiskConfig {
         let pairs = parse_key_values(
             "disk",
             value,
-            "socket, path, emulated, readonly, id",
+            "socket, image, emulated, readonly, id",
             &["readonly"],
         )?;
         let (mut id, mut socket, mut path, mut emulated, mut readonly) =
@@ -230,7 +189,7 @@ impl FromStr for DiskConfig {
         for (key, val) in pairs {
             match key.as_str() {
                 "socket" => socket = Some(PathBuf::from(val)),
-                "path" => path = Some(PathBuf::from(val)),
+                "image" => path = Some(PathBuf::from(val)),
                 "emulated" => emulated = Some(val),
                 "readonly" => readonly = parse_bool("disk", value, &key, &val)?,
                 _ => id = Some(val),
@@ -276,11 +235,10 @@ impl FromStr for NetConfig {
             match key.as_str() {
                 "socket" => socket = Some(PathBuf::from(val)),
                 "mac" => {
-                    mac = Some(parse_mac(&val).ok_or_else(|| {
-                        bad(format!(
-                            "mac={val}: expected six hex bytes like 52:54:00:12:34:56"
-                        ))
-                    })?)
+                    mac = Some(
+                        crate::device_values::parse_mac(&val)
+                            .map_err(|e| bad(format!("mac={val}: {e}")))?,
+                    )
                 }
                 _ => id = Some(val),
             }
@@ -288,19 +246,6 @@ impl FromStr for NetConfig {
         let socket = socket.ok_or_else(|| bad("expected socket=PATH".to_string()))?;
         Ok(NetConfig { id, socket, mac })
     }
-}
-
-fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        let part = parts.next()?;
-        if part.len() != 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
 }
 
 /// Everything `splitvisor run` needs to build and start a VM.
@@ -333,6 +278,16 @@ impl VmConfig {
     /// Limits that depend on the host (KVM's vCPU maximum) are checked when the VM is built.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let shown = self.memory.to_string();
+        let as_mib = self.memory.0.checked_mul(1 << 20);
+        if self.memory.0 != 0
+            && self.memory.0 < MIN_MEMORY_BYTES
+            && as_mib.is_some_and(|b| (MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&b))
+        {
+            // A bare number that makes sense as MiB, not as bytes: `--memory 512`.
+            return Err(ConfigError::MemoryBareNumber {
+                value: self.memory.0,
+            });
+        }
         if self.memory.0 < MIN_MEMORY_BYTES {
             return Err(ConfigError::MemoryTooSmall(shown));
         }

@@ -13,6 +13,8 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod ctl;
+pub mod device_keys;
+pub mod device_values;
 pub mod devices;
 pub mod event_loop;
 pub mod launch;

@@ -18,10 +18,10 @@ struct Cli {
     /// Raw disk image: a regular file or block device of whole 512-byte sectors (with
     /// --readonly, any size, rounded down). It is locked like QEMU does (an OFD lock): shared
     /// with --readonly or --share, exclusive otherwise; a second writer is refused.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, visible_alias = "path", value_name = "PATH")]
     image: PathBuf,
     /// Expose the disk read-only (VIRTIO_BLK_F_RO); writes fail with IOERR.
-    #[arg(long)]
+    #[arg(long, visible_alias = "ro")]
     readonly: bool,
     /// Take a shared image lock even though the disk is writable: for two splitvisor-blk
     /// daemons on one image that a VMM swaps between (planned swaps), which both need it.
@@ -38,7 +38,7 @@ struct Cli {
     #[arg(long)]
     direct: bool,
     /// Disk ID returned by GET_ID (at most 20 bytes) [default: image file name, truncated].
-    #[arg(long, visible_alias = "id", value_name = "ID")]
+    #[arg(long, visible_aliases = ["id", "disk-id"], value_name = "ID")]
     serial: Option<String>,
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).
     #[arg(long, value_name = "LEVEL", default_value = "info")]

@@ -23,6 +23,7 @@ mod tap;
 // Shared with splitvisor-blk: whole vhost-user messages with deadlines and descriptors.
 #[cfg(test)]
 mod testutil;
+mod values;
 #[path = "../../blk/src/vhost/wire.rs"]
 #[allow(dead_code)] // relay() serves splitvisor-blk's plain relay
 mod wire;
@@ -59,16 +60,19 @@ struct Args {
     #[arg(long)]
     switch: bool,
     /// MAC address to report to the guest (repeat once per socket). Default: 52:54:00:xx:xx:NN.
-    #[arg(long = "mac", value_parser = parse_mac)]
+    #[arg(long = "mac", value_parser = values::parse_mac)]
     macs: Vec<MacAddr>,
-    /// MTU to advertise (VIRTIO_NET_F_MTU).
-    #[arg(long)]
+    /// MTU to advertise (VIRTIO_NET_F_MTU), 68 to 65535.
+    #[arg(long, value_parser = values::parse_mtu)]
     mtu: Option<u16>,
     /// seccomp filter once set-up is done: `on` kills the daemon with SIGSYS on a system call
     /// outside its allow-list (saying which), `log` lets it through but logs it in the kernel
     /// log (dmesg, type=1326), `off` does not filter. Capabilities are dropped in every mode.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompMode::On)]
     seccomp: SeccompMode,
+    /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    log_level: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,22 +87,6 @@ enum ArgsError {
     SwitchQueues,
     #[error("give one --mac per socket (or none): {0} MACs for {1} sockets")]
     MacCount(usize, usize),
-}
-
-fn parse_mac(s: &str) -> Result<MacAddr, String> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let mut mac = MacAddr::default();
-    if parts.len() != mac.len() {
-        return Err(format!("{s:?} is not a MAC address like 52:54:00:12:34:56"));
-    }
-    for (byte, part) in mac.iter_mut().zip(parts) {
-        *byte = u8::from_str_radix(part, 16)
-            .map_err(|_| format!("{s:?}: {part:?} is not a hex byte"))?;
-    }
-    if mac[0] & 1 == 1 {
-        return Err(format!("{s:?} is a multicast address"));
-    }
-    Ok(mac)
 }
 
 /// A stable locally administered default MAC: derived from the socket path and port index.
@@ -168,9 +156,12 @@ fn report(error: &dyn std::error::Error) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
     seccomp::set_mode(args.seccomp);
+    env_logger::Builder::new()
+        .parse_filters(&args.log_level)
+        .parse_env("RUST_LOG")
+        .init();
     let config = match config(args) {
         Ok(config) => config,
         Err(e) => return report(&e),

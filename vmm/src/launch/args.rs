@@ -27,8 +27,9 @@ Runtime directory:
 
 Backends:
   --disk image=PATH       splitvisor-blk --socket RUNDIR/ID.sock --image PATH [--readonly] [--queues N]
-                          [--share] (share: another daemon may serve the image too, for swaps)
-  --net tap=NAME          splitvisor-net --tap NAME --socket RUNDIR/ID.sock
+                          [--direct] [--queue-size N] [--serial DISK_ID] [--share] (share: another
+                          daemon may serve the image too, for swaps)
+  --net tap=NAME          splitvisor-net --tap NAME --socket RUNDIR/ID.sock [--mtu N] [--queues N]
   --net switch=NAME       one splitvisor-net --switch --socket RUNDIR/ID.sock ... per switch name,
                           shared by every NIC that names it (its log: switch-NAME.log)
   The binaries are taken from --backend-dir, else $SPLITVISOR_BACKEND_DIR, else the directory of
@@ -78,15 +79,16 @@ pub struct LaunchArgs {
     pub vm: VmArgs,
 
     /// A disk served by its own splitvisor-blk (repeatable; ids default to disk0, disk1, ...):
-    /// `image=PATH[,readonly][,share][,queues=N][,id=NAME]`; `share` lets another splitvisor-blk
-    /// open the image too (the target of a planned swap; see splitvisor-blk --share).
+    /// `image=PATH[,readonly][,share][,queues=N][,id=NAME][,direct][,queue_size=N][,disk_id=ID]`
+    /// (aliases: path= for image=, ro for readonly, serial= for disk_id=); `share` lets another
+    /// splitvisor-blk open the image too (the target of a planned swap; splitvisor-blk --share).
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<DiskFlag>,
 
     /// A network card served by splitvisor-net (repeatable; ids default to net0, net1, ...):
-    /// `tap=NAME[,mac=52:54:00:xx:xx:xx][,id=NAME]` (a TAP device, created if missing; needs
-    /// CAP_NET_ADMIN) or `switch=NAME[,mac=..][,id=NAME]` (a virtual switch shared by every card
-    /// of this launch that names it).
+    /// `tap=NAME[,mac=52:54:00:xx:xx:xx][,mtu=N][,queues=N][,id=NAME]` (a TAP device, created
+    /// if missing; needs CAP_NET_ADMIN) or `switch=NAME[,mac=..][,mtu=N][,id=NAME]` (a virtual
+    /// switch shared by every card of this launch that names it).
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<NetFlag>,
 

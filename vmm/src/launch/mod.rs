@@ -10,6 +10,7 @@
 
 mod args;
 mod daemon;
+mod devflags;
 mod plan;
 mod restart;
 mod rundir;
@@ -91,11 +92,13 @@ pub fn run(args: &LaunchArgs) -> Result<u8, LaunchError> {
     // Before any child exists, so that no SIGCHLD or interrupt is missed.
     let signals = SignalWait::install().map_err(LaunchError::Signals)?;
     let policy = RestartPolicy::DEFAULT;
-    let socket_timeout = Duration::from_secs(args.socket_timeout);
+    let socket_timeout = Duration::from_secs(spec.socket_timeout.unwrap_or(args.socket_timeout));
     let rundir = RuntimeDir::create(args.runtime_dir.as_deref())?;
     eprintln!("launch: runtime directory {}", rundir.path().display());
     let _pidfile = announce(args, &name, &rundir)?;
-    let reconnect = policy.reconnect_timeout_secs(socket_timeout);
+    let reconnect = spec
+        .reconnect_timeout
+        .unwrap_or_else(|| policy.reconnect_timeout_secs(socket_timeout));
     let mut plan = Plan::new(&spec, &rundir, &backends, reconnect)?;
     plan.vmm_args
         .splice(1..1, ["--name".into(), OsString::from(&name)]);

@@ -10,7 +10,7 @@ use clap::Parser;
 
 use super::args::ENV_BACKEND_DIR;
 use super::rundir::{RunDirError, RuntimeDir};
-use super::spec::{switch_daemon_name, DiskSpec, LaunchSpec, NetBackend};
+use super::spec::{switch_daemon_name, DiskSpec, LaunchSpec, NetBackend, NetOptions};
 use super::supervisor::DaemonSpec;
 use crate::cli::{Cli, Command};
 
@@ -99,21 +99,29 @@ impl Plan {
         for net in &spec.nets {
             let socket = rundir.socket(&net.id)?;
             match &net.backend {
-                NetBackend::Tap(tap) => daemons.push(DaemonSpec {
-                    name: net.id.clone(),
-                    program: backends.binary(NET_BINARY)?,
-                    args: vec![
+                NetBackend::Tap(tap) => {
+                    let mut args: Vec<OsString> = vec![
                         "--tap".into(),
                         tap.into(),
                         "--socket".into(),
                         socket.clone().into(),
-                    ],
-                    sockets: vec![socket.clone()],
-                    log: rundir.log(&net.id),
-                }),
-                NetBackend::Switch(switch) => {
-                    add_switch_port(&mut daemons, switch, &socket, rundir, backends)?
+                    ];
+                    args.extend(net_options(&net.options));
+                    daemons.push(DaemonSpec {
+                        name: net.id.clone(),
+                        program: backends.binary(NET_BINARY)?,
+                        args,
+                        sockets: vec![socket.clone()],
+                        log: rundir.log(&net.id),
+                    })
                 }
+                NetBackend::Switch(switch) => add_switch_port(
+                    &mut daemons,
+                    (switch, &net.options),
+                    &socket,
+                    rundir,
+                    backends,
+                )?,
             }
             let flag = device_flag(&socket, &net.id, net.mac.as_deref());
             vmm_args.extend(["--net".into(), flag]);
@@ -146,7 +154,16 @@ fn blk_daemon(
     if let Some(queues) = disk.queues {
         args.extend(["--queues".into(), queues.to_string().into()]);
     }
-    if disk.share {
+    if disk.options.direct {
+        args.push("--direct".into());
+    }
+    if let Some(size) = disk.options.queue_size {
+        args.extend(["--queue-size".into(), size.to_string().into()]);
+    }
+    if let Some(disk_id) = &disk.options.disk_id {
+        args.extend(["--serial".into(), disk_id.into()]);
+    }
+    if disk.options.share {
         args.push("--share".into());
     }
     Ok(DaemonSpec {
@@ -162,7 +179,7 @@ fn blk_daemon(
 /// switch's first card.
 fn add_switch_port(
     daemons: &mut Vec<DaemonSpec>,
-    switch: &str,
+    (switch, options): (&str, &NetOptions),
     socket: &Path,
     rundir: &RuntimeDir,
     backends: &BackendDir,
@@ -174,7 +191,10 @@ fn add_switch_port(
             daemons.push(DaemonSpec {
                 name: name.clone(),
                 program: backends.binary(NET_BINARY)?,
-                args: vec!["--switch".into()],
+                // The switch's MTU (its cards agree on it: `LaunchSpec::check`).
+                args: std::iter::once("--switch".into())
+                    .chain(net_options(options))
+                    .collect(),
                 sockets: Vec::new(),
                 log: rundir.log(&name),
             });
@@ -185,6 +205,18 @@ fn add_switch_port(
     daemon.args.extend(["--socket".into(), socket.into()]);
     daemon.sockets.push(socket.to_path_buf());
     Ok(())
+}
+
+/// `[--mtu N] [--queues N]` for splitvisor-net.
+fn net_options(options: &NetOptions) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    if let Some(mtu) = options.mtu {
+        args.extend(["--mtu".into(), mtu.to_string().into()]);
+    }
+    if let Some(queues) = options.queues {
+        args.extend(["--queues".into(), queues.to_string().into()]);
+    }
+    args
 }
 
 /// `socket=PATH,id=ID[,mac=MAC]` for `run --disk` / `--net`.

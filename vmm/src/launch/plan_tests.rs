@@ -1,7 +1,7 @@
 //! Unit tests of the command lines launch builds.
 
 use super::*;
-use crate::launch::spec::{DiskSpec, NetSpec};
+use crate::launch::spec::{DiskOptions, DiskSpec, NetSpec};
 
 /// A backend directory with (empty) binaries and a runtime directory, removed at drop.
 struct Fixture {
@@ -61,6 +61,8 @@ fn spec(disks: Vec<DiskSpec>, nets: Vec<NetSpec>) -> LaunchSpec {
         vm: args.vm,
         disks,
         nets,
+        socket_timeout: None,
+        reconnect_timeout: None,
     }
 }
 
@@ -75,6 +77,7 @@ fn net(id: &str, backend: NetBackend, mac: Option<&str>) -> NetSpec {
         id: id.into(),
         backend,
         mac: mac.map(str::to_string),
+        options: NetOptions::default(),
     }
 }
 
@@ -87,7 +90,10 @@ fn each_disk_and_tap_gets_a_daemon_and_each_switch_one_shared_daemon() {
             image: "/images/a.img".into(),
             readonly: true,
             queues: Some(2),
-            share: true,
+            options: DiskOptions {
+                share: true,
+                ..DiskOptions::default()
+            },
         }],
         vec![
             net("net0", NetBackend::Tap("tap0".into()), None),
@@ -208,5 +214,60 @@ fn settings_the_vmm_would_reject_are_reported_before_anything_starts() {
     assert!(
         err.to_string().contains("--memory 1M is too small"),
         "{err}"
+    );
+}
+
+#[test]
+fn a_bare_memory_number_gets_the_suggestion_before_anything_starts() {
+    // `memory = 512` in the file, or `launch --memory 512`: bytes, surely meant as MiB.
+    let fixture = Fixture::new("bare", &[BLK_BINARY]);
+    let mut spec = spec(Vec::new(), Vec::new());
+    spec.vm.memory = crate::config::ByteSize(512);
+    let err = Plan::new(&spec, fixture.rundir(), &fixture.backends, 55).unwrap_err();
+    assert!(err.to_string().contains("did you mean 512M?"), "{err}");
+}
+
+#[test]
+fn daemon_options_reach_the_daemons_command_lines() {
+    let fixture = Fixture::new("options", &[BLK_BINARY, NET_BINARY]);
+    let disk = DiskSpec {
+        id: "disk0".into(),
+        image: "/images/a.img".into(),
+        readonly: false,
+        queues: None,
+        options: DiskOptions {
+            direct: true,
+            queue_size: Some(128),
+            disk_id: Some("boot".into()),
+            share: false,
+        },
+    };
+    let mut tap = net("net0", NetBackend::Tap("tap0".into()), None);
+    tap.options = NetOptions {
+        mtu: Some(9000),
+        queues: Some(2),
+    };
+    let mut port = net("net1", NetBackend::Switch("lan".into()), None);
+    port.options.mtu = Some(1400);
+    let plan = Plan::new(
+        &spec(vec![disk], vec![tap, port]),
+        fixture.rundir(),
+        &fixture.backends,
+        55,
+    )
+    .unwrap();
+    let args: Vec<String> = plan
+        .daemons
+        .iter()
+        .map(|d| strings(&d.args).join(" "))
+        .collect();
+    assert!(
+        args[0].ends_with("--direct --queue-size 128 --serial boot"),
+        "{args:?}"
+    );
+    assert!(args[1].ends_with("--mtu 9000 --queues 2"), "{args:?}");
+    assert!(
+        args[2].starts_with("--switch --mtu 1400 --socket"),
+        "{args:?}"
     );
 }

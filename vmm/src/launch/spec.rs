@@ -4,14 +4,14 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use clap::{Args, FromArgMatches};
 use serde::Deserialize;
 
 use super::args::LaunchArgs;
+pub use super::devflags::{DiskFlag, NetFlag};
 use crate::cli::VmArgs;
-use crate::config::{parse_bool, parse_key_values, ByteSize, ConfigError, NetConfig, SerialConfig};
+use crate::config::{ByteSize, ConfigError, SerialConfig};
 
 /// Device ids become file names in the runtime directory and values in `--disk`/`--net`.
 const MAX_ID_LEN: usize = 32;
@@ -72,9 +72,31 @@ pub struct DiskSpec {
     pub image: PathBuf,
     pub readonly: bool,
     pub queues: Option<u16>,
-    /// Passes `--share` to the daemon: the image may be opened by another splitvisor-blk
-    /// too (the target of a planned swap), so it takes a shared lock.
+    /// The rest of splitvisor-blk's options, passed on to it.
+    pub options: DiskOptions,
+}
+
+/// splitvisor-blk options beyond image, readonly and queues (None/false: the daemon's default).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiskOptions {
+    /// `--direct`: open the image with O_DIRECT.
+    pub direct: bool,
+    /// `--queue-size N`.
+    pub queue_size: Option<u16>,
+    /// `--serial ID`: the disk ID the guest reads (GET_ID).
+    pub disk_id: Option<String>,
+    /// `--share`: the image may be opened by another splitvisor-blk too (the target of a
+    /// planned swap), so the daemon takes a shared lock.
     pub share: bool,
+}
+
+/// splitvisor-net options of a card (None: the daemon's default).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetOptions {
+    /// `--mtu N` (one value per switch: every card of a switch must agree).
+    pub mtu: Option<u16>,
+    /// `--queues N` (TAP only).
+    pub queues: Option<u16>,
 }
 
 /// What a network card is connected to.
@@ -92,6 +114,7 @@ pub struct NetSpec {
     pub id: String,
     pub backend: NetBackend,
     pub mac: Option<String>,
+    pub options: NetOptions,
 }
 
 /// Everything launch runs: the VM and its devices, ids assigned and checked.
@@ -100,103 +123,15 @@ pub struct LaunchSpec {
     pub vm: VmArgs,
     pub disks: Vec<DiskSpec>,
     pub nets: Vec<NetSpec>,
+    /// The file's `socket_timeout` (seconds), which overrides `--socket-timeout`.
+    pub socket_timeout: Option<u64>,
+    /// The file's `reconnect_timeout` (seconds), instead of the one launch computes.
+    pub reconnect_timeout: Option<u64>,
 }
 
 /// The name of the daemon serving switch `name` (its log is `NAME.log` in the runtime dir).
 pub fn switch_daemon_name(switch: &str) -> String {
     format!("switch-{switch}")
-}
-
-/// `--disk image=PATH[,readonly][,share][,queues=N][,id=NAME]`, before ids are assigned.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskFlag {
-    id: Option<String>,
-    image: Option<PathBuf>,
-    readonly: bool,
-    queues: Option<u16>,
-    share: bool,
-}
-
-impl FromStr for DiskFlag {
-    type Err = ConfigError;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        let pairs = parse_key_values(
-            "disk",
-            value,
-            "image, readonly, share, queues, id",
-            &["readonly", "share"],
-        )?;
-        let mut disk = DiskFlag {
-            id: None,
-            image: None,
-            readonly: false,
-            queues: None,
-            share: false,
-        };
-        for (key, val) in pairs {
-            match key.as_str() {
-                "image" => disk.image = Some(PathBuf::from(val)),
-                "readonly" => disk.readonly = parse_bool("disk", value, &key, &val)?,
-                "share" => disk.share = parse_bool("disk", value, &key, &val)?,
-                "queues" => {
-                    disk.queues = Some(val.parse().map_err(|_| ConfigError::BadDevice {
-                        flag: "disk",
-                        value: value.to_string(),
-                        problem: format!("queues={val}: expected a number of queues"),
-                    })?)
-                }
-                _ => disk.id = Some(val),
-            }
-        }
-        if disk.image.is_none() {
-            return Err(ConfigError::BadDevice {
-                flag: "disk",
-                value: value.to_string(),
-                problem: "expected image=PATH".to_string(),
-            });
-        }
-        Ok(disk)
-    }
-}
-
-/// `--net tap=NAME|switch=NAME[,mac=..][,id=NAME]`, before ids are assigned.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetFlag {
-    id: Option<String>,
-    tap: Option<String>,
-    switch: Option<String>,
-    mac: Option<String>,
-}
-
-impl FromStr for NetFlag {
-    type Err = ConfigError;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        let mut net = NetFlag {
-            id: None,
-            tap: None,
-            switch: None,
-            mac: None,
-        };
-        for (key, val) in parse_key_values("net", value, "tap, switch, mac, id", &[])? {
-            let slot = match key.as_str() {
-                "tap" => &mut net.tap,
-                "switch" => &mut net.switch,
-                "mac" => &mut net.mac,
-                _ => &mut net.id,
-            };
-            *slot = Some(val);
-        }
-        if net.tap.is_some() == net.switch.is_some() {
-            return Err(ConfigError::BadDevice {
-                flag: "net",
-                value: value.to_string(),
-                problem: "expected exactly one of tap=NAME or switch=NAME".to_string(),
-            });
-        }
-        Ok(net)
-    }
 }
 
 /// The TOML file: the VM settings at the top level, `[[disk]]` and `[[net]]` tables.
@@ -213,6 +148,8 @@ struct FileSpec {
     serial: Option<String>,
     stats: Option<bool>,
     connect_timeout: Option<u64>,
+    reconnect_timeout: Option<u64>,
+    socket_timeout: Option<u64>,
     api_socket: Option<PathBuf>,
     #[serde(default)]
     disk: Vec<FileDisk>,
@@ -232,10 +169,16 @@ enum SizeValue {
 #[serde(deny_unknown_fields)]
 struct FileDisk {
     id: Option<String>,
+    #[serde(alias = "path")]
     image: Option<PathBuf>,
-    #[serde(default)]
+    #[serde(default, alias = "ro")]
     readonly: bool,
     queues: Option<u16>,
+    #[serde(default)]
+    direct: bool,
+    queue_size: Option<u16>,
+    #[serde(alias = "serial")]
+    disk_id: Option<String>,
     #[serde(default)]
     share: bool,
 }
@@ -247,6 +190,8 @@ struct FileNet {
     tap: Option<String>,
     switch: Option<String>,
     mac: Option<String>,
+    mtu: Option<u32>,
+    queues: Option<u16>,
 }
 
 /// The file's directory (relative paths in it start there) and its name for messages.
@@ -329,7 +274,12 @@ impl FileDisk {
             image: paths.resolve(image),
             readonly: self.readonly,
             queues: self.queues,
-            share: self.share,
+            options: DiskOptions {
+                direct: self.direct,
+                queue_size: self.queue_size,
+                disk_id: self.disk_id,
+                share: self.share,
+            },
         })
     }
 }
@@ -347,10 +297,26 @@ impl FileNet {
                 })
             }
         };
+        let mtu = match self.mtu {
+            // The same check, and message, as `--net ...,mtu=N` and `splitvisor-net --mtu`.
+            Some(mtu) => Some(crate::device_values::parse_mtu(&mtu.to_string()).map_err(
+                |problem| SpecError::BadValue {
+                    origin: format!("{}: network card '{id}'", paths.origin),
+                    key: "mtu",
+                    value: mtu.to_string(),
+                    problem,
+                },
+            )?),
+            None => None,
+        };
         Ok(NetSpec {
             id,
             backend,
             mac: self.mac,
+            options: NetOptions {
+                mtu,
+                queues: self.queues,
+            },
         })
     }
 }
@@ -376,7 +342,7 @@ impl LaunchSpec {
             image: d.image.clone().unwrap_or_default(),
             readonly: d.readonly,
             queues: d.queues,
-            share: d.share,
+            options: d.options.clone(),
         });
         let nets = args.net.iter().enumerate().map(|(i, n)| NetSpec {
             id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
@@ -385,11 +351,14 @@ impl LaunchSpec {
                 (None, switch) => NetBackend::Switch(switch.clone().unwrap_or_default()),
             },
             mac: n.mac.clone(),
+            options: n.options.clone(),
         });
         LaunchSpec {
             vm: args.vm.clone(),
             disks: disks.collect(),
             nets: nets.collect(),
+            socket_timeout: None,
+            reconnect_timeout: None,
         }
     }
 
@@ -413,6 +382,8 @@ impl LaunchSpec {
         };
         Ok(LaunchSpec {
             vm: file.vm_args(&paths)?,
+            socket_timeout: file.socket_timeout,
+            reconnect_timeout: file.reconnect_timeout,
             disks: file
                 .disk
                 .into_iter()
@@ -434,8 +405,42 @@ impl LaunchSpec {
         for net in &self.nets {
             check_net(net, &ids, origin)?;
         }
+        self.check_switch_options(origin)?;
         for disk in &self.disks {
+            check_queue_size(disk, origin)?;
             check_image(disk, origin)?;
+        }
+        Ok(())
+    }
+
+    /// One daemon serves a switch: its cards must agree on the MTU and cannot have queues=.
+    fn check_switch_options(&self, origin: &str) -> Result<(), SpecError> {
+        let mut mtus: Vec<(&str, Option<u16>)> = Vec::new();
+        for net in &self.nets {
+            let NetBackend::Switch(switch) = &net.backend else {
+                continue;
+            };
+            let bad = |key: &'static str, value: String, problem: String| SpecError::BadValue {
+                origin: format!("{origin}: network card '{}'", net.id),
+                key,
+                value,
+                problem,
+            };
+            if let Some(queues) = net.options.queues {
+                let problem = "queues applies to tap cards; a switch has one queue pair per card";
+                return Err(bad("queues", queues.to_string(), problem.to_string()));
+            }
+            match mtus.iter().find(|(s, _)| s == switch) {
+                Some((_, mtu)) if *mtu != net.options.mtu => {
+                    let problem = format!(
+                        "switch '{switch}' already has mtu {mtu:?} from another card; one \
+                         daemon serves the switch, so its cards need the same mtu"
+                    );
+                    return Err(bad("mtu", format!("{:?}", net.options.mtu), problem));
+                }
+                Some(_) => {}
+                None => mtus.push((switch, net.options.mtu)),
+            }
         }
         Ok(())
     }
@@ -479,15 +484,34 @@ fn check_net(net: &NetSpec, ids: &HashSet<&str>, origin: &str) -> Result<(), Spe
         }
     }
     if let Some(mac) = &net.mac {
-        // The VMM's own parser decides what a MAC is.
-        NetConfig::from_str(&format!("socket=x,mac={mac}")).map_err(|_| SpecError::BadValue {
+        // The check `run` and splitvisor-net make, with the same message.
+        crate::device_values::parse_mac(mac).map_err(|problem| SpecError::BadValue {
             origin: format!("{origin}: network card '{}'", net.id),
             key: "mac",
             value: mac.clone(),
-            problem: "expected six hex bytes like 52:54:00:12:34:56".to_string(),
+            problem,
         })?;
     }
     Ok(())
+}
+
+/// A queue size the guest's rings fit in: the VMM offers rings of `QUEUE_SIZE` entries and
+/// guests take them whole, so a daemon with smaller rings would fail the device at activation.
+/// Other values (not a power of two, too large) are the daemon's to refuse, with its message.
+fn check_queue_size(disk: &DiskSpec, origin: &str) -> Result<(), SpecError> {
+    use crate::vhost_user::QUEUE_SIZE;
+    match disk.options.queue_size {
+        Some(size) if size < QUEUE_SIZE => Err(SpecError::BadValue {
+            origin: format!("{origin}: disk '{}'", disk.id),
+            key: "queue_size",
+            value: size.to_string(),
+            problem: format!(
+                "the VMM offers the guest rings of {QUEUE_SIZE} entries, so splitvisor-blk \
+                 needs queue_size {QUEUE_SIZE} or more"
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The image exists and is not a directory (the daemon reports anything subtler).
@@ -536,3 +560,7 @@ fn is_file_name_safe(name: &str) -> bool {
 #[cfg(test)]
 #[path = "spec_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "grammar_tests.rs"]
+mod grammar_tests;

@@ -83,14 +83,14 @@ fn flags_give_devices_default_ids_in_order() {
                 image: scratch.image().into(),
                 readonly: true,
                 queues: Some(2),
-                share: false,
+                options: DiskOptions::default(),
             },
             DiskSpec {
                 id: "data".into(),
                 image: scratch.image().into(),
                 readonly: false,
                 queues: None,
-                share: false,
+                options: DiskOptions::default(),
             },
         ]
     );
@@ -101,11 +101,13 @@ fn flags_give_devices_default_ids_in_order() {
                 id: "net0".into(),
                 backend: NetBackend::Tap("tap7".into()),
                 mac: Some("52:54:00:00:00:07".into()),
+                options: NetOptions::default(),
             },
             NetSpec {
                 id: "net1".into(),
                 backend: NetBackend::Switch("lan".into()),
                 mac: None,
+                options: NetOptions::default(),
             },
         ]
     );
@@ -114,7 +116,7 @@ fn flags_give_devices_default_ids_in_order() {
 #[test]
 fn bad_device_flags_name_the_flag_and_the_problem() {
     let cases = [
-        ("--disk", "path=/x", "unknown key 'path'"),
+        ("--disk", "socket=/x", "unknown key 'socket'"),
         ("--disk", "readonly", "expected image=PATH"),
         ("--disk", "image=/x,queues=many", "queues=many"),
         (
@@ -312,27 +314,54 @@ fn a_config_file_cannot_be_combined_with_vm_or_device_flags() {
 #[test]
 fn the_readme_example_uses_every_key_of_the_format() {
     let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+    // The reference example (the runnable one before it is checked by tests/tests/readme.rs).
     let example = readme
         .split("```toml\n")
-        .nth(1)
-        .and_then(|rest| rest.split("```").next())
-        .expect("README has a toml example");
+        .map(|rest| rest.split("```").next().unwrap_or_default())
+        .find(|block| block.starts_with("# reference"))
+        .expect("README has a reference toml example");
     let spec = LaunchSpec::from_toml(example, Path::new("/etc/vm/vm.toml")).unwrap();
-    assert_eq!(spec.vm.kernel, Some(PathBuf::from("/etc/vm/guest.elf")));
+    assert_eq!(spec.vm.kernel, Some(PathBuf::from("/etc/vm/vmlinuz")));
     assert_eq!(
         spec.vm.api_socket,
         Some(PathBuf::from("/etc/vm/vm-api.sock"))
     );
     assert_eq!(spec.disks[0].image, PathBuf::from("/etc/vm/disk.img"));
     assert_eq!(spec.nets[0].mac.as_deref(), Some("52:54:00:12:34:56"));
+    assert_eq!(
+        (spec.socket_timeout, spec.reconnect_timeout),
+        (Some(10), Some(55))
+    );
     // Every field of the format appears in the example (serde names them in its error).
-    let err = LaunchSpec::from_toml("no_such_key = 1", Path::new("x.toml")).unwrap_err();
-    let expected = err.to_string();
-    let keys = expected.split("expected one of ").nth(1).unwrap();
-    for key in keys.split(", ") {
-        let key = key.trim().trim_matches('`');
+    let toml_keys = |text: &str| {
+        let err = LaunchSpec::from_toml(text, Path::new("x.toml")).unwrap_err();
+        let message = err.to_string();
+        let keys = message
+            .split("expected one of ")
+            .nth(1)
+            .unwrap()
+            .to_string();
+        keys.split(", ")
+            .map(|k| k.trim().trim_matches('`').to_string())
+            .collect::<Vec<_>>()
+    };
+    let disk_keys = toml_keys("[[disk]]\nno_such_key = 1");
+    let net_keys = toml_keys("[[net]]\nno_such_key = 1");
+    assert!(
+        disk_keys.contains(&"queue_size".to_string()),
+        "{disk_keys:?}"
+    );
+    for key in toml_keys("no_such_key = 1")
+        .into_iter()
+        .chain(disk_keys)
+        .chain(net_keys)
+    {
+        // serde lists aliases too; the example names them in comments.
         assert!(
-            example.contains(&format!("\n{key} =")) || example.contains(&format!("[[{key}]]")),
+            example.contains(&format!("\n{key} ="))
+                || example.contains(&format!("[[{key}]]"))
+                || example.contains(&format!("alias: {key}"))
+                || example.contains(&format!("or: {key} =")),
             "{key} is missing from the README example"
         );
     }
