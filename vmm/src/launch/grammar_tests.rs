@@ -226,7 +226,7 @@ fn an_unknown_key_error_lists_the_aliases() {
     let err = launch(&["--disk", "image=/i,colour=red"]).unwrap_err();
     assert!(
         err.contains("unknown key 'colour'; expected one of: image, readonly, queues, direct, \
-             queue_size, disk_id, id (aliases: path for image, ro for readonly, serial for disk_id)"),
+             queue_size, disk_id, share, id (aliases: path for image, ro for readonly, serial for disk_id)"),
         "{err}"
     );
     let err = run(&["--net", "socket=/n,colour=red"]).unwrap_err();
