@@ -2,9 +2,12 @@
 
 pub mod backend;
 pub mod disk;
+pub mod live;
 pub mod request;
 pub mod socket;
 pub mod stats;
+#[path = "../../common/stats_server.rs"]
+pub mod stats_server;
 pub mod vhost;
 
 use std::path::PathBuf;
@@ -16,6 +19,7 @@ use log::{error, info, warn};
 
 use crate::backend::{feature_names, BlkBackend};
 use crate::disk::{Disk, DiskError, FileDisk};
+use crate::live::{Live, Tracked};
 use crate::request::{DeviceInfo, Limits, SECTOR_SIZE};
 use crate::socket::{SocketError, SocketGuard};
 use crate::stats::DeviceStats;
@@ -41,6 +45,8 @@ pub struct Config {
     pub direct: bool,
     /// GET_ID answer, at most 20 bytes.
     pub serial: String,
+    /// Where to serve `GET /stats`, if anywhere.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Why the daemon stopped.
@@ -56,6 +62,8 @@ pub enum RunError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Socket(#[from] SocketError),
+    #[error(transparent)]
+    StatsApi(#[from] stats_server::StatsApiError),
     #[error("cannot set up signal handling")]
     Signals(#[source] std::io::Error),
     #[error("cannot accept a frontend connection on {socket}")]
@@ -116,6 +124,11 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let (listener, guard) = socket::bind(&config.socket)?;
     let guard = Arc::new(guard);
     handle_signals(guard.clone(), stats.clone(), disk.clone()).map_err(RunError::Signals)?;
+    let live = Arc::new(Live::default());
+    if let Some(path) = &config.api_socket {
+        let (live, stats) = (live.clone(), stats.clone());
+        stats_server::start(path, Arc::new(move || live.snapshot(&stats)))?;
+    }
     let mut listener = Listener::from(listener);
     info!(
         "serving {} ({} sectors{}{}) on {} with {} queue(s) of {}",
@@ -129,10 +142,11 @@ pub fn run(config: Config) -> Result<(), RunError> {
     );
     // validate() bounded the queue size by 32768.
     let queue_size = u16::try_from(config.queue_size).unwrap_or(u16::MAX);
-    let device = Arc::new(
-        BlkBackend::new(disk, info, config.queues, queue_size, stats.clone())
+    let device = Arc::new(Tracked {
+        device: BlkBackend::new(disk, info, config.queues, queue_size, stats.clone())
             .with_request_delay(test_request_delay()),
-    );
+        live: live.clone(),
+    });
     loop {
         let end = vhost::serve_frontend(&mut listener, device.clone()).map_err(|source| {
             RunError::Accept {
@@ -140,6 +154,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
                 source,
             }
         })?;
+        live.frontend_ended();
         let acked = end.acked_features;
         match end.error {
             None => info!(
@@ -162,8 +177,9 @@ fn test_request_delay() -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
-/// Block SIGINT/SIGTERM in every thread and handle them in a dedicated one: flush the image,
-/// remove the socket and lock file, print the counters, exit 0.
+/// Block SIGINT/SIGTERM/SIGUSR1 in every thread and handle them in a dedicated one: SIGUSR1
+/// prints the counters and goes on; the others flush the image, remove the socket, lock file
+/// and stats socket, print the counters, exit 0.
 fn handle_signals(
     guard: Arc<SocketGuard>,
     stats: Arc<DeviceStats>,
@@ -176,6 +192,7 @@ fn handle_signals(
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
     }
     // SAFETY: `set` is initialised; the old mask is not needed. Threads spawned later
     // inherit the mask, so only the sigwait thread below receives these signals.
@@ -185,15 +202,19 @@ fn handle_signals(
     }
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || {
+        .spawn(move || loop {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` and `sig` are valid for the duration of the call.
             let rc = unsafe { libc::sigwait(&set, &mut sig) };
             if rc != 0 {
                 error!("sigwait failed: {}", std::io::Error::from_raw_os_error(rc));
+            } else if sig == libc::SIGUSR1 {
+                eprintln!("STATS {}", stats.to_json());
+                continue;
             }
             info!("signal {sig} received, removing {}", guard.path().display());
             guard.cleanup();
+            stats_server::cleanup();
             if let Err(e) = disk.flush() {
                 warn!("cannot flush the image on exit: {e}");
             }

@@ -32,6 +32,10 @@ struct Cli {
     /// Disk ID returned by GET_ID (at most 20 bytes) [default: image file name, truncated].
     #[arg(long, visible_alias = "id", value_name = "ID")]
     serial: Option<String>,
+    /// Serve `GET /stats` (the STATS counters, uptime, connection state) over HTTP on this
+    /// Unix socket (mode 0600; a stale one is replaced, removed at exit).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: String,
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         queues: cli.queues,
         queue_size: cli.queue_size,
         direct: cli.direct,
+        api_socket: cli.api_socket,
     };
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,

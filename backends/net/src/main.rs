@@ -4,11 +4,14 @@
 mod backend;
 mod daemon;
 mod device;
+mod live;
 mod relay;
 mod ring;
 mod rxtx;
 mod socket;
 mod stats;
+#[path = "../../common/stats_server.rs"]
+mod stats_server;
 mod switch;
 mod tap;
 #[cfg(test)]
@@ -50,6 +53,10 @@ struct Args {
     /// MTU to advertise (VIRTIO_NET_F_MTU).
     #[arg(long)]
     mtu: Option<u16>,
+    /// Serve `GET /stats` (the STATS counters of every socket, uptime, connection state) over
+    /// HTTP on this Unix socket (mode 0600; a stale one is replaced, removed at exit).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +141,7 @@ fn config(args: Args) -> Result<Config, ArgsError> {
         sockets: args.sockets,
         macs,
         mtu: args.mtu,
+        api_socket: args.api_socket,
     })
 }
 
