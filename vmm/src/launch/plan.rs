@@ -93,29 +93,37 @@ impl Plan {
         vmm_args.extend(spec.vm.to_run_flags());
         for disk in &spec.disks {
             let socket = rundir.socket(&disk.id)?;
-            daemons.push(blk_daemon(disk, &socket, rundir, backends)?);
-            vmm_args.extend(["--disk".into(), device_flag(&socket, &disk.id, None)]);
+            let stats = api_socket(rundir, &disk.id)?;
+            daemons.push(blk_daemon(disk, &socket, &stats, rundir, backends)?);
+            let flag = device_flag(&socket, &disk.id, None, &stats);
+            vmm_args.extend(["--disk".into(), flag]);
         }
         for net in &spec.nets {
             let socket = rundir.socket(&net.id)?;
-            match &net.backend {
-                NetBackend::Tap(tap) => daemons.push(DaemonSpec {
-                    name: net.id.clone(),
-                    program: backends.binary(NET_BINARY)?,
-                    args: vec![
-                        "--tap".into(),
-                        tap.into(),
-                        "--socket".into(),
-                        socket.clone().into(),
-                    ],
-                    sockets: vec![socket.clone()],
-                    log: rundir.log(&net.id),
-                }),
+            let stats = match &net.backend {
+                NetBackend::Tap(tap) => {
+                    let stats = api_socket(rundir, &net.id)?;
+                    daemons.push(DaemonSpec {
+                        name: net.id.clone(),
+                        program: backends.binary(NET_BINARY)?,
+                        args: vec![
+                            "--tap".into(),
+                            tap.into(),
+                            "--socket".into(),
+                            socket.clone().into(),
+                            "--api-socket".into(),
+                            stats.clone().into(),
+                        ],
+                        sockets: vec![socket.clone(), stats.clone()],
+                        log: rundir.log(&net.id),
+                    });
+                    stats
+                }
                 NetBackend::Switch(switch) => {
                     add_switch_port(&mut daemons, switch, &socket, rundir, backends)?
                 }
-            }
-            let flag = device_flag(&socket, &net.id, net.mac.as_deref());
+            };
+            let flag = device_flag(&socket, &net.id, net.mac.as_deref(), &stats);
             vmm_args.extend(["--net".into(), flag]);
         }
         vmm_args.extend([
@@ -127,10 +135,16 @@ impl Plan {
     }
 }
 
-/// `splitvisor-blk --socket SOCKET --image IMAGE [--readonly] [--queues N]`.
+/// A daemon's `--api-socket` in the runtime directory: `NAME.api.sock`.
+fn api_socket(rundir: &RuntimeDir, name: &str) -> Result<PathBuf, PlanError> {
+    Ok(rundir.socket(&format!("{name}.api"))?)
+}
+
+/// `splitvisor-blk --socket SOCKET --image IMAGE --api-socket STATS [--readonly] [--queues N]`.
 fn blk_daemon(
     disk: &DiskSpec,
     socket: &Path,
+    stats: &Path,
     rundir: &RuntimeDir,
     backends: &BackendDir,
 ) -> Result<DaemonSpec, PlanError> {
@@ -139,6 +153,8 @@ fn blk_daemon(
         socket.into(),
         "--image".into(),
         disk.image.clone().into(),
+        "--api-socket".into(),
+        stats.into(),
     ];
     if disk.readonly {
         args.push("--readonly".into());
@@ -150,29 +166,34 @@ fn blk_daemon(
         name: disk.id.clone(),
         program: backends.binary(BLK_BINARY)?,
         args,
-        sockets: vec![socket.to_path_buf()],
+        sockets: vec![socket.to_path_buf(), stats.to_path_buf()],
         log: rundir.log(&disk.id),
     })
 }
 
-/// Adds `--socket SOCKET` to the switch's daemon, creating `splitvisor-net --switch` for the
-/// switch's first card.
+/// Adds `--socket SOCKET` to the switch's daemon, creating `splitvisor-net --switch
+/// --api-socket NAME.api.sock` for the switch's first card; returns the daemon's stats socket.
 fn add_switch_port(
     daemons: &mut Vec<DaemonSpec>,
     switch: &str,
     socket: &Path,
     rundir: &RuntimeDir,
     backends: &BackendDir,
-) -> Result<(), PlanError> {
+) -> Result<PathBuf, PlanError> {
     let name = switch_daemon_name(switch);
+    let stats = api_socket(rundir, &name)?;
     let index = match daemons.iter().position(|d| d.name == name) {
         Some(index) => index,
         None => {
             daemons.push(DaemonSpec {
                 name: name.clone(),
                 program: backends.binary(NET_BINARY)?,
-                args: vec!["--switch".into()],
-                sockets: Vec::new(),
+                args: vec![
+                    "--switch".into(),
+                    "--api-socket".into(),
+                    stats.clone().into(),
+                ],
+                sockets: vec![stats.clone()],
                 log: rundir.log(&name),
             });
             daemons.len() - 1
@@ -181,17 +202,19 @@ fn add_switch_port(
     let daemon = &mut daemons[index];
     daemon.args.extend(["--socket".into(), socket.into()]);
     daemon.sockets.push(socket.to_path_buf());
-    Ok(())
+    Ok(stats)
 }
 
-/// `socket=PATH,id=ID[,mac=MAC]` for `run --disk` / `--net`.
-fn device_flag(socket: &Path, id: &str, mac: Option<&str>) -> OsString {
+/// `socket=PATH,id=ID[,mac=MAC],stats=STATS` for `run --disk` / `--net`.
+fn device_flag(socket: &Path, id: &str, mac: Option<&str>, stats: &Path) -> OsString {
     let mut flag = OsString::from("socket=");
     flag.push(socket);
     flag.push(format!(",id={id}"));
     if let Some(mac) = mac {
         flag.push(format!(",mac={mac}"));
     }
+    flag.push(",stats=");
+    flag.push(stats);
     flag
 }
 
