@@ -29,6 +29,8 @@ pub enum FetchError {
     },
     #[error("the backend's stats socket {} answered {status}", .path.display())]
     Status { path: PathBuf, status: u16 },
+    #[error("fetching the counters from {} failed unexpectedly (its thread panicked)", .0.display())]
+    Panicked(PathBuf),
     #[error("the backend's stats socket {} answered something that is not its counters: {source}", .path.display())]
     Parse {
         path: PathBuf,
@@ -74,12 +76,9 @@ pub fn fetch_all(sockets: &[(String, PathBuf)]) -> BTreeMap<String, BackendStats
         fetches
             .into_iter()
             .map(|(id, path, handle)| {
-                let result = handle.join().unwrap_or_else(|_| {
-                    Err(FetchError::Status {
-                        path: path.clone(),
-                        status: 500,
-                    })
-                });
+                let result = handle
+                    .join()
+                    .unwrap_or_else(|_| Err(FetchError::Panicked(path.clone())));
                 let (stats, error) = match result {
                     Ok(stats) => (Some(stats), None),
                     Err(e) => (None, Some(e.to_string())),

@@ -149,6 +149,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     });
     loop {
         let end = vhost::serve_frontend(&mut listener, device.clone()).map_err(|source| {
+            stats_server::cleanup();
             RunError::Accept {
                 socket: config.socket.clone(),
                 source,
