@@ -91,13 +91,6 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     })
     .map_err(DaemonError::Signals)?;
     let live = Arc::new(Live::new(&all_stats));
-    if let Some(path) = &config.api_socket {
-        let live = live.clone();
-        if let Err(e) = stats_server::start(path, Arc::new(move || live.snapshot())) {
-            socket::cleanup();
-            return Err(e.into());
-        }
-    }
     let result = match &config.mode {
         Mode::Tap { name, queues } => run_tap(&config, bound, all_stats, live, name, *queues),
         Mode::Switch => run_switch(&config, bound, all_stats, live),
@@ -105,6 +98,16 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     stats_server::cleanup();
     socket::cleanup();
     result
+}
+
+/// Serves `GET /stats` on `--api-socket`, if given. Called once the TAP is open, so that the
+/// stats socket (which launch waits for) does not appear for a daemon that is about to fail.
+fn start_stats_api(config: &Config, live: &Arc<Live>) -> Result<(), DaemonError> {
+    if let Some(path) = &config.api_socket {
+        let live = live.clone();
+        stats_server::start(path, Arc::new(move || live.snapshot()))?;
+    }
+    Ok(())
 }
 
 fn port_stats(bound: &BoundSocket, pairs: usize) -> Arc<PortStats> {
@@ -120,6 +123,7 @@ fn run_tap(
     queues: u16,
 ) -> Result<(), DaemonError> {
     let taps = TapQueue::open_all(name, usize::from(queues))?;
+    start_stats_api(config, &live)?;
     let offloads = taps[0].set_offload(ALL_TAP_OFFLOADS).is_ok();
     if !offloads {
         log::warn!("TAP {name} refuses checksum/TSO offloads; not offering them");
@@ -154,6 +158,7 @@ fn run_switch(
     stats: Vec<Arc<PortStats>>,
     live: Arc<Live>,
 ) -> Result<(), DaemonError> {
+    start_stats_api(config, &live)?;
     let switch = Arc::new(Switch::new(stats.clone()));
     let mut threads = Vec::new();
     for (port, sock) in bound.into_iter().enumerate() {
