@@ -84,19 +84,22 @@ fn launch_runs_blk_verify_on_its_disk_and_leaves_nothing_behind() {
     // The VMM got exactly the daemon's socket and a reconnect timeout.
     let dir = run.runtime_dir.clone().expect("runtime directory printed");
     let socket = dir.join("disk0.sock");
+    let stats = dir.join("disk0.api.sock");
     let stderr = &run.run.stderr;
     assert!(
         stderr.contains(&format!(
-            "splitvisor-blk --socket {} --image {}",
+            "splitvisor-blk --socket {} --image {} --api-socket {}",
             socket.display(),
-            path.display()
+            path.display(),
+            stats.display()
         )),
         "{run}"
     );
     assert!(
         stderr.contains(&format!(
-            "--disk socket={},id=disk0 --reconnect-timeout 55",
-            socket.display()
+            "--disk socket={},id=disk0,stats={} --reconnect-timeout 55",
+            socket.display(),
+            stats.display()
         )),
         "{run}"
     );
@@ -145,18 +148,21 @@ mac = "52:54:00:00:00:42"
     let sock = |id: &str| dir.join(format!("{id}.sock")).display().to_string();
     for expected in [
         format!(
-            "--socket {} --image {} --readonly",
+            "--socket {} --image {} --api-socket {} --readonly",
             sock("root"),
-            workdir.join("disk.img").display()
+            workdir.join("disk.img").display(),
+            sock("root.api")
         ),
         format!(
-            "splitvisor-net --switch --socket {} --socket {}",
+            "splitvisor-net --switch --api-socket {} --socket {} --socket {}",
+            sock("switch-lan.api"),
             sock("net0"),
             sock("net1")
         ),
         format!(
-            "--net socket={},id=net1,mac=52:54:00:00:00:42",
-            sock("net1")
+            "--net socket={},id=net1,mac=52:54:00:00:00:42,stats={}",
+            sock("net1"),
+            sock("switch-lan.api")
         ),
         "--memory 128M".to_string(),
         "the VMM exited with status 7".to_string(),

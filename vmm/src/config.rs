@@ -153,6 +153,8 @@ pub enum DiskConfig {
     VhostUser {
         id: Option<String>,
         socket: PathBuf,
+        /// The backend daemon's `--api-socket`, for `GET /metrics`'s `backend_stats`.
+        stats: Option<PathBuf>,
     },
     Ata {
         id: Option<String>,
@@ -181,14 +183,16 @@ impl FromStr for DiskConfig {
         let pairs = parse_key_values(
             "disk",
             value,
-            "socket, image, emulated, readonly, id",
+            "socket, image, emulated, readonly, id, stats",
             &["readonly"],
         )?;
         let (mut id, mut socket, mut path, mut emulated, mut readonly) =
             (None, None, None, None, false);
+        let mut stats = None;
         for (key, val) in pairs {
             match key.as_str() {
                 "socket" => socket = Some(PathBuf::from(val)),
+                "stats" => stats = Some(PathBuf::from(val)),
                 "image" => path = Some(PathBuf::from(val)),
                 "emulated" => emulated = Some(val),
                 "readonly" => readonly = parse_bool("disk", value, &key, &val)?,
@@ -196,9 +200,14 @@ impl FromStr for DiskConfig {
             }
         }
         match (socket, path, emulated.as_deref()) {
-            (Some(socket), None, None) if !readonly => Ok(DiskConfig::VhostUser { id, socket }),
+            (Some(socket), None, None) if !readonly => {
+                Ok(DiskConfig::VhostUser { id, socket, stats })
+            }
             (Some(_), None, None) => Err(bad(
                 "readonly applies to emulated disks; start the backend daemon with --readonly",
+            )),
+            (None, Some(_), Some(_)) if stats.is_some() => Err(bad(
+                "stats= names a backend daemon's --api-socket; an emulated disk has none",
             )),
             (None, Some(path), Some("ata")) => Ok(DiskConfig::Ata { id, path, readonly }),
             (None, Some(_), Some(other)) => Err(bad(&format!(
@@ -219,6 +228,8 @@ pub struct NetConfig {
     pub id: Option<String>,
     pub socket: PathBuf,
     pub mac: Option<[u8; 6]>,
+    /// The backend daemon's `--api-socket`, for `GET /metrics`'s `backend_stats`.
+    pub stats: Option<PathBuf>,
 }
 
 impl FromStr for NetConfig {
@@ -230,10 +241,11 @@ impl FromStr for NetConfig {
             value: value.to_string(),
             problem,
         };
-        let (mut id, mut socket, mut mac) = (None, None, None);
-        for (key, val) in parse_key_values("net", value, "socket, mac, id", &[])? {
+        let (mut id, mut socket, mut mac, mut stats) = (None, None, None, None);
+        for (key, val) in parse_key_values("net", value, "socket, mac, id, stats", &[])? {
             match key.as_str() {
                 "socket" => socket = Some(PathBuf::from(val)),
+                "stats" => stats = Some(PathBuf::from(val)),
                 "mac" => {
                     mac = Some(
                         crate::device_values::parse_mac(&val)
@@ -244,7 +256,12 @@ impl FromStr for NetConfig {
             }
         }
         let socket = socket.ok_or_else(|| bad("expected socket=PATH".to_string()))?;
-        Ok(NetConfig { id, socket, mac })
+        Ok(NetConfig {
+            id,
+            socket,
+            mac,
+            stats,
+        })
     }
 }
 
@@ -333,6 +350,26 @@ impl VmConfig {
     }
 
     /// Each network card's id: the one given, or `net0`, `net1`, ... by position.
+    /// Each vhost-user device's id and its backend daemon's stats socket (`stats=`), if given.
+    pub fn backend_stats_sockets(&self) -> Vec<(String, PathBuf)> {
+        let disks = self
+            .disks
+            .iter()
+            .zip(self.disk_ids())
+            .filter_map(|(d, id)| match d {
+                DiskConfig::VhostUser {
+                    stats: Some(path), ..
+                } => Some((id, path.clone())),
+                _ => None,
+            });
+        let nets = self
+            .nets
+            .iter()
+            .zip(self.net_ids())
+            .filter_map(|(n, id)| Some((id, n.stats.clone()?)));
+        disks.chain(nets).collect()
+    }
+
     pub fn net_ids(&self) -> Vec<String> {
         default_ids("net", self.nets.iter().map(|n| n.id.clone()))
     }
@@ -384,7 +421,8 @@ mod tests {
             "socket=/run/b.sock".parse(),
             Ok(DiskConfig::VhostUser {
                 id: None,
-                socket: "/run/b.sock".into()
+                socket: "/run/b.sock".into(),
+                stats: None,
             })
         );
         assert_eq!(
@@ -413,6 +451,27 @@ mod tests {
             assert!(err.contains(expected), "{input}: {err}");
             assert!(err.starts_with("--disk"), "{input}: {err}");
         }
+    }
+
+    #[test]
+    fn stats_sockets_are_collected_per_device_id() {
+        let mut cfg = config(64 << 20, 1);
+        cfg.disks = vec![
+            "socket=/a,stats=/a.api".parse().unwrap(),
+            "socket=/b".parse().unwrap(),
+        ];
+        cfg.nets = vec!["socket=/n,id=lan,stats=/n.api".parse().unwrap()];
+        assert_eq!(
+            cfg.backend_stats_sockets(),
+            vec![
+                ("disk0".to_string(), "/a.api".into()),
+                ("lan".to_string(), "/n.api".into())
+            ]
+        );
+        let err = "path=/i,emulated=ata,stats=/s"
+            .parse::<DiskConfig>()
+            .unwrap_err();
+        assert!(err.to_string().contains("emulated disk has none"), "{err}");
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub struct VmControl {
     mmio: Arc<Bus>,
     /// Each device's latest report (`GET /vm` entry), given while the device is busy.
     last_reports: Mutex<Vec<Option<DeviceReport>>>,
+    /// Device id and its backend daemon's stats socket, for `GET /metrics`.
+    backend_stats: Vec<(String, std::path::PathBuf)>,
 }
 
 /// Everything `VmControl` reports on or acts upon.
@@ -92,6 +94,8 @@ pub struct ControlParts {
     pub exits: Arc<ExitCounters>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
+    /// Device id and its backend daemon's `--api-socket` (the device's `stats=` key).
+    pub backend_stats: Vec<(String, std::path::PathBuf)>,
 }
 
 impl VmControl {
@@ -110,6 +114,7 @@ impl VmControl {
             pio: parts.pio,
             mmio: parts.mmio,
             last_reports: Mutex::new(Vec::new()),
+            backend_stats: parts.backend_stats,
         }
     }
 
@@ -359,6 +364,7 @@ impl VmControl {
             exits: counters.exits,
             virtio: counters.virtio,
             devices,
+            backend_stats: crate::backend_stats::fetch_all(&self.backend_stats),
         }
     }
 }

@@ -242,6 +242,7 @@ fn describe_metrics(m: &MetricsReport) -> String {
             n(|c| c.config_interrupts)
         );
     }
+    out.push_str(&crate::ctl_backends::describe(&m.backend_stats));
     out.trim_end().to_string()
 }
 

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod attach;
+pub mod backend_stats;
 pub mod bench;
 pub mod bench_net;
 pub mod boot;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod ctl;
+pub mod ctl_backends;
 pub mod device_keys;
 pub mod device_values;
 pub mod devices;

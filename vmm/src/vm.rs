@@ -147,6 +147,7 @@ impl Vm {
             exits: ctx.exits.clone(),
             pio: ctx.pio.clone(),
             mmio: ctx.mmio.clone(),
+            backend_stats: config.backend_stats_sockets(),
         }));
 
         let vcpus = (0..config.vcpus)

@@ -3,11 +3,14 @@
 pub mod backend;
 pub mod disk;
 pub mod imagelock;
+pub mod live;
 pub mod loglimit;
 pub mod request;
 pub mod seccomp;
 pub mod socket;
 pub mod stats;
+#[path = "../../common/stats_server.rs"]
+pub mod stats_server;
 pub mod vhost;
 
 use std::path::PathBuf;
@@ -20,6 +23,7 @@ use log::{error, info, warn};
 use crate::backend::{feature_names, BlkBackend};
 use crate::disk::{Disk, DiskError, FileDisk};
 use crate::imagelock::LockMode;
+use crate::live::{Live, Tracked};
 use crate::request::{DeviceInfo, Limits, SECTOR_SIZE};
 use crate::socket::{SocketError, SocketGuard};
 use crate::stats::DeviceStats;
@@ -48,6 +52,8 @@ pub struct Config {
     pub share: bool,
     /// GET_ID answer, at most 20 bytes.
     pub serial: String,
+    /// Where to serve `GET /stats`, if anywhere.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Why the daemon stopped.
@@ -63,6 +69,8 @@ pub enum RunError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Socket(#[from] SocketError),
+    #[error(transparent)]
+    StatsApi(#[from] stats_server::StatsApiError),
     #[error("cannot set up signal handling")]
     Signals(#[source] std::io::Error),
     #[error("cannot accept a frontend connection on {socket}")]
@@ -133,6 +141,11 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let stats = Arc::new(DeviceStats::new(config.queues));
     let guard = Arc::new(guard);
     handle_signals(guard.clone(), stats.clone(), disk.clone()).map_err(RunError::Signals)?;
+    let live = Arc::new(Live::default());
+    if let Some(path) = &config.api_socket {
+        let (live, stats) = (live.clone(), stats.clone());
+        stats_server::start(path, Arc::new(move || live.snapshot(&stats)))?;
+    }
     let mut listener = Listener::from(listener);
     info!(
         "serving {} ({} sectors{}{}{}) on {} with {} queue(s) of {}",
@@ -147,19 +160,23 @@ pub fn run(config: Config) -> Result<(), RunError> {
     );
     // validate() bounded the queue size by 32768.
     let queue_size = u16::try_from(config.queue_size).unwrap_or(u16::MAX);
-    let device = Arc::new(
-        BlkBackend::new(disk, info, config.queues, queue_size, stats.clone())
+    let device = Arc::new(Tracked {
+        device: BlkBackend::new(disk, info, config.queues, queue_size, stats.clone())
             .with_request_delay(test_request_delay()),
-    );
-    // Image open, socket bound, signal thread started: nothing privileged is left to do.
+        live: live.clone(),
+    });
+    // Image open, socket bound, signal and stats threads started: nothing privileged is left
+    // to do. The filter covers every thread started so far (TSYNC) and every later one.
     seccomp::confine()?;
     loop {
         let end = vhost::serve_frontend(&mut listener, device.clone()).map_err(|source| {
+            stats_server::cleanup();
             RunError::Accept {
                 socket: config.socket.clone(),
                 source,
             }
         })?;
+        live.frontend_ended();
         let acked = end.acked_features;
         match end.error {
             None => info!(
@@ -182,8 +199,9 @@ fn test_request_delay() -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
-/// Block SIGINT/SIGTERM in every thread and handle them in a dedicated one: flush the image,
-/// remove the socket and lock file, print the counters, exit 0.
+/// Block SIGINT/SIGTERM/SIGUSR1 in every thread and handle them in a dedicated one: SIGUSR1
+/// prints the counters and goes on; the others flush the image, remove the socket, lock file
+/// and stats socket, print the counters, exit 0.
 fn handle_signals(
     guard: Arc<SocketGuard>,
     stats: Arc<DeviceStats>,
@@ -196,6 +214,7 @@ fn handle_signals(
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
     }
     // SAFETY: `set` is initialised; the old mask is not needed. Threads spawned later
     // inherit the mask, so only the sigwait thread below receives these signals.
@@ -205,15 +224,19 @@ fn handle_signals(
     }
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || {
+        .spawn(move || loop {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` and `sig` are valid for the duration of the call.
             let rc = unsafe { libc::sigwait(&set, &mut sig) };
             if rc != 0 {
                 error!("sigwait failed: {}", std::io::Error::from_raw_os_error(rc));
+            } else if sig == libc::SIGUSR1 {
+                eprintln!("STATS {}", stats.to_json());
+                continue;
             }
             info!("signal {sig} received, removing {}", guard.path().display());
             guard.cleanup();
+            stats_server::cleanup();
             if let Err(e) = disk.flush() {
                 warn!("cannot flush the image on exit: {e}");
             }

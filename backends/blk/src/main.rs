@@ -40,6 +40,10 @@ struct Cli {
     /// Disk ID returned by GET_ID (at most 20 bytes) [default: image file name, truncated].
     #[arg(long, visible_aliases = ["id", "disk-id"], value_name = "ID")]
     serial: Option<String>,
+    /// Serve `GET /stats` (the STATS counters, uptime, connection state) over HTTP on this
+    /// Unix socket (mode 0600; a stale one is replaced, removed at exit).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: String,
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         queue_size: cli.queue_size,
         direct: cli.direct,
         share: cli.share,
+        api_socket: cli.api_socket,
     };
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -40,6 +40,9 @@ const VHOST_BACKEND: &[libc::c_long] = &[
     libc::SYS_setsockopt,
     libc::SYS_readlink,
     libc::SYS_readlinkat,
+    // The stats API (`--api-socket`): requests and answers on its connections.
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
 ];
 
 /// Requests on the image: reads, writes, flushes, discard and write-zeroes (fallocate).

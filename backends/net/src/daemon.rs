@@ -15,10 +15,12 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::{tap_event, Engine, NetBackend, TapPair};
 use crate::device::{DeviceModel, ALL_TAP_OFFLOADS};
+use crate::live::Live;
 use crate::relay;
 use crate::ring::Mem;
 use crate::socket::{self, BoundSocket, SocketError};
 use crate::stats::PortStats;
+use crate::stats_server::{self, StatsApiError};
 use crate::switch::{MacAddr, Switch};
 use crate::tap::{TapError, TapQueue};
 
@@ -38,6 +40,8 @@ pub struct Config {
     /// One MAC per socket.
     pub macs: Vec<MacAddr>,
     pub mtu: Option<u16>,
+    /// Where to serve `GET /stats`, if anywhere.
+    pub api_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +54,8 @@ pub enum DaemonError {
     Tap(#[from] TapError),
     #[error("vhost-user daemon on {path}: {reason}")]
     Serve { path: PathBuf, reason: String },
+    #[error(transparent)]
+    StatsApi(#[from] StatsApiError),
     #[error("failed to start the thread for {0}")]
     SpawnPort(PathBuf, #[source] std::io::Error),
     #[error("failed to confine the daemon")]
@@ -64,6 +70,9 @@ struct PortSpec {
     engine: Box<dyn Fn() -> Engine + Send>,
     on_disconnect: Box<dyn Fn() + Send>,
     tap_fds: Vec<i32>,
+    /// Connection state for the stats API, and this port's index in it.
+    live: Arc<Live>,
+    port: usize,
 }
 
 pub fn run(config: Config) -> Result<(), DaemonError> {
@@ -89,14 +98,26 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         }
     })
     .map_err(DaemonError::Signals)?;
+    let live = Arc::new(Live::new(&all_stats));
     let result = match (&config.mode, taps) {
         (Mode::Tap { name, queues }, Some(taps)) => {
-            run_tap(&config, bound, all_stats, taps, name, *queues)
+            run_tap(&config, bound, all_stats, live, taps, name, *queues)
         }
-        _ => run_switch(&config, bound, all_stats),
+        _ => run_switch(&config, bound, all_stats, live),
     };
+    stats_server::cleanup();
     socket::cleanup();
     result
+}
+
+/// Serves `GET /stats` on `--api-socket`, if given. Called once the TAP is open, so that the
+/// stats socket (which launch waits for) does not appear for a daemon that is about to fail.
+fn start_stats_api(config: &Config, live: &Arc<Live>) -> Result<(), DaemonError> {
+    if let Some(path) = &config.api_socket {
+        let live = live.clone();
+        stats_server::start(path, Arc::new(move || live.snapshot()))?;
+    }
+    Ok(())
 }
 
 fn port_stats(bound: &BoundSocket, pairs: usize) -> Arc<PortStats> {
@@ -107,10 +128,12 @@ fn run_tap(
     config: &Config,
     mut bound: Vec<BoundSocket>,
     stats: Vec<Arc<PortStats>>,
+    live: Arc<Live>,
     taps: Vec<TapQueue>,
     name: &str,
     queues: u16,
 ) -> Result<(), DaemonError> {
+    start_stats_api(config, &live)?;
     let offloads = taps[0].set_offload(ALL_TAP_OFFLOADS).is_ok();
     if !offloads {
         log::warn!("TAP {name} refuses checksum/TSO offloads; not offering them");
@@ -135,6 +158,8 @@ fn run_tap(
         engine: Box::new(move || Engine::Tap(pairs.clone())),
         on_disconnect: Box::new(|| {}),
         tap_fds,
+        live,
+        port: 0,
     };
     serve(bound.remove(0), spec)
 }
@@ -143,7 +168,10 @@ fn run_switch(
     config: &Config,
     bound: Vec<BoundSocket>,
     stats: Vec<Arc<PortStats>>,
+    live: Arc<Live>,
 ) -> Result<(), DaemonError> {
+    start_stats_api(config, &live)?;
+    // Sockets bound, signal and stats threads started: the filter covers them all (TSYNC).
     crate::seccomp::confine()?;
     let switch = Arc::new(Switch::new(stats.clone()));
     let mut threads = Vec::new();
@@ -165,6 +193,8 @@ fn run_switch(
             }),
             on_disconnect: Box::new(move || sw_detach.detach(port)),
             tap_fds: Vec::new(),
+            live: live.clone(),
+            port,
         };
         let handle = thread::Builder::new()
             .name(format!("port{port}"))
@@ -227,6 +257,7 @@ fn serve(bound: BoundSocket, spec: PortSpec) -> Result<(), DaemonError> {
             .map_err(|e| fail(e.to_string()))?;
         drop(crate_listener);
         spec.stats.connections.fetch_add(1, Ordering::Relaxed);
+        spec.live.set_connected(spec.port, true);
         log::info!("frontend connected on {}", path.display());
         if let Err(e) = relay::run(frontend, crate_end) {
             log::warn!("connection on {}: {e}", path.display());
@@ -234,6 +265,7 @@ fn serve(bound: BoundSocket, spec: PortSpec) -> Result<(), DaemonError> {
         if let Err(e) = daemon.wait() {
             log::warn!("connection on {} ended: {e}", path.display());
         }
+        spec.live.set_connected(spec.port, false);
         (spec.on_disconnect)();
         // Dropping the daemon stops and joins this connection's worker threads.
         drop(daemon);

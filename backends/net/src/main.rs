@@ -9,6 +9,7 @@ mod device;
 #[allow(dead_code)] // seal_size is for splitvisor-blk's own inflight memfd
 mod fdcheck;
 // Shared with splitvisor-blk: per-queue rate limiting of guest-caused log lines.
+mod live;
 #[path = "../../blk/src/loglimit.rs"]
 mod loglimit;
 mod relay;
@@ -18,6 +19,8 @@ mod rxtx;
 mod seccomp;
 mod socket;
 mod stats;
+#[path = "../../common/stats_server.rs"]
+mod stats_server;
 mod switch;
 mod tap;
 // Shared with splitvisor-blk: whole vhost-user messages with deadlines and descriptors.
@@ -73,6 +76,10 @@ struct Args {
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: String,
+    /// Serve `GET /stats` (the STATS counters of every socket, uptime, connection state) over
+    /// HTTP on this Unix socket (mode 0600; a stale one is replaced, removed at exit).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +148,7 @@ fn config(args: Args) -> Result<Config, ArgsError> {
         sockets: args.sockets,
         macs,
         mtu: args.mtu,
+        api_socket: args.api_socket,
     })
 }
 

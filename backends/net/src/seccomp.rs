@@ -42,6 +42,9 @@ const VHOST_BACKEND: &[libc::c_long] = &[
     // The relay's fd checks: an eventfd is recognised by its /proc/self/fd link.
     libc::SYS_readlink,
     libc::SYS_readlinkat,
+    // The stats API (`--api-socket`): requests and answers on its connections.
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
 ];
 
 /// Frames to and from the TAP (read, writev), kicks and calls (eventfd read/write).

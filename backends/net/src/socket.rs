@@ -115,9 +115,10 @@ pub fn cleanup() {
     }
 }
 
-/// Block SIGINT/SIGTERM in every thread and handle them on a dedicated one: remove the sockets,
-/// run `on_exit`, exit 0. Call before spawning any other thread.
-pub fn handle_termination(on_exit: impl Fn() + Send + 'static) -> io::Result<()> {
+/// Block SIGINT/SIGTERM/SIGUSR1 in every thread and handle them on a dedicated one: SIGUSR1
+/// runs `print_stats` and goes on; the others run it, remove the sockets (the stats socket
+/// too) and exit 0. Call before spawning any other thread.
+pub fn handle_termination(print_stats: impl Fn() + Send + 'static) -> io::Result<()> {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t for these libc calls.
@@ -125,6 +126,7 @@ pub fn handle_termination(on_exit: impl Fn() + Send + 'static) -> io::Result<()>
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
     };
     if ret != 0 {
@@ -136,9 +138,14 @@ pub fn handle_termination(on_exit: impl Fn() + Send + 'static) -> io::Result<()>
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` and `sig` are valid for the call; sigwait only reads/writes them.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                if sig == libc::SIGUSR1 {
+                    print_stats();
+                    continue;
+                }
                 log::info!("signal {sig}: removing sockets and exiting");
-                on_exit();
+                print_stats();
                 cleanup();
+                crate::stats_server::cleanup();
                 std::process::exit(0);
             }
         })?;

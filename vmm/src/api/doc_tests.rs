@@ -139,6 +139,58 @@ fn devices() -> Vec<DeviceReport> {
     vec![connected, busy, ata]
 }
 
+/// `backend_stats` with a splitvisor-blk, a splitvisor-net and an unreachable daemon.
+fn backend_stats() -> BTreeMap<String, BackendStatsEntry> {
+    let daemon = |name: &str| DaemonStats {
+        daemon: name.into(),
+        uptime_ms: 10,
+        state: "connected".into(),
+        frontends: 1,
+        queues: None,
+        ports: None,
+    };
+    let blk = DaemonStats {
+        queues: Some(vec![BlkQueueStats {
+            queue: 0,
+            requests: 3,
+            read_bytes: 1536,
+            write_bytes: 0,
+            kicks: 3,
+            interrupts: 3,
+        }]),
+        ..daemon("splitvisor-blk")
+    };
+    let net = DaemonStats {
+        ports: Some(vec![NetPortStats {
+            socket: "/r/net0.sock".into(),
+            connections: 1,
+            state: "connected".into(),
+            queues: vec![NetQueueStats {
+                rx_frames: 1,
+                rx_bytes: 60,
+                tx_frames: 1,
+                tx_bytes: 60,
+                rx_kicks: 1,
+                tx_kicks: 1,
+                rx_interrupts: 1,
+                tx_interrupts: 1,
+                drops: BTreeMap::from([("no_rx_buffers".into(), 0)]),
+            }],
+        }]),
+        ..daemon("splitvisor-net")
+    };
+    let entry = |stats: Option<DaemonStats>, error: Option<&str>| BackendStatsEntry {
+        api_socket: "/r/x.api.sock".into(),
+        stats,
+        error: error.map(str::to_string),
+    };
+    BTreeMap::from([
+        ("disk0".into(), entry(Some(blk), None)),
+        ("net0".into(), entry(Some(net), None)),
+        ("disk1".into(), entry(None, Some("cannot connect"))),
+    ])
+}
+
 /// What each endpoint answers with 200, in every shape it can take.
 fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
     let vm = VmReport {
@@ -171,6 +223,7 @@ fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
             ("disk0".into(), Some(virtio_counters())),
             ("net0".into(), None),
         ]),
+        backend_stats: backend_stats(),
     };
     let states = [VmState::Running, VmState::Paused, VmState::Stopping]
         .map(|state| json!(StateReport { state }))

@@ -20,17 +20,21 @@ Names:
 Runtime directory:
   launch creates a private directory (mode 0700) named splitvisor-launch-PID under
   --runtime-dir, else $XDG_RUNTIME_DIR, else /run/splitvisor, else /tmp, and prints its path on
-  stderr at start. It holds each backend's socket (ID.sock) and log (NAME.log: the daemon's
-  stdout and stderr), and with --daemonize launch.log (launch's own messages, the VMM's and
+  stderr at start. It holds each backend's socket (ID.sock), stats API socket (NAME.api.sock,
+  given to the VMM as the device's stats= key, so `ctl NAME metrics` shows the backends'
+  counters) and log (NAME.log: the daemon's stdout and stderr), and with --daemonize launch.log (launch's own messages, the VMM's and
   the guest console). It is removed at exit; only when a backend died while the VM ran are the
   logs kept there (launch says so).
 
 Backends:
-  --disk image=PATH       splitvisor-blk --socket RUNDIR/ID.sock --image PATH [--readonly] [--queues N]
-                          [--direct] [--queue-size N] [--serial DISK_ID] [--share] (share: another
-                          daemon may serve the image too, for swaps)
-  --net tap=NAME          splitvisor-net --tap NAME --socket RUNDIR/ID.sock [--mtu N] [--queues N]
-  --net switch=NAME       one splitvisor-net --switch --socket RUNDIR/ID.sock ... per switch name,
+  --disk image=PATH       splitvisor-blk --socket RUNDIR/ID.sock --image PATH
+                          --api-socket RUNDIR/ID.api.sock [--readonly] [--queues N] [--direct]
+                          [--queue-size N] [--serial DISK_ID] [--share] (share: another daemon
+                          may serve the image too, for swaps)
+  --net tap=NAME          splitvisor-net --tap NAME --socket RUNDIR/ID.sock
+                          --api-socket RUNDIR/ID.api.sock [--mtu N] [--queues N]
+  --net switch=NAME       one splitvisor-net --switch --api-socket RUNDIR/switch-NAME.api.sock
+                          --socket RUNDIR/ID.sock ... per switch name,
                           shared by every NIC that names it (its log: switch-NAME.log)
   The binaries are taken from --backend-dir, else $SPLITVISOR_BACKEND_DIR, else the directory of
   this executable. Each daemon runs in its own process group, so a terminal's Ctrl-C reaches

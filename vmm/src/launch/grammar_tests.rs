@@ -230,7 +230,10 @@ fn an_unknown_key_error_lists_the_aliases() {
         "{err}"
     );
     let err = run(&["--net", "socket=/n,colour=red"]).unwrap_err();
-    assert!(err.contains("expected one of: socket, mac, id\n"), "{err}");
+    assert!(
+        err.contains("expected one of: socket, mac, id, stats\n"),
+        "{err}"
+    );
 }
 
 #[test]

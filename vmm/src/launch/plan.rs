@@ -93,27 +93,33 @@ impl Plan {
         vmm_args.extend(spec.vm.to_run_flags());
         for disk in &spec.disks {
             let socket = rundir.socket(&disk.id)?;
-            daemons.push(blk_daemon(disk, &socket, rundir, backends)?);
-            vmm_args.extend(["--disk".into(), device_flag(&socket, &disk.id, None)]);
+            let stats = api_socket(rundir, &disk.id)?;
+            daemons.push(blk_daemon(disk, &socket, &stats, rundir, backends)?);
+            let flag = device_flag(&socket, &disk.id, None, &stats);
+            vmm_args.extend(["--disk".into(), flag]);
         }
         for net in &spec.nets {
             let socket = rundir.socket(&net.id)?;
-            match &net.backend {
+            let stats = match &net.backend {
                 NetBackend::Tap(tap) => {
+                    let stats = api_socket(rundir, &net.id)?;
                     let mut args: Vec<OsString> = vec![
                         "--tap".into(),
                         tap.into(),
                         "--socket".into(),
                         socket.clone().into(),
+                        "--api-socket".into(),
+                        stats.clone().into(),
                     ];
                     args.extend(net_options(&net.options));
                     daemons.push(DaemonSpec {
                         name: net.id.clone(),
                         program: backends.binary(NET_BINARY)?,
                         args,
-                        sockets: vec![socket.clone()],
+                        sockets: vec![socket.clone(), stats.clone()],
                         log: rundir.log(&net.id),
-                    })
+                    });
+                    stats
                 }
                 NetBackend::Switch(switch) => add_switch_port(
                     &mut daemons,
@@ -122,8 +128,8 @@ impl Plan {
                     rundir,
                     backends,
                 )?,
-            }
-            let flag = device_flag(&socket, &net.id, net.mac.as_deref());
+            };
+            let flag = device_flag(&socket, &net.id, net.mac.as_deref(), &stats);
             vmm_args.extend(["--net".into(), flag]);
         }
         vmm_args.extend([
@@ -135,10 +141,17 @@ impl Plan {
     }
 }
 
-/// `splitvisor-blk --socket SOCKET --image IMAGE [--readonly] [--queues N] [--share]`.
+/// A daemon's `--api-socket` in the runtime directory: `NAME.api.sock`.
+fn api_socket(rundir: &RuntimeDir, name: &str) -> Result<PathBuf, PlanError> {
+    Ok(rundir.socket(&format!("{name}.api"))?)
+}
+
+/// `splitvisor-blk --socket SOCKET --image IMAGE --api-socket STATS [--readonly] [--queues N]
+/// [--direct] [--queue-size N] [--serial ID] [--share]`.
 fn blk_daemon(
     disk: &DiskSpec,
     socket: &Path,
+    stats: &Path,
     rundir: &RuntimeDir,
     backends: &BackendDir,
 ) -> Result<DaemonSpec, PlanError> {
@@ -147,6 +160,8 @@ fn blk_daemon(
         socket.into(),
         "--image".into(),
         disk.image.clone().into(),
+        "--api-socket".into(),
+        stats.into(),
     ];
     if disk.readonly {
         args.push("--readonly".into());
@@ -170,21 +185,22 @@ fn blk_daemon(
         name: disk.id.clone(),
         program: backends.binary(BLK_BINARY)?,
         args,
-        sockets: vec![socket.to_path_buf()],
+        sockets: vec![socket.to_path_buf(), stats.to_path_buf()],
         log: rundir.log(&disk.id),
     })
 }
 
-/// Adds `--socket SOCKET` to the switch's daemon, creating `splitvisor-net --switch` for the
-/// switch's first card.
+/// Adds `--socket SOCKET` to the switch's daemon, creating `splitvisor-net --switch
+/// --api-socket NAME.api.sock` for the switch's first card; returns the daemon's stats socket.
 fn add_switch_port(
     daemons: &mut Vec<DaemonSpec>,
     (switch, options): (&str, &NetOptions),
     socket: &Path,
     rundir: &RuntimeDir,
     backends: &BackendDir,
-) -> Result<(), PlanError> {
+) -> Result<PathBuf, PlanError> {
     let name = switch_daemon_name(switch);
+    let stats = api_socket(rundir, &name)?;
     let index = match daemons.iter().position(|d| d.name == name) {
         Some(index) => index,
         None => {
@@ -192,10 +208,15 @@ fn add_switch_port(
                 name: name.clone(),
                 program: backends.binary(NET_BINARY)?,
                 // The switch's MTU (its cards agree on it: `LaunchSpec::check`).
-                args: std::iter::once("--switch".into())
-                    .chain(net_options(options))
-                    .collect(),
-                sockets: Vec::new(),
+                args: [
+                    "--switch".into(),
+                    "--api-socket".into(),
+                    stats.clone().into(),
+                ]
+                .into_iter()
+                .chain(net_options(options))
+                .collect(),
+                sockets: vec![stats.clone()],
                 log: rundir.log(&name),
             });
             daemons.len() - 1
@@ -204,7 +225,7 @@ fn add_switch_port(
     let daemon = &mut daemons[index];
     daemon.args.extend(["--socket".into(), socket.into()]);
     daemon.sockets.push(socket.to_path_buf());
-    Ok(())
+    Ok(stats)
 }
 
 /// `[--mtu N] [--queues N]` for splitvisor-net.
@@ -219,14 +240,16 @@ fn net_options(options: &NetOptions) -> Vec<OsString> {
     args
 }
 
-/// `socket=PATH,id=ID[,mac=MAC]` for `run --disk` / `--net`.
-fn device_flag(socket: &Path, id: &str, mac: Option<&str>) -> OsString {
+/// `socket=PATH,id=ID[,mac=MAC],stats=STATS` for `run --disk` / `--net`.
+fn device_flag(socket: &Path, id: &str, mac: Option<&str>, stats: &Path) -> OsString {
     let mut flag = OsString::from("socket=");
     flag.push(socket);
     flag.push(format!(",id={id}"));
     if let Some(mac) = mac {
         flag.push(format!(",mac={mac}"));
     }
+    flag.push(",stats=");
+    flag.push(stats);
     flag
 }
 

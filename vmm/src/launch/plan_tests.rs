@@ -125,6 +125,12 @@ fn each_disk_and_tap_gets_a_daemon_and_each_switch_one_shared_daemon() {
         fixture.run("net1.sock"),
         fixture.run("net2.sock"),
     );
+    // Every daemon's stats API, in the runtime directory.
+    let (a0, a1, a2) = (
+        fixture.run("disk0.api.sock"),
+        fixture.run("net0.api.sock"),
+        fixture.run("switch-lan.api.sock"),
+    );
     let expected: Vec<(String, PathBuf, Vec<String>, usize)> = vec![
         (
             "disk0".into(),
@@ -134,30 +140,41 @@ fn each_disk_and_tap_gets_a_daemon_and_each_switch_one_shared_daemon() {
                 s0.clone().into(),
                 "--image".into(),
                 "/images/a.img".into(),
+                "--api-socket".into(),
+                a0.clone().into(),
                 "--readonly".into(),
                 "--queues".into(),
                 "2".into(),
                 "--share".into(),
             ]),
-            1,
+            2,
         ),
         (
             "net0".into(),
             bin(NET_BINARY),
-            vec!["--tap".into(), "tap0".into(), "--socket".into(), s1.clone()],
-            1,
+            vec![
+                "--tap".into(),
+                "tap0".into(),
+                "--socket".into(),
+                s1.clone(),
+                "--api-socket".into(),
+                a1.clone(),
+            ],
+            2,
         ),
         (
             "switch-lan".into(),
             bin(NET_BINARY),
             vec![
                 "--switch".into(),
+                "--api-socket".into(),
+                a2.clone(),
                 "--socket".into(),
                 s2.clone(),
                 "--socket".into(),
                 s3.clone(),
             ],
-            2,
+            3,
         ),
     ];
     assert_eq!(daemons, expected);
@@ -168,13 +185,13 @@ fn each_disk_and_tap_gets_a_daemon_and_each_switch_one_shared_daemon() {
     let vmm = strings(&plan.vmm_args);
     let tail = [
         "--disk".to_string(),
-        format!("socket={s0},id=disk0"),
+        format!("socket={s0},id=disk0,stats={a0}"),
         "--net".into(),
-        format!("socket={s1},id=net0"),
+        format!("socket={s1},id=net0,stats={a1}"),
         "--net".into(),
-        format!("socket={s2},id=net1,mac=52:54:00:00:00:01"),
+        format!("socket={s2},id=net1,mac=52:54:00:00:00:01,stats={a2}"),
         "--net".into(),
-        format!("socket={s3},id=net2"),
+        format!("socket={s3},id=net2,stats={a2}"),
         "--reconnect-timeout".into(),
         "55".into(),
     ];
@@ -267,7 +284,7 @@ fn daemon_options_reach_the_daemons_command_lines() {
     );
     assert!(args[1].ends_with("--mtu 9000 --queues 2"), "{args:?}");
     assert!(
-        args[2].starts_with("--switch --mtu 1400 --socket"),
+        args[2].starts_with("--switch --api-socket ") && args[2].contains(" --mtu 1400 --socket"),
         "{args:?}"
     );
 }
