@@ -83,7 +83,7 @@ pub struct LaunchArgs {
     pub vm: VmArgs,
 
     /// A disk served by its own splitvisor-blk (repeatable; ids default to disk0, disk1, ...):
-    /// `image=PATH[,readonly][,share][,queues=N][,id=NAME][,direct][,queue_size=N][,disk_id=ID]`
+    /// `image=PATH[,readonly][,queues=N][,id=NAME][,direct][,queue_size=N][,disk_id=ID][,share]`
     /// (aliases: path= for image=, ro for readonly, serial= for disk_id=); `share` lets another
     /// splitvisor-blk open the image too (the target of a planned swap; splitvisor-blk --share).
     #[arg(long, value_name = "SPEC")]
