@@ -48,3 +48,16 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// `eprintln!`, but the line reaches stderr in one write(2): launch, the VMM it starts and its
+/// daemons share a stderr, and `eprintln!` writes a line piece by piece, so another process's
+/// line could land inside it.
+#[macro_export]
+macro_rules! eprintln_whole {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }};
+}

@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     match result {
         Ok(status) => ExitCode::from(status),
         Err(error) => {
-            eprintln!("splitvisor: {}", splitvisor::error_chain(error.as_ref()));
+            splitvisor::eprintln_whole!("splitvisor: {}", splitvisor::error_chain(error.as_ref()));
             ExitCode::from(1)
         }
     }
@@ -36,7 +36,7 @@ fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     splitvisor::seccomp::set_mode(args.vm.seccomp);
     let (end, stats) = Vm::new(&config)?.run()?;
     if let Some(message) = end.describe() {
-        eprintln!("splitvisor: {message}");
+        splitvisor::eprintln_whole!("splitvisor: {message}");
     }
     if args.vm.stats {
         println!("{}{stats}", splitvisor::stats::STATS_PREFIX);
@@ -51,7 +51,7 @@ fn register(args: &RunArgs, config: &mut VmConfig) -> Result<Option<Registration
     let name = args.name.clone().unwrap_or_else(registry::generated_name);
     match registry::register(&name, config.api_socket.as_deref()) {
         Ok(registration) => {
-            eprintln!(
+            splitvisor::eprintln_whole!(
                 "splitvisor: VM {name}, API socket {} (`splitvisor ctl {name} status`)",
                 registration.api_socket().display()
             );
@@ -59,7 +59,7 @@ fn register(args: &RunArgs, config: &mut VmConfig) -> Result<Option<Registration
             Ok(Some(registration))
         }
         Err(e) if args.name.is_none() => {
-            eprintln!(
+            splitvisor::eprintln_whole!(
                 "splitvisor: warning: running unnamed: {}",
                 splitvisor::error_chain(&e)
             );

@@ -94,7 +94,7 @@ pub fn run(args: &LaunchArgs) -> Result<u8, LaunchError> {
     let policy = RestartPolicy::DEFAULT;
     let socket_timeout = Duration::from_secs(spec.socket_timeout.unwrap_or(args.socket_timeout));
     let rundir = RuntimeDir::create(args.runtime_dir.as_deref())?;
-    eprintln!("launch: runtime directory {}", rundir.path().display());
+    crate::eprintln_whole!("launch: runtime directory {}", rundir.path().display());
     let _pidfile = announce(args, &name, &rundir)?;
     let reconnect = spec
         .reconnect_timeout
@@ -109,7 +109,7 @@ pub fn run(args: &LaunchArgs) -> Result<u8, LaunchError> {
         remove_rundir(rundir);
         return match error {
             StartError::Interrupted(signal) => {
-                eprintln!(
+                crate::eprintln_whole!(
                     "launch: {} received while starting; stopped",
                     signal_name(signal)
                 );
@@ -128,14 +128,14 @@ pub fn run(args: &LaunchArgs) -> Result<u8, LaunchError> {
     };
     let status = match supervise(&signals, &mut supervisor, &mut vmm) {
         Ending::VmmExited(status) => {
-            eprintln!(
+            crate::eprintln_whole!(
                 "launch: the VMM {}; stopping the backends",
                 describe_exit(status)
             );
             exit_status(status)
         }
         Ending::Interrupted(signal) => {
-            eprintln!(
+            crate::eprintln_whole!(
                 "launch: {} received; stopping the VMM (pid {}), then the backends",
                 signal_name(signal),
                 vmm.id()
@@ -147,11 +147,11 @@ pub fn run(args: &LaunchArgs) -> Result<u8, LaunchError> {
     supervisor.stop_all();
     if supervisor.had_trouble() {
         match rundir.keep_logs() {
-            Ok(dir) => eprintln!(
+            Ok(dir) => crate::eprintln_whole!(
                 "launch: a backend died while the VM ran; its log is kept in {}",
                 dir.display()
             ),
-            Err(e) => eprintln!("launch: cannot clean up the runtime directory: {e}"),
+            Err(e) => crate::eprintln_whole!("launch: cannot clean up the runtime directory: {e}"),
         }
     } else {
         remove_rundir(rundir);
@@ -169,7 +169,7 @@ fn announce(
     if args.daemon_child {
         daemon::redirect_output(&rundir.log("launch"))?;
     } else {
-        eprintln!("launch: VM {name}");
+        crate::eprintln_whole!("launch: VM {name}");
     }
     Ok(args.pidfile.as_deref().map(Pidfile::write).transpose()?)
 }
@@ -210,7 +210,7 @@ fn spawn_vmm(exe: &Path, vmm_args: &[OsString]) -> Result<Child, LaunchError> {
         .chain(vmm_args.iter().map(OsString::as_os_str))
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    eprintln!(
+    crate::eprintln_whole!(
         "launch: started the VMM (pid {}): {}",
         child.id(),
         line.join(" ")
@@ -228,7 +228,7 @@ fn supervise(signals: &SignalWait, supervisor: &mut Supervisor, vmm: &mut Child)
             // ECHILD cannot happen for our own unreaped child; if waiting fails anyway, stop
             // everything rather than supervise a VMM we cannot see.
             Err(e) => {
-                eprintln!("launch: cannot wait for the VMM: {e}");
+                crate::eprintln_whole!("launch: cannot wait for the VMM: {e}");
                 return Ending::Interrupted(libc::SIGTERM);
             }
         }
@@ -249,9 +249,9 @@ fn stop_vmm(vmm: &mut Child) {
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
     match wait_until(vmm, Instant::now() + VMM_STOP_GRACE) {
-        Ok(status) => eprintln!("launch: the VMM {}", describe_exit(status)),
+        Ok(status) => crate::eprintln_whole!("launch: the VMM {}", describe_exit(status)),
         Err(why) => {
-            eprintln!(
+            crate::eprintln_whole!(
                 "launch: the VMM (pid {}) did not stop within {} s of SIGTERM ({why}); killing it",
                 vmm.id(),
                 VMM_STOP_GRACE.as_secs()
@@ -274,6 +274,6 @@ fn exit_status(status: ExitStatus) -> u8 {
 fn remove_rundir(rundir: RuntimeDir) {
     let path = rundir.path().to_path_buf();
     if let Err(e) = rundir.remove() {
-        eprintln!("launch: cannot remove {}: {e}", path.display());
+        crate::eprintln_whole!("launch: cannot remove {}: {e}", path.display());
     }
 }
