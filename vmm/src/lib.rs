@@ -15,6 +15,9 @@ pub mod control;
 pub mod ctl;
 pub mod devices;
 pub mod event_loop;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod launch;
 pub mod layout;
 pub mod memory;

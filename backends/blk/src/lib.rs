@@ -2,6 +2,9 @@
 
 pub mod backend;
 pub mod disk;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod request;
 pub mod socket;
 pub mod stats;

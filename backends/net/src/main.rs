@@ -4,6 +4,8 @@
 mod backend;
 mod daemon;
 mod device;
+#[cfg(test)]
+mod fuzzing;
 mod relay;
 mod ring;
 mod rxtx;
