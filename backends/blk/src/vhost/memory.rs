@@ -30,6 +30,22 @@ pub enum MemoryError {
     NoSuchRegion { gpa: u64, size: u64 },
     #[error("already {MAX_MEM_SLOTS} regions")]
     TooManyRegions,
+    #[error("cannot read the size of the file of the region at guest address {gpa:#x}")]
+    Stat {
+        gpa: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "region at guest address {gpa:#x} ({size} bytes at file offset {offset:#x}) ends past \
+         its {file_len}-byte file; send the fd the region lives in"
+    )]
+    PastEndOfFile {
+        gpa: u64,
+        size: u64,
+        offset: u64,
+        file_len: u64,
+    },
     #[error("frontend address {0:#x} is in no memory region")]
     Unmapped(u64),
 }
@@ -69,6 +85,24 @@ fn map_region(
     GuestRegionMmap::new(map, GuestAddress(gpa)).ok_or(MemoryError::Invalid { gpa, size })
 }
 
+/// A mapping past the end of its file faults (SIGBUS, killing the daemon) on the first access
+/// there, so a region must lie inside its file as the file is now.
+fn check_inside_file(file: &File, gpa: u64, size: u64, offset: u64) -> Result<(), MemoryError> {
+    let file_len = file
+        .metadata()
+        .map_err(|source| MemoryError::Stat { gpa, source })?
+        .len();
+    match offset.checked_add(size) {
+        Some(end) if end <= file_len => Ok(()),
+        _ => Err(MemoryError::PastEndOfFile {
+            gpa,
+            size,
+            offset,
+            file_len,
+        }),
+    }
+}
+
 impl MemoryTable {
     /// The handle workers read guest memory through; it follows every update.
     pub fn atomic(&self) -> GuestMemoryAtomic<GuestMemoryMmap> {
@@ -93,6 +127,7 @@ impl MemoryTable {
         let mut mappings = Vec::with_capacity(regions.len());
         for (region, file) in regions.iter().zip(files) {
             let (gpa, size) = (region.guest_phys_addr, region.memory_size);
+            check_inside_file(&file, gpa, size, region.mmap_offset)?;
             mapped.push(map_region(gpa, size, || region.mmap_region(file))?);
             mappings.push(Mapping {
                 frontend_addr: region.user_addr,
@@ -116,6 +151,7 @@ impl MemoryTable {
             return Err(MemoryError::TooManyRegions);
         }
         let (gpa, size) = (region.guest_phys_addr, region.memory_size);
+        check_inside_file(&file, gpa, size, region.mmap_offset)?;
         let mapped = map_region(gpa, size, || region.mmap_region(file))?;
         let mem = self
             .atomic
@@ -151,5 +187,60 @@ impl MemoryTable {
             .find(|m| addr >= m.frontend_addr && addr - m.frontend_addr < m.size)
             .map(|m| GuestAddress(m.gpa + (addr - m.frontend_addr)))
             .ok_or(MemoryError::Unmapped(addr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddressSpace};
+
+    /// A region longer than its file used to be mapped, and the first access to its tail
+    /// killed the daemon with SIGBUS (found by the vhost_user_messages fuzz target).
+    #[test]
+    fn a_region_past_the_end_of_its_file_is_refused() {
+        let file = tempfile_of(0x2000);
+        let region = |size, offset| VhostUserMemoryRegion::new(0, size, 0x7f00_0000_0000, offset);
+        let mut table = MemoryTable::default();
+        for (size, offset) in [(0x3000, 0), (0x2000, 0x1000), (u64::MAX, 0x1000)] {
+            let err = table
+                .set(&[region(size, offset)], vec![file.try_clone().unwrap()])
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    MemoryError::PastEndOfFile {
+                        file_len: 0x2000,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+        table
+            .set(&[region(0x1000, 0x1000)], vec![file.try_clone().unwrap()])
+            .unwrap();
+        let single = VhostUserSingleMemoryRegion::new(0x10000, 0x2000, 0x7f00_1000_0000, 0x1000);
+        let err = table.add(&single, file.try_clone().unwrap()).unwrap_err();
+        assert!(matches!(err, MemoryError::PastEndOfFile { .. }), "{err}");
+        // The accepted region is all readable.
+        let mut byte = [0u8; 1];
+        table
+            .atomic()
+            .memory()
+            .read_slice(&mut byte, GuestAddress(0xfff))
+            .unwrap();
+    }
+
+    /// A memfd of `len` bytes.
+    fn tempfile_of(len: u64) -> File {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked below.
+        let fd = unsafe { libc::memfd_create(c"memory-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        file.set_len(len).unwrap();
+        file
     }
 }
