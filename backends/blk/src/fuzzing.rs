@@ -5,12 +5,16 @@
 mod vhost_user;
 
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::disk::MemDisk;
+use crate::backend::BlkBackend;
+use crate::disk::{Disk, MemDisk};
 use crate::request::{process_chain, DeviceInfo, IoBuffer, Limits, SECTOR_SIZE};
+use crate::stats::DeviceStats;
 use crate::vhost::DescriptorTable;
 
 pub use crate::vhost::fuzz_queue_worker as queue_worker;
@@ -94,6 +98,41 @@ pub fn device_info(readonly: bool) -> DeviceInfo {
 /// An in-memory disk of `DISK_SECTORS` sectors.
 pub fn mem_disk() -> MemDisk {
     MemDisk::new((DISK_SECTORS * SECTOR_SIZE) as usize)
+}
+
+/// Device shape: read-only, number of queues, queue size.
+type Shape = (bool, usize, u16);
+/// A device and a handle to its disk.
+type Device = (Arc<BlkBackend>, Arc<MemDisk>);
+
+thread_local! {
+    /// Devices reused across inputs: a new one allocates a 260 KiB bounce buffer per queue.
+    static DEVICES: RefCell<HashMap<Shape, Device>> =
+        RefCell::new(HashMap::new());
+}
+
+/// The blk device of this shape on an all-zero in-memory disk (the thread's one device of
+/// that shape, its disk wiped for each input).
+pub fn blk_device(readonly: bool, queues: usize, queue_size: u16) -> Arc<BlkBackend> {
+    DEVICES.with(|devices| {
+        let mut devices = devices.borrow_mut();
+        let (device, disk) = devices
+            .entry((readonly, queues, queue_size))
+            .or_insert_with(|| {
+                let disk = Arc::new(mem_disk());
+                let device = BlkBackend::new(
+                    disk.clone(),
+                    device_info(readonly),
+                    queues,
+                    queue_size,
+                    Arc::new(DeviceStats::new(queues)),
+                );
+                (Arc::new(device), disk)
+            });
+        disk.write_zeroes(0, disk.len(), false)
+            .expect("the in-memory disk zeroes its whole length");
+        device.clone()
+    })
 }
 
 thread_local! {

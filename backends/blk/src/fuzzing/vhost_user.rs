@@ -12,9 +12,7 @@ use std::sync::{Arc, Mutex};
 use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use super::{device_info, mem_disk, Input};
-use crate::backend::BlkBackend;
-use crate::stats::DeviceStats;
+use super::{blk_device, Input};
 use crate::vhost::{fuzz_is_refusal, FrontendHandler};
 
 /// Messages per input: enough for a full handshake plus noise, few enough that replies and
@@ -114,13 +112,7 @@ pub fn vhost_user_messages(data: &[u8]) {
     let queue_size = 2u16 << (input.byte() % 4);
     let image_len = usize::from(input.byte()) * 16;
     let memory = memfd(input.take(image_len));
-    let device = Arc::new(BlkBackend::new(
-        Arc::new(mem_disk()),
-        device_info(false),
-        queues,
-        queue_size,
-        Arc::new(DeviceStats::new(queues)),
-    ));
+    let device = blk_device(false, queues, queue_size);
     let handler = Arc::new(Mutex::new(FrontendHandler::new(device)));
     let (frontend, backend) = UnixStream::pair().expect("socketpair");
     let mut server = BackendReqHandler::from_stream(backend, handler.clone());
