@@ -19,6 +19,9 @@ pub mod device_keys;
 pub mod device_values;
 pub mod devices;
 pub mod event_loop;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod launch;
 pub mod layout;
 pub mod list;

@@ -2,6 +2,9 @@
 
 pub mod backend;
 pub mod disk;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod imagelock;
 pub mod live;
 pub mod loglimit;

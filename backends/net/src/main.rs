@@ -8,8 +8,8 @@ mod device;
 #[path = "../../blk/src/vhost/fdcheck.rs"]
 #[allow(dead_code)] // seal_size is for splitvisor-blk's own inflight memfd
 mod fdcheck;
-// Shared with splitvisor-blk: per-queue rate limiting of guest-caused log lines.
 mod live;
+// Shared with splitvisor-blk: per-queue rate limiting of guest-caused log lines.
 #[path = "../../blk/src/loglimit.rs"]
 mod loglimit;
 mod relay;
@@ -23,13 +23,17 @@ mod stats;
 mod stats_server;
 mod switch;
 mod tap;
-// Shared with splitvisor-blk: whole vhost-user messages with deadlines and descriptors.
 #[cfg(test)]
 mod testutil;
 mod values;
+// Shared with splitvisor-blk: whole vhost-user messages with deadlines and descriptors.
 #[path = "../../blk/src/vhost/wire.rs"]
 #[allow(dead_code)] // relay() serves splitvisor-blk's plain relay
 mod wire;
+
+// The fuzz targets' entry points, run over the committed corpus by `cargo test`.
+#[cfg(test)]
+mod fuzzing;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

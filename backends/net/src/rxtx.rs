@@ -243,14 +243,14 @@ pub fn process_rx<T: Tap + ?Sized>(
 }
 
 /// An in-memory TAP for tests: frames written are recorded, frames to read are queued.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 #[derive(Default)]
 pub struct MemTap {
     pub written: std::cell::RefCell<Vec<Vec<u8>>>,
     pub to_read: std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>,
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl Tap for MemTap {
     fn write_frame(&self, iov: &[libc::iovec]) -> io::Result<usize> {
         let mut frame = Vec::new();

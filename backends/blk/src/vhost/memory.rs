@@ -167,3 +167,75 @@ impl MemoryTable {
             .ok_or(MemoryError::Unmapped(addr))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddressSpace};
+
+    /// A region longer than its file used to be mapped, and the first access to its tail
+    /// killed the daemon with SIGBUS (found by the vhost_user_messages fuzz target).
+    #[test]
+    fn a_region_past_the_end_of_its_file_is_refused() {
+        let file = tempfile_of(0x2000);
+        let region = |size, offset| VhostUserMemoryRegion::new(0, size, 0x7f00_0000_0000, offset);
+        let mut table = MemoryTable::default();
+        for (size, offset) in [(0x3000, 0), (0x2000, 0x1000), (u64::MAX, 0x1000)] {
+            let err = table
+                .set(&[region(size, offset)], vec![file.try_clone().unwrap()])
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    MemoryError::Unmappable {
+                        source: FdCheckError::BeyondEnd {
+                            file_len: 0x2000,
+                            ..
+                        },
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+        table
+            .set(&[region(0x1000, 0x1000)], vec![file.try_clone().unwrap()])
+            .unwrap();
+        let single = VhostUserSingleMemoryRegion::new(0x10000, 0x2000, 0x7f00_1000_0000, 0x1000);
+        let err = table.add(&single, file.try_clone().unwrap()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MemoryError::Unmappable {
+                    source: FdCheckError::BeyondEnd { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // The accepted region is all readable.
+        let mut byte = [0u8; 1];
+        table
+            .atomic()
+            .memory()
+            .read_slice(&mut byte, GuestAddress(0xfff))
+            .unwrap();
+    }
+
+    /// A memfd of `len` bytes, sealed against shrinking and growing as a frontend's must be.
+    fn tempfile_of(len: u64) -> File {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked below.
+        let fd = unsafe { libc::memfd_create(c"memory-test".as_ptr(), flags) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        file.set_len(len).unwrap();
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        // SAFETY: fcntl on a descriptor this test owns, with an integer argument.
+        let sealed = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+        assert_eq!(sealed, 0);
+        file
+    }
+}

@@ -49,6 +49,9 @@ pub use chain::{ChainError, DescriptorTable};
 pub use handler::FrontendHandler;
 pub use inflight::{queue_area_len, region_len, REGION_VERSION};
 pub use memory::MAX_MEM_SLOTS;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub use {handler::is_refusal as fuzz_is_refusal, worker::fuzz::queue_worker as fuzz_queue_worker};
 
 /// The device behind the vhost-user protocol: what it offers and how it serves a request.
 pub trait VhostUserDevice: Send + Sync + 'static {

@@ -323,3 +323,7 @@ impl<D: VhostUserDevice> Worker<D> {
         }
     }
 }
+
+#[cfg(any(test, feature = "fuzzing"))]
+#[path = "worker_fuzz.rs"]
+pub mod fuzz;
