@@ -6,6 +6,9 @@
 
 #[doc(hidden)]
 pub mod fuzzing;
+// Shared with splitvisor-blk, as in main.rs: per-queue rate limiting of guest-caused logs.
+#[path = "../../blk/src/loglimit.rs"]
+mod loglimit;
 mod ring;
 mod rxtx;
 mod stats;
