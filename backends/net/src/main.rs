@@ -25,6 +25,8 @@ mod switch;
 mod tap;
 #[cfg(test)]
 mod testutil;
+// The MAC and MTU checks, one file with the VMM's (its tests run in both crates).
+#[path = "../../../vmm/src/device_values.rs"]
 mod values;
 // Shared with splitvisor-blk: whole vhost-user messages with deadlines and descriptors.
 #[path = "../../blk/src/vhost/wire.rs"]
