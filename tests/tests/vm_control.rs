@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use splitvisor_tests::api::{self, raw_request, request};
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
+use splitvisor_tests::interop::daemon::Daemon;
 use splitvisor_tests::interop::{poll_until, Workdir};
 use splitvisor_tests::pattern;
 use splitvisor_tests::vm::{require_kvm, splitvisor, RunningVm};
@@ -19,26 +19,6 @@ use splitvisor_tests::vm::{require_kvm, splitvisor, RunningVm};
 const VM_TIMEOUT: Duration = Duration::from_secs(90);
 /// Region `blk-verify` writes and verifies (its default for virtio).
 const REGION: usize = 1 << 20;
-
-fn blk_daemon(dir: &Workdir, name: &str, image: &Path) -> Daemon {
-    let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").expect("splitvisor-blk binary");
-    let socket = dir.join(&format!("{name}.sock"));
-    Daemon::start(
-        dir,
-        name,
-        &bin,
-        &[
-            "--socket".as_ref(),
-            socket.as_os_str(),
-            "--image".as_ref(),
-            image.as_os_str(),
-            // Swaps run two daemons on one image, each holding it until its VM side is gone.
-            "--share".as_ref(),
-        ],
-        &socket,
-    )
-    .expect("start splitvisor-blk")
-}
 
 fn image(dir: &Workdir, name: &str, len: u64) -> PathBuf {
     let path = dir.join(name);
@@ -107,7 +87,7 @@ fn api_reports_pauses_resumes_and_stops_the_vm() {
     }
     let dir = Workdir::new("api");
     let img = image(&dir, "disk.img", 16 << 20);
-    let daemon = blk_daemon(&dir, "blk", &img);
+    let daemon = Daemon::shared_blk(&dir, "blk", &img);
     let (vm, api) = start_vm(&dir, &daemon.socket, "blk-verify,seconds=60");
 
     let mode = std::fs::metadata(&api).unwrap().permissions().mode() & 0o777;
@@ -234,8 +214,8 @@ fn twenty_swaps_under_guest_io_lose_nothing() {
     }
     let dir = Workdir::new("swap20");
     let img = image(&dir, "disk.img", 8 << 20);
-    let a = blk_daemon(&dir, "a", &img);
-    let b = blk_daemon(&dir, "b", &img);
+    let a = Daemon::shared_blk(&dir, "a", &img);
+    let b = Daemon::shared_blk(&dir, "b", &img);
     let (vm, api) = start_vm(&dir, &a.socket, "blk-verify,seconds=15");
 
     let (mut stalls_us, mut first_completion_us) = (Vec::new(), Vec::new());
@@ -308,8 +288,8 @@ fn failed_swaps_leave_the_old_backend_serving() {
     let dir = Workdir::new("swapfail");
     let img = image(&dir, "disk.img", 8 << 20);
     let bigger = image(&dir, "bigger.img", 16 << 20);
-    let a = blk_daemon(&dir, "a", &img);
-    let other = blk_daemon(&dir, "other", &bigger);
+    let a = Daemon::shared_blk(&dir, "a", &img);
+    let other = Daemon::shared_blk(&dir, "other", &bigger);
     let (vm, api) = start_vm(&dir, &a.socket, "blk-verify,seconds=5");
 
     let missing = dir.join("missing.sock");

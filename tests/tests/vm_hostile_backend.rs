@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use splitvisor_tests::api::{self, request};
 use splitvisor_tests::hostile::{request as req, Behaviour, FakeBackend, StallingProxy};
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
+use splitvisor_tests::interop::daemon::Daemon;
 use splitvisor_tests::interop::{poll_until, Workdir};
 use splitvisor_tests::vm::{require_kvm, run_splitvisor, RunningVm};
 
@@ -22,26 +22,6 @@ const MESSAGE_DEADLINE: Duration = Duration::from_secs(5);
 /// Loaded CI machines: a bound is this many times what the VMM should need.
 const SLACK: u32 = 3;
 const VM_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn blk_daemon(dir: &Workdir, name: &str, image: &Path) -> Daemon {
-    let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").expect("splitvisor-blk binary");
-    let socket = dir.join(&format!("{name}.sock"));
-    Daemon::start(
-        dir,
-        name,
-        &bin,
-        &[
-            "--socket".as_ref(),
-            socket.as_os_str(),
-            "--image".as_ref(),
-            image.as_os_str(),
-            // Several daemons serve one image here, handing it over by swaps.
-            "--share".as_ref(),
-        ],
-        &socket,
-    )
-    .expect("start splitvisor-blk")
-}
 
 fn image(dir: &Workdir, len: u64) -> PathBuf {
     let path = dir.join("disk.img");
@@ -172,7 +152,7 @@ fn waiting_for_a_late_backend_is_announced_once() {
         vm.stderr_so_far().contains(&announcement).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", vm.stderr_so_far()));
-    let daemon = blk_daemon(&dir, "blk", &img);
+    let daemon = Daemon::shared_blk(&dir, "blk", &img);
     assert_eq!(daemon.socket, socket);
     let run = vm.wait(VM_TIMEOUT);
     run.assert_passed();
@@ -188,7 +168,7 @@ fn waiting_for_a_late_backend_is_announced_once() {
 /// Returns once the stall began.
 fn stalled_activation(dir: &Workdir) -> (RunningVm, StallingProxy, Daemon, PathBuf) {
     let img = image(dir, 8 << 20);
-    let daemon = blk_daemon(dir, "blk", &img);
+    let daemon = Daemon::shared_blk(dir, "blk", &img);
     let proxy = StallingProxy::spawn(
         &dir.join("proxy.sock"),
         &daemon.socket,
@@ -298,9 +278,9 @@ fn stalled_swaps_fail_and_leave_the_device_serving() {
     }
     let dir = Workdir::new("swapstall");
     let img = image(&dir, 8 << 20);
-    let a = blk_daemon(&dir, "a", &img);
-    let b = blk_daemon(&dir, "b", &img);
-    let c = blk_daemon(&dir, "c", &img);
+    let a = Daemon::shared_blk(&dir, "a", &img);
+    let b = Daemon::shared_blk(&dir, "b", &img);
+    let c = Daemon::shared_blk(&dir, "c", &img);
     let proxy = StallingProxy::spawn(&dir.join("p.sock"), &c.socket, req::SET_MEM_TABLE, 1);
     let silent = FakeBackend::spawn(&dir.join("q.sock"), Behaviour::Silent);
     let api = dir.join("api.sock");
@@ -442,8 +422,8 @@ fn a_backend_silent_on_get_vring_base_is_recovered() {
     }
     let dir = Workdir::new("vringbase");
     let img = image(&dir, 8 << 20);
-    let a = blk_daemon(&dir, "a", &img);
-    let b = blk_daemon(&dir, "b", &img);
+    let a = Daemon::shared_blk(&dir, "a", &img);
+    let b = Daemon::shared_blk(&dir, "b", &img);
     let proxy = StallingProxy::spawn(&dir.join("p.sock"), &a.socket, req::GET_VRING_BASE, 1);
     let api = dir.join("api.sock");
     let vm = RunningVm::spawn(

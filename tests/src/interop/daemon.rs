@@ -186,6 +186,27 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// `splitvisor-blk --socket DIR/NAME.sock --image IMAGE --share`, waited for: the daemon the
+    /// swap tests run two or more of on one image (hence `--share`).
+    pub fn shared_blk(dir: &Workdir, name: &str, image: &Path) -> Daemon {
+        let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").expect("splitvisor-blk binary");
+        let socket = dir.join(&format!("{name}.sock"));
+        Daemon::start(
+            dir,
+            name,
+            &bin,
+            &[
+                "--socket".as_ref(),
+                socket.as_os_str(),
+                "--image".as_ref(),
+                image.as_os_str(),
+                "--share".as_ref(),
+            ],
+            &socket,
+        )
+        .expect("start splitvisor-blk")
+    }
+
     /// Spawn `bin args...` with stdout+stderr in `<workdir>/<name>.log` and wait until `socket`
     /// exists (the daemons bind and listen before announcing anything, so an existing socket
     /// accepts connections). Fails early if the daemon exits.
