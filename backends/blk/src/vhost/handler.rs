@@ -29,7 +29,7 @@ use super::chain::DescriptorTable;
 use super::fdcheck::is_eventfd;
 use super::inflight::{self, InflightQueue, InflightRegion};
 use super::memory::{MemoryTable, MAX_MEM_SLOTS};
-use super::worker::{CallFd, QueueSetup, RunningQueue};
+use super::worker::{ring_layout_problem, CallFd, QueueSetup, RunningQueue};
 use super::VhostUserDevice;
 
 /// A request the handler checked and refused. vhost's `BackendReqHandler` has answered it (a
@@ -207,6 +207,11 @@ impl<D: VhostUserDevice> FrontendHandler<D> {
             return Err(refuse(format!(
                 "queue {index}: ring of {size} at {:#x}/{:#x}/{:#x} is misaligned or outside guest memory",
                 addrs.desc.0, addrs.avail.0, addrs.used.0
+            )));
+        }
+        if let Some(problem) = ring_layout_problem(addrs.desc, addrs.avail, addrs.used, size) {
+            return Err(refuse(format!(
+                "queue {index}: ring of {size} cannot be served: {problem}"
             )));
         }
         let used_idx = queue

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -34,6 +34,44 @@ pub enum WorkerError {
          sets it up again"
     )]
     AvailAhead { avail: u16, next: u16, size: u16 },
+}
+
+/// Why a ring laid out by the frontend cannot be served, or `None` if it can. Checked at ring
+/// start, before a worker exists: an avail ring at guest address 0 is "not ready" for
+/// virtio-queue (nothing ever pops, while EVENT_IDX's re-check keeps seeing work: a spin), and
+/// a used ring over the avail ring's header makes every completion publish new "available"
+/// entries (the worker would serve its own writes forever). Real drivers do neither.
+pub fn ring_layout_problem(
+    desc: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
+    size: u16,
+) -> Option<String> {
+    use std::mem::size_of;
+    use virtio_bindings::virtio_ring::{vring_desc, vring_used_elem};
+    let size = u64::from(size);
+    // flags + idx + ring[size] + used_event / avail_event (EVENT_IDX).
+    let avail_len = 2 + 2 + 2 * size + 2;
+    let used_len = 2 + 2 + size_of::<vring_used_elem>() as u64 * size + 2;
+    let desc_len = size_of::<vring_desc>() as u64 * size;
+    let overlap = |a: GuestAddress, a_len: u64, b: GuestAddress, b_len: u64| {
+        a.0 < b.0.saturating_add(b_len) && b.0 < a.0.saturating_add(a_len)
+    };
+    if avail.0 == 0 {
+        Some("the avail ring is at guest address 0".into())
+    } else if overlap(used, used_len, avail, avail_len) {
+        Some(format!(
+            "the used ring ({:#x}, {used_len} bytes) overlaps the avail ring ({:#x}, {avail_len} bytes)",
+            used.0, avail.0
+        ))
+    } else if overlap(used, used_len, desc, desc_len) {
+        Some(format!(
+            "the used ring ({:#x}, {used_len} bytes) overlaps the descriptor table ({:#x}, {desc_len} bytes)",
+            used.0, desc.0
+        ))
+    } else {
+        None
+    }
 }
 
 /// The call eventfd of a queue; SET_VRING_CALL may replace it while the worker runs.
@@ -321,6 +359,36 @@ impl<D: VhostUserDevice> Worker<D> {
                 burst_note(&verdict)
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::ring_layout_problem;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn rings_a_driver_lays_out_are_served_and_self_feeding_ones_refused() {
+        let g = GuestAddress;
+        // Legacy layout of a 256-entry ring: table, avail right after it, used page-aligned.
+        assert_eq!(
+            ring_layout_problem(g(0x10000), g(0x11000), g(0x12000), 256),
+            None
+        );
+        // Packed back to back (the own guest's and Linux's modern layout) is fine too.
+        assert_eq!(
+            ring_layout_problem(g(0x1000), g(0x1100), g(0x1128), 16),
+            None
+        );
+        let at_zero = ring_layout_problem(g(0x1000), g(0), g(0x2000), 16).unwrap();
+        assert!(at_zero.contains("guest address 0"), "{at_zero}");
+        // The used ring's last bytes (avail_event) on the avail header, and the reverse.
+        let over = ring_layout_problem(g(0x1000), g(0x2000), g(0x2000 - 4 - 8 * 16), 16).unwrap();
+        assert!(over.contains("overlaps the avail ring"), "{over}");
+        let over = ring_layout_problem(g(0x1000), g(0x2000), g(0x2020), 16).unwrap();
+        assert!(over.contains("overlaps the avail ring"), "{over}");
+        let over = ring_layout_problem(g(0x1000), g(0x3000), g(0x10f0), 16).unwrap();
+        assert!(over.contains("overlaps the descriptor table"), "{over}");
     }
 }
 
