@@ -159,9 +159,7 @@ impl Candidate {
         socket: &Path,
         wait: Duration,
     ) -> Result<Self, VhostUserError> {
-        let stream = connection::connect(socket, wait)?;
-        let _sequence = deadline::sequence(deadline::SEQUENCE_TIMEOUT);
-        let mut conn = connection::handshake(socket, stream, MAX_QUEUES)?;
+        let (_sequence, mut conn) = handshake_when_free(socket, wait)?;
         if conn.features & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(VhostUserError::NotVersion1(socket.to_path_buf()));
         }
@@ -190,6 +188,35 @@ impl Candidate {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+}
+
+/// How long a daemon that turned us away as busy is tried again at least: one that is still
+/// letting go of our own previous connection (a reconnect after a swap or a backend crash)
+/// accepts within a few milliseconds; one serving another VM never does.
+const BUSY_GRACE: Duration = Duration::from_secs(1);
+
+/// Connect and handshake, trying again while the daemon says busy, for `wait` (at least
+/// `BUSY_GRACE`); the sequence deadline of the attempt that passed is returned with it.
+fn handshake_when_free(
+    socket: &Path,
+    wait: Duration,
+) -> Result<(deadline::Sequence, connection::Connection), VhostUserError> {
+    let started = Instant::now();
+    loop {
+        let stream = connection::connect(socket, wait.saturating_sub(started.elapsed()))?;
+        let sequence = deadline::sequence(deadline::SEQUENCE_TIMEOUT);
+        match connection::handshake(socket, stream, MAX_QUEUES) {
+            Ok(conn) => return Ok((sequence, conn)),
+            Err(busy @ ConnectError::Busy { .. }) => {
+                if started.elapsed() >= wait.max(BUSY_GRACE) {
+                    return Err(busy.into());
+                }
+                log::debug!("{}: busy, trying again", socket.display());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -29,6 +29,7 @@
 //! only with a fresh region or none.
 
 mod chain;
+mod doorman;
 mod fdcheck;
 mod handler;
 mod inflight;
@@ -38,6 +39,7 @@ mod worker;
 
 use std::sync::{Arc, Mutex};
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
 use log::{info, warn};
@@ -102,6 +104,16 @@ pub fn serve_frontend<D: VhostUserDevice>(
             break stream;
         }
     };
+    // Closes any other frontend's connection at once while this one is served ("busy").
+    // SAFETY: the listener's fd stays open for this call, which only duplicates it.
+    let listener_fd = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+    let doorman = match doorman::Doorman::start(listener_fd, &frontend) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            warn!("second frontends will wait in the backlog instead of hearing busy: {e}");
+            None
+        }
+    };
     // vhost's parser reads each message with single recv calls and no deadline: the relay in
     // front of it gives it whole messages (wire.rs) and cuts off a frontend that stalls.
     let (relay_end, server_end) =
@@ -129,6 +141,9 @@ pub fn serve_frontend<D: VhostUserDevice>(
     }
     let mut handler = handler.lock().unwrap_or_else(|e| e.into_inner());
     handler.stop_all_queues();
+    if let Some(doorman) = doorman {
+        doorman.stop();
+    }
     let error = match error {
         vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage => None,
         other => Some(other),
