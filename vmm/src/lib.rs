@@ -29,6 +29,7 @@ pub mod memory;
 pub mod pause;
 pub mod registry;
 pub mod seccomp;
+pub mod snapshot;
 pub mod stats;
 pub mod terminal;
 pub mod vcpu;
