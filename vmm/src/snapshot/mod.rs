@@ -15,3 +15,45 @@ mod format_tests;
 mod tests;
 
 pub use format::{DeviceState, Manifest, SnapshotError, FORMAT_VERSION};
+
+use std::path::Path;
+
+use crate::memory::GuestMemory;
+
+/// Writes a whole snapshot into `dir` (created if needed): guest memory first, the manifest
+/// last, so that an interrupted snapshot has no manifest and is refused as missing rather
+/// than restored half-written. The VM must be paused, its vCPUs captured after
+/// `vcpu_state::complete_pending_io`.
+pub fn write(
+    dir: &Path,
+    memory: &GuestMemory,
+    vcpus: Vec<vcpu_state::VcpuState>,
+    vm: irqchip::IrqchipState,
+    devices: Vec<DeviceState>,
+) -> Result<Manifest, SnapshotError> {
+    std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    // A manifest left by an earlier snapshot in this directory must not describe the new
+    // memory file while it is being written.
+    match std::fs::remove_file(dir.join(format::MANIFEST_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(SnapshotError::Write {
+                path: dir.join(format::MANIFEST_FILE),
+                source: e,
+            })
+        }
+        _ => {}
+    }
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        created_by: concat!("splitvisor ", env!("CARGO_PKG_VERSION")).to_string(),
+        memory: memory_file::save(dir, memory)?,
+        vcpus,
+        vm,
+        devices,
+    };
+    manifest.write(dir)?;
+    Ok(manifest)
+}

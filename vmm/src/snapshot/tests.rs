@@ -4,11 +4,16 @@
 //! restored from the snapshot must reach the very same second report: same count, same SSE
 //! sum, same memory, byte for byte.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_pit_state2,
+    kvm_userspace_memory_region, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::format::{Manifest, FORMAT_VERSION};
+use super::blob::Blob;
+use super::format::Manifest;
 use super::{irqchip, memory_file, vcpu_state};
 use crate::boot::{cpuid, page_tables, vcpu_regs, BootProtocol};
 use crate::layout;
@@ -166,16 +171,8 @@ fn restored_vm_continues_where_the_snapshot_was_taken() {
     let support = vcpu_state::CaptureSupport::probe(&original.kvm, &original.vm).unwrap();
     let vcpu = vcpu_state::capture(&original.vcpu, 0, &support).unwrap();
     let vm_state = irqchip::capture(&original.vm);
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        created_by: "snapshot test".into(),
-        memory: memory_file::save(&dir, &original.memory).unwrap(),
-        vcpus: vec![vcpu],
-        vm: vm_state,
-        devices: Vec::new(),
-    };
-    manifest.write(&dir).unwrap();
-    report_host_support(&manifest);
+    let manifest = super::write(&dir, &original.memory, vec![vcpu], vm_state, Vec::new()).unwrap();
+    report_host_support(&manifest, &support);
 
     // The original goes on to its second report.
     assert_eq!(run_to_report(&mut original.vcpu), 2 * STEP);
@@ -201,8 +198,13 @@ fn restored_vm_continues_where_the_snapshot_was_taken() {
 }
 
 /// What this host's KVM would not give, in the test's output (the report to the lead).
-fn report_host_support(manifest: &Manifest) {
+fn report_host_support(manifest: &Manifest, support: &vcpu_state::CaptureSupport) {
     let vcpu = &manifest.vcpus[0];
+    eprintln!(
+        "XSAVE area fits kvm_xsave: {}; PVM: {}",
+        support.xsave_fits,
+        std::path::Path::new("/sys/module/kvm_pvm").exists()
+    );
     for part in vcpu.unavailable.iter().chain(&manifest.vm.unavailable) {
         eprintln!("unavailable: {part} (errno {:?})", part.errno);
     }
@@ -212,4 +214,237 @@ fn report_host_support(manifest: &Manifest) {
         vcpu.msrs_refused.len(),
         vcpu.msrs_refused
     );
+}
+
+/// Distinctive values in every part, set through KVM's own set ioctls, so that a part that is
+/// not carried over shows as a difference from a fresh VM.
+fn mark(t: &TestVm) {
+    let mut lapic = t.vcpu.get_lapic().unwrap();
+    lapic.regs[LAPIC_TPR] = 0x20;
+    t.vcpu.set_lapic(&lapic).expect("KVM_SET_LAPIC");
+    let mut chip = kvm_irqchip {
+        chip_id: KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    t.vm.get_irqchip(&mut chip).unwrap();
+    // Redirection entry 3: masked, vector 0x33.
+    // SAFETY: for KVM_IRQCHIP_IOAPIC, KVM fills the `ioapic` member.
+    let mut ioapic = unsafe { chip.chip.ioapic };
+    ioapic.redirtbl[3].bits = (1 << 16) | 0x33;
+    chip.chip.ioapic = ioapic;
+    t.vm.set_irqchip(&chip).expect("KVM_SET_IRQCHIP (IOAPIC)");
+    let mut chip = kvm_irqchip {
+        chip_id: KVM_IRQCHIP_PIC_MASTER,
+        ..Default::default()
+    };
+    t.vm.get_irqchip(&mut chip).unwrap();
+    // SAFETY: for KVM_IRQCHIP_PIC_MASTER, KVM fills the `pic` member.
+    let mut pic = unsafe { chip.chip.pic };
+    pic.imr = 0xfb;
+    chip.chip.pic = pic;
+    t.vm.set_irqchip(&chip).expect("KVM_SET_IRQCHIP (PIC)");
+    let mut pit = t.vm.get_pit2().unwrap();
+    pit.channels[0].count = 0x1234;
+    pit.channels[0].mode = 2;
+    t.vm.set_pit2(&pit).expect("KVM_SET_PIT2");
+    t.vm.set_clock(&kvm_clock_data {
+        clock: CLOCK_MARK,
+        ..Default::default()
+    })
+    .expect("KVM_SET_CLOCK");
+    let mut debug = t.vcpu.get_debug_regs().unwrap();
+    debug.db[0] = 0x1234_5000;
+    debug.db[3] = 0x6000;
+    t.vcpu.set_debug_regs(&debug).expect("KVM_SET_DEBUGREGS");
+    let mut xcrs = t.vcpu.get_xcrs().unwrap();
+    xcrs.xcrs[0].value = 0x3; // x87 | SSE
+    t.vcpu.set_xcrs(&xcrs).expect("KVM_SET_XCRS");
+    let mut events = t.vcpu.get_vcpu_events().unwrap();
+    events.nmi.masked = 1;
+    t.vcpu
+        .set_vcpu_events(&events)
+        .expect("KVM_SET_VCPU_EVENTS");
+    // Not run again after this: a halted vCPU is as good a mark as any.
+    t.vcpu
+        .set_mp_state(kvm_mp_state {
+            mp_state: KVM_MP_STATE_HALTED,
+        })
+        .expect("KVM_SET_MP_STATE");
+    let msrs = Msrs::from_entries(&MSR_MARKS.map(|(index, data)| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }))
+    .unwrap();
+    assert_eq!(
+        t.vcpu.set_msrs(&msrs).expect("KVM_SET_MSRS"),
+        MSR_MARKS.len()
+    );
+}
+
+const LAPIC_TPR: usize = 0x80;
+/// The LAPIC timer's current count: it runs, so it is not compared.
+const LAPIC_TIMER_CCR: std::ops::Range<usize> = 0x390..0x394;
+const CLOCK_MARK: u64 = 123_000_000_000;
+/// SYSENTER_EIP, STAR, KERNEL_GS_BASE.
+const MSR_MARKS: [(u32, u64); 3] = [
+    (0x176, 0x1234_5678),
+    (0xc000_0081, 0x0023_0010_0000_0000),
+    (0xc000_0102, 0x5555_0000),
+];
+/// IA32_TSC runs between the two captures.
+const MSR_IA32_TSC: u32 = 0x10;
+
+/// The PIT state without the host time each channel's count was loaded at.
+fn pit_without_load_time(blob: &Blob) -> Blob {
+    let mut pit: kvm_pit_state2 = blob.to("PIT").unwrap();
+    for channel in &mut pit.channels {
+        channel.count_load_time = 0;
+    }
+    Blob::of(&pit)
+}
+
+fn lapic_without_timer_count(blob: &Blob) -> Blob {
+    let mut bytes = blob.clone();
+    bytes.0[LAPIC_TIMER_CCR].fill(0);
+    bytes
+}
+
+/// Parts whose restored bytes differ from the saved ones, with the first differing offset.
+fn differences(parts: &[(&str, Option<Blob>, Option<Blob>)]) -> Vec<String> {
+    parts
+        .iter()
+        .filter(|(_, saved, again)| saved != again)
+        .map(|(name, saved, again)| match (saved, again) {
+            (Some(s), Some(a)) => {
+                let at = s.0.iter().zip(&a.0).position(|(x, y)| x != y);
+                format!("{name}: differs at byte {at:?}")
+            }
+            _ => format!("{name}: present {} vs {}", saved.is_some(), again.is_some()),
+        })
+        .collect()
+}
+
+#[test]
+fn every_part_survives_capture_and_restore_on_this_host() {
+    if kvm_missing() {
+        return;
+    }
+    let mut original = create_vm();
+    boot(&original);
+    assert_eq!(run_to_report(&mut original.vcpu), STEP);
+    vcpu_state::complete_pending_io(&mut original.vcpu, 0).unwrap();
+    mark(&original);
+    let support = vcpu_state::CaptureSupport::probe(&original.kvm, &original.vm).unwrap();
+    let saved = vcpu_state::capture(&original.vcpu, 0, &support).unwrap();
+    let saved_vm = irqchip::capture(&original.vm);
+
+    let restored = create_vm();
+    let fresh = vcpu_state::capture(&restored.vcpu, 0, &support).unwrap();
+    let fresh_vm = irqchip::capture(&restored.vm);
+    irqchip::restore(&restored.vm, &saved_vm).unwrap();
+    vcpu_state::restore(&restored.vcpu, &saved).unwrap();
+    let again = vcpu_state::capture(&restored.vcpu, 0, &support).unwrap();
+    let again_vm = irqchip::capture(&restored.vm);
+
+    let pit = |s: &irqchip::IrqchipState| s.pit.as_ref().map(pit_without_load_time);
+    let lapic = |s: &vcpu_state::VcpuState| s.lapic.as_ref().map(lapic_without_timer_count);
+    let parts = |a: &vcpu_state::VcpuState, b: &irqchip::IrqchipState| {
+        vec![
+            ("regs", Some(a.regs.clone())),
+            ("sregs", Some(a.sregs.clone())),
+            ("cpuid", a.cpuid.clone()),
+            ("fpu", a.fpu.clone()),
+            ("xsave", a.xsave.clone()),
+            ("xcrs", a.xcrs.clone()),
+            ("lapic", lapic(a)),
+            ("events", a.events.clone()),
+            ("debug_regs", a.debug_regs.clone()),
+            (
+                "mp_state",
+                a.mp_state.map(|m| Blob(m.to_le_bytes().to_vec())),
+            ),
+            ("pic_master", b.pic_master.clone()),
+            ("pic_slave", b.pic_slave.clone()),
+            ("ioapic", b.ioapic.clone()),
+            ("pit", pit(b)),
+        ]
+    };
+    let pair = |x: &vcpu_state::VcpuState, xs, y: &vcpu_state::VcpuState, ys| {
+        parts(x, xs)
+            .into_iter()
+            .zip(parts(y, ys))
+            .map(|((name, a), (_, b))| (name, a, b))
+            .collect::<Vec<_>>()
+    };
+    let not_restored = differences(&pair(&saved, &saved_vm, &again, &again_vm));
+    let unmarked = differences(&pair(&saved, &saved_vm, &fresh, &fresh_vm));
+    eprintln!("parts a fresh VM has differently (what restore must carry): {unmarked:?}");
+    assert_eq!(not_restored, Vec::<String>::new(), "parts not restored");
+    let vcpu_parts = [
+        "regs",
+        "sregs",
+        "fpu",
+        "xsave",
+        "xcrs",
+        "lapic",
+        "events",
+        "debug_regs",
+        "mp_state",
+    ];
+    for part in vcpu_parts {
+        assert!(
+            unmarked.iter().any(|d| d.starts_with(&format!("{part}:"))),
+            "{part} of a fresh VM equals the saved one: the test would not see a lost restore"
+        );
+    }
+    for part in ["pic_master", "ioapic", "pit"] {
+        assert!(unmarked.iter().any(|d| d.starts_with(&format!("{part}:"))));
+    }
+    check_msrs(&saved, &again);
+    let clock: kvm_clock_data = again_vm.clock.as_ref().unwrap().to("kvmclock").unwrap();
+    let saved_clock: kvm_clock_data = saved_vm.clock.as_ref().unwrap().to("kvmclock").unwrap();
+    assert!(saved_clock.clock >= CLOCK_MARK);
+    // It goes on from the saved value (plus the few ms of this test), not from the new VM's 0.
+    assert!(
+        (saved_clock.clock..saved_clock.clock + 10_000_000_000).contains(&clock.clock),
+        "kvmclock {} after restoring {}",
+        clock.clock,
+        saved_clock.clock
+    );
+}
+
+/// Every saved MSR comes back, except the TSC, which runs.
+fn check_msrs(saved: &vcpu_state::VcpuState, again: &vcpu_state::VcpuState) {
+    for (index, data) in MSR_MARKS {
+        assert!(
+            saved.msrs.contains(&vcpu_state::Msr { index, data }),
+            "marked MSR {index:#x} not saved"
+        );
+    }
+    let lost: Vec<_> = saved
+        .msrs
+        .iter()
+        .filter(|m| m.index != MSR_IA32_TSC && !again.msrs.contains(m))
+        .collect();
+    assert!(lost.is_empty(), "MSRs not restored: {lost:x?}");
+}
+
+#[test]
+fn an_msr_kvm_refuses_is_set_aside_and_the_rest_saved() {
+    if kvm_missing() {
+        return;
+    }
+    let t = create_vm();
+    boot(&t);
+    let mut support = vcpu_state::CaptureSupport::probe(&t.kvm, &t.vm).unwrap();
+    let all = support.msr_indices.clone();
+    assert!(all.len() > 2, "KVM lists {} MSRs", all.len());
+    // No such MSR: KVM_GET_MSRS stops there.
+    const BOGUS: u32 = 0x4fff_0000;
+    support.msr_indices.insert(1, BOGUS);
+    let state = vcpu_state::capture(&t.vcpu, 0, &support).unwrap();
+    assert_eq!(state.msrs_refused, vec![BOGUS]);
+    let saved: Vec<u32> = state.msrs.iter().map(|m| m.index).collect();
+    assert_eq!(saved, all);
 }
