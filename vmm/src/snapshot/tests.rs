@@ -1,13 +1,13 @@
-//! Snapshot and restore on this host's /dev/kvm: a tiny guest counts at CPL 3 (native speed on
-//! PVM) in a register, in memory and in an SSE register, and reports each million with an MMIO
-//! write. It is captured at its first report, the original runs on to its second; a second VM
-//! restored from the snapshot must reach the very same second report: same count, same SSE
-//! sum, same memory, byte for byte.
+//! Snapshot and restore on this host's /dev/kvm: a tiny guest on two vCPUs counts at CPL 3
+//! (native speed on PVM) in a register, in memory and in an SSE register, and reports each
+//! million with an MMIO write. It is captured at its first reports, the original runs on to
+//! its second; a second VM restored from the snapshot must reach the very same second reports:
+//! same counts on the same vCPUs, same SSE sums, same memory, byte for byte.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_pit_state2,
     kvm_userspace_memory_region, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -26,6 +26,9 @@ const STACK_TOP: u64 = 0x30_0000;
 /// In the device hole: identity-mapped for user mode, no memslot, so a write exits to us.
 const REPORT: u64 = layout::VIRTIO_MMIO_BASE;
 const STEP: u64 = 1_000_000;
+const VCPUS: u8 = 2;
+/// vCPU `i` starts counting at `i * START_APART`, so swapped vCPU states would show.
+const START_APART: u64 = 5 * STEP;
 
 /// loop: inc rax; mov [rbx], rax; movq xmm0, rax; paddq xmm1, xmm0; cmp rax, rcx; jne loop;
 ///       mov [rdx], rax; add rcx, 1000000; jmp loop
@@ -38,10 +41,10 @@ struct TestVm {
     kvm: Kvm,
     vm: VmFd,
     memory: GuestMemory,
-    vcpu: VcpuFd,
+    vcpus: Vec<VcpuFd>,
 }
 
-/// What vm.rs does, reduced: memory, TSS, irqchip, PIT (as for Linux) and one vCPU.
+/// What vm.rs does, reduced: memory, TSS, irqchip, PIT (as for Linux) and the vCPUs.
 fn create_vm() -> TestVm {
     let kvm = Kvm::new().expect("open /dev/kvm");
     let vm = kvm.create_vm().expect("KVM_CREATE_VM");
@@ -63,29 +66,36 @@ fn create_vm() -> TestVm {
     vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
     vm.create_pit2(kvm_pit_config::default())
         .expect("KVM_CREATE_PIT2");
-    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+    let vcpus = (0..VCPUS)
+        .map(|i| vm.create_vcpu(u64::from(i)).expect("KVM_CREATE_VCPU"))
+        .collect();
     TestVm {
         kvm,
         vm,
         memory,
-        vcpu,
+        vcpus,
     }
 }
 
-/// Boots the counting guest on a fresh VM: identity map, GDT, code, and a vCPU at CPL 3.
+/// Boots the counting guest on a fresh VM: identity map, GDT, code, and the vCPUs at CPL 3.
 fn boot(t: &TestVm) {
     let protocol = BootProtocol::SplitvisorGuest { start_info: 0 };
     page_tables::write_identity_map(&t.memory, MEMORY_SIZE).unwrap();
     vcpu_regs::write_boot_gdt(&t.memory, &protocol).unwrap();
     t.memory.write_slice(&GUEST, GuestAddress(CODE)).unwrap();
+    for (i, vcpu) in (0..VCPUS).zip(&t.vcpus) {
+        boot_vcpu(t, vcpu, i, &protocol);
+    }
+}
+
+fn boot_vcpu(t: &TestVm, vcpu: &VcpuFd, index: u8, protocol: &BootProtocol) {
     let mut ids = t.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
-    cpuid::filter(&mut ids, 0, 1, t.vcpu.get_tsc_khz().ok());
-    t.vcpu.set_cpuid2(&ids).unwrap();
-    let mut sregs = vcpu_regs::sregs(t.vcpu.get_sregs().unwrap(), &protocol);
+    cpuid::filter(&mut ids, index, VCPUS, vcpu.get_tsc_khz().ok());
+    vcpu.set_cpuid2(&ids).unwrap();
+    let mut sregs = vcpu_regs::sregs(vcpu.get_sregs().unwrap(), protocol);
     // Straight to user mode (PLATFORM.md): RPL/DPL 3 on code and stack.
-    sregs.cs.dpl = 3;
-    sregs.cs.selector |= 3;
     for seg in [
+        &mut sregs.cs,
         &mut sregs.ds,
         &mut sregs.es,
         &mut sregs.fs,
@@ -95,19 +105,31 @@ fn boot(t: &TestVm) {
         seg.dpl = 3;
         seg.selector |= 3;
     }
-    t.vcpu.set_sregs(&sregs).unwrap();
-    t.vcpu.set_fpu(&vcpu_regs::fpu()).unwrap();
-    t.vcpu
-        .set_regs(&kvm_bindings::kvm_regs {
-            rip: CODE,
-            rflags: 2,
-            rsp: STACK_TOP,
-            rbx: COUNTER,
-            rcx: STEP,
-            rdx: REPORT,
-            ..Default::default()
+    vcpu.set_sregs(&sregs).unwrap();
+    vcpu.set_fpu(&vcpu_regs::fpu()).unwrap();
+    let start = u64::from(index) * START_APART;
+    vcpu.set_regs(&kvm_bindings::kvm_regs {
+        rip: CODE,
+        rflags: 2,
+        rsp: STACK_TOP,
+        rax: start,
+        rbx: counter_addr(index),
+        rcx: start + STEP,
+        rdx: REPORT,
+        ..Default::default()
+    })
+    .unwrap();
+    if index > 0 {
+        // With the in-kernel LAPIC, an AP waits for INIT/SIPI unless told to run (as vcpu.rs).
+        vcpu.set_mp_state(kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
         })
         .unwrap();
+    }
+}
+
+fn counter_addr(index: u8) -> u64 {
+    COUNTER + 8 * u64::from(index)
 }
 
 /// Runs until the guest's next report and returns the count it wrote.
@@ -135,12 +157,30 @@ fn all_memory(memory: &GuestMemory) -> Vec<u8> {
     bytes
 }
 
-/// What must be equal between the original and the restored guest at a report.
-fn guest_view(t: &TestVm) -> (u64, u64, [u8; 16], u64) {
-    let regs = t.vcpu.get_regs().unwrap();
-    let fpu = t.vcpu.get_fpu().unwrap();
-    let counter = t.memory.read_obj(GuestAddress(COUNTER)).unwrap();
-    (regs.rax, regs.rip, fpu.xmm[1], counter)
+/// What must be equal between the original and the restored guest at a report, per vCPU:
+/// count, next instruction, SSE sum, count in memory.
+fn guest_view(t: &TestVm) -> Vec<(u64, u64, [u8; 16], u64)> {
+    (0..VCPUS)
+        .zip(&t.vcpus)
+        .map(|(i, vcpu)| {
+            let regs = vcpu.get_regs().unwrap();
+            let fpu = vcpu.get_fpu().unwrap();
+            let counter = t.memory.read_obj(GuestAddress(counter_addr(i))).unwrap();
+            (regs.rax, regs.rip, fpu.xmm[1], counter)
+        })
+        .collect()
+}
+
+/// Runs every vCPU to its next report; returns the counts.
+fn run_all_to_report(t: &mut TestVm) -> Vec<u64> {
+    t.vcpus.iter_mut().map(run_to_report).collect()
+}
+
+/// The counts the vCPUs report at their `n`th report.
+fn counts_at(n: u64) -> Vec<u64> {
+    (0..u64::from(VCPUS))
+        .map(|i| i * START_APART + n * STEP)
+        .collect()
 }
 
 fn kvm_missing() -> bool {
@@ -166,29 +206,44 @@ fn restored_vm_continues_where_the_snapshot_was_taken() {
 
     let mut original = create_vm();
     boot(&original);
-    assert_eq!(run_to_report(&mut original.vcpu), STEP);
-    vcpu_state::complete_pending_io(&mut original.vcpu, 0).unwrap();
+    assert_eq!(run_all_to_report(&mut original), counts_at(1));
     let support = vcpu_state::CaptureSupport::probe(&original.kvm, &original.vm).unwrap();
-    let vcpu = vcpu_state::capture(&original.vcpu, 0, &support).unwrap();
+    let mut vcpus = Vec::new();
+    for (i, vcpu) in (0..VCPUS).zip(&mut original.vcpus) {
+        vcpu_state::complete_pending_io(vcpu, i).unwrap();
+        vcpus.push(vcpu_state::capture(vcpu, i, &support).unwrap());
+    }
     let vm_state = irqchip::capture(&original.vm);
-    let manifest = super::write(&dir, &original.memory, vec![vcpu], vm_state, Vec::new()).unwrap();
+    let manifest = super::write(&dir, &original.memory, vcpus, vm_state, Vec::new()).unwrap();
     report_host_support(&manifest, &support);
 
-    // The original goes on to its second report.
-    assert_eq!(run_to_report(&mut original.vcpu), 2 * STEP);
+    // The original goes on to its second reports.
+    assert_eq!(run_all_to_report(&mut original), counts_at(2));
     let expected = guest_view(&original);
-    assert_eq!(expected.0, 2 * STEP);
-    assert_eq!(expected.3, 2 * STEP);
+    let counts: Vec<u64> = expected.iter().map(|v| v.0).collect();
+    assert_eq!(counts, counts_at(2));
 
     let mut restored = create_vm();
     let saved = Manifest::read(&dir).unwrap();
     saved
-        .check_target(&memory_file::layout_of(&restored.memory), 1, &[])
+        .check_target(
+            &memory_file::layout_of(&restored.memory),
+            usize::from(VCPUS),
+            &[],
+        )
         .unwrap();
     memory_file::restore(&dir, &saved.memory, &restored.memory).unwrap();
     irqchip::restore(&restored.vm, &saved.vm).unwrap();
-    vcpu_state::restore(&restored.vcpu, &saved.vcpus[0]).unwrap();
-    assert_eq!(run_to_report(&mut restored.vcpu), 2 * STEP);
+    for (vcpu, state) in restored.vcpus.iter().zip(&saved.vcpus) {
+        vcpu_state::restore(vcpu, state).unwrap();
+    }
+    // An AP left waiting for INIT/SIPI would block KVM_RUN for ever: check before running.
+    let ap_state = restored.vcpus[1].get_mp_state().unwrap().mp_state;
+    assert_eq!(
+        ap_state, KVM_MP_STATE_RUNNABLE,
+        "the AP's MP state was not restored"
+    );
+    assert_eq!(run_all_to_report(&mut restored), counts_at(2));
     assert_eq!(guest_view(&restored), expected);
     assert!(
         all_memory(&restored.memory) == all_memory(&original.memory),
@@ -219,9 +274,9 @@ fn report_host_support(manifest: &Manifest, support: &vcpu_state::CaptureSupport
 /// Distinctive values in every part, set through KVM's own set ioctls, so that a part that is
 /// not carried over shows as a difference from a fresh VM.
 fn mark(t: &TestVm) {
-    let mut lapic = t.vcpu.get_lapic().unwrap();
+    let mut lapic = t.vcpus[0].get_lapic().unwrap();
     lapic.regs[LAPIC_TPR] = 0x20;
-    t.vcpu.set_lapic(&lapic).expect("KVM_SET_LAPIC");
+    t.vcpus[0].set_lapic(&lapic).expect("KVM_SET_LAPIC");
     let mut chip = kvm_irqchip {
         chip_id: KVM_IRQCHIP_IOAPIC,
         ..Default::default()
@@ -252,20 +307,22 @@ fn mark(t: &TestVm) {
         ..Default::default()
     })
     .expect("KVM_SET_CLOCK");
-    let mut debug = t.vcpu.get_debug_regs().unwrap();
+    let mut debug = t.vcpus[0].get_debug_regs().unwrap();
     debug.db[0] = 0x1234_5000;
     debug.db[3] = 0x6000;
-    t.vcpu.set_debug_regs(&debug).expect("KVM_SET_DEBUGREGS");
-    let mut xcrs = t.vcpu.get_xcrs().unwrap();
+    t.vcpus[0]
+        .set_debug_regs(&debug)
+        .expect("KVM_SET_DEBUGREGS");
+    let mut xcrs = t.vcpus[0].get_xcrs().unwrap();
     xcrs.xcrs[0].value = 0x3; // x87 | SSE
-    t.vcpu.set_xcrs(&xcrs).expect("KVM_SET_XCRS");
-    let mut events = t.vcpu.get_vcpu_events().unwrap();
+    t.vcpus[0].set_xcrs(&xcrs).expect("KVM_SET_XCRS");
+    let mut events = t.vcpus[0].get_vcpu_events().unwrap();
     events.nmi.masked = 1;
-    t.vcpu
+    t.vcpus[0]
         .set_vcpu_events(&events)
         .expect("KVM_SET_VCPU_EVENTS");
     // Not run again after this: a halted vCPU is as good a mark as any.
-    t.vcpu
+    t.vcpus[0]
         .set_mp_state(kvm_mp_state {
             mp_state: KVM_MP_STATE_HALTED,
         })
@@ -277,7 +334,7 @@ fn mark(t: &TestVm) {
     }))
     .unwrap();
     assert_eq!(
-        t.vcpu.set_msrs(&msrs).expect("KVM_SET_MSRS"),
+        t.vcpus[0].set_msrs(&msrs).expect("KVM_SET_MSRS"),
         MSR_MARKS.len()
     );
 }
@@ -352,19 +409,19 @@ fn every_part_survives_capture_and_restore_on_this_host() {
     }
     let mut original = create_vm();
     boot(&original);
-    assert_eq!(run_to_report(&mut original.vcpu), STEP);
-    vcpu_state::complete_pending_io(&mut original.vcpu, 0).unwrap();
+    assert_eq!(run_to_report(&mut original.vcpus[0]), STEP);
+    vcpu_state::complete_pending_io(&mut original.vcpus[0], 0).unwrap();
     mark(&original);
     let support = vcpu_state::CaptureSupport::probe(&original.kvm, &original.vm).unwrap();
-    let saved = vcpu_state::capture(&original.vcpu, 0, &support).unwrap();
+    let saved = vcpu_state::capture(&original.vcpus[0], 0, &support).unwrap();
     let saved_vm = irqchip::capture(&original.vm);
 
     let restored = create_vm();
-    let fresh = vcpu_state::capture(&restored.vcpu, 0, &support).unwrap();
+    let fresh = vcpu_state::capture(&restored.vcpus[0], 0, &support).unwrap();
     let fresh_vm = irqchip::capture(&restored.vm);
     irqchip::restore(&restored.vm, &saved_vm).unwrap();
-    vcpu_state::restore(&restored.vcpu, &saved).unwrap();
-    let again = vcpu_state::capture(&restored.vcpu, 0, &support).unwrap();
+    vcpu_state::restore(&restored.vcpus[0], &saved).unwrap();
+    let again = vcpu_state::capture(&restored.vcpus[0], 0, &support).unwrap();
     let again_vm = irqchip::capture(&restored.vm);
 
     let pit = |s: &irqchip::IrqchipState| s.pit.as_ref().map(pit_without_load_time);
@@ -466,7 +523,7 @@ fn an_msr_kvm_refuses_is_set_aside_and_the_rest_saved() {
     // No such MSR: KVM_GET_MSRS stops there.
     const BOGUS: u32 = 0x4fff_0000;
     support.msr_indices.insert(1, BOGUS);
-    let state = vcpu_state::capture(&t.vcpu, 0, &support).unwrap();
+    let state = vcpu_state::capture(&t.vcpus[0], 0, &support).unwrap();
     assert_eq!(state.msrs_refused, vec![BOGUS]);
     let saved: Vec<u32> = state.msrs.iter().map(|m| m.index).collect();
     assert_eq!(saved, all);
