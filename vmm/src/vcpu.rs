@@ -111,6 +111,11 @@ impl Vcpu {
         self.index
     }
 
+    /// The KVM vCPU, for snapshot capture and restore (`snapshot::vcpu_state`).
+    pub fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
     /// Runs until the VM ends; any reason this vCPU finds to end it is recorded in `ctx.end`.
     pub fn run(&mut self, ctx: &VcpuContext) {
         loop {
