@@ -274,9 +274,6 @@ fn report_host_support(manifest: &Manifest, support: &vcpu_state::CaptureSupport
 /// Distinctive values in every part, set through KVM's own set ioctls, so that a part that is
 /// not carried over shows as a difference from a fresh VM.
 fn mark(t: &TestVm) {
-    let mut lapic = t.vcpus[0].get_lapic().unwrap();
-    lapic.regs[LAPIC_TPR] = 0x20;
-    t.vcpus[0].set_lapic(&lapic).expect("KVM_SET_LAPIC");
     let mut chip = kvm_irqchip {
         chip_id: KVM_IRQCHIP_IOAPIC,
         ..Default::default()
@@ -307,36 +304,36 @@ fn mark(t: &TestVm) {
         ..Default::default()
     })
     .expect("KVM_SET_CLOCK");
-    let mut debug = t.vcpus[0].get_debug_regs().unwrap();
+    mark_vcpu(&t.vcpus[0]);
+}
+
+/// The vCPU's parts, as `mark` does for the VM's.
+fn mark_vcpu(vcpu: &VcpuFd) {
+    let mut lapic = vcpu.get_lapic().unwrap();
+    lapic.regs[LAPIC_TPR] = 0x20;
+    vcpu.set_lapic(&lapic).expect("KVM_SET_LAPIC");
+    let mut debug = vcpu.get_debug_regs().unwrap();
     debug.db[0] = 0x1234_5000;
     debug.db[3] = 0x6000;
-    t.vcpus[0]
-        .set_debug_regs(&debug)
-        .expect("KVM_SET_DEBUGREGS");
-    let mut xcrs = t.vcpus[0].get_xcrs().unwrap();
+    vcpu.set_debug_regs(&debug).expect("KVM_SET_DEBUGREGS");
+    let mut xcrs = vcpu.get_xcrs().unwrap();
     xcrs.xcrs[0].value = 0x3; // x87 | SSE
-    t.vcpus[0].set_xcrs(&xcrs).expect("KVM_SET_XCRS");
-    let mut events = t.vcpus[0].get_vcpu_events().unwrap();
+    vcpu.set_xcrs(&xcrs).expect("KVM_SET_XCRS");
+    let mut events = vcpu.get_vcpu_events().unwrap();
     events.nmi.masked = 1;
-    t.vcpus[0]
-        .set_vcpu_events(&events)
-        .expect("KVM_SET_VCPU_EVENTS");
+    vcpu.set_vcpu_events(&events).expect("KVM_SET_VCPU_EVENTS");
     // Not run again after this: a halted vCPU is as good a mark as any.
-    t.vcpus[0]
-        .set_mp_state(kvm_mp_state {
-            mp_state: KVM_MP_STATE_HALTED,
-        })
-        .expect("KVM_SET_MP_STATE");
+    vcpu.set_mp_state(kvm_mp_state {
+        mp_state: KVM_MP_STATE_HALTED,
+    })
+    .expect("KVM_SET_MP_STATE");
     let msrs = Msrs::from_entries(&MSR_MARKS.map(|(index, data)| kvm_msr_entry {
         index,
         data,
         ..Default::default()
     }))
     .unwrap();
-    assert_eq!(
-        t.vcpus[0].set_msrs(&msrs).expect("KVM_SET_MSRS"),
-        MSR_MARKS.len()
-    );
+    assert_eq!(vcpu.set_msrs(&msrs).expect("KVM_SET_MSRS"), MSR_MARKS.len());
 }
 
 const LAPIC_TPR: usize = 0x80;

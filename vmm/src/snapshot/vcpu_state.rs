@@ -123,61 +123,40 @@ pub fn capture(
             source,
         }
     };
-    let mut unavailable = Vec::new();
-    let mut optional = |part: &'static str, result: Result<Blob, kvm_ioctls::Error>| {
-        result
-            .map_err(|e| unavailable.push(Unavailable::new(format!("vCPU {index} {part}"), &e)))
-            .ok()
-    };
     let regs = Blob::of(&vcpu.get_regs().map_err(required("KVM_GET_REGS"))?);
     let sregs = Blob::of(&vcpu.get_sregs().map_err(required("KVM_GET_SREGS"))?);
-    let cpuid = optional(
+    let mut gaps = Gaps {
+        index,
+        list: Vec::new(),
+    };
+    let cpuid = gaps.keep(
         "KVM_GET_CPUID2",
         vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
             .map(|c| Blob::of_slice(c.as_slice())),
     );
-    let fpu = optional("KVM_GET_FPU", vcpu.get_fpu().map(|f| Blob::of(&f)));
+    let fpu = gaps.keep("KVM_GET_FPU", vcpu.get_fpu().map(|f| Blob::of(&f)));
     let xsave = if support.xsave_fits {
-        optional("KVM_GET_XSAVE", vcpu.get_xsave().map(|x| Blob::of(&x)))
+        gaps.keep("KVM_GET_XSAVE", vcpu.get_xsave().map(|x| Blob::of(&x)))
     } else {
-        None
-    };
-    let xcrs = optional("KVM_GET_XCRS", vcpu.get_xcrs().map(|x| Blob::of(&x)));
-    let lapic = optional("KVM_GET_LAPIC", vcpu.get_lapic().map(|l| Blob::of(&l)));
-    let events = optional(
-        "KVM_GET_VCPU_EVENTS",
-        vcpu.get_vcpu_events().map(|e| Blob::of(&e)),
-    );
-    let debug_regs = optional(
-        "KVM_GET_DEBUGREGS",
-        vcpu.get_debug_regs().map(|d| Blob::of(&d)),
-    );
-    let mp_state = match vcpu.get_mp_state() {
-        Ok(state) => Some(state.mp_state),
-        Err(e) => {
-            unavailable.push(Unavailable::new(
-                format!("vCPU {index} KVM_GET_MP_STATE"),
-                &e,
-            ));
-            None
-        }
-    };
-    let tsc_khz = match vcpu.get_tsc_khz() {
-        Ok(khz) => Some(khz),
-        Err(e) => {
-            unavailable.push(Unavailable::new(
-                format!("vCPU {index} KVM_GET_TSC_KHZ"),
-                &e,
-            ));
-            None
-        }
-    };
-    if !support.xsave_fits {
-        unavailable.push(Unavailable::other(
+        gaps.list.push(Unavailable::other(
             format!("vCPU {index} KVM_GET_XSAVE"),
             "the XSAVE area is larger than 4 KiB (KVM_CAP_XSAVE2); only the FPU/SSE state is saved",
         ));
-    }
+        None
+    };
+    let xcrs = gaps.keep("KVM_GET_XCRS", vcpu.get_xcrs().map(|x| Blob::of(&x)));
+    let lapic = gaps.keep("KVM_GET_LAPIC", vcpu.get_lapic().map(|l| Blob::of(&l)));
+    let events = gaps.keep(
+        "KVM_GET_VCPU_EVENTS",
+        vcpu.get_vcpu_events().map(|e| Blob::of(&e)),
+    );
+    let debug_regs = gaps.keep(
+        "KVM_GET_DEBUGREGS",
+        vcpu.get_debug_regs().map(|d| Blob::of(&d)),
+    );
+    let mp_state = gaps.keep("KVM_GET_MP_STATE", vcpu.get_mp_state().map(|m| m.mp_state));
+    let tsc_khz = gaps.keep("KVM_GET_TSC_KHZ", vcpu.get_tsc_khz());
+    let unavailable = gaps.list;
     let (msrs, msrs_refused) = capture_msrs(vcpu, index, &support.msr_indices)?;
     for part in &unavailable {
         warn!("snapshot: {part}");
@@ -199,6 +178,23 @@ pub fn capture(
         tsc_khz,
         unavailable,
     })
+}
+
+/// The parts a capture could not get, each with the failed ioctl's error.
+struct Gaps {
+    index: u8,
+    list: Vec<Unavailable>,
+}
+
+impl Gaps {
+    fn keep<T>(&mut self, ioctl: &str, result: Result<T, kvm_ioctls::Error>) -> Option<T> {
+        result
+            .map_err(|e| {
+                let part = format!("vCPU {} {ioctl}", self.index);
+                self.list.push(Unavailable::new(part, &e));
+            })
+            .ok()
+    }
 }
 
 /// Reads `indices` in batches; `KVM_GET_MSRS` stops at the first MSR it refuses and returns
@@ -261,6 +257,9 @@ pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), VcpuStateError> {
         }
     };
     let decode = |source| VcpuStateError::Decode { index, source };
+    for part in &state.unavailable {
+        warn!("restore: {part}; it keeps a fresh vCPU's value");
+    }
     if let Some(cpuid) = &state.cpuid {
         let entries = cpuid
             .to_vec::<kvm_cpuid_entry2>("CPUID entries")
