@@ -145,7 +145,7 @@ pub enum KernelSource {
 }
 
 pub use crate::device_keys::{canonical_key, KEY_ALIASES};
-pub(crate) use crate::device_keys::{parse_bool, parse_key_values};
+pub use crate::device_keys::{parse_bool, parse_key_values};
 
 /// A disk: served by a vhost-user backend daemon, or emulated inside the VMM.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -5,16 +5,11 @@
 pub mod api;
 pub mod attach;
 pub mod backend_stats;
-pub mod bench;
-pub mod bench_net;
 pub mod boot;
 pub mod bus;
-pub mod cli;
 pub mod config;
 pub mod console;
 pub mod control;
-pub mod ctl;
-pub mod ctl_backends;
 pub mod device_keys;
 pub mod device_values;
 pub mod devices;
@@ -22,12 +17,9 @@ pub mod event_loop;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod launch;
 pub mod layout;
-pub mod list;
 pub mod memory;
 pub mod pause;
-pub mod registry;
 pub mod seccomp;
 pub mod stats;
 pub mod terminal;

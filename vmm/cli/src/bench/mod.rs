@@ -1,7 +1,9 @@
 //! `splitvisor bench`: the same guest block benchmark over the paravirtualized path (a
 //! `splitvisor-blk` daemon over vhost-user) and the fully emulated ATA path, one after the
 //! other on one image, with exits, kicks and interrupts per request next to the throughput.
-//! The network paths (`net-switch`, `net-tap`) live in `bench_net`.
+//! The network paths (`net-switch`, `net-tap`) live in `bench::net`.
+
+mod net;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::cli::BenchArgs;
-use crate::stats::STATS_PREFIX;
+use splitvisor_vmm::stats::STATS_PREFIX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -70,7 +72,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<Value, BenchError> {
     let mut net_rows = Vec::new();
     for path in &args.paths {
         if path.starts_with("net-") {
-            net_rows.extend(crate::bench_net::run(args, path, dir)?);
+            net_rows.extend(crate::bench::net::run(args, path, dir)?);
             continue;
         }
         eprintln!(
@@ -385,7 +387,7 @@ pub fn print_table(summary: &Value) {
     if let Some(x) = summary["virtio_over_ata_throughput"].as_f64() {
         println!("vhost-user-blk throughput is {x}x the emulated ATA path's");
     }
-    crate::bench_net::print_table(paths);
+    crate::bench::net::print_table(paths);
 }
 
 fn print_blk_table(paths: &serde_json::Map<String, Value>) {

@@ -313,7 +313,7 @@ fn a_config_file_cannot_be_combined_with_vm_or_device_flags() {
 
 #[test]
 fn the_readme_example_uses_every_key_of_the_format() {
-    let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+    let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"));
     // The reference example (the runnable one before it is checked by tests/tests/readme.rs).
     let example = readme
         .split("```toml\n")

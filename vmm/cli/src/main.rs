@@ -1,13 +1,21 @@
 //! The `splitvisor` binary: parse the command line, run the subcommand, turn the outcome into
 //! an exit status, and print any error chain once.
 
+mod bench;
+mod cli;
+mod ctl;
+mod ctl_backends;
+mod launch;
+mod list;
+mod registry;
+
 use std::process::ExitCode;
 
+use crate::cli::{BenchArgs, Cli, Command, CtlArgs, ListArgs, RunArgs};
+use crate::registry::{Registration, RegistryError};
 use clap::Parser;
-use splitvisor::cli::{BenchArgs, Cli, Command, CtlArgs, ListArgs, RunArgs};
-use splitvisor::config::VmConfig;
-use splitvisor::registry::{self, Registration, RegistryError};
-use splitvisor::vm::Vm;
+use splitvisor_vmm::config::VmConfig;
+use splitvisor_vmm::vm::Vm;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -15,14 +23,17 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(&args),
         Command::Bench(args) => bench(&args),
-        Command::Launch(args) => splitvisor::launch::run(&args).map_err(Into::into),
+        Command::Launch(args) => crate::launch::run(&args).map_err(Into::into),
         Command::Ctl(args) => ctl(&args),
         Command::List(args) => list(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),
         Err(error) => {
-            splitvisor::eprintln_whole!("splitvisor: {}", splitvisor::error_chain(error.as_ref()));
+            splitvisor_vmm::eprintln_whole!(
+                "splitvisor: {}",
+                splitvisor_vmm::error_chain(error.as_ref())
+            );
             ExitCode::from(1)
         }
     }
@@ -33,13 +44,13 @@ fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     config.validate()?;
     // Dropped after the VM ends: removes the VM's entry (and its API socket with it).
     let _registration = register(args, &mut config)?;
-    splitvisor::seccomp::set_mode(args.vm.seccomp);
+    splitvisor_vmm::seccomp::set_mode(args.vm.seccomp);
     let (end, stats) = Vm::new(&config)?.run()?;
     if let Some(message) = end.describe() {
-        splitvisor::eprintln_whole!("splitvisor: {message}");
+        splitvisor_vmm::eprintln_whole!("splitvisor: {message}");
     }
     if args.vm.stats {
-        println!("{}{stats}", splitvisor::stats::STATS_PREFIX);
+        println!("{}{stats}", splitvisor_vmm::stats::STATS_PREFIX);
     }
     Ok(end.exit_status())
 }
@@ -51,7 +62,7 @@ fn register(args: &RunArgs, config: &mut VmConfig) -> Result<Option<Registration
     let name = args.name.clone().unwrap_or_else(registry::generated_name);
     match registry::register(&name, config.api_socket.as_deref()) {
         Ok(registration) => {
-            splitvisor::eprintln_whole!(
+            splitvisor_vmm::eprintln_whole!(
                 "splitvisor: VM {name}, API socket {} (`splitvisor ctl {name} status`)",
                 registration.api_socket().display()
             );
@@ -59,9 +70,9 @@ fn register(args: &RunArgs, config: &mut VmConfig) -> Result<Option<Registration
             Ok(Some(registration))
         }
         Err(e) if args.name.is_none() => {
-            splitvisor::eprintln_whole!(
+            splitvisor_vmm::eprintln_whole!(
                 "splitvisor: warning: running unnamed: {}",
-                splitvisor::error_chain(&e)
+                splitvisor_vmm::error_chain(&e)
             );
             Ok(None)
         }
@@ -70,20 +81,20 @@ fn register(args: &RunArgs, config: &mut VmConfig) -> Result<Option<Registration
 }
 
 fn list(args: &ListArgs) -> Result<u8, Box<dyn std::error::Error>> {
-    println!("{}", splitvisor::list::run(args)?);
+    println!("{}", crate::list::run(args)?);
     Ok(0)
 }
 
 fn ctl(args: &CtlArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let text =
-        splitvisor::ctl::run(args).map_err(|e| format!("ctl: {}", splitvisor::error_chain(&e)))?;
+        crate::ctl::run(args).map_err(|e| format!("ctl: {}", splitvisor_vmm::error_chain(&e)))?;
     println!("{text}");
     Ok(0)
 }
 
 fn bench(args: &BenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
-    let summary = splitvisor::bench::run(args)?;
-    splitvisor::bench::print_table(&summary);
+    let summary = crate::bench::run(args)?;
+    crate::bench::print_table(&summary);
     println!("BENCH {summary}");
     let all_passed = summary["paths"]
         .as_object()

@@ -10,13 +10,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::api::http;
-use crate::api::types::{
+use crate::cli::{CtlArgs, CtlVerb};
+use crate::registry::{self, RegistryError};
+use splitvisor_vmm::api::http;
+use splitvisor_vmm::api::types::{
     DeviceCounters, DeviceReport, ErrorReport, MetricsReport, StateReport, SwapReport, SwapRequest,
     VirtioCounters, VmReport, API_PREFIX,
 };
-use crate::cli::{CtlArgs, CtlVerb};
-use crate::registry::{self, RegistryError};
 
 /// A swap may wait for the new backend's socket (the VMM's --connect-timeout) and then move
 /// the rings; everything else answers at once.

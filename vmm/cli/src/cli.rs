@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use splitvisor_confine::SeccompMode;
 
-use crate::config::{ByteSize, DiskConfig, KernelSource, NetConfig, SerialConfig, VmConfig};
+use splitvisor_vmm::config::{
+    ByteSize, DiskConfig, KernelSource, NetConfig, SerialConfig, VmConfig,
+};
 
 const EXIT_STATUS_HELP: &str = exit_status_help();
 
@@ -356,8 +358,8 @@ impl RunArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm_end;
     use clap::CommandFactory;
+    use splitvisor_vmm::vm_end;
 
     #[test]
     fn help_documents_every_vmm_status() {

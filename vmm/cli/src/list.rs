@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::types::{VmReport, API_PREFIX};
 use crate::cli::ListArgs;
 use crate::ctl::{self, device_state, seconds, CtlError};
 use crate::registry::{self, Entry};
+use splitvisor_vmm::api::types::{VmReport, API_PREFIX};
 
 /// A VM that does not answer within this time is listed as "unreachable" (it may be busy
 /// starting, or stuck).
@@ -52,7 +52,7 @@ fn ask(entry: Entry) -> ListedVm {
         Err(e) => (
             "unreachable".to_string(),
             None,
-            Some(crate::error_chain(&e)),
+            Some(splitvisor_vmm::error_chain(&e)),
         ),
     };
     ListedVm {
