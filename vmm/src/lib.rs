@@ -4,13 +4,10 @@
 
 pub mod api;
 pub mod attach;
-pub mod backend_stats;
 pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod console;
-pub mod control;
-pub mod device_keys;
 pub mod device_values;
 pub mod devices;
 pub mod event_loop;
@@ -21,7 +18,6 @@ pub mod layout;
 pub mod memory;
 pub mod pause;
 pub mod seccomp;
-pub mod stats;
 pub mod terminal;
 pub mod vcpu;
 pub mod vhost_user;

@@ -12,13 +12,13 @@ use kvm_ioctls::{Kvm, VmFd};
 use log::{debug, info, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::api::control::{AtaInfo, ControlParts, GuestInfo, VmControl};
 use crate::api::{ApiError, ApiListener};
 use crate::attach::{AttachError, Attached, AttachedDevice, Attacher};
 use crate::boot::acpi::{AcpiPlatform, MmioWindow};
 use crate::boot::{self, vcpu_regs, BootEntry, BootError, BootRequest};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::config::{KernelSource, VmConfig};
-use crate::control::{AtaInfo, ControlParts, GuestInfo, VmControl};
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::serial::{SerialConsole, SerialError};
 use crate::devices::{acpi_power, i8042};
@@ -172,7 +172,7 @@ impl Vm {
 
     /// Exit and interrupt counts so far (see `stats`).
     pub fn stats(&self) -> serde_json::Value {
-        crate::stats::snapshot(
+        crate::api::stats::snapshot(
             &self.ctx.exits,
             &self.ctx.pio,
             &self.ctx.mmio,

@@ -50,7 +50,7 @@ fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         splitvisor_vmm::eprintln_whole!("splitvisor: {message}");
     }
     if args.vm.stats {
-        println!("{}{stats}", splitvisor_vmm::stats::STATS_PREFIX);
+        println!("{}{stats}", splitvisor_vmm::api::stats::STATS_PREFIX);
     }
     Ok(end.exit_status())
 }

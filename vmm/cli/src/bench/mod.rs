@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::cli::BenchArgs;
-use splitvisor_vmm::stats::STATS_PREFIX;
+use splitvisor_vmm::api::stats::STATS_PREFIX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
