@@ -1,6 +1,7 @@
-//! splitvisor: a KVM virtual machine monitor whose disk and network devices run outside it, as
-//! vhost-user backend daemons. This crate is the VMM: CPU and memory through KVM, a few tiny
-//! emulated devices, and the control plane of the vhost-user devices.
+//! splitvisor-vmm: the splitvisor VMM as a library, whose disk and network devices run outside
+//! it as vhost-user backend daemons: CPU and memory through KVM, a few tiny emulated devices,
+//! the virtio-mmio transport and its notifiers, the vhost-user frontend and the control API.
+//! It parses no command line and starts no process; the `splitvisor` binary (vmm/cli) does.
 
 pub mod api;
 pub mod attach;
@@ -20,6 +21,7 @@ pub mod pause;
 pub mod seccomp;
 pub mod terminal;
 pub mod vcpu;
+pub mod vcpu_kick;
 pub mod vhost_user;
 pub mod virtio;
 pub mod vm;

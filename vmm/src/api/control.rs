@@ -164,7 +164,7 @@ impl VmControl {
         loop {
             let threads = self.lock_threads();
             for &thread in threads.iter() {
-                crate::vm::kick_vcpu_thread(thread);
+                crate::vcpu_kick::kick_vcpu_thread(thread);
             }
             let count = threads.len();
             drop(threads);
