@@ -5,12 +5,20 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::ListArgs;
 use crate::ctl::{self, device_state, seconds, CtlError};
 use crate::registry::{self, Entry};
 use splitvisor_vmm::api::types::{VmReport, API_PREFIX};
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print a JSON array (name, pid, api_socket, state, and the VM as GET /vm reports it)
+    /// instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// A VM that does not answer within this time is listed as "unreachable" (it may be busy
 /// starting, or stuck).

@@ -10,10 +10,58 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use serde_json::{json, Value};
+use splitvisor_vmm::config::ByteSize;
 
-use crate::cli::BenchArgs;
 use splitvisor_vmm::api::stats::STATS_PREFIX;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which paths to measure, in order. Block: virtio, ata. Network: net-switch (two VMs on a
+    /// `splitvisor-net --switch`, one sending a UDP stream, one receiving), net-tap (one VM
+    /// sending to a TAP owned by `splitvisor-net --tap` in a private network namespace that is
+    /// deleted afterwards; needs root; also pings the guest from the namespace with
+    /// `ping -c 20 -i 0.01`).
+    #[arg(long, value_delimiter = ',', default_value = "virtio,ata", value_parser = ["virtio", "ata", "net-switch", "net-tap"])]
+    pub paths: Vec<String>,
+    /// Access pattern: read, write, randread, randwrite.
+    #[arg(long, default_value = "randread", value_parser = ["read", "write", "randread", "randwrite"])]
+    pub rw: String,
+    /// Request size (4k to 1M).
+    #[arg(long, default_value = "4k")]
+    pub bs: String,
+    /// Requests in flight (the ATA path is always 1).
+    #[arg(long, default_value_t = 32)]
+    pub qd: u32,
+    /// virtio queues (the backend gets one worker thread per queue).
+    #[arg(long, default_value_t = 1)]
+    pub queues: u32,
+    /// Region of the image the guest works in.
+    #[arg(long, default_value = "64M")]
+    pub size: String,
+    /// Seconds each path runs (each network stream too).
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u32,
+    /// Network paths: UDP payload sizes in bytes, one stream each (64 to 1500; port 9).
+    #[arg(long, value_delimiter = ',', default_value = "64,1500", value_parser = clap::value_parser!(u32).range(64..=1500))]
+    pub net_sizes: Vec<u32>,
+    /// Image to use; default: a sparse file of --image-size on tmpfs (/dev/shm), removed after.
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+    /// Size of the default image.
+    #[arg(long, default_value = "256M")]
+    pub image_size: ByteSize,
+    /// Guest memory.
+    #[arg(long, default_value = "256M")]
+    pub memory: ByteSize,
+    /// The splitvisor-blk binary; default: the one next to this executable.
+    #[arg(long, value_name = "PATH")]
+    pub backend: Option<PathBuf>,
+    /// The splitvisor-net binary; default: the one next to this executable.
+    #[arg(long, value_name = "PATH")]
+    pub net_backend: Option<PathBuf>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::bench::{last_stats_line, round3, sibling, Backend, BenchError};
-use crate::cli::BenchArgs;
+use crate::bench::{last_stats_line, round3, sibling, Backend, BenchArgs, BenchError};
 
 /// Addresses of the stream's two ends (the TAP side is the receiver at .1).
 const RECEIVER_IP: &str = "10.0.0.1";

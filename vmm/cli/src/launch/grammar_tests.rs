@@ -3,28 +3,22 @@
 //! command line, and a bad value gets the same message in each place.
 
 use super::*;
-use crate::cli::{Cli, Command};
-use clap::Parser;
+use crate::launch::LaunchArgs;
+use crate::run::{parse_subcommand, RunArgs};
 use splitvisor_vmm::config::{DiskConfig, NetConfig};
 
 const BAD_MAC: &str = "01:00:5e:00:00:01";
 const ZERO_MAC: &str = "00:00:00:00:00:00";
 
 fn launch(argv: &[&str]) -> Result<LaunchSpec, String> {
-    let cli = Cli::try_parse_from(["splitvisor", "launch"].iter().chain(argv))
-        .map_err(|e| e.to_string())?;
-    let Command::Launch(args) = cli.command else {
-        panic!("not launch");
-    };
+    let args: LaunchArgs =
+        parse_subcommand("launch", ["launch"].iter().chain(argv)).map_err(|e| e.to_string())?;
     LaunchSpec::from_args(&args).map_err(|e| e.to_string())
 }
 
 fn run(argv: &[&str]) -> Result<splitvisor_vmm::config::VmConfig, String> {
-    let cli =
-        Cli::try_parse_from(["splitvisor", "run"].iter().chain(argv)).map_err(|e| e.to_string())?;
-    let Command::Run(args) = cli.command else {
-        panic!("not run");
-    };
+    let args: RunArgs =
+        parse_subcommand("run", ["run"].iter().chain(argv)).map_err(|e| e.to_string())?;
     let config = args.to_config();
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)

@@ -45,18 +45,11 @@ impl Drop for Fixture {
 }
 
 fn spec(disks: Vec<DiskSpec>, nets: Vec<NetSpec>) -> LaunchSpec {
-    let cli = Cli::try_parse_from([
-        "splitvisor",
+    let args: crate::launch::LaunchArgs = crate::run::parse_subcommand(
         "launch",
-        "--cmdline",
-        "blk-verify",
-        "--vcpus",
-        "2",
-    ])
+        ["launch", "--cmdline", "blk-verify", "--vcpus", "2"],
+    )
     .unwrap();
-    let Command::Launch(args) = cli.command else {
-        unreachable!()
-    };
     LaunchSpec {
         vm: args.vm,
         disks,

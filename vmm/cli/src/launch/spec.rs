@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::args::LaunchArgs;
 pub use super::devflags::{DiskFlag, NetFlag};
-use crate::cli::VmArgs;
+use crate::run::VmArgs;
 use splitvisor_vmm::config::{ByteSize, ConfigError, SerialConfig};
 
 /// Device ids become file names in the runtime directory and values in `--disk`/`--net`.
