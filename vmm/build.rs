@@ -73,7 +73,7 @@ fn main() {
 /// Shares one guest build between the debug and release builds of the VMM: the guest is
 /// always built in release mode, so `target/guest` is enough.
 fn guest_target_dir(out_dir: &Path) -> PathBuf {
-    // OUT_DIR is <target>/<profile>/build/splitvisor-<hash>/out.
+    // OUT_DIR is <target>/<profile>/build/splitvisor-vmm-<hash>/out.
     out_dir
         .ancestors()
         .nth(4)

@@ -26,7 +26,8 @@ pub use caps::drop_all_capabilities;
 pub const SELFTEST_ENV: &str = "SPLITVISOR_SECCOMP_SELFTEST";
 
 /// What a filter does with a system call outside the thread's allow-list.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum SeccompMode {
     /// Kill the process with SIGSYS (after printing which call and thread).
     #[default]
@@ -261,6 +262,7 @@ mod tests {
         assert!(program.len() > BASE.len() + SPAWN.len());
     }
 
+    #[cfg(feature = "clap")]
     #[test]
     fn mode_names_are_the_flag_values() {
         use clap::ValueEnum;

@@ -1,27 +1,24 @@
-//! Puts the configured devices on a VM: a virtio-mmio window, GSI, ioeventfds and interrupt
-//! relay per vhost-user device, and the emulated ATA disk on the legacy IDE ports. Returns the
-//! words that announce them on the kernel command line.
+//! Puts the configured devices on a VM: a virtio-mmio window, GSI and notifiers (ioeventfds,
+//! irqfd and interrupt relay: `virtio::notify`) per vhost-user device, and the emulated ATA
+//! disk on the legacy IDE ports. Returns the words that announce them on the kernel command
+//! line.
 
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvm_ioctls::{IoEventAddress, VmFd};
-use log::warn;
-use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
+use kvm_ioctls::VmFd;
 
 use crate::bus::{Bus, BusError};
 use crate::config::{DiskConfig, VmConfig};
 use crate::devices::ata::{self, AtaDisk, AtaError};
-use crate::event_loop::{EventLoop, Next};
+use crate::event_loop::EventLoop;
 use crate::layout;
 use crate::memory::GuestMemory;
 use crate::vhost_user::manager::BackendManager;
 use crate::vhost_user::{DeviceKind, VhostUserDevice, VhostUserError};
 use crate::virtio::interrupt::Interrupt;
 use crate::virtio::mmio::VirtioMmio;
+use crate::virtio::notify::{Notifiers, NotifyError, Wiring};
 use crate::virtio::VirtioDevice;
 use crate::vm_end::EndSignal;
 
@@ -33,14 +30,8 @@ pub enum AttachError {
         #[source]
         source: VhostUserError,
     },
-    #[error("creating an eventfd for device {0} failed")]
-    EventFd(String, #[source] std::io::Error),
-    #[error("registering device {0}'s queue notification with KVM (ioeventfd) failed")]
-    IoEventFd(String, #[source] kvm_ioctls::Error),
-    #[error("registering device {0}'s interrupt with KVM (irqfd) failed")]
-    Irqfd(String, #[source] kvm_ioctls::Error),
-    #[error("relaying device {0}'s interrupts failed")]
-    Relay(String, #[source] std::io::Error),
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
     #[error("too many virtio devices: at most {0}")]
     TooMany(usize),
     #[error(transparent)]
@@ -151,28 +142,19 @@ impl Attacher<'_> {
         }
         let base = layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE;
         let gsi = layout::VIRTIO_FIRST_GSI + slot as u32;
-        let eventfd =
-            || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| AttachError::EventFd(id.into(), e));
-
-        let irqfd = eventfd()?;
-        self.vm
-            .register_irqfd(&irqfd, gsi)
-            .map_err(|e| AttachError::Irqfd(id.into(), e))?;
-        let interrupt = Arc::new(Interrupt::new(irqfd));
-
-        let queues = device.queue_max_sizes().len();
-        let notify = IoEventAddress::Mmio(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
-        let (mut kicks, mut calls) = (Vec::new(), Vec::new());
-        for queue in 0..queues {
-            let kick = eventfd()?;
-            self.vm
-                .register_ioevent(&kick, &notify, queue as u32)
-                .map_err(|e| AttachError::IoEventFd(id.into(), e))?;
-            kicks.push(kick);
-            let call = eventfd()?;
-            self.relay_used_buffers(id, &call, interrupt.clone())?;
-            calls.push(call);
+        let Notifiers {
+            interrupt,
+            kicks,
+            calls,
+        } = Wiring {
+            vm: self.vm,
+            events: self.events,
+            id,
+            mmio_base: base,
+            gsi,
+            queues: device.queue_max_sizes().len(),
         }
+        .wire()?;
         let mmio = Arc::new(Mutex::new(VirtioMmio::new(
             id,
             device,
@@ -224,29 +206,5 @@ impl Attacher<'_> {
             disk.control(),
         )?;
         Ok(())
-    }
-
-    /// The backend signals `call`; the guest must see `InterruptStatus` set before the GSI.
-    fn relay_used_buffers(
-        &self,
-        id: &str,
-        call: &EventFd,
-        interrupt: Arc<Interrupt>,
-    ) -> Result<(), AttachError> {
-        let reader = call
-            .try_clone()
-            .map_err(|e| AttachError::EventFd(id.into(), e))?;
-        let name = id.to_string();
-        self.events
-            .add(call.as_raw_fd(), EventSet::IN, move |_| {
-                match reader.read() {
-                    Ok(_) => interrupt.signal_used_buffers(),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => warn!("{name}: reading the used-buffer notification failed: {e}"),
-                }
-                Next::Keep
-            })
-            .map(|_| ())
-            .map_err(|e| AttachError::Relay(id.into(), e))
     }
 }

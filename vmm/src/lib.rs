@@ -1,38 +1,28 @@
-//! splitvisor: a KVM virtual machine monitor whose disk and network devices run outside it, as
-//! vhost-user backend daemons. This crate is the VMM: CPU and memory through KVM, a few tiny
-//! emulated devices, and the control plane of the vhost-user devices.
+//! splitvisor-vmm: the splitvisor VMM as a library, whose disk and network devices run outside
+//! it as vhost-user backend daemons: CPU and memory through KVM, a few tiny emulated devices,
+//! the virtio-mmio transport and its notifiers, the vhost-user frontend and the control API.
+//! It parses no command line and starts no process; the `splitvisor` binary (vmm/cli) does.
 
 pub mod api;
 pub mod attach;
-pub mod backend_stats;
-pub mod bench;
-pub mod bench_net;
 pub mod boot;
 pub mod bus;
-pub mod cli;
 pub mod config;
 pub mod console;
-pub mod control;
-pub mod ctl;
-pub mod ctl_backends;
-pub mod device_keys;
 pub mod device_values;
 pub mod devices;
 pub mod event_loop;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod launch;
 pub mod layout;
-pub mod list;
 pub mod memory;
 pub mod pause;
-pub mod registry;
 pub mod seccomp;
 pub mod snapshot;
-pub mod stats;
 pub mod terminal;
 pub mod vcpu;
+pub mod vcpu_kick;
 pub mod vhost_user;
 pub mod virtio;
 pub mod vm;

@@ -4,7 +4,6 @@
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
@@ -12,13 +11,13 @@ use kvm_ioctls::{Kvm, VmFd};
 use log::{debug, info, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::api::control::{AtaInfo, ControlParts, GuestInfo, VmControl};
 use crate::api::{ApiError, ApiListener};
 use crate::attach::{AttachError, Attached, AttachedDevice, Attacher};
 use crate::boot::acpi::{AcpiPlatform, MmioWindow};
 use crate::boot::{self, vcpu_regs, BootEntry, BootError, BootRequest};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::config::{KernelSource, VmConfig};
-use crate::control::{AtaInfo, ControlParts, GuestInfo, VmControl};
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::serial::{SerialConsole, SerialError};
 use crate::devices::{acpi_power, i8042};
@@ -172,7 +171,7 @@ impl Vm {
 
     /// Exit and interrupt counts so far (see `stats`).
     pub fn stats(&self) -> serde_json::Value {
-        crate::stats::snapshot(
+        crate::api::stats::snapshot(
             &self.ctx.exits,
             &self.ctx.pio,
             &self.ctx.mmio,
@@ -188,7 +187,7 @@ impl Vm {
     /// Runs the vCPUs until the guest exits, a vCPU fails, or SIGINT/SIGTERM arrives.
     /// Returns how it ended and the final `stats`.
     pub fn run(mut self) -> Result<(VmEnd, serde_json::Value), VmError> {
-        install_kick_handler()?;
+        crate::vcpu_kick::install_handler().map_err(VmError::Signals)?;
         watch_termination_signals(self.ctx.end.clone())?;
         // After the signal watcher: SIGINT/SIGTERM end the VM in order, and this guard (dropped
         // when `run` returns, any way) restores the terminal after everything stopped.
@@ -221,7 +220,7 @@ impl Vm {
         drop(api);
         self.control.clear_vcpu_threads();
         for thread in threads {
-            stop_vcpu_thread(thread);
+            crate::vcpu_kick::stop_vcpu_thread(thread);
         }
         self.events.stop();
         let _ = event_thread.join();
@@ -427,35 +426,6 @@ fn sample_completions(events: &EventLoop, devices: &[AttachedDevice]) -> Result<
         })
         .map_err(VmError::Sampler)?;
     Ok(())
-}
-
-/// Interrupts `thread`'s `KVM_RUN` (it returns EINTR) so that it looks at the VM's state.
-pub fn kick_vcpu_thread(thread: libc::pthread_t) {
-    // SAFETY: callers pass threads that have not been joined, so the pthread_t is valid.
-    unsafe { libc::pthread_kill(thread, kick_signal()) };
-}
-
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// A signal whose only job is to interrupt `KVM_RUN` (EINTR) so a vCPU thread sees the VM end.
-fn kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
-fn install_kick_handler() -> Result<(), VmError> {
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
-        .map_err(VmError::Signals)
-}
-
-/// Kicks a vCPU thread out of `KVM_RUN` until it notices the VM ended, then joins it. The kick
-/// repeats because a signal that lands just before the thread re-enters `KVM_RUN` is lost.
-fn stop_vcpu_thread(thread: JoinHandle<()>) {
-    while !thread.is_finished() {
-        kick_vcpu_thread(thread.as_pthread_t());
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    // The thread caught its own panics; joining cannot fail.
-    let _ = thread.join();
 }
 
 /// SIGINT/SIGTERM end the VM in order instead of killing the process mid-write.

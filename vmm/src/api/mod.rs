@@ -7,8 +7,11 @@
 
 mod slots;
 
+pub mod backend_stats;
+pub mod control;
 pub mod http;
 pub mod routes;
+pub mod stats;
 pub mod types;
 
 #[cfg(test)]
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
-use crate::control::VmControl;
+use crate::api::control::VmControl;
 use routes::Response;
 use slots::{Slot, Slots};
 

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::http::Request;
 use super::types::{ErrorReport, PingReport, VersionReport, API_PREFIX};
-use crate::control::{ControlError, VmControl};
+use crate::api::control::{ControlError, VmControl};
 use crate::vhost_user::manager::SwapError;
 
 /// A response: status, extra headers, JSON body.

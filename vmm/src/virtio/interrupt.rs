@@ -2,7 +2,7 @@
 //! raises the GSI, and the `DEVICE_NEEDS_RESET` flag a device sets when its backend is lost.
 //!
 //! Backends signal "used buffers" on a call eventfd that the VMM relays here (see
-//! `relay_used_buffers`) instead of handing them the irqfd: virtio-mmio drivers read
+//! `notify`) instead of handing them the irqfd: virtio-mmio drivers read
 //! `InterruptStatus` to learn why the interrupt fired, so the bit must be set first - and the
 //! relay is where used-ring interrupts get counted.
 

@@ -3,6 +3,7 @@
 
 pub mod interrupt;
 pub mod mmio;
+pub mod notify;
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::bench::{last_stats_line, round3, sibling, Backend, BenchError};
-use crate::cli::BenchArgs;
+use super::daemon::{last_stats_line, sibling, Backend};
+use super::netns::Netns;
+use super::table::{cell, round3};
+use super::{BenchArgs, BenchError};
 
 /// Addresses of the stream's two ends (the TAP side is the receiver at .1).
 const RECEIVER_IP: &str = "10.0.0.1";
@@ -116,51 +118,6 @@ fn run_switch(args: &BenchArgs, backend: &Path, dir: &Path) -> Result<Vec<NetRow
     Ok(rows)
 }
 
-/// A network namespace of the bench's own, deleted when dropped (with the TAP inside it).
-struct Netns(String);
-
-impl Netns {
-    fn create(name: String) -> Result<Netns, BenchError> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(BenchError::NotRoot);
-        }
-        ip(&["netns", "add", &name])?;
-        Ok(Netns(name))
-    }
-
-    fn ip(&self, args: &[&str]) -> Result<String, BenchError> {
-        let mut all = vec!["-n", self.0.as_str()];
-        all.extend_from_slice(args);
-        ip(&all)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.0]);
-    }
-}
-
-/// Runs `ip ARGS`; its stdout, or an error with its stderr.
-fn ip(args: &[&str]) -> Result<String, BenchError> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| BenchError::Spawn {
-            what: "ip (iproute2)".to_string(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(BenchError::Command {
-            command: format!("ip {}", args.join(" ")),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The packets the kernel received on a TAP (frames the backend wrote into it).
 fn tap_rx_packets(ns: &Netns, tap: &str) -> Option<u64> {
     let text = ns.ip(&["-s", "-j", "link", "show", "dev", tap]).ok()?;
@@ -234,7 +191,7 @@ fn tap_daemon(
 ) -> Result<(Backend, PathBuf), BenchError> {
     let socket = dir.join("tap.sock");
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.0])
+    cmd.args(["netns", "exec", ns.name()])
         .arg(backend)
         .arg("--socket")
         .arg(&socket)
@@ -274,7 +231,7 @@ fn tap_ping(
         .args([
             "netns",
             "exec",
-            &ns.0,
+            ns.name(),
             "ping",
             "-c",
             &count,
@@ -443,11 +400,6 @@ impl Drop for Guest {
 
 /// The net rows as a table for people.
 pub fn print_table(paths: &serde_json::Map<String, Value>) {
-    let cell = |v: &Value| match v {
-        Value::Null => "-".to_string(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
     let rows: Vec<_> = paths
         .iter()
         .filter(|(k, _)| k.starts_with("net-") && *k != "net-tap-ping")

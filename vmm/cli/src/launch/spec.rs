@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::args::LaunchArgs;
 pub use super::devflags::{DiskFlag, NetFlag};
-use crate::cli::VmArgs;
-use crate::config::{ByteSize, ConfigError, SerialConfig};
+use crate::run::VmArgs;
+use splitvisor_vmm::config::{ByteSize, ConfigError, SerialConfig};
 
 /// Device ids become file names in the runtime directory and values in `--disk`/`--net`.
 const MAX_ID_LEN: usize = 32;
@@ -299,14 +299,16 @@ impl FileNet {
         };
         let mtu = match self.mtu {
             // The same check, and message, as `--net ...,mtu=N` and `splitvisor-net --mtu`.
-            Some(mtu) => Some(crate::device_values::parse_mtu(&mtu.to_string()).map_err(
-                |problem| SpecError::BadValue {
-                    origin: format!("{}: network card '{id}'", paths.origin),
-                    key: "mtu",
-                    value: mtu.to_string(),
-                    problem,
-                },
-            )?),
+            Some(mtu) => Some(
+                splitvisor_vmm::device_values::parse_mtu(&mtu.to_string()).map_err(|problem| {
+                    SpecError::BadValue {
+                        origin: format!("{}: network card '{id}'", paths.origin),
+                        key: "mtu",
+                        value: mtu.to_string(),
+                        problem,
+                    }
+                })?,
+            ),
             None => None,
         };
         Ok(NetSpec {
@@ -485,7 +487,7 @@ fn check_net(net: &NetSpec, ids: &HashSet<&str>, origin: &str) -> Result<(), Spe
     }
     if let Some(mac) = &net.mac {
         // The check `run` and splitvisor-net make, with the same message.
-        crate::device_values::parse_mac(mac).map_err(|problem| SpecError::BadValue {
+        splitvisor_vmm::device_values::parse_mac(mac).map_err(|problem| SpecError::BadValue {
             origin: format!("{origin}: network card '{}'", net.id),
             key: "mac",
             value: mac.clone(),
@@ -499,7 +501,7 @@ fn check_net(net: &NetSpec, ids: &HashSet<&str>, origin: &str) -> Result<(), Spe
 /// guests take them whole, so a daemon with smaller rings would fail the device at activation.
 /// Other values (not a power of two, too large) are the daemon's to refuse, with its message.
 fn check_queue_size(disk: &DiskSpec, origin: &str) -> Result<(), SpecError> {
-    use crate::vhost_user::QUEUE_SIZE;
+    use splitvisor_vmm::vhost_user::QUEUE_SIZE;
     match disk.options.queue_size {
         Some(size) if size < QUEUE_SIZE => Err(SpecError::BadValue {
             origin: format!("{origin}: disk '{}'", disk.id),

@@ -20,7 +20,7 @@ pub fn canonical_key(key: &str) -> &str {
 /// `key=value,key=value` as written on the command line, checked against the keys allowed
 /// (aliases are replaced by their key first). Keys in `switches` may be written bare
 /// (`readonly` = `readonly=on`).
-pub(crate) fn parse_key_values(
+pub fn parse_key_values(
     flag: &'static str,
     value: &str,
     allowed: &'static str,
@@ -63,7 +63,7 @@ pub(crate) fn parse_key_values(
     Ok(pairs)
 }
 
-pub(crate) fn parse_bool(
+pub fn parse_bool(
     flag: &'static str,
     value: &str,
     key: &str,

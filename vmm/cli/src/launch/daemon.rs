@@ -16,8 +16,8 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::api::types::{PingReport, API_PREFIX};
 use crate::registry;
+use splitvisor_vmm::api::types::{PingReport, API_PREFIX};
 
 /// What the background launch prints (before moving its output) to say where its log is.
 const LOG_LINE: &str = "launch: log ";
@@ -61,7 +61,7 @@ fn log_hint(log: &Option<PathBuf>) -> String {
 pub fn start(name: &str, named: bool, wait: Duration) -> Result<u8, DaemonError> {
     let mut child = spawn_background(name, named)?;
     let (log, relay) = relay_stderr(&mut child);
-    crate::eprintln_whole!(
+    splitvisor_vmm::eprintln_whole!(
         "launch: VM {name} starting in the background (launch pid {})",
         child.id()
     );
@@ -83,7 +83,7 @@ pub fn start(name: &str, named: bool, wait: Duration) -> Result<u8, DaemonError>
             return Ok(super::exit_status(status));
         }
         if answers(name, child.id()) {
-            crate::eprintln_whole!(
+            splitvisor_vmm::eprintln_whole!(
                 "launch: VM {name} is running; `splitvisor ctl {name} shutdown` stops it{}",
                 log_hint(&log_path)
             );
@@ -153,7 +153,7 @@ fn relay_stderr(child: &mut Child) -> (mpsc::Receiver<PathBuf>, Option<JoinHandl
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                crate::eprintln_whole!("{line}");
+                splitvisor_vmm::eprintln_whole!("{line}");
                 if let Some(path) = line.strip_prefix(LOG_LINE) {
                     let _ = tx.send(PathBuf::from(path));
                 }
@@ -195,19 +195,19 @@ fn show_tail(log: Option<&Path>) {
         return;
     };
     let lines: Vec<&str> = text.lines().collect();
-    crate::eprintln_whole!(
+    splitvisor_vmm::eprintln_whole!(
         "launch: the background launch ended; the last lines of {}:",
         log.display()
     );
     for line in &lines[lines.len().saturating_sub(LOG_TAIL)..] {
-        crate::eprintln_whole!("  {line}");
+        splitvisor_vmm::eprintln_whole!("  {line}");
     }
 }
 
 /// The background half: says where the log is (the foreground half relays it), then sends
 /// stdout and stderr there, for launch and everything it starts.
 pub fn redirect_output(log: &Path) -> Result<(), DaemonError> {
-    crate::eprintln_whole!("{LOG_LINE}{}", log.display());
+    splitvisor_vmm::eprintln_whole!("{LOG_LINE}{}", log.display());
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

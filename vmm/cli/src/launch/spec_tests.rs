@@ -1,8 +1,7 @@
 //! Unit tests of the launch description: flags, the TOML file, and the checks on both.
 
 use super::*;
-use crate::cli::{Cli, Command};
-use clap::Parser;
+use crate::run::parse_subcommand;
 
 /// The message with its causes, as `main` prints it.
 fn error_chain(error: &dyn std::error::Error) -> String {
@@ -16,12 +15,14 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 fn launch_args(argv: &[&str]) -> LaunchArgs {
-    let cli = Cli::try_parse_from(["splitvisor", "launch"].iter().chain(argv))
-        .unwrap_or_else(|e| panic!("{e}"));
-    match cli.command {
-        Command::Launch(args) => args,
-        other => panic!("parsed as {other:?}"),
-    }
+    parse_launch(["launch"].iter().chain(argv)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `launch`'s arguments parsed as `splitvisor launch` does (the first one is `launch`).
+fn parse_launch<'a>(
+    argv: impl IntoIterator<Item = &'a &'a str>,
+) -> Result<LaunchArgs, clap::Error> {
+    parse_subcommand("launch", argv)
 }
 
 /// A scratch directory with an image file in it, removed at drop.
@@ -128,7 +129,7 @@ fn bad_device_flags_name_the_flag_and_the_problem() {
         ("--net", "socket=/x", "unknown key 'socket'"),
     ];
     for (flag, value, expected) in cases {
-        let err = Cli::try_parse_from(["splitvisor", "launch", flag, value]).unwrap_err();
+        let err = parse_launch(&["launch", flag, value]).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains(flag) && text.contains(expected),
@@ -289,8 +290,8 @@ fn a_config_file_cannot_be_combined_with_vm_or_device_flags() {
         &["--net", "tap=t"],
         &["--api-socket", "/x"],
     ] {
-        let argv = ["splitvisor", "launch", "--config", "vm.toml"];
-        let err = Cli::try_parse_from(argv.iter().chain(flag)).unwrap_err();
+        let argv = ["launch", "--config", "vm.toml"];
+        let err = parse_launch(argv.iter().chain(flag)).unwrap_err();
         assert_eq!(
             err.kind(),
             clap::error::ErrorKind::ArgumentConflict,
@@ -299,7 +300,6 @@ fn a_config_file_cannot_be_combined_with_vm_or_device_flags() {
     }
     // Flags about launch itself still combine with a file.
     let argv = [
-        "splitvisor",
         "launch",
         "--config",
         "vm.toml",
@@ -308,12 +308,12 @@ fn a_config_file_cannot_be_combined_with_vm_or_device_flags() {
         "--socket-timeout",
         "3",
     ];
-    assert!(Cli::try_parse_from(argv).is_ok());
+    assert!(parse_launch(&argv).is_ok());
 }
 
 #[test]
 fn the_readme_example_uses_every_key_of_the_format() {
-    let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+    let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"));
     // The reference example (the runnable one before it is checked by tests/tests/readme.rs).
     let example = readme
         .split("```toml\n")

@@ -6,17 +6,56 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::api::http;
-use crate::api::types::{
+use crate::registry::{self, RegistryError};
+use splitvisor_vmm::api::http;
+use splitvisor_vmm::api::types::{
     DeviceCounters, DeviceReport, ErrorReport, MetricsReport, StateReport, SwapReport, SwapRequest,
     VirtioCounters, VmReport, API_PREFIX,
 };
-use crate::cli::{CtlArgs, CtlVerb};
-use crate::registry::{self, RegistryError};
+
+#[derive(Debug, Args)]
+#[command(subcommand_precedence_over_arg = true)]
+pub struct CtlArgs {
+    /// The VM's name (`run --name`, `launch --name`; `splitvisor list` shows them).
+    #[arg(value_name = "NAME", required_unless_present = "api_socket")]
+    pub name: Option<String>,
+    /// The API socket the VM was started with (`run --api-socket PATH`), instead of its name.
+    #[arg(long, value_name = "PATH", conflicts_with = "name")]
+    pub api_socket: Option<PathBuf>,
+    /// Print the API's JSON answer instead of a readable summary.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub verb: CtlVerb,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlVerb {
+    /// The VM's state, vCPUs, memory, and each device with its backend socket, connection
+    /// state, swaps, recoveries and counters (GET /vm).
+    Status,
+    /// Stop running the vCPUs; backends finish what the guest already queued (PUT /vm/pause).
+    Pause,
+    /// Run the vCPUs again (PUT /vm/resume).
+    Resume,
+    /// Stop the VM; `run` then exits with status 130 (PUT /vm/shutdown).
+    Shutdown,
+    /// Move device ID to the vhost-user backend listening on SOCKET while the guest runs; on
+    /// failure the device keeps its backend (PUT /devices/ID/backend).
+    Swap {
+        /// The device id, e.g. disk0 or net0 (see `status`).
+        id: String,
+        /// The new backend's Unix socket.
+        socket: PathBuf,
+    },
+    /// Exits by kind and by device, per-device completed requests and interrupts (GET /metrics).
+    Metrics,
+}
 
 /// A swap may wait for the new backend's socket (the VMM's --connect-timeout) and then move
 /// the rings; everything else answers at once.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use super::spec::{DiskOptions, NetOptions};
-use crate::config::{parse_bool, parse_key_values, ConfigError};
+use splitvisor_vmm::config::{parse_bool, parse_key_values, ConfigError};
 
 /// `--disk image=PATH[,readonly][,queues=N][,direct][,queue_size=N][,disk_id=ID][,share][,id=NAME]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,7 +92,7 @@ impl FromStr for NetFlag {
                 // Checked with the TOML file's MACs, in `LaunchSpec::check`.
                 "mac" => net.mac = Some(val),
                 "mtu" => {
-                    let mtu = crate::device_values::parse_mtu(&val)
+                    let mtu = splitvisor_vmm::device_values::parse_mtu(&val)
                         .map_err(|e| bad("net", value, format!("mtu={val}: {e}")))?;
                     net.options.mtu = Some(mtu);
                 }

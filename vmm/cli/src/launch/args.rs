@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::spec::{DiskFlag, NetFlag};
-use crate::cli::VmArgs;
+use crate::run::VmArgs;
 
 /// The environment variable naming the directory with `splitvisor-blk` and `splitvisor-net`.
 pub const ENV_BACKEND_DIR: &str = "SPLITVISOR_BACKEND_DIR";

@@ -1,105 +1,53 @@
-//! `splitvisor bench`: the same guest block benchmark over the paravirtualized path (a
-//! `splitvisor-blk` daemon over vhost-user) and the fully emulated ATA path, one after the
-//! other on one image, with exits, kicks and interrupts per request next to the throughput.
-//! The network paths (`net-switch`, `net-tap`) live in `bench_net`.
+//! The block paths of `splitvisor bench`: the same guest block benchmark over the
+//! paravirtualized path (a `splitvisor-blk` daemon over vhost-user) and the fully emulated ATA
+//! path, one after the other on one image, with exits, kicks and interrupts per request next
+//! to the throughput.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use serde_json::{json, Value};
+use splitvisor_vmm::api::stats::STATS_PREFIX;
 
-use crate::cli::BenchArgs;
-use crate::stats::STATS_PREFIX;
-
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    #[error("cannot create the benchmark image {}", .0.display())]
-    Image(PathBuf, #[source] std::io::Error),
-    #[error("cannot find the splitvisor-blk backend next to this binary ({}); build the workspace or pass --backend PATH", .0.display())]
-    NoBackend(PathBuf),
-    #[error("cannot start {what}")]
-    Spawn {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the backend did not create its socket {} within 10 s; its log: {}", .socket.display(), .log.display())]
-    BackendNotReady { socket: PathBuf, log: PathBuf },
-    #[error("the {path} run produced no RESULT line (exit {status}); guest output:\n{output}")]
-    NoResult {
-        path: String,
-        status: String,
-        output: String,
-    },
-    #[error("cannot create the run directory")]
-    RunDir(#[source] std::io::Error),
-    #[error("cannot find the splitvisor-net backend next to this binary ({}); build the workspace or pass --net-backend PATH", .0.display())]
-    NoNetBackend(PathBuf),
-    #[error("the net-tap path needs root (it creates a network namespace and a TAP device): run as root, or leave net-tap out of --paths")]
-    NotRoot,
-    #[error("`{command}` failed: {stderr}")]
-    Command { command: String, stderr: String },
-}
+use super::daemon::{last_stats_line, sibling, Backend};
+use super::table::{cell, round3};
+use super::{BenchArgs, BenchError};
 
 /// One benchmark path's outcome.
-struct PathResult {
+pub struct PathResult {
     path: &'static str,
     result: Value,
     vmm: Value,
     backend: Option<Value>,
 }
 
-pub fn run(args: &BenchArgs) -> Result<Value, BenchError> {
-    let dir = std::env::temp_dir().join(format!("splitvisor-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(BenchError::RunDir)?;
-    let outcome = run_in(args, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    outcome
-}
-
-fn run_in(args: &BenchArgs, dir: &Path) -> Result<Value, BenchError> {
-    let blk = args.paths.iter().any(|p| !p.starts_with("net-"));
-    let image = match &args.image {
-        Some(path) => path.clone(),
-        None if blk => default_image(args.image_size.0)?,
-        None => PathBuf::new(),
+/// Runs one block path (`virtio` or `ata`) on `image`.
+pub fn run(
+    args: &BenchArgs,
+    path: &str,
+    image: &Path,
+    dir: &Path,
+) -> Result<PathResult, BenchError> {
+    eprintln!(
+        "bench: {path}: {} bs={} qd={} for {} s ...",
+        args.rw, args.bs, args.qd, args.seconds
+    );
+    let started = Instant::now();
+    let outcome = match path {
+        "virtio" => run_virtio(args, image, dir)?,
+        _ => run_ata(args, image)?,
     };
-    let mut results = Vec::new();
-    let mut net_rows = Vec::new();
-    for path in &args.paths {
-        if path.starts_with("net-") {
-            net_rows.extend(crate::bench_net::run(args, path, dir)?);
-            continue;
-        }
-        eprintln!(
-            "bench: {path}: {} bs={} qd={} for {} s ...",
-            args.rw, args.bs, args.qd, args.seconds
-        );
-        let started = Instant::now();
-        let outcome = match path.as_str() {
-            "virtio" => run_virtio(args, &image, dir)?,
-            _ => run_ata(args, &image)?,
-        };
-        eprintln!(
-            "bench: {path}: done in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-        results.push(outcome);
-    }
-    if args.image.is_none() && blk {
-        let _ = std::fs::remove_file(&image);
-    }
-    let mut summary = summarize(args, &results);
-    if let Some(paths) = summary["paths"].as_object_mut() {
-        paths.extend(net_rows);
-    }
-    Ok(summary)
+    eprintln!(
+        "bench: {path}: done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(outcome)
 }
 
 /// A sparse image on tmpfs when there is one, so the host disk is not what gets measured.
-fn default_image(size: u64) -> Result<PathBuf, BenchError> {
+pub fn default_image(size: u64) -> Result<PathBuf, BenchError> {
     let dir = if Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {
@@ -212,105 +160,7 @@ fn run_guest(args: &BenchArgs, dev: &str, extra: &[&str]) -> Result<(Value, Valu
     }
 }
 
-/// A backend daemon process with its stderr in a log file; stopped (SIGTERM, so it prints
-/// its STATS) when asked or dropped.
-pub(crate) struct Backend {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Backend {
-    pub(crate) fn start(mut cmd: Command, log: &Path, what: &Path) -> Result<Backend, BenchError> {
-        let file = std::fs::File::create(log).map_err(BenchError::RunDir)?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .map_err(|source| BenchError::Spawn {
-                what: what.display().to_string(),
-                source,
-            })?;
-        Ok(Backend {
-            child: Some(child),
-            log: log.to_path_buf(),
-        })
-    }
-
-    /// Polls `ready` for up to 10 s; fails if the daemon exits first.
-    pub(crate) fn wait_ready(
-        &mut self,
-        ready: impl Fn() -> bool,
-        socket: &Path,
-    ) -> Result<(), BenchError> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ready() {
-            let exited = self
-                .child
-                .as_mut()
-                .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))));
-            if exited || Instant::now() > deadline {
-                self.stop();
-                return Err(BenchError::BackendNotReady {
-                    socket: socket.to_path_buf(),
-                    log: self.log.clone(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
-    }
-
-    pub(crate) fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            stop(&mut child);
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-pub(crate) fn sibling(name: &str) -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
-        .unwrap_or_else(|| PathBuf::from(name))
-}
-
-pub(crate) fn stop(child: &mut Child) {
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: signalling our own child, not yet reaped.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// The backend's counters: the last `STATS {json}` line in its log.
-pub(crate) fn last_stats_line(log: &Path) -> Option<Value> {
-    let mut text = String::new();
-    std::fs::File::open(log)
-        .ok()?
-        .read_to_string(&mut text)
-        .ok()?;
-    text.lines()
-        .rev()
-        .find_map(|l| l.find("STATS {").map(|at| &l[at + 6..]))
-        .and_then(|json| serde_json::from_str(json).ok())
-}
-
-fn summarize(args: &BenchArgs, results: &[PathResult]) -> Value {
+pub fn summarize(args: &BenchArgs, results: &[PathResult]) -> Value {
     let mut paths = serde_json::Map::new();
     for r in results {
         let requests = r.result["requests"].as_f64().unwrap_or(0.0).max(1.0);
@@ -370,11 +220,7 @@ fn backend_totals(stats: Option<&Value>) -> (Option<u64>, Option<u64>) {
     (Some(sum("kicks")), Some(sum("interrupts")))
 }
 
-pub(crate) fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-/// The summary as a table for people: the block paths, then the network paths.
+/// The block rows as a table for people, and how the two paths compare.
 pub fn print_table(summary: &Value) {
     let Some(paths) = summary["paths"].as_object() else {
         return;
@@ -385,7 +231,6 @@ pub fn print_table(summary: &Value) {
     if let Some(x) = summary["virtio_over_ata_throughput"].as_f64() {
         println!("vhost-user-blk throughput is {x}x the emulated ATA path's");
     }
-    crate::bench_net::print_table(paths);
 }
 
 fn print_blk_table(paths: &serde_json::Map<String, Value>) {
@@ -393,11 +238,6 @@ fn print_blk_table(paths: &serde_json::Map<String, Value>) {
         "{:<8} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
         "path", "IOPS", "MB/s", "p50 us", "p99 us", "exits/req", "kicks/req"
     );
-    // serde_json's Display ignores width, so render each cell first.
-    let cell = |v: &Value| match v {
-        Value::Null => "-".to_string(),
-        other => other.to_string(),
-    };
     for (name, p) in paths.iter().filter(|(k, _)| !k.starts_with("net-")) {
         println!(
             "{:<8} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",

@@ -5,12 +5,20 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::api::types::{VmReport, API_PREFIX};
-use crate::cli::ListArgs;
 use crate::ctl::{self, device_state, seconds, CtlError};
 use crate::registry::{self, Entry};
+use splitvisor_vmm::api::types::{VmReport, API_PREFIX};
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print a JSON array (name, pid, api_socket, state, and the VM as GET /vm reports it)
+    /// instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// A VM that does not answer within this time is listed as "unreachable" (it may be busy
 /// starting, or stuck).
@@ -52,7 +60,7 @@ fn ask(entry: Entry) -> ListedVm {
         Err(e) => (
             "unreachable".to_string(),
             None,
-            Some(crate::error_chain(&e)),
+            Some(splitvisor_vmm::error_chain(&e)),
         ),
     };
     ListedVm {

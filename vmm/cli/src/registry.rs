@@ -118,10 +118,6 @@ pub struct Registration {
 }
 
 impl Registration {
-    pub fn name(&self) -> &str {
-        &self.entry.name
-    }
-
     /// Where the VMM serves its API: `--api-socket`, else `api.sock` in the entry.
     pub fn api_socket(&self) -> &Path {
         &self.entry.api_socket

@@ -6,13 +6,11 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use clap::Parser;
-
 use super::args::ENV_BACKEND_DIR;
 use super::rundir::{RunDirError, RuntimeDir};
 use super::spec::{switch_daemon_name, DiskSpec, LaunchSpec, NetBackend, NetOptions};
 use super::supervisor::DaemonSpec;
-use crate::cli::{Cli, Command};
+use crate::run::{parse_subcommand, RunArgs};
 
 pub const BLK_BINARY: &str = "splitvisor-blk";
 pub const NET_BINARY: &str = "splitvisor-net";
@@ -256,21 +254,20 @@ fn device_flag(socket: &Path, id: &str, mac: Option<&str>, stats: &Path) -> OsSt
 /// Parses the VMM's arguments as `splitvisor run` will and validates the resulting config, so
 /// a bad setting (say, too little memory) is reported before any daemon starts.
 fn check_vmm_args(vmm_args: &[OsString]) -> Result<(), PlanError> {
-    let argv = std::iter::once(OsString::from("splitvisor")).chain(vmm_args.iter().cloned());
-    let cli = Cli::try_parse_from(argv).map_err(|e| {
+    if vmm_args.first().is_none_or(|command| command != "run") {
+        return Err(PlanError::VmmCommandLine(format!(
+            "not a run command line: {vmm_args:?}"
+        )));
+    }
+    // The leading `run` takes the place of the program name.
+    let run = parse_subcommand::<RunArgs, _, _>("run", vmm_args).map_err(|e| {
         let text = e.to_string();
         let first = text.lines().next().unwrap_or_default();
         PlanError::VmmCommandLine(first.trim_start_matches("error: ").to_string())
     })?;
-    match cli.command {
-        Command::Run(run) => run
-            .to_config()
-            .validate()
-            .map_err(|e| PlanError::VmmCommandLine(e.to_string())),
-        other => Err(PlanError::VmmCommandLine(format!(
-            "parsed as another command: {other:?}"
-        ))),
-    }
+    run.to_config()
+        .validate()
+        .map_err(|e| PlanError::VmmCommandLine(e.to_string()))
 }
 
 #[cfg(test)]

@@ -138,7 +138,7 @@ impl Supervisor {
                 log: daemon.spec.log.clone(),
                 source,
             })?;
-            crate::eprintln_whole!(
+            splitvisor_vmm::eprintln_whole!(
                 "launch: started the {} backend (pid {}): {}",
                 daemon.spec.name,
                 child.id(),
@@ -217,7 +217,7 @@ impl Supervisor {
         let deadline = Instant::now() + DAEMON_STOP_GRACE;
         for (name, mut child) in children {
             if let Err(unstopped) = wait_until(&mut child, deadline) {
-                crate::eprintln_whole!(
+                splitvisor_vmm::eprintln_whole!(
                     "launch: the {name} backend (pid {}) ignored SIGTERM for {} s; killing it ({unstopped})",
                     child.id(),
                     DAEMON_STOP_GRACE.as_secs()
@@ -330,7 +330,7 @@ impl Supervised {
         };
         match self.history.on_exit(policy, healthy, now) {
             Verdict::Restart { delay, number } => {
-                crate::eprintln_whole!(
+                splitvisor_vmm::eprintln_whole!(
                     "launch: {who} {what} after {}; restarting in {} (restart {number})",
                     human(lived),
                     human(delay)
@@ -341,7 +341,7 @@ impl Supervised {
                 self.phase = Phase::Waiting { until: now + delay };
             }
             Verdict::GiveUp { reason } => {
-                crate::eprintln_whole!(
+                splitvisor_vmm::eprintln_whole!(
                     "launch: {who} {what} after {}; giving up on it after {reason}; \
                      the VMM fails the device when its reconnect timeout ends (log: {})",
                     human(lived),
@@ -376,7 +376,7 @@ impl Supervised {
                 .iter()
                 .map(|s| s.display().to_string())
                 .collect();
-            crate::eprintln_whole!(
+            splitvisor_vmm::eprintln_whole!(
                 "launch: the {} backend (pid {pid}) is serving {} again, {} after pid {old_pid} ended (restart {})",
                 self.spec.name,
                 sockets.join(", "),

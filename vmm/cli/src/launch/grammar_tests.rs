@@ -3,28 +3,22 @@
 //! command line, and a bad value gets the same message in each place.
 
 use super::*;
-use crate::cli::{Cli, Command};
-use crate::config::{DiskConfig, NetConfig};
-use clap::Parser;
+use crate::launch::LaunchArgs;
+use crate::run::{parse_subcommand, RunArgs};
+use splitvisor_vmm::config::{DiskConfig, NetConfig};
 
 const BAD_MAC: &str = "01:00:5e:00:00:01";
 const ZERO_MAC: &str = "00:00:00:00:00:00";
 
 fn launch(argv: &[&str]) -> Result<LaunchSpec, String> {
-    let cli = Cli::try_parse_from(["splitvisor", "launch"].iter().chain(argv))
-        .map_err(|e| e.to_string())?;
-    let Command::Launch(args) = cli.command else {
-        panic!("not launch");
-    };
+    let args: LaunchArgs =
+        parse_subcommand("launch", ["launch"].iter().chain(argv)).map_err(|e| e.to_string())?;
     LaunchSpec::from_args(&args).map_err(|e| e.to_string())
 }
 
-fn run(argv: &[&str]) -> Result<crate::config::VmConfig, String> {
-    let cli =
-        Cli::try_parse_from(["splitvisor", "run"].iter().chain(argv)).map_err(|e| e.to_string())?;
-    let Command::Run(args) = cli.command else {
-        panic!("not run");
-    };
+fn run(argv: &[&str]) -> Result<splitvisor_vmm::config::VmConfig, String> {
+    let args: RunArgs =
+        parse_subcommand("run", ["run"].iter().chain(argv)).map_err(|e| e.to_string())?;
     let config = args.to_config();
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)
@@ -132,7 +126,7 @@ fn launch_and_toml_take_every_net_key() {
 #[test]
 fn a_bad_mac_gets_the_same_message_from_run_launch_and_the_file() {
     for mac in [BAD_MAC, ZERO_MAC, "52:54"] {
-        let expected = crate::device_values::parse_mac(mac).unwrap_err();
+        let expected = splitvisor_vmm::device_values::parse_mac(mac).unwrap_err();
         let from_run = run(&["--net", &format!("socket=/n,mac={mac}")]).unwrap_err();
         let from_launch = launch(&["--net", &format!("switch=s,mac={mac}")]).unwrap_err();
         let from_file = toml(
@@ -149,7 +143,7 @@ fn a_bad_mac_gets_the_same_message_from_run_launch_and_the_file() {
 #[test]
 fn a_bad_mtu_gets_the_same_message_from_launch_and_the_file() {
     for mtu in ["67", "65536", "0"] {
-        let expected = crate::device_values::parse_mtu(mtu).unwrap_err();
+        let expected = splitvisor_vmm::device_values::parse_mtu(mtu).unwrap_err();
         let from_launch = launch(&["--net", &format!("switch=s,mtu={mtu}")]).unwrap_err();
         let from_file =
             toml("mtu", &format!("[[net]]\nswitch = \"s\"\nmtu = {mtu}\n")).unwrap_err();

@@ -45,18 +45,11 @@ impl Drop for Fixture {
 }
 
 fn spec(disks: Vec<DiskSpec>, nets: Vec<NetSpec>) -> LaunchSpec {
-    let cli = Cli::try_parse_from([
-        "splitvisor",
+    let args: crate::launch::LaunchArgs = crate::run::parse_subcommand(
         "launch",
-        "--cmdline",
-        "blk-verify",
-        "--vcpus",
-        "2",
-    ])
+        ["launch", "--cmdline", "blk-verify", "--vcpus", "2"],
+    )
     .unwrap();
-    let Command::Launch(args) = cli.command else {
-        unreachable!()
-    };
     LaunchSpec {
         vm: args.vm,
         disks,
@@ -226,7 +219,7 @@ fn a_missing_backend_binary_is_named_with_where_it_was_looked_for() {
 fn settings_the_vmm_would_reject_are_reported_before_anything_starts() {
     let fixture = Fixture::new("reject", &[BLK_BINARY]);
     let mut spec = spec(Vec::new(), Vec::new());
-    spec.vm.memory = crate::config::ByteSize(1 << 20);
+    spec.vm.memory = splitvisor_vmm::config::ByteSize(1 << 20);
     let err = Plan::new(&spec, fixture.rundir(), &fixture.backends, 55).unwrap_err();
     assert!(
         err.to_string().contains("--memory 1M is too small"),
@@ -239,7 +232,7 @@ fn a_bare_memory_number_gets_the_suggestion_before_anything_starts() {
     // `memory = 512` in the file, or `launch --memory 512`: bytes, surely meant as MiB.
     let fixture = Fixture::new("bare", &[BLK_BINARY]);
     let mut spec = spec(Vec::new(), Vec::new());
-    spec.vm.memory = crate::config::ByteSize(512);
+    spec.vm.memory = splitvisor_vmm::config::ByteSize(512);
     let err = Plan::new(&spec, fixture.rundir(), &fixture.backends, 55).unwrap_err();
     assert!(err.to_string().contains("did you mean 512M?"), "{err}");
 }

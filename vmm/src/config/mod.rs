@@ -1,5 +1,7 @@
 //! What a VM is made of, parsed and validated from the command line before anything is created.
 
+pub mod keys;
+
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -144,8 +146,8 @@ pub enum KernelSource {
     File(PathBuf),
 }
 
-pub use crate::device_keys::{canonical_key, KEY_ALIASES};
-pub(crate) use crate::device_keys::{parse_bool, parse_key_values};
+pub use crate::config::keys::{canonical_key, KEY_ALIASES};
+pub use crate::config::keys::{parse_bool, parse_key_values};
 
 /// A disk: served by a vhost-user backend daemon, or emulated inside the VMM.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -164,7 +164,7 @@ impl VmControl {
         loop {
             let threads = self.lock_threads();
             for &thread in threads.iter() {
-                crate::vm::kick_vcpu_thread(thread);
+                crate::vcpu_kick::kick_vcpu_thread(thread);
             }
             let count = threads.len();
             drop(threads);
@@ -335,7 +335,8 @@ impl VmControl {
 
     /// `GET /metrics`.
     pub fn metrics(&self) -> MetricsReport {
-        let counters = crate::stats::counters(&self.exits, &self.pio, &self.mmio, &self.devices);
+        let counters =
+            crate::api::stats::counters(&self.exits, &self.pio, &self.mmio, &self.devices);
         let mmio_exits = self.mmio_exits_by_device();
         let devices = self
             .devices
@@ -364,7 +365,7 @@ impl VmControl {
             exits: counters.exits,
             virtio: counters.virtio,
             devices,
-            backend_stats: crate::backend_stats::fetch_all(&self.backend_stats),
+            backend_stats: crate::api::backend_stats::fetch_all(&self.backend_stats),
         }
     }
 }

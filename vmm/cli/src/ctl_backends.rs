@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::api::types::{BackendStatsEntry, BlkQueueStats, DaemonStats, NetPortStats};
+use splitvisor_vmm::api::types::{BackendStatsEntry, BlkQueueStats, DaemonStats, NetPortStats};
 
 /// One block per device; empty when no device's stats socket is known.
 pub fn describe(backends: &BTreeMap<String, BackendStatsEntry>) -> String {

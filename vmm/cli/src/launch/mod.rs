@@ -24,10 +24,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-pub use args::{LaunchArgs, ENV_BACKEND_DIR, LAUNCH_HELP};
+pub use args::{LaunchArgs, LAUNCH_HELP};
 pub use restart::RestartPolicy;
 pub use rundir::RuntimeDir;
-pub use spec::{DiskFlag, NetFlag};
 
 use crate::registry::{self, RegistryError};
 use daemon::{DaemonError, Pidfile};
@@ -94,7 +93,7 @@ pub fn run(args: &LaunchArgs) -> Result<u8, LaunchError> {
     let policy = RestartPolicy::DEFAULT;
     let socket_timeout = Duration::from_secs(spec.socket_timeout.unwrap_or(args.socket_timeout));
     let rundir = RuntimeDir::create(args.runtime_dir.as_deref())?;
-    crate::eprintln_whole!("launch: runtime directory {}", rundir.path().display());
+    splitvisor_vmm::eprintln_whole!("launch: runtime directory {}", rundir.path().display());
     let _pidfile = announce(args, &name, &rundir)?;
     let reconnect = spec
         .reconnect_timeout
@@ -109,7 +108,7 @@ pub fn run(args: &LaunchArgs) -> Result<u8, LaunchError> {
         remove_rundir(rundir);
         return match error {
             StartError::Interrupted(signal) => {
-                crate::eprintln_whole!(
+                splitvisor_vmm::eprintln_whole!(
                     "launch: {} received while starting; stopped",
                     signal_name(signal)
                 );
@@ -128,14 +127,14 @@ pub fn run(args: &LaunchArgs) -> Result<u8, LaunchError> {
     };
     let status = match supervise(&signals, &mut supervisor, &mut vmm) {
         Ending::VmmExited(status) => {
-            crate::eprintln_whole!(
+            splitvisor_vmm::eprintln_whole!(
                 "launch: the VMM {}; stopping the backends",
                 describe_exit(status)
             );
             exit_status(status)
         }
         Ending::Interrupted(signal) => {
-            crate::eprintln_whole!(
+            splitvisor_vmm::eprintln_whole!(
                 "launch: {} received; stopping the VMM (pid {}), then the backends",
                 signal_name(signal),
                 vmm.id()
@@ -147,11 +146,13 @@ pub fn run(args: &LaunchArgs) -> Result<u8, LaunchError> {
     supervisor.stop_all();
     if supervisor.had_trouble() {
         match rundir.keep_logs() {
-            Ok(dir) => crate::eprintln_whole!(
+            Ok(dir) => splitvisor_vmm::eprintln_whole!(
                 "launch: a backend died while the VM ran; its log is kept in {}",
                 dir.display()
             ),
-            Err(e) => crate::eprintln_whole!("launch: cannot clean up the runtime directory: {e}"),
+            Err(e) => splitvisor_vmm::eprintln_whole!(
+                "launch: cannot clean up the runtime directory: {e}"
+            ),
         }
     } else {
         remove_rundir(rundir);
@@ -169,7 +170,7 @@ fn announce(
     if args.daemon_child {
         daemon::redirect_output(&rundir.log("launch"))?;
     } else {
-        crate::eprintln_whole!("launch: VM {name}");
+        splitvisor_vmm::eprintln_whole!("launch: VM {name}");
     }
     Ok(args.pidfile.as_deref().map(Pidfile::write).transpose()?)
 }
@@ -210,7 +211,7 @@ fn spawn_vmm(exe: &Path, vmm_args: &[OsString]) -> Result<Child, LaunchError> {
         .chain(vmm_args.iter().map(OsString::as_os_str))
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    crate::eprintln_whole!(
+    splitvisor_vmm::eprintln_whole!(
         "launch: started the VMM (pid {}): {}",
         child.id(),
         line.join(" ")
@@ -228,7 +229,7 @@ fn supervise(signals: &SignalWait, supervisor: &mut Supervisor, vmm: &mut Child)
             // ECHILD cannot happen for our own unreaped child; if waiting fails anyway, stop
             // everything rather than supervise a VMM we cannot see.
             Err(e) => {
-                crate::eprintln_whole!("launch: cannot wait for the VMM: {e}");
+                splitvisor_vmm::eprintln_whole!("launch: cannot wait for the VMM: {e}");
                 return Ending::Interrupted(libc::SIGTERM);
             }
         }
@@ -249,9 +250,9 @@ fn stop_vmm(vmm: &mut Child) {
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
     match wait_until(vmm, Instant::now() + VMM_STOP_GRACE) {
-        Ok(status) => crate::eprintln_whole!("launch: the VMM {}", describe_exit(status)),
+        Ok(status) => splitvisor_vmm::eprintln_whole!("launch: the VMM {}", describe_exit(status)),
         Err(why) => {
-            crate::eprintln_whole!(
+            splitvisor_vmm::eprintln_whole!(
                 "launch: the VMM (pid {}) did not stop within {} s of SIGTERM ({why}); killing it",
                 vmm.id(),
                 VMM_STOP_GRACE.as_secs()
@@ -274,6 +275,6 @@ fn exit_status(status: ExitStatus) -> u8 {
 fn remove_rundir(rundir: RuntimeDir) {
     let path = rundir.path().to_path_buf();
     if let Err(e) = rundir.remove() {
-        crate::eprintln_whole!("launch: cannot remove {}: {e}", path.display());
+        splitvisor_vmm::eprintln_whole!("launch: cannot remove {}: {e}", path.display());
     }
 }
