@@ -81,14 +81,12 @@ fn peer_gone(served: &OwnedFd) -> io::Result<bool> {
 
 fn watch(listener: &UnixListener, served: &OwnedFd, stop: &EventFd) {
     let mut log = LogLimit::default();
+    // SAFETY: `stop` is borrowed for this whole function, so its descriptor stays open.
+    let stop = unsafe { BorrowedFd::borrow_raw(stop.as_raw_fd()) };
     loop {
         let mut fds = [
             pollfd(listener.as_fd(), libc::POLLIN),
-            // SAFETY: `stop` outlives the poll that reads this descriptor.
-            pollfd(
-                unsafe { BorrowedFd::borrow_raw(stop.as_raw_fd()) },
-                libc::POLLIN,
-            ),
+            pollfd(stop, libc::POLLIN),
         ];
         if let Err(e) = poll(&mut fds, -1) {
             warn!("cannot watch the socket for second frontends: {e}");
