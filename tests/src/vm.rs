@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::interop::daemon::workspace_bin;
+use crate::daemon::workspace_bin;
 
 /// How long one VM may run in a test before it is killed and the test fails.
 pub const VM_TIMEOUT: Duration = Duration::from_secs(120);

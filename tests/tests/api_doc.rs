@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 use splitvisor_tests::api::{request, Answer};
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
+use splitvisor_tests::daemon::{workspace_bin, Daemon};
 use splitvisor_tests::named::Host;
 use splitvisor_tests::openapi::{check, doc, documented, response_schema};
 use splitvisor_tests::vm::require_kvm;

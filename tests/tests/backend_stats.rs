@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 use splitvisor_tests::api;
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
-use splitvisor_tests::interop::{poll_until, Workdir};
+use splitvisor_tests::daemon::{workspace_bin, Daemon};
 use splitvisor_tests::launch::Launch;
 use splitvisor_tests::vm::{require_kvm, splitvisor, RunningVm};
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::Workdir;
 
 /// Boot, daemons and handshakes; the guest prints its task's start within this.
 const GUEST_START: Duration = Duration::from_secs(30);
@@ -82,7 +83,7 @@ fn blk_daemon_stats_grow_during_io_and_sigusr1_logs_them() {
         dir.join("blk.sock"),
         dir.join("blk.api"),
     );
-    std::fs::write(&image, splitvisor_tests::interop::pattern(7, 4 << 20)).unwrap();
+    std::fs::write(&image, splitvisor_tests::pattern::random_bytes(7, 4 << 20)).unwrap();
     let args: Vec<&OsStr> = vec![
         "--socket".as_ref(),
         socket.as_os_str(),
@@ -287,7 +288,7 @@ fn ctl_metrics_under_launch_shows_every_daemon_s_counters() {
     }
     let workdir = Workdir::new("stats-launch");
     let image = workdir.join("disk.img");
-    std::fs::write(&image, splitvisor_tests::interop::pattern(9, 4 << 20)).unwrap();
+    std::fs::write(&image, splitvisor_tests::pattern::random_bytes(9, 4 << 20)).unwrap();
     let vm_api = workdir.join("vm.api");
     let disk = format!("image={}", image.display());
     let launch = Launch::spawn(

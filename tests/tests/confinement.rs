@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
-use splitvisor_tests::interop::{poll_until, Workdir};
+use splitvisor_tests::daemon::{workspace_bin, Daemon};
 use splitvisor_tests::vm::{require_kvm, run_with_env, RunningVm, VM_TIMEOUT};
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::Workdir;
 
 const SELFTEST_ENV: &str = "SPLITVISOR_SECCOMP_SELFTEST";
 const WAIT: Duration = Duration::from_secs(20);

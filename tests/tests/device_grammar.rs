@@ -7,10 +7,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use splitvisor_tests::interop::daemon::workspace_bin;
-use splitvisor_tests::interop::Workdir;
+use splitvisor_tests::daemon::workspace_bin;
 use splitvisor_tests::launch::Launch;
 use splitvisor_tests::vm::{require_kvm, VmRun};
+use splitvisor_tests::workdir::Workdir;
 
 /// A daemon that fails its flags exits at once; this only catches one that does not.
 const FLAG_TIMEOUT: Duration = Duration::from_secs(20);

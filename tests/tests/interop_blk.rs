@@ -4,15 +4,17 @@
 //!
 //! Needs qemu-system-x86_64, a Debian kernel with virtio modules and busybox-static
 //! (`.ci/install-deps.sh`); skips without them unless `CI` is set. The daemon is built on demand
-//! in this test's target directory (see `interop::daemon::workspace_bin`).
+//! in this test's target directory (see `daemon::workspace_bin`).
 
 use std::ffi::OsStr;
 use std::path::Path;
 
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
+use splitvisor_tests::daemon::{workspace_bin, Daemon};
 use splitvisor_tests::interop::initramfs::{Initramfs, WAIT_BLOCK_FN};
 use splitvisor_tests::interop::qemu::{GuestRun, Qemu};
-use splitvisor_tests::interop::{crc32, nonce, pattern, yes_pattern, HostTools, Workdir};
+use splitvisor_tests::interop::HostTools;
+use splitvisor_tests::pattern::{crc32, nonce, random_bytes, yes_pattern};
+use splitvisor_tests::workdir::Workdir;
 
 const MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
 const SECTOR: usize = 512;
@@ -117,7 +119,7 @@ fn linux_virtio_blk_reads_and_writes_through_splitvisor_blk() {
     let workdir = Workdir::new("interop-blk-rw");
     let seed = nonce();
     // Writable: whole sectors only (splitvisor-blk refuses a partial sector without --readonly).
-    let image = pattern(seed, CAPACITY_SECTORS * SECTOR);
+    let image = random_bytes(seed, CAPACITY_SECTORS * SECTOR);
     let direct_line = format!("splitvisor-direct-{seed:016x}");
     let buffered_line = format!("splitvisor-buffered-{seed:016x}");
     let direct_count = DIRECT_LEN / 4096;
@@ -172,7 +174,7 @@ fn linux_sees_a_readonly_splitvisor_blk_disk_and_cannot_write_it() {
         return;
     };
     let workdir = Workdir::new("interop-blk-ro");
-    let image = pattern(nonce(), IMAGE_LEN);
+    let image = random_bytes(nonce(), IMAGE_LEN);
     let script = format!(
         "{}yes readonly | head -c 4096 > /tmp/p
 dd if=/tmp/p of=/dev/vda bs=4096 seek=1 oflag=direct conv=notrunc,fsync 2>/dev/null

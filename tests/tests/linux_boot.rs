@@ -18,8 +18,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use splitvisor_tests::interop::{crc32, pattern, Workdir};
 use splitvisor_tests::nested::{NestedFile, NestedHost, NestedOptions, NestedRun, L2_MODULES};
+use splitvisor_tests::pattern::{crc32, random_bytes};
+use splitvisor_tests::workdir::Workdir;
 
 /// The L2 kernel command line; `sv.*` words (ignored by the kernel) select what the L2 script
 /// does after its checks.
@@ -303,7 +304,7 @@ fn linux_finds_a_splitvisor_blk_disk_with_and_without_acpi_and_reads_the_console
         return;
     };
     let workdir = Workdir::new("linux-dev");
-    let disk = pattern(0x5eed, DISK_LEN);
+    let disk = random_bytes(0x5eed, DISK_LEN);
     let head_crc = format!("{:08x}", crc32(&disk[..HEAD_SECTORS * 512]));
     let mut files = l2_files(&host, &workdir);
     files.push(NestedFile::from_bytes("disk.img", disk));

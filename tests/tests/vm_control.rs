@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use splitvisor_tests::api::{self, raw_request, request};
-use splitvisor_tests::interop::daemon::Daemon;
-use splitvisor_tests::interop::{poll_until, Workdir};
+use splitvisor_tests::daemon::Daemon;
 use splitvisor_tests::pattern;
 use splitvisor_tests::vm::{require_kvm, splitvisor, RunningVm};
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::Workdir;
 
 const VM_TIMEOUT: Duration = Duration::from_secs(90);
 /// Region `blk-verify` writes and verifies (its default for virtio).

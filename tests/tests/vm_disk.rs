@@ -10,10 +10,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
-use splitvisor_tests::interop::{nonce, poll_until, Workdir};
+use splitvisor_tests::daemon::{workspace_bin, Daemon};
+use splitvisor_tests::pattern::nonce;
 use splitvisor_tests::pattern::{self, fnv1a64_hex, SECTOR};
 use splitvisor_tests::vm::{require_kvm, run_splitvisor, RunningVm, VmRun};
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::Workdir;
 
 /// A VM doing a few MiB of disk I/O finishes in seconds; this is the hang detector.
 const VM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,7 +43,7 @@ impl Transport {
 
 /// Writes `len` pseudo-random bytes (from `seed`) to `path` and returns them.
 fn random_image(path: &Path, seed: u64) -> Vec<u8> {
-    let image = splitvisor_tests::interop::pattern(seed, IMAGE_LEN);
+    let image = splitvisor_tests::pattern::random_bytes(seed, IMAGE_LEN);
     std::fs::write(path, &image).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     image
 }
@@ -276,7 +278,7 @@ fn last_sectors_are_writable_a_partial_sector_is_invisible_and_oob_fails() {
     for transport in [Transport::VhostUser, Transport::Ata] {
         let workdir = Workdir::new("disk-tail");
         let path = workdir.join("disk.img");
-        let image = splitvisor_tests::interop::pattern(nonce(), IMAGE_LEN);
+        let image = splitvisor_tests::pattern::random_bytes(nonce(), IMAGE_LEN);
         std::fs::write(&path, &image).unwrap();
         let seed = nonce() >> 1;
         let last = IMAGE_SECTORS - 8;
@@ -293,7 +295,7 @@ fn last_sectors_are_writable_a_partial_sector_is_invisible_and_oob_fails() {
         // Whole sectors plus 123 bytes: not a disk image to write to (like /etc/passwd); read
         // only, the partial sector is invisible.
         let odd_path = workdir.join("odd.img");
-        let odd = splitvisor_tests::interop::pattern(nonce(), IMAGE_LEN + 123);
+        let odd = splitvisor_tests::pattern::random_bytes(nonce(), IMAGE_LEN + 123);
         std::fs::write(&odd_path, &odd).unwrap();
         let refusal = match transport {
             Transport::VhostUser => {

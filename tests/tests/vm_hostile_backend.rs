@@ -12,10 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use splitvisor_tests::api::{self, request};
+use splitvisor_tests::daemon::Daemon;
 use splitvisor_tests::hostile::{request as req, Behaviour, FakeBackend, StallingProxy};
-use splitvisor_tests::interop::daemon::Daemon;
-use splitvisor_tests::interop::{poll_until, Workdir};
 use splitvisor_tests::vm::{require_kvm, run_splitvisor, RunningVm};
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::Workdir;
 
 /// The VMM's per-message deadline (`vhost_user::deadline::MESSAGE_TIMEOUT`).
 const MESSAGE_DEADLINE: Duration = Duration::from_secs(5);

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
-use splitvisor_tests::interop::poll_until;
+use splitvisor_tests::daemon::{workspace_bin, Daemon};
 use splitvisor_tests::named::{alive, exists, Host};
 use splitvisor_tests::vm::require_kvm;
+use splitvisor_tests::wait::poll_until;
 
 /// How long a stopped VM's launch may take to stop its daemons and clean up.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
-use splitvisor_tests::interop::{poll_until, Workdir};
+use splitvisor_tests::daemon::{workspace_bin, Daemon};
 use splitvisor_tests::vm::{require_kvm, run_splitvisor, RunningVm, VM_TIMEOUT};
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::Workdir;
 
 const GUEST_READY: Duration = Duration::from_secs(30);
 

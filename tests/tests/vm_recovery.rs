@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 use splitvisor_tests::api;
-use splitvisor_tests::interop::{nonce, poll_until, Workdir};
 use splitvisor_tests::launch::Launch;
 use splitvisor_tests::pattern;
+use splitvisor_tests::pattern::nonce;
 use splitvisor_tests::vm::require_kvm;
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::Workdir;
 
 const IMAGE_LEN: u64 = 8 << 20;
 /// Region `blk-verify` writes and verifies (its default for virtio).

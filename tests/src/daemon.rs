@@ -7,7 +7,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use super::{poll_until, Workdir};
+use crate::wait::poll_until;
+use crate::workdir::{tail, Workdir};
 
 /// Environment variable naming a directory with prebuilt daemon binaries; without it the
 /// binaries are built (or found up to date) with `cargo build` in this test's target directory.
@@ -151,7 +152,7 @@ fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<(ExitStatus,
     let log = std::env::temp_dir().join(format!(
         "splitvisor-build-{}-{}.log",
         std::process::id(),
-        super::nonce()
+        crate::pattern::nonce()
     ));
     let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
     let err = file.try_clone().map_err(|e| e.to_string())?;
@@ -164,7 +165,7 @@ fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<(ExitStatus,
     let waited = poll_until(&format!("{cmd:?}"), timeout, || {
         child.try_wait().ok().flatten()
     });
-    let text = super::tail(&log, 80);
+    let text = tail(&log, 80);
     let _ = std::fs::remove_file(&log);
     match waited {
         Ok(status) => Ok((status, text)),
