@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod daemon;
+pub mod frontend;
 pub mod hostile;
 pub mod image;
 pub mod interop;
