@@ -31,6 +31,12 @@ pub fn workspace_bin(package: &str, bin: &str) -> Result<PathBuf, String> {
     built_bin(package, bin, None)
 }
 
+/// [`workspace_bin`] for a package whose binary has its name (`splitvisor-blk`,
+/// `splitvisor-net`); panics if it cannot be built.
+pub fn bin(package: &str) -> PathBuf {
+    workspace_bin(package, package).unwrap_or_else(|e| panic!("{package} binary: {e}"))
+}
+
 /// Like [`workspace_bin`] but always in cargo profile `profile` (e.g. `release`, for binaries
 /// that run under emulation, where a debug build is several times slower), in the same target
 /// directory. `bin_dir_env` names an environment variable that, when set, names a directory

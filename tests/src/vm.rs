@@ -17,6 +17,23 @@ pub fn splitvisor() -> PathBuf {
     workspace_bin("splitvisor", "splitvisor").unwrap_or_else(|e| panic!("splitvisor binary: {e}"))
 }
 
+/// `splitvisor ctl --api-socket API ARGS...` to completion: (exit code, stdout, stderr).
+pub fn ctl(api: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(splitvisor())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .output()
+        .expect("run splitvisor ctl");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
 /// True if KVM is usable. Without it the test is skipped - except under CI, where a missing
 /// KVM is a broken runner and the test fails loudly.
 pub fn require_kvm(test: &str) -> bool {

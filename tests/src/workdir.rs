@@ -2,6 +2,7 @@
 //! removed when it passes (unless `SPLITVISOR_KEEP_TMP` is set).
 
 use std::cell::RefCell;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -80,4 +81,13 @@ pub fn tail(path: &Path, lines: usize) -> String {
         }
         Err(e) => format!("(cannot read: {e})"),
     }
+}
+
+/// The permission bits of `path` (sockets and directories a test checks are private).
+pub fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
 }
