@@ -269,8 +269,20 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// Like [`Daemon::start_in`] with one socket, in a [`Workdir`] that shows the daemon's log
-    /// if the test fails.
+    /// [`Daemon::start_in`] a [`Workdir`], which shows the daemon's log if the test fails.
+    pub fn start_all(
+        workdir: &Workdir,
+        name: &str,
+        bin: &Path,
+        args: &[&OsStr],
+        sockets: &[&Path],
+    ) -> Result<Daemon, String> {
+        let daemon = Daemon::start_in(workdir.path(), name, bin, args, sockets)?;
+        workdir.log(&format!("{name} daemon log"), &daemon.log);
+        Ok(daemon)
+    }
+
+    /// [`Daemon::start_all`] with one socket.
     pub fn start(
         workdir: &Workdir,
         name: &str,
@@ -278,18 +290,16 @@ impl Daemon {
         args: &[&OsStr],
         socket: &Path,
     ) -> Result<Daemon, String> {
-        let daemon = Daemon::start_in(workdir.path(), name, bin, args, &[socket])?;
-        workdir.log(&format!("{name} daemon log"), &daemon.log);
-        Ok(daemon)
+        Daemon::start_all(workdir, name, bin, args, &[socket])
     }
 
     /// `splitvisor-blk --socket SOCKET --image IMAGE EXTRA...` (the workspace's binary), waited
     /// for.
     pub fn blk(dir: &Workdir, name: &str, socket: &Path, image: &Path, extra: &[&str]) -> Daemon {
-        let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").expect("splitvisor-blk binary");
         let mut args = blk_args(socket, image);
         args.extend(extra.iter().map(OsStr::new));
-        Daemon::start(dir, name, &bin, &args, socket).expect("start splitvisor-blk")
+        Daemon::start(dir, name, &bin("splitvisor-blk"), &args, socket)
+            .expect("start splitvisor-blk")
     }
 
     /// `splitvisor-blk --socket DIR/NAME.sock --image IMAGE --share`, waited for: the daemon the

@@ -85,6 +85,11 @@ impl Netns {
         &self.name
     }
 
+    /// The `ip` binary that runs programs inside the namespace (see [`Netns::exec_args`]).
+    pub fn ip(&self) -> &Path {
+        &self.ip
+    }
+
     /// The arguments of `ip` that run `program` inside the namespace (`ip netns exec NAME
     /// PROGRAM`); the program replaces `ip` (no fork), so the spawned pid is the program's and
     /// signals sent to it reach the program.

@@ -6,10 +6,8 @@
 //! (`.ci/install-deps.sh`); skips without them unless `CI` is set. The daemon is built on demand
 //! in this test's target directory (see `daemon::workspace_bin`).
 
-use std::ffi::OsStr;
-use std::path::Path;
-
-use splitvisor_tests::daemon::{workspace_bin, Daemon};
+use splitvisor_tests::daemon::Daemon;
+use splitvisor_tests::image::{self, assert_image};
 use splitvisor_tests::interop::initramfs::{Initramfs, WAIT_BLOCK_FN};
 use splitvisor_tests::interop::qemu::{GuestRun, Qemu};
 use splitvisor_tests::interop::HostTools;
@@ -40,17 +38,15 @@ fn boot(
     script: &str,
 ) -> (Daemon, GuestRun) {
     let image_path = workdir.join("disk.img");
-    std::fs::write(&image_path, image).unwrap();
+    image::write(&image_path, image.to_vec());
     let socket = workdir.join("blk.sock");
-    let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").unwrap();
-    let mut args: Vec<&OsStr> = vec![
-        "--socket".as_ref(),
-        socket.as_os_str(),
-        "--image".as_ref(),
-        image_path.as_os_str(),
-    ];
-    args.extend(daemon_flags.iter().map(OsStr::new));
-    let daemon = Daemon::start(workdir, "splitvisor-blk", &bin, &args, &socket).unwrap();
+    let daemon = Daemon::blk(
+        workdir,
+        "splitvisor-blk",
+        &socket,
+        &image_path,
+        daemon_flags,
+    );
 
     let initrd = workdir.join("initrd.cpio");
     Initramfs::new(script)
@@ -96,19 +92,6 @@ fn assert_reads(run: &GuestRun, image: &[u8]) {
     );
     let tail = (CAPACITY_SECTORS - TAIL_SECTORS) * SECTOR..CAPACITY_SECTORS * SECTOR;
     assert_eq!(run.expect("tail-crc"), crc_hex(&image[tail]));
-}
-
-/// Panic at the first byte where the image file differs from `expected`.
-fn assert_image(path: &Path, expected: &[u8]) {
-    let actual = std::fs::read(path).unwrap();
-    assert_eq!(actual.len(), expected.len(), "image length changed");
-    if let Some(i) = actual.iter().zip(expected).position(|(a, e)| a != e) {
-        let differing = actual.iter().zip(expected).filter(|(a, e)| a != e).count();
-        panic!(
-            "image differs from the expected bytes at offset {i} (sector {}): {differing} bytes differ",
-            i / SECTOR
-        );
-    }
 }
 
 #[test]

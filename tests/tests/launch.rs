@@ -22,8 +22,7 @@ const IMAGE_LEN: usize = 4 << 20;
 
 fn image(workdir: &Workdir, seed: u64) -> (std::path::PathBuf, Vec<u8>) {
     let path = workdir.join("disk.img");
-    let bytes = splitvisor_tests::pattern::random_bytes(seed, IMAGE_LEN);
-    std::fs::write(&path, &bytes).unwrap();
+    let bytes = splitvisor_tests::image::random(&path, seed, IMAGE_LEN);
     (path, bytes)
 }
 

@@ -138,8 +138,8 @@ fn assert_both_listed(host: &Host) -> Value {
 
 /// A swap through `ctl b` moves b's disk, not a's.
 fn swap_reaches_b_only(host: &Host, img_b: &Path, a: &Value) {
-    let _daemon = Daemon::shared_blk(&host.dir, "b2", &img_b);
-    let new_socket = _daemon.socket.clone();
+    let daemon = Daemon::shared_blk(&host.dir, "b2", img_b);
+    let new_socket = daemon.socket.clone();
     let swap = host.ctl("b", &["swap", "disk0", new_socket.to_str().unwrap()]);
     assert_eq!(swap.code, Some(0), "{swap}");
     let moved = format!("disk0: now served by {}", new_socket.display());

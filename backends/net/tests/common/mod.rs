@@ -12,8 +12,6 @@ use splitvisor_tests::workdir::Workdir;
 pub fn start(dir: &Workdir, args: &[String], sockets: &[&Path]) -> Daemon {
     let bin = Path::new(env!("CARGO_BIN_EXE_splitvisor-net"));
     let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-    let daemon = Daemon::start_in(dir.path(), "daemon", bin, &args, sockets)
-        .unwrap_or_else(|e| panic!("splitvisor-net: {e}"));
-    dir.log("splitvisor-net log", &daemon.log);
-    daemon
+    Daemon::start_all(dir, "daemon", bin, &args, sockets)
+        .unwrap_or_else(|e| panic!("splitvisor-net: {e}"))
 }
