@@ -8,6 +8,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::daemon::workspace_bin;
+use crate::wait::poll_until;
 
 /// How long one VM may run in a test before it is killed and the test fails.
 pub const VM_TIMEOUT: Duration = Duration::from_secs(120);
@@ -198,6 +199,16 @@ impl RunningVm {
     /// The guest's console output so far.
     pub fn stdout_so_far(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.stdout).unwrap_or_default()).into_owned()
+    }
+
+    /// Waits (at most `timeout`) until the guest has printed `needle`; panics with the VMM's
+    /// output if it does not.
+    pub fn wait_stdout(&self, needle: &str, timeout: Duration) {
+        let what = format!("the guest to print {needle:?}");
+        poll_until(&what, timeout, || {
+            self.stdout_so_far().contains(needle).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", self.stdout_so_far(), self.stderr_so_far()));
     }
 
     /// The VMM's stderr so far.

@@ -40,15 +40,6 @@ fn stats_until_above(
     .unwrap_or_else(|e| panic!("{e}: {}", stats(socket)))
 }
 
-fn wait_stdout(vm: &RunningVm, needle: &str) {
-    poll_until(
-        &format!("the guest to print {needle:?}"),
-        GUEST_START,
-        || vm.stdout_so_far().contains(needle).then_some(()),
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", vm.stdout_so_far(), vm.stderr_so_far()));
-}
-
 fn signal(pid: u32, sig: libc::c_int) {
     let pid = libc::pid_t::try_from(pid).expect("pid fits");
     // SAFETY: kill takes no pointers; the pid is a daemon this test started and has not reaped.
@@ -97,7 +88,7 @@ fn blk_daemon_stats_grow_during_io_and_sigusr1_logs_them() {
         dir.path(),
         "vm",
     );
-    wait_stdout(&vm, "running task `blk-verify");
+    vm.wait_stdout("running task `blk-verify", GUEST_START);
     let requests = |s: &Value| u(&s["queues"][0]["requests"]);
     let first = stats_until_above(&api_sock, "requests", 0, requests);
     assert_eq!(
@@ -185,7 +176,7 @@ fn net_daemon_stats_count_a_ping_between_two_guests_and_sigusr1_logs_them() {
         dir.path(),
         "vm-b",
     );
-    wait_stdout(&server, "ip 10.0.0.2/");
+    server.wait_stdout("ip 10.0.0.2/", GUEST_START);
     let port_b = |s: &Value| s["ports"][1].clone();
     let before = stats(&api_sock);
     assert_eq!(before["daemon"], "splitvisor-net", "{before}");

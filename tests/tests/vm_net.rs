@@ -14,16 +14,6 @@ use splitvisor_tests::workdir::Workdir;
 
 const GUEST_READY: Duration = Duration::from_secs(30);
 
-/// Waits until the serving guest has brought its NIC up (it prints its address).
-fn wait_serving(vm: &RunningVm, ip: &str) {
-    poll_until("the guest to start serving", GUEST_READY, || {
-        vm.stdout_so_far()
-            .contains(&format!("ip {ip}/"))
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", vm.stdout_so_far()));
-}
-
 /// Starts `splitvisor-net --switch` with one port per socket and waits for all of them.
 fn start_switch(dir: &Workdir, sockets: &[&Path]) -> Daemon {
     let mut args: Vec<&OsStr> = vec!["--switch".as_ref()];
@@ -54,7 +44,7 @@ fn two_vms_ping_each_other_through_the_switch() {
         dir.path(),
         "vm-b",
     );
-    wait_serving(&server, "10.0.0.2");
+    server.wait_stdout("ip 10.0.0.2/", GUEST_READY);
 
     let net_a = format!("socket={}", a.display());
     let pinger = RunningVm::spawn(
@@ -189,7 +179,7 @@ fn linux_pings_and_udp_echoes_the_guest_through_a_tap() {
         dir.path(),
         "vm",
     );
-    wait_serving(&guest, "10.0.0.2");
+    guest.wait_stdout("ip 10.0.0.2/", GUEST_READY);
 
     let ping = ns
         .output(&["ping", "-c", "5", "-W", "2", "10.0.0.2"])
@@ -306,7 +296,7 @@ fn killed_backend_shows_as_link_down_in_the_guest() {
         dir.path(),
         "vm",
     );
-    wait_serving(&guest, "10.0.0.2");
+    guest.wait_stdout("ip 10.0.0.2/", GUEST_READY);
     switch.kill().expect("kill the backend");
     let killed_at = Instant::now();
     // The guest checks the link every 100 ms: it ends long before its 60 s.
@@ -435,7 +425,7 @@ fn serving_guest_answers_pings_again_after_its_backend_restarts() {
         dir.path(),
         "vm",
     );
-    wait_serving(&guest, "10.0.0.2");
+    guest.wait_stdout("ip 10.0.0.2/", GUEST_READY);
     let ping = |tap: &TapNet, count: &str| {
         tap.ns
             .output(&["ping", "-c", count, "-W", "1", "10.0.0.2"])

@@ -24,12 +24,7 @@ const TX: usize = 1;
 fn switch_daemon(name: &str) -> (Workdir, Daemon, PathBuf) {
     let dir = Workdir::new(name);
     let sock = dir.join("a.sock");
-    let args = vec![
-        "--switch".into(),
-        "--socket".into(),
-        sock.display().to_string(),
-    ];
-    let daemon = common::start(&dir, &args, &[&sock]);
+    let daemon = common::start_switch(&dir, &[&sock], &[]);
     (dir, daemon, sock)
 }
 

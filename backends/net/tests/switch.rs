@@ -3,13 +3,12 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
 use splitvisor_tests::frontend::net::{net_frame, TestFrontend};
 use splitvisor_tests::wait::wait_until;
-use splitvisor_tests::workdir::Workdir;
+use splitvisor_tests::workdir::{mode, Workdir};
 use vm_memory::{Bytes, GuestAddress};
 
 const RX: usize = 0;
@@ -21,21 +20,10 @@ const TX_BUF: u64 = 0x80000;
 fn switch_forwards_broadcast_between_ports() {
     let dir = Workdir::new("switch");
     let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
-    let args: Vec<String> = vec![
-        "--switch".into(),
-        "--socket".into(),
-        a.display().to_string(),
-        "--socket".into(),
-        b.display().to_string(),
-        "--mac".into(),
-        "52:54:00:00:00:0a".into(),
-        "--mac".into(),
-        "52:54:00:00:00:0b".into(),
-    ];
-    let mut daemon = common::start(&dir, &args, &[&a, &b]);
+    let macs = ["--mac", "52:54:00:00:00:0a", "--mac", "52:54:00:00:00:0b"];
+    let mut daemon = common::start_switch(&dir, &[&a, &b], &macs);
     for sock in [&a, &b] {
-        let mode = std::fs::metadata(sock).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "{}", sock.display());
+        assert_eq!(mode(sock), 0o600, "{}", sock.display());
     }
 
     // A second daemon on the same path refuses clearly.

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use splitvisor_tests::frontend::net::{
@@ -44,14 +43,7 @@ fn rx_frame(fe: &TestFrontend, i: u16) -> Vec<u8> {
 fn switch_port_taken_over_at_used_index_1000_continues_from_it() {
     let dir = Workdir::new("takeover-switch");
     let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
-    let args: Vec<String> = vec![
-        "--switch".into(),
-        "--socket".into(),
-        a.display().to_string(),
-        "--socket".into(),
-        b.display().to_string(),
-    ];
-    let daemon = common::start(&dir, &args, &[&a, &b]);
+    let daemon = common::start_switch(&dir, &[&a, &b], &[]);
     let mut fa = TestFrontend::connect(&a, 1);
     fa.post_rx(RX, RX_BUFS, 8, BUF_LEN);
 
@@ -105,20 +97,8 @@ fn tap_frame_queued_before_takeover_arrives_after_one_handover_kick() {
         return;
     }
     let dir = Workdir::new("takeover-tap");
-    let sock = dir.join("net.sock");
-    let tap = format!("svto{}", std::process::id() % 100_000);
-    let args: Vec<String> = vec![
-        "--tap".into(),
-        tap.clone(),
-        "--socket".into(),
-        sock.display().to_string(),
-    ];
-    let daemon = common::start(&dir, &args, &[&sock]);
-    let up = Command::new("ip")
-        .args(["link", "set", "dev", &tap, "up"])
-        .status()
-        .expect("run ip");
-    assert!(up.success(), "ip link set up failed");
+    let (daemon, sock, tap) = common::start_tap(&dir, "svto");
+    common::link_up(&tap);
 
     // A first connection goes away; a frame reaches the TAP while nobody is connected.
     drop(TestFrontend::connect(&sock, 1));

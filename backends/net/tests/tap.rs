@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use splitvisor_tests::frontend::net::{inject, net_frame, tap_available, TestFrontend, QSIZE};
@@ -31,20 +30,8 @@ fn tap_moves_frames_both_ways() {
         return;
     }
     let dir = Workdir::new("tap");
-    let sock = dir.join("net.sock");
-    let tap = format!("svt{}", std::process::id() % 100_000);
-    let args: Vec<String> = vec![
-        "--tap".into(),
-        tap.clone(),
-        "--socket".into(),
-        sock.display().to_string(),
-    ];
-    let daemon = common::start(&dir, &args, &[&sock]);
-    let up = Command::new("ip")
-        .args(["link", "set", "dev", &tap, "up"])
-        .status()
-        .expect("run ip");
-    assert!(up.success(), "ip link set up failed");
+    let (daemon, sock, tap) = common::start_tap(&dir, "svt");
+    common::link_up(&tap);
 
     let mut fe = TestFrontend::connect(&sock, 1);
     assert_eq!(
@@ -102,15 +89,7 @@ fn tap_a_flood_of_bad_tx_chains_logs_a_bounded_amount() {
         return;
     }
     let dir = Workdir::new("tap-flood");
-    let sock = dir.join("net.sock");
-    let tap = format!("svf{}", std::process::id() % 100_000);
-    let args: Vec<String> = vec![
-        "--tap".into(),
-        tap.clone(),
-        "--socket".into(),
-        sock.display().to_string(),
-    ];
-    let daemon = common::start(&dir, &args, &[&sock]);
+    let (daemon, sock, _tap) = common::start_tap(&dir, "svf");
     let mut fe = TestFrontend::connect(&sock, 1);
     let log_before = daemon.log_text().len();
     // Shorter than the virtio-net header: each one is dropped (and was logged, 84 bytes each).
@@ -142,15 +121,7 @@ fn tap_avail_index_far_ahead_stops_the_queue_once_and_the_daemon_answers() {
         return;
     }
     let dir = Workdir::new("tap-avail");
-    let sock = dir.join("net.sock");
-    let tap = format!("sva{}", std::process::id() % 100_000);
-    let args: Vec<String> = vec![
-        "--tap".into(),
-        tap.clone(),
-        "--socket".into(),
-        sock.display().to_string(),
-    ];
-    let mut daemon = common::start(&dir, &args, &[&sock]);
+    let (mut daemon, sock, _tap) = common::start_tap(&dir, "sva");
     let fe = TestFrontend::connect(&sock, 1);
     let ahead: u16 = QSIZE + 100;
     for q in [RX, TX] {
