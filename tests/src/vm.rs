@@ -172,23 +172,44 @@ impl RunningVm {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let stdout = dir.join(format!("{name}.stdout"));
+        let stdout = create(&dir.join(format!("{name}.stdout")));
+        Self::spawn_with(args, dir, name, Stdio::null(), Stdio::from(stdout), &[])
+    }
+
+    /// Like [`RunningVm::spawn`], with the VMM's stdin and stdout given (a pipe, or a pty
+    /// standing in for the user's terminal; `stdout_so_far` then reads nothing) and extra
+    /// environment variables. Its stderr still goes to `<dir>/<name>.stderr`.
+    pub fn spawn_with<I, S>(
+        args: I,
+        dir: &std::path::Path,
+        name: &str,
+        stdin: Stdio,
+        stdout: Stdio,
+        env: &[(&str, &str)],
+    ) -> RunningVm
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let stderr = dir.join(format!("{name}.stderr"));
-        let file = |p: &PathBuf| {
-            std::fs::File::create(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        };
         let child = Command::new(splitvisor())
             .args(args)
-            .stdin(Stdio::null())
-            .stdout(file(&stdout))
-            .stderr(file(&stderr))
+            .envs(env.iter().copied())
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(create(&stderr))
             .spawn()
             .expect("cannot start splitvisor");
         RunningVm {
             child,
-            stdout,
+            stdout: dir.join(format!("{name}.stdout")),
             stderr,
         }
+    }
+
+    /// The VMM's process (to take a piped stdin or stdout).
+    pub fn child(&mut self) -> &mut std::process::Child {
+        &mut self.child
     }
 
     /// The VMM's process id (for /proc).
@@ -216,12 +237,12 @@ impl RunningVm {
         String::from_utf8_lossy(&std::fs::read(&self.stderr).unwrap_or_default()).into_owned()
     }
 
-    /// Sends `signal` (e.g. `libc::SIGTERM`) to the VMM.
-    pub fn signal(&self, signal: libc::c_int) {
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the VMM; true if it was delivered.
+    pub fn signal(&self, signal: libc::c_int) -> bool {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
         // SAFETY: plain syscall on the pid of our own child, which has not been reaped yet
         // (`wait` and `kill` consume the RunningVm).
-        unsafe { libc::kill(pid, signal) };
+        unsafe { libc::kill(pid, signal) == 0 }
     }
 
     /// True once the VMM has exited (not reaped yet by `wait`).
@@ -274,4 +295,9 @@ impl Drop for RunningVm {
         }
         let _ = self.child.wait();
     }
+}
+
+/// Creates `path` for a child's output.
+fn create(path: &std::path::Path) -> std::fs::File {
+    std::fs::File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
