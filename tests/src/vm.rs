@@ -96,6 +96,23 @@ impl std::fmt::Display for VmRun {
     }
 }
 
+/// `splitvisor run --net NET --cmdline "serve,seconds=SECONDS ip=IP/24"` (the guest answers
+/// pings and echoes UDP), waited for (at most `timeout`) until the guest has brought its NIC
+/// up: it prints its address.
+pub fn serving_guest(
+    dir: &std::path::Path,
+    name: &str,
+    net: &str,
+    ip: &str,
+    seconds: u32,
+    timeout: Duration,
+) -> RunningVm {
+    let task = format!("serve,seconds={seconds} ip={ip}/24");
+    let vm = RunningVm::spawn(["run", "--net", net, "--cmdline", &task], dir, name);
+    vm.wait_stdout(&format!("ip {ip}/"), timeout);
+    vm
+}
+
 /// Runs `splitvisor <args>` to completion (killed after `timeout`).
 pub fn run_splitvisor<I, S>(args: I, timeout: Duration) -> VmRun
 where

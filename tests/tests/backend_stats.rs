@@ -12,7 +12,7 @@ use splitvisor_tests::api;
 use splitvisor_tests::daemon::{bin, Daemon};
 use splitvisor_tests::image;
 use splitvisor_tests::launch::Launch;
-use splitvisor_tests::vm::{ctl, require_kvm, RunningVm};
+use splitvisor_tests::vm::{ctl, require_kvm, serving_guest, RunningVm};
 use splitvisor_tests::wait::poll_until;
 use splitvisor_tests::workdir::{mode, Workdir};
 
@@ -165,18 +165,7 @@ fn net_daemon_stats_count_a_ping_between_two_guests_and_sigusr1_logs_them() {
         Daemon::start(&dir, "switch", &bin("splitvisor-net"), &args, &api_sock).expect("switch");
     assert_eq!(mode(&api_sock), 0o600);
     let net_b = format!("socket={}", b.display());
-    let server = RunningVm::spawn(
-        [
-            "run",
-            "--net",
-            &net_b,
-            "--cmdline",
-            "serve,seconds=20 ip=10.0.0.2/24",
-        ],
-        dir.path(),
-        "vm-b",
-    );
-    server.wait_stdout("ip 10.0.0.2/", GUEST_START);
+    let server = serving_guest(dir.path(), "vm-b", &net_b, "10.0.0.2", 20, GUEST_START);
     let port_b = |s: &Value| s["ports"][1].clone();
     let before = stats(&api_sock);
     assert_eq!(before["daemon"], "splitvisor-net", "{before}");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use splitvisor_tests::daemon::{bin, Daemon};
 use splitvisor_tests::netns::{NetTools, Netns};
-use splitvisor_tests::vm::{require_kvm, run_splitvisor, RunningVm, VM_TIMEOUT};
+use splitvisor_tests::vm::{require_kvm, run_splitvisor, serving_guest, RunningVm, VM_TIMEOUT};
 use splitvisor_tests::wait::poll_until;
 use splitvisor_tests::workdir::Workdir;
 
@@ -33,18 +33,7 @@ fn two_vms_ping_each_other_through_the_switch() {
     let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
     let mut switch = start_switch(&dir, &[&a, &b]);
     let net_b = format!("socket={}", b.display());
-    let server = RunningVm::spawn(
-        [
-            "run",
-            "--net",
-            &net_b,
-            "--cmdline",
-            "serve,seconds=20 ip=10.0.0.2/24",
-        ],
-        dir.path(),
-        "vm-b",
-    );
-    server.wait_stdout("ip 10.0.0.2/", GUEST_READY);
+    let server = serving_guest(dir.path(), "vm-b", &net_b, "10.0.0.2", 20, GUEST_READY);
 
     let net_a = format!("socket={}", a.display());
     let pinger = RunningVm::spawn(
@@ -168,18 +157,7 @@ fn linux_pings_and_udp_echoes_the_guest_through_a_tap() {
     let tap = TapNet::start(&dir);
     let (ns, socket) = (&tap.ns, &tap.socket);
     let net = format!("socket={}", socket.display());
-    let guest = RunningVm::spawn(
-        [
-            "run",
-            "--net",
-            &net,
-            "--cmdline",
-            "serve,seconds=15 ip=10.0.0.2/24",
-        ],
-        dir.path(),
-        "vm",
-    );
-    guest.wait_stdout("ip 10.0.0.2/", GUEST_READY);
+    let guest = serving_guest(dir.path(), "vm", &net, "10.0.0.2", 15, GUEST_READY);
 
     let ping = ns
         .output(&["ping", "-c", "5", "-W", "2", "10.0.0.2"])
@@ -285,18 +263,7 @@ fn killed_backend_shows_as_link_down_in_the_guest() {
     let socket = dir.join("net.sock");
     let mut switch = start_switch(&dir, &[&socket]);
     let net = format!("socket={}", socket.display());
-    let guest = RunningVm::spawn(
-        [
-            "run",
-            "--net",
-            &net,
-            "--cmdline",
-            "serve,seconds=60 ip=10.0.0.2/24",
-        ],
-        dir.path(),
-        "vm",
-    );
-    guest.wait_stdout("ip 10.0.0.2/", GUEST_READY);
+    let guest = serving_guest(dir.path(), "vm", &net, "10.0.0.2", 60, GUEST_READY);
     switch.kill().expect("kill the backend");
     let killed_at = Instant::now();
     // The guest checks the link every 100 ms: it ends long before its 60 s.
