@@ -325,22 +325,13 @@ impl Daemon {
         Daemon::spawn(dir, name, bin, &args, env, &socket).expect("spawn splitvisor-blk")
     }
 
-    /// [`Daemon::spawn_blk`], waited for until the daemon logs that it is serving: its socket
-    /// path may already exist, left behind by a killed daemon.
-    pub fn start_blk(
-        bin: &Path,
-        dir: &Path,
-        name: &str,
-        image: &Path,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Daemon {
-        let mut daemon = Daemon::spawn_blk(bin, dir, name, image, extra, env);
+    /// Wait until the daemon logs that it is serving: its socket path may already exist,
+    /// left behind by a killed daemon, so the socket's existence says nothing.
+    pub fn wait_serving(mut self) -> Daemon {
         // The line is logged once the socket is bound and listening.
-        daemon
-            .wait_ready("to serve", |d| d.log_text().contains("serving "))
+        self.wait_ready("to serve", |d| d.log_text().contains("serving "))
             .unwrap_or_else(|e| panic!("{e}"));
-        daemon
+        self
     }
 
     /// The daemon's process id.

@@ -14,7 +14,7 @@ pub fn bin() -> &'static Path {
 
 /// The daemon on `dir/blk.sock` serving `image`, logging to `dir/daemon.log`, waited for.
 pub fn start(dir: &Path, image: &Path, extra: &[&str]) -> Daemon {
-    Daemon::start_blk(bin(), dir, "daemon", image, extra, &[])
+    start_with(dir, "daemon", image, extra, &[])
 }
 
 /// Like [`start`], logging to `dir/NAME.log`, with extra environment variables.
@@ -25,7 +25,7 @@ pub fn start_with(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> Daemon {
-    Daemon::start_blk(bin(), dir, name, image, extra, env)
+    Daemon::spawn_blk(bin(), dir, name, image, extra, env).wait_serving()
 }
 
 /// The daemon on `dir/blk.sock`, logging to `dir/NAME.log`, not waited for (it may fail).
