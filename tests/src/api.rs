@@ -77,3 +77,8 @@ pub fn get(socket: &Path, path: &str) -> Value {
     assert_eq!(answer.status, 200, "GET {path}: {:?}", answer.body);
     answer.body
 }
+
+/// The first device's `completed_requests` counter from `GET /vm`, if it has one.
+pub fn completed_requests(socket: &Path) -> Option<u64> {
+    get(socket, "/vm")["devices"][0]["counters"]["completed_requests"].as_u64()
+}

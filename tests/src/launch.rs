@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::interop::daemon::workspace_bin;
-use crate::interop::{poll_until, Workdir};
+use crate::daemon::workspace_bin;
 use crate::vm::{splitvisor, VmRun};
+use crate::wait::poll_until;
+use crate::workdir::Workdir;
 
 /// What launch prints first on stderr, followed by the directory's path.
 pub const RUNTIME_DIR_LINE: &str = "launch: runtime directory ";

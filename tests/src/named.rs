@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::interop::daemon::workspace_bin;
-use crate::interop::{poll_until, Workdir};
+use crate::daemon::workspace_bin;
 use crate::vm::splitvisor;
+use crate::wait::poll_until;
+use crate::workdir::Workdir;
 
 /// How long one command (a daemonized launch until its VM runs, list, ctl) may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::interop::daemon::workspace_bin;
+use crate::daemon::workspace_bin;
+use crate::wait::poll_until;
 
 /// How long one VM may run in a test before it is killed and the test fails.
 pub const VM_TIMEOUT: Duration = Duration::from_secs(120);
@@ -15,6 +16,23 @@ pub const VM_TIMEOUT: Duration = Duration::from_secs(120);
 /// The `splitvisor` binary of this workspace (built on demand, see `workspace_bin`).
 pub fn splitvisor() -> PathBuf {
     workspace_bin("splitvisor", "splitvisor").unwrap_or_else(|e| panic!("splitvisor binary: {e}"))
+}
+
+/// `splitvisor ctl --api-socket API ARGS...` to completion: (exit code, stdout, stderr).
+pub fn ctl(api: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(splitvisor())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .output()
+        .expect("run splitvisor ctl");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
 }
 
 /// True if KVM is usable. Without it the test is skipped - except under CI, where a missing
@@ -76,6 +94,23 @@ impl std::fmt::Display for VmRun {
             self.status, self.stdout, self.stderr
         )
     }
+}
+
+/// `splitvisor run --net NET --cmdline "serve,seconds=SECONDS ip=IP/24"` (the guest answers
+/// pings and echoes UDP), waited for (at most `timeout`) until the guest has brought its NIC
+/// up: it prints its address.
+pub fn serving_guest(
+    dir: &std::path::Path,
+    name: &str,
+    net: &str,
+    ip: &str,
+    seconds: u32,
+    timeout: Duration,
+) -> RunningVm {
+    let task = format!("serve,seconds={seconds} ip={ip}/24");
+    let vm = RunningVm::spawn(["run", "--net", net, "--cmdline", &task], dir, name);
+    vm.wait_stdout(&format!("ip {ip}/"), timeout);
+    vm
 }
 
 /// Runs `splitvisor <args>` to completion (killed after `timeout`).
@@ -154,23 +189,44 @@ impl RunningVm {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let stdout = dir.join(format!("{name}.stdout"));
+        let stdout = create(&dir.join(format!("{name}.stdout")));
+        Self::spawn_with(args, dir, name, Stdio::null(), Stdio::from(stdout), &[])
+    }
+
+    /// Like [`RunningVm::spawn`], with the VMM's stdin and stdout given (a pipe, or a pty
+    /// standing in for the user's terminal; `stdout_so_far` then reads nothing) and extra
+    /// environment variables. Its stderr still goes to `<dir>/<name>.stderr`.
+    pub fn spawn_with<I, S>(
+        args: I,
+        dir: &std::path::Path,
+        name: &str,
+        stdin: Stdio,
+        stdout: Stdio,
+        env: &[(&str, &str)],
+    ) -> RunningVm
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let stderr = dir.join(format!("{name}.stderr"));
-        let file = |p: &PathBuf| {
-            std::fs::File::create(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        };
         let child = Command::new(splitvisor())
             .args(args)
-            .stdin(Stdio::null())
-            .stdout(file(&stdout))
-            .stderr(file(&stderr))
+            .envs(env.iter().copied())
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(create(&stderr))
             .spawn()
             .expect("cannot start splitvisor");
         RunningVm {
             child,
-            stdout,
+            stdout: dir.join(format!("{name}.stdout")),
             stderr,
         }
+    }
+
+    /// The VMM's process (to take a piped stdin or stdout).
+    pub fn child(&mut self) -> &mut std::process::Child {
+        &mut self.child
     }
 
     /// The VMM's process id (for /proc).
@@ -183,17 +239,27 @@ impl RunningVm {
         String::from_utf8_lossy(&std::fs::read(&self.stdout).unwrap_or_default()).into_owned()
     }
 
+    /// Waits (at most `timeout`) until the guest has printed `needle`; panics with the VMM's
+    /// output if it does not.
+    pub fn wait_stdout(&self, needle: &str, timeout: Duration) {
+        let what = format!("the guest to print {needle:?}");
+        poll_until(&what, timeout, || {
+            self.stdout_so_far().contains(needle).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", self.stdout_so_far(), self.stderr_so_far()));
+    }
+
     /// The VMM's stderr so far.
     pub fn stderr_so_far(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.stderr).unwrap_or_default()).into_owned()
     }
 
-    /// Sends `signal` (e.g. `libc::SIGTERM`) to the VMM.
-    pub fn signal(&self, signal: libc::c_int) {
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the VMM; true if it was delivered.
+    pub fn signal(&self, signal: libc::c_int) -> bool {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
         // SAFETY: plain syscall on the pid of our own child, which has not been reaped yet
         // (`wait` and `kill` consume the RunningVm).
-        unsafe { libc::kill(pid, signal) };
+        unsafe { libc::kill(pid, signal) == 0 }
     }
 
     /// True once the VMM has exited (not reaped yet by `wait`).
@@ -246,4 +312,9 @@ impl Drop for RunningVm {
         }
         let _ = self.child.wait();
     }
+}
+
+/// Creates `path` for a child's output.
+fn create(path: &std::path::Path) -> std::fs::File {
+    std::fs::File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 use splitvisor_tests::api::{request, Answer};
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
+use splitvisor_tests::daemon::Daemon;
+use splitvisor_tests::image;
 use splitvisor_tests::named::Host;
 use splitvisor_tests::openapi::{check, doc, documented, response_schema};
 use splitvisor_tests::vm::require_kvm;
@@ -34,10 +35,7 @@ fn a_live_vmm_answers_every_documented_route_as_documented() {
         return;
     }
     let mut host = Host::new("apidoc");
-    let img = host.dir.join("d.img");
-    std::fs::File::create(&img)
-        .and_then(|f| f.set_len(16 << 20))
-        .expect("create the image");
+    let img = image::zeroed(host.dir.join("d.img"), 16 << 20);
     // Shared: a second daemon on the same image is the target of the swaps below.
     let disk = format!("image={},share", img.display());
     let out = host.launch(
@@ -52,22 +50,8 @@ fn a_live_vmm_answers_every_documented_route_as_documented() {
         .as_str()
         .expect("disk0's backend")
         .to_string();
-    let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").expect("splitvisor-blk");
-    let second_backend = host.dir.join("second.sock");
-    let _second = Daemon::start(
-        &host.dir,
-        "second",
-        &bin,
-        &[
-            "--socket".as_ref(),
-            second_backend.as_os_str(),
-            "--image".as_ref(),
-            img.as_os_str(),
-            "--share".as_ref(),
-        ],
-        &second_backend,
-    )
-    .expect("start a second splitvisor-blk");
+    let second = Daemon::shared_blk(&host.dir, "second", &img);
+    let second_backend = second.socket.clone();
     // Each swap moves disk0 to the other backend.
     let mut swap_targets = [second_backend.display().to_string(), first_backend]
         .into_iter()

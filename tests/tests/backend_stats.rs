@@ -4,27 +4,23 @@
 //! `ctl metrics` shows the VMM's and every daemon's counters together.
 
 use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 use splitvisor_tests::api;
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
-use splitvisor_tests::interop::{poll_until, Workdir};
+use splitvisor_tests::daemon::{bin, Daemon};
+use splitvisor_tests::image;
 use splitvisor_tests::launch::Launch;
-use splitvisor_tests::vm::{require_kvm, splitvisor, RunningVm};
+use splitvisor_tests::vm::{ctl, require_kvm, serving_guest, RunningVm};
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::{mode, Workdir};
 
 /// Boot, daemons and handshakes; the guest prints its task's start within this.
 const GUEST_START: Duration = Duration::from_secs(30);
 /// How long counters may take to move (the guest does I/O all the time once started).
 const PROGRESS: Duration = Duration::from_secs(20);
 const VM_END: Duration = Duration::from_secs(60);
-
-fn bin(package: &str) -> PathBuf {
-    workspace_bin(package, package).unwrap_or_else(|e| panic!("{package}: {e}"))
-}
 
 fn stats(socket: &Path) -> Value {
     api::get(socket, "/stats")
@@ -44,27 +40,10 @@ fn stats_until_above(
     .unwrap_or_else(|e| panic!("{e}: {}", stats(socket)))
 }
 
-fn wait_stdout(vm: &RunningVm, needle: &str) {
-    poll_until(
-        &format!("the guest to print {needle:?}"),
-        GUEST_START,
-        || vm.stdout_so_far().contains(needle).then_some(()),
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", vm.stdout_so_far(), vm.stderr_so_far()));
-}
-
 fn signal(pid: u32, sig: libc::c_int) {
     let pid = libc::pid_t::try_from(pid).expect("pid fits");
     // SAFETY: kill takes no pointers; the pid is a daemon this test started and has not reaped.
     assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
-}
-
-fn mode(path: &Path) -> u32 {
-    std::fs::metadata(path)
-        .expect("stats socket")
-        .permissions()
-        .mode()
-        & 0o777
 }
 
 fn u(v: &Value) -> u64 {
@@ -82,7 +61,7 @@ fn blk_daemon_stats_grow_during_io_and_sigusr1_logs_them() {
         dir.join("blk.sock"),
         dir.join("blk.api"),
     );
-    std::fs::write(&image, splitvisor_tests::interop::pattern(7, 4 << 20)).unwrap();
+    image::random(&image, 7, 4 << 20);
     let args: Vec<&OsStr> = vec![
         "--socket".as_ref(),
         socket.as_os_str(),
@@ -109,7 +88,7 @@ fn blk_daemon_stats_grow_during_io_and_sigusr1_logs_them() {
         dir.path(),
         "vm",
     );
-    wait_stdout(&vm, "running task `blk-verify");
+    vm.wait_stdout("running task `blk-verify", GUEST_START);
     let requests = |s: &Value| u(&s["queues"][0]["requests"]);
     let first = stats_until_above(&api_sock, "requests", 0, requests);
     assert_eq!(
@@ -186,18 +165,7 @@ fn net_daemon_stats_count_a_ping_between_two_guests_and_sigusr1_logs_them() {
         Daemon::start(&dir, "switch", &bin("splitvisor-net"), &args, &api_sock).expect("switch");
     assert_eq!(mode(&api_sock), 0o600);
     let net_b = format!("socket={}", b.display());
-    let server = RunningVm::spawn(
-        [
-            "run",
-            "--net",
-            &net_b,
-            "--cmdline",
-            "serve,seconds=20 ip=10.0.0.2/24",
-        ],
-        dir.path(),
-        "vm-b",
-    );
-    wait_stdout(&server, "ip 10.0.0.2/");
+    let server = serving_guest(dir.path(), "vm-b", &net_b, "10.0.0.2", 20, GUEST_START);
     let port_b = |s: &Value| s["ports"][1].clone();
     let before = stats(&api_sock);
     assert_eq!(before["daemon"], "splitvisor-net", "{before}");
@@ -265,21 +233,6 @@ fn net_daemon_stats_count_a_ping_between_two_guests_and_sigusr1_logs_them() {
     assert!(!api_sock.exists(), "the stats socket is removed at exit");
 }
 
-/// `splitvisor ctl --api-socket API ARGS`: (exit code, stdout, stderr).
-fn ctl(api: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(splitvisor())
-        .args(["ctl", "--api-socket", api.to_str().unwrap()])
-        .args(args)
-        .output()
-        .expect("run splitvisor ctl");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (
-        out.status.code().unwrap_or(-1),
-        text(&out.stdout),
-        text(&out.stderr),
-    )
-}
-
 #[test]
 fn ctl_metrics_under_launch_shows_every_daemon_s_counters() {
     if !require_kvm("ctl_metrics_under_launch_shows_every_daemon_s_counters") {
@@ -287,7 +240,7 @@ fn ctl_metrics_under_launch_shows_every_daemon_s_counters() {
     }
     let workdir = Workdir::new("stats-launch");
     let image = workdir.join("disk.img");
-    std::fs::write(&image, splitvisor_tests::interop::pattern(9, 4 << 20)).unwrap();
+    image::random(&image, 9, 4 << 20);
     let vm_api = workdir.join("vm.api");
     let disk = format!("image={}", image.display());
     let launch = Launch::spawn(

@@ -10,16 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
-use splitvisor_tests::interop::{poll_until, Workdir};
+use splitvisor_tests::daemon::{bin, Daemon};
+use splitvisor_tests::image;
 use splitvisor_tests::vm::{require_kvm, run_with_env, RunningVm, VM_TIMEOUT};
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::Workdir;
 
 const SELFTEST_ENV: &str = "SPLITVISOR_SECCOMP_SELFTEST";
 const WAIT: Duration = Duration::from_secs(20);
-
-fn bin(package: &str) -> PathBuf {
-    workspace_bin(package, package).unwrap_or_else(|e| panic!("{package}: {e}"))
-}
 
 /// The value of `field` (e.g. `Seccomp`) in a /proc status file, if readable.
 fn status_field(status_file: &Path, field: &str) -> Option<String> {
@@ -54,16 +52,8 @@ fn threads(pid: u32) -> Vec<(String, String)> {
 }
 
 fn start_blk(dir: &Workdir) -> Daemon {
-    let image = dir.join("disk.img");
-    std::fs::write(&image, vec![0u8; 4 << 20]).expect("image");
-    let socket = dir.join("blk.sock");
-    let args: Vec<&OsStr> = vec![
-        "--socket".as_ref(),
-        socket.as_os_str(),
-        "--image".as_ref(),
-        image.as_os_str(),
-    ];
-    Daemon::start(dir, "blk", &bin("splitvisor-blk"), &args, &socket).expect("splitvisor-blk")
+    let image = image::zeroed(dir.join("disk.img"), 4 << 20);
+    Daemon::blk(dir, "blk", &dir.join("blk.sock"), &image, &[])
 }
 
 #[test]

@@ -6,64 +6,21 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use splitvisor_tests::vm::{require_kvm, splitvisor, VM_TIMEOUT};
+use splitvisor_tests::vm::{require_kvm, RunningVm, VM_TIMEOUT};
+use splitvisor_tests::workdir::Workdir;
 
 /// Long enough for a loaded host; every wait below ends as soon as its condition holds.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A `splitvisor run` child, killed if the test fails before it ends.
-struct Vmm {
-    child: Child,
-    stderr: std::path::PathBuf,
-}
-
-impl Vmm {
-    fn spawn(args: &[&str], stdin: Stdio, stdout: Stdio, name: &str) -> Vmm {
-        let stderr = std::env::temp_dir().join(format!(
-            "splitvisor-console-{name}-{}.stderr",
-            std::process::id()
-        ));
-        let child = Command::new(splitvisor())
-            .arg("run")
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(stdin)
-            .stdout(stdout)
-            .stderr(File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("cannot start splitvisor");
-        Vmm { child, stderr }
-    }
-
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for splitvisor") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "splitvisor did not end within {timeout:?}\nstderr:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.stderr);
-    }
+/// `splitvisor run ARGS` with its stdin and stdout on `stdin` and `stdout` (RUST_LOG=info:
+/// the console's messages are info lines), its stderr in `<dir>/<name>.stderr`.
+fn spawn_vmm(args: &[&str], stdin: Stdio, stdout: Stdio, dir: &Workdir, name: &str) -> RunningVm {
+    let args = std::iter::once("run").chain(args.iter().copied());
+    let env = [("RUST_LOG", "info")];
+    RunningVm::spawn_with(args, dir.path(), name, stdin, stdout, &env)
 }
 
 /// Both ends of a new pseudo-terminal; the master is non-blocking (the test polls it).
@@ -112,7 +69,7 @@ fn assert_same_settings(before: &libc::termios, after: &libc::termios) {
 }
 
 /// Reads the pty master into `seen` until it contains `text` (panics after STEP_TIMEOUT).
-fn wait_for_output(master: &OwnedFd, seen: &mut String, text: &str, vmm: &Vmm) {
+fn wait_for_output(master: &OwnedFd, seen: &mut String, text: &str, vmm: &RunningVm) {
     let mut file = File::from(master.try_clone().expect("dup master"));
     let deadline = Instant::now() + STEP_TIMEOUT;
     let mut buf = [0u8; 4096];
@@ -120,7 +77,7 @@ fn wait_for_output(master: &OwnedFd, seen: &mut String, text: &str, vmm: &Vmm) {
         assert!(
             Instant::now() < deadline,
             "no `{text}` on the terminal within {STEP_TIMEOUT:?}\nterminal:\n{seen}\nstderr:\n{}",
-            vmm.stderr()
+            vmm.stderr_so_far()
         );
         match file.read(&mut buf) {
             Ok(n) if n > 0 => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
@@ -130,13 +87,13 @@ fn wait_for_output(master: &OwnedFd, seen: &mut String, text: &str, vmm: &Vmm) {
 }
 
 /// Waits (bounded) until the terminal on `slave` is raw, i.e. splitvisor took it over.
-fn wait_until_raw(slave: &OwnedFd, vmm: &Vmm) {
+fn wait_until_raw(slave: &OwnedFd, vmm: &RunningVm) {
     let deadline = Instant::now() + STEP_TIMEOUT;
     while !is_raw(&termios(slave)) {
         assert!(
             Instant::now() < deadline,
             "the terminal never went raw\nstderr:\n{}",
-            vmm.stderr()
+            vmm.stderr_so_far()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -144,15 +101,16 @@ fn wait_until_raw(slave: &OwnedFd, vmm: &Vmm) {
 
 /// A VMM on a fresh pty, past the point where the guest waits for input and the terminal is
 /// raw; returns the pty, its settings before, the terminal output so far and the VMM.
-fn vmm_on_a_pty(name: &str) -> (OwnedFd, OwnedFd, libc::termios, String, Vmm) {
+fn vmm_on_a_pty(dir: &Workdir, name: &str) -> (OwnedFd, OwnedFd, libc::termios, String, RunningVm) {
     let (master, slave) = openpty();
     let before = termios(&slave);
     assert!(!is_raw(&before), "a new pty starts cooked");
     let stdio = |fd: &OwnedFd| Stdio::from(fd.try_clone().expect("dup slave"));
-    let vmm = Vmm::spawn(
+    let vmm = spawn_vmm(
         &["--cmdline", "console-echo,lines=3,seconds=120"],
         stdio(&slave),
         stdio(&slave),
+        dir,
         name,
     );
     let mut seen = String::new();
@@ -166,14 +124,16 @@ fn piped_stdin_reaches_the_guest() {
     if !require_kvm("piped_stdin_reaches_the_guest") {
         return;
     }
-    let mut vmm = Vmm::spawn(
+    let dir = Workdir::new("console-pipe");
+    let mut vmm = spawn_vmm(
         &["--cmdline", "console-echo"],
         Stdio::piped(),
         Stdio::piped(),
+        &dir,
         "pipe",
     );
-    let mut stdin = vmm.child.stdin.take().expect("piped");
-    let mut stdout = vmm.child.stdout.take().expect("piped");
+    let mut stdin = vmm.child().stdin.take().expect("piped");
+    let mut stdout = vmm.child().stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = stdout.read_to_string(&mut s);
@@ -181,19 +141,19 @@ fn piped_stdin_reaches_the_guest() {
     });
     stdin.write_all(b"hello splitvisor\n").expect("write stdin");
     // Kept open: the guest must see the line without waiting for the end of the input.
-    let status = vmm.wait(VM_TIMEOUT);
+    let run = vmm.wait(VM_TIMEOUT);
     drop(stdin);
     let out = reader.join().expect("stdout reader");
     assert!(
         out.lines().any(|l| l == "ECHO hello splitvisor"),
         "{out}\n{}",
-        vmm.stderr()
+        run.stderr
     );
     assert!(
         out.contains(r#""task":"console-echo","status":"pass""#),
         "{out}"
     );
-    assert_eq!(status.code(), Some(0), "{out}\n{}", vmm.stderr());
+    assert_eq!(run.code(), Some(0), "{out}\n{}", run.stderr);
 }
 
 #[test]
@@ -201,24 +161,22 @@ fn serial_file_leaves_stdin_alone() {
     if !require_kvm("serial_file_leaves_stdin_alone") {
         return;
     }
-    let log = std::env::temp_dir().join(format!(
-        "splitvisor-console-file-{}.log",
-        std::process::id()
-    ));
+    let dir = Workdir::new("console-file");
+    let log = dir.join("serial.log");
     let (read, mut write) = std::io::pipe().expect("pipe");
     write.write_all(b"not for the guest\n").expect("write");
     let mut unread = File::from(OwnedFd::from(read.try_clone().expect("dup pipe")));
     let serial = format!("file={}", log.display());
-    let mut vmm = Vmm::spawn(
+    let vmm = spawn_vmm(
         &["--cmdline", "console-echo,seconds=2", "--serial", &serial],
         Stdio::from(OwnedFd::from(read)),
         Stdio::null(),
+        &dir,
         "file",
     );
-    let status = vmm.wait(VM_TIMEOUT);
+    let run = vmm.wait(VM_TIMEOUT);
     let console = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_file(&log);
-    assert_eq!(status.code(), Some(1), "the guest got no line\n{console}");
+    assert_eq!(run.code(), Some(1), "the guest got no line\n{console}");
     assert!(console.contains(r#""lines":0"#), "{console}");
     // Nobody read stdin: the bytes are all still in the pipe.
     drop(write);
@@ -232,7 +190,8 @@ fn a_terminal_is_raw_while_the_guest_runs_and_ctrl_a_x_quits() {
     if !require_kvm("a_terminal_is_raw_while_the_guest_runs_and_ctrl_a_x_quits") {
         return;
     }
-    let (master, slave, before, mut seen, mut vmm) = vmm_on_a_pty("pty");
+    let dir = Workdir::new("console-pty");
+    let (master, slave, before, mut seen, vmm) = vmm_on_a_pty(&dir, "pty");
     let mut keyboard = File::from(master.try_clone().expect("dup master"));
     // Enter on a raw terminal is CR; no echo from the terminal, only the guest's ECHO line.
     keyboard.write_all(b"hello pty\r").expect("type");
@@ -246,9 +205,9 @@ fn a_terminal_is_raw_while_the_guest_runs_and_ctrl_a_x_quits() {
     keyboard.write_all(b"c\x03\x01\x01d\r").expect("type");
     wait_for_output(&master, &mut seen, "ECHO c\\x03\\x01d", &vmm);
     keyboard.write_all(b"\x01x").expect("type Ctrl-A x");
-    let status = vmm.wait(STEP_TIMEOUT);
-    let stderr = vmm.stderr();
-    assert_eq!(status.code(), Some(130), "{stderr}\nterminal:\n{seen}");
+    let run = vmm.wait(STEP_TIMEOUT);
+    let stderr = run.stderr;
+    assert_eq!(run.status.code(), Some(130), "{stderr}\nterminal:\n{seen}");
     assert!(stderr.contains("quit from the console"), "{stderr}");
     assert_same_settings(&before, &termios(&slave));
 }
@@ -258,13 +217,12 @@ fn sigterm_while_raw_restores_the_terminal() {
     if !require_kvm("sigterm_while_raw_restores_the_terminal") {
         return;
     }
-    let (_master, slave, before, _seen, mut vmm) = vmm_on_a_pty("sigterm");
-    let pid = libc::pid_t::try_from(vmm.child.id()).expect("pid");
-    // SAFETY: `pid` is our child, not yet reaped.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = vmm.wait(STEP_TIMEOUT);
-    let stderr = vmm.stderr();
-    assert_eq!(status.code(), Some(130), "{stderr}");
+    let dir = Workdir::new("console-sigterm");
+    let (_master, slave, before, _seen, vmm) = vmm_on_a_pty(&dir, "sigterm");
+    assert!(vmm.signal(libc::SIGTERM), "SIGTERM to the VMM");
+    let run = vmm.wait(STEP_TIMEOUT);
+    let stderr = run.stderr;
+    assert_eq!(run.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert_same_settings(&before, &termios(&slave));
 }

@@ -7,20 +7,16 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use splitvisor_tests::interop::daemon::workspace_bin;
-use splitvisor_tests::interop::Workdir;
+use splitvisor_tests::daemon::bin;
 use splitvisor_tests::launch::Launch;
 use splitvisor_tests::vm::{require_kvm, VmRun};
+use splitvisor_tests::workdir::Workdir;
 
 /// A daemon that fails its flags exits at once; this only catches one that does not.
 const FLAG_TIMEOUT: Duration = Duration::from_secs(20);
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 const CASES: &str = include_str!("../../testdata/device-values.txt");
-
-fn bin(name: &str) -> std::path::PathBuf {
-    workspace_bin(name, name).unwrap_or_else(|e| panic!("{name}: {e}"))
-}
 
 /// Runs `program args`, killed (and a panic) if it is still running after FLAG_TIMEOUT.
 fn run(program: &Path, args: &[&str]) -> VmRun {

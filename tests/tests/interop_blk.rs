@@ -4,15 +4,15 @@
 //!
 //! Needs qemu-system-x86_64, a Debian kernel with virtio modules and busybox-static
 //! (`.ci/install-deps.sh`); skips without them unless `CI` is set. The daemon is built on demand
-//! in this test's target directory (see `interop::daemon::workspace_bin`).
+//! in this test's target directory (see `daemon::workspace_bin`).
 
-use std::ffi::OsStr;
-use std::path::Path;
-
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
+use splitvisor_tests::daemon::Daemon;
+use splitvisor_tests::image::{self, assert_image};
 use splitvisor_tests::interop::initramfs::{Initramfs, WAIT_BLOCK_FN};
 use splitvisor_tests::interop::qemu::{GuestRun, Qemu};
-use splitvisor_tests::interop::{crc32, nonce, pattern, yes_pattern, HostTools, Workdir};
+use splitvisor_tests::interop::HostTools;
+use splitvisor_tests::pattern::{crc32, nonce, random_bytes, yes_pattern};
+use splitvisor_tests::workdir::Workdir;
 
 const MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
 const SECTOR: usize = 512;
@@ -38,17 +38,15 @@ fn boot(
     script: &str,
 ) -> (Daemon, GuestRun) {
     let image_path = workdir.join("disk.img");
-    std::fs::write(&image_path, image).unwrap();
+    image::write(&image_path, image.to_vec());
     let socket = workdir.join("blk.sock");
-    let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").unwrap();
-    let mut args: Vec<&OsStr> = vec![
-        "--socket".as_ref(),
-        socket.as_os_str(),
-        "--image".as_ref(),
-        image_path.as_os_str(),
-    ];
-    args.extend(daemon_flags.iter().map(OsStr::new));
-    let daemon = Daemon::start(workdir, "splitvisor-blk", &bin, &args, &socket).unwrap();
+    let daemon = Daemon::blk(
+        workdir,
+        "splitvisor-blk",
+        &socket,
+        &image_path,
+        daemon_flags,
+    );
 
     let initrd = workdir.join("initrd.cpio");
     Initramfs::new(script)
@@ -96,19 +94,6 @@ fn assert_reads(run: &GuestRun, image: &[u8]) {
     assert_eq!(run.expect("tail-crc"), crc_hex(&image[tail]));
 }
 
-/// Panic at the first byte where the image file differs from `expected`.
-fn assert_image(path: &Path, expected: &[u8]) {
-    let actual = std::fs::read(path).unwrap();
-    assert_eq!(actual.len(), expected.len(), "image length changed");
-    if let Some(i) = actual.iter().zip(expected).position(|(a, e)| a != e) {
-        let differing = actual.iter().zip(expected).filter(|(a, e)| a != e).count();
-        panic!(
-            "image differs from the expected bytes at offset {i} (sector {}): {differing} bytes differ",
-            i / SECTOR
-        );
-    }
-}
-
 #[test]
 fn linux_virtio_blk_reads_and_writes_through_splitvisor_blk() {
     let Some(tools) = HostTools::require("interop_blk read/write", MODULES) else {
@@ -117,7 +102,7 @@ fn linux_virtio_blk_reads_and_writes_through_splitvisor_blk() {
     let workdir = Workdir::new("interop-blk-rw");
     let seed = nonce();
     // Writable: whole sectors only (splitvisor-blk refuses a partial sector without --readonly).
-    let image = pattern(seed, CAPACITY_SECTORS * SECTOR);
+    let image = random_bytes(seed, CAPACITY_SECTORS * SECTOR);
     let direct_line = format!("splitvisor-direct-{seed:016x}");
     let buffered_line = format!("splitvisor-buffered-{seed:016x}");
     let direct_count = DIRECT_LEN / 4096;
@@ -172,7 +157,7 @@ fn linux_sees_a_readonly_splitvisor_blk_disk_and_cannot_write_it() {
         return;
     };
     let workdir = Workdir::new("interop-blk-ro");
-    let image = pattern(nonce(), IMAGE_LEN);
+    let image = random_bytes(nonce(), IMAGE_LEN);
     let script = format!(
         "{}yes readonly | head -c 4096 > /tmp/p
 dd if=/tmp/p of=/dev/vda bs=4096 seek=1 oflag=direct conv=notrunc,fsync 2>/dev/null

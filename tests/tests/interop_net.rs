@@ -11,11 +11,14 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
+use splitvisor_tests::daemon::{workspace_bin, Daemon};
 use splitvisor_tests::interop::initramfs::Initramfs;
-use splitvisor_tests::interop::netns::{NetTools, Netns};
 use splitvisor_tests::interop::qemu::Qemu;
-use splitvisor_tests::interop::{crc32, nonce, pattern, poll_until, HostTools, Workdir};
+use splitvisor_tests::interop::HostTools;
+use splitvisor_tests::netns::{NetTools, Netns};
+use splitvisor_tests::pattern::{crc32, nonce, random_bytes};
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::Workdir;
 
 const TEST: &str = "interop_net";
 const MODULES: &[&str] = &["virtio_pci", "virtio_net"];
@@ -202,7 +205,7 @@ fn linux_virtio_net_pings_and_carries_tcp_through_splitvisor_net_tap() {
         guest.serial_so_far()
     );
 
-    let data = pattern(nonce(), TRANSFER_LEN);
+    let data = random_bytes(nonce(), TRANSFER_LEN);
     let received = ns
         .enter(|| transfer(&data))
         .unwrap()

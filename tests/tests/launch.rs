@@ -6,10 +6,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use splitvisor_tests::interop::{nonce, Workdir};
 use splitvisor_tests::launch::{Launch, LaunchRun};
+use splitvisor_tests::pattern::nonce;
 use splitvisor_tests::pattern::{self, SECTOR};
 use splitvisor_tests::vm::{require_kvm, run_splitvisor};
+use splitvisor_tests::workdir::Workdir;
 
 /// A launch with a short task finishes in seconds; this is the hang detector.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -21,8 +22,7 @@ const IMAGE_LEN: usize = 4 << 20;
 
 fn image(workdir: &Workdir, seed: u64) -> (std::path::PathBuf, Vec<u8>) {
     let path = workdir.join("disk.img");
-    let bytes = splitvisor_tests::interop::pattern(seed, IMAGE_LEN);
-    std::fs::write(&path, &bytes).unwrap();
+    let bytes = splitvisor_tests::image::random(&path, seed, IMAGE_LEN);
     (path, bytes)
 }
 

@@ -18,8 +18,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use splitvisor_tests::interop::{crc32, pattern, Workdir};
+use splitvisor_tests::nested::cases::{case_lines, case_marker, case_markers, Checks};
 use splitvisor_tests::nested::{NestedFile, NestedHost, NestedOptions, NestedRun, L2_MODULES};
+use splitvisor_tests::pattern::{crc32, random_bytes};
+use splitvisor_tests::workdir::Workdir;
 
 /// The L2 kernel command line; `sv.*` words (ignored by the kernel) select what the L2 script
 /// does after its checks.
@@ -87,59 +89,6 @@ fn l2_files(host: &NestedHost, workdir: &Workdir) -> Vec<NestedFile> {
         NestedFile::from_path("vmlinuz", host.kernel()),
         NestedFile::from_path("initrd.cpio", &initrd),
     ]
-}
-
-/// The output lines of case `name` (without the prefix).
-fn case_lines<'a>(run: &'a NestedRun, name: &str) -> Vec<&'a str> {
-    let prefix = format!("{name}| ");
-    run.lines
-        .iter()
-        .filter_map(|l| l.strip_prefix(prefix.as_str()))
-        .collect()
-}
-
-/// All values of marker `key` printed by L2 in case `name`.
-fn case_markers<'a>(run: &'a NestedRun, name: &str, key: &str) -> Vec<&'a str> {
-    case_lines(run, name)
-        .into_iter()
-        .filter_map(|l| l.split_once("SV:").map(|(_, m)| m.trim_end_matches('\r')))
-        .filter_map(|m| m.split_once('='))
-        .filter(|(k, _)| *k == key)
-        .map(|(_, v)| v)
-        .collect()
-}
-
-/// The last value of marker `key` in case `name`.
-fn case_marker<'a>(run: &'a NestedRun, name: &str, key: &str) -> Option<&'a str> {
-    case_markers(run, name, key).pop()
-}
-
-/// Collects failed checks so one run reports every failing case at once.
-#[derive(Default)]
-struct Checks(Vec<String>);
-
-impl Checks {
-    fn eq(&mut self, what: &str, got: Option<&str>, want: &str) {
-        if got != Some(want) {
-            self.0.push(format!("{what}: got {got:?}, want {want:?}"));
-        }
-    }
-
-    fn that(&mut self, what: &str, ok: bool, detail: impl std::fmt::Display) {
-        if !ok {
-            self.0.push(format!("{what}: {detail}"));
-        }
-    }
-
-    fn finish(self, run: &NestedRun) {
-        assert!(
-            self.0.is_empty(),
-            "{} check(s) failed:\n  {}\n{}",
-            self.0.len(),
-            self.0.join("\n  "),
-            run.report()
-        );
-    }
 }
 
 /// Exactly one virtio block device (id 0x0002) in case `name`, with the image's size and the
@@ -303,7 +252,7 @@ fn linux_finds_a_splitvisor_blk_disk_with_and_without_acpi_and_reads_the_console
         return;
     };
     let workdir = Workdir::new("linux-dev");
-    let disk = pattern(0x5eed, DISK_LEN);
+    let disk = random_bytes(0x5eed, DISK_LEN);
     let head_crc = format!("{:08x}", crc32(&disk[..HEAD_SECTORS * 512]));
     let mut files = l2_files(&host, &workdir);
     files.push(NestedFile::from_bytes("disk.img", disk));

@@ -23,11 +23,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use splitvisor_tests::interop::netns::NetTools;
-use splitvisor_tests::interop::{nonce, Workdir};
 use splitvisor_tests::nested::cases::{case_lines, case_marker, case_markers, Checks};
 use splitvisor_tests::nested::ext4::{crc_hex, ext4_image, E2fs, ImageFile};
 use splitvisor_tests::nested::{NestedFile, NestedHost, NestedOptions, NestedRun, L2_MODULES};
+use splitvisor_tests::netns::NetTools;
+use splitvisor_tests::pattern::nonce;
+use splitvisor_tests::workdir::Workdir;
 
 const L2_SCRIPT: &str = include_str!("linux_devices/l2.sh");
 const L1_COMMON: &str = include_str!("linux_devices/l1_common.sh");

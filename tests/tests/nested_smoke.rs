@@ -10,10 +10,10 @@
 //! skips without them unless `CI` is set. Takes ~20 s on an idle 2-core host.
 
 use serde_json::Value;
-use splitvisor_tests::interop::netns::NetTools;
-use splitvisor_tests::interop::{nonce, pattern as random};
 use splitvisor_tests::nested::{NestedHost, NestedOptions};
+use splitvisor_tests::netns::NetTools;
 use splitvisor_tests::pattern::{self, SECTOR};
+use splitvisor_tests::pattern::{nonce, random_bytes};
 
 const DISK_LEN: usize = 4 << 20;
 /// Where and how much `blk-verify` writes on the extra disk.
@@ -66,9 +66,9 @@ fn selftest_and_blk_verify_pass_under_nested_svm() {
     let Some(host) = NestedHost::require("selftest_and_blk_verify_pass_under_nested_svm") else {
         return;
     };
-    let workdir = splitvisor_tests::interop::Workdir::new("smoke");
+    let workdir = splitvisor_tests::workdir::Workdir::new("smoke");
     let disk_path = workdir.join("vdb.img");
-    let disk = random(nonce(), DISK_LEN);
+    let disk = random_bytes(nonce(), DISK_LEN);
     std::fs::write(&disk_path, &disk).unwrap();
     let seed = nonce() >> 1;
     let options = NestedOptions::default().disk("smoke-vdb", &disk_path);

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use splitvisor_tests::interop::daemon::workspace_bin;
-use splitvisor_tests::interop::Workdir;
+use splitvisor_tests::daemon::workspace_bin;
 use splitvisor_tests::vm::require_kvm;
+use splitvisor_tests::workdir::Workdir;
 
 /// One block runs a few VMs and benchmarks of seconds each; this is the hang detector.
 const BLOCK_TIMEOUT: Duration = Duration::from_secs(300);

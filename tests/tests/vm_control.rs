@@ -4,29 +4,17 @@
 //! twenty swaps under a write-and-verify loop (and the image's bytes afterwards), and swaps that
 //! must fail without disturbing the guest.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use splitvisor_tests::api::{self, raw_request, request};
-use splitvisor_tests::interop::daemon::Daemon;
-use splitvisor_tests::interop::{poll_until, Workdir};
-use splitvisor_tests::pattern;
-use splitvisor_tests::vm::{require_kvm, splitvisor, RunningVm};
-
-const VM_TIMEOUT: Duration = Duration::from_secs(90);
-/// Region `blk-verify` writes and verifies (its default for virtio).
-const REGION: usize = 1 << 20;
-
-fn image(dir: &Workdir, name: &str, len: u64) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::File::create(&path)
-        .and_then(|f| f.set_len(len))
-        .expect("create the image");
-    path
-}
+use splitvisor_tests::api::{self, completed_requests, raw_request, request};
+use splitvisor_tests::daemon::Daemon;
+use splitvisor_tests::image;
+use splitvisor_tests::pattern::{self, BLK_VERIFY_REGION};
+use splitvisor_tests::vm::{ctl, require_kvm, RunningVm, VM_TIMEOUT};
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::{mode, Workdir};
 
 /// Starts a VM on `socket` with the API on `<dir>/api.sock`, running `task`, and waits until
 /// the guest's driver has brought the disk up.
@@ -60,38 +48,17 @@ fn start_vm(dir: &Workdir, socket: &Path, task: &str) -> (RunningVm, PathBuf) {
     (vm, api)
 }
 
-fn completed(api: &Path) -> u64 {
-    api::get(api, "/vm")["devices"][0]["counters"]["completed_requests"]
-        .as_u64()
-        .expect("completed_requests")
-}
-
-/// `splitvisor ctl --api-socket API args...`: (exit code, stdout, stderr).
-fn ctl(api: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(splitvisor())
-        .args(["ctl", "--api-socket", api.to_str().unwrap()])
-        .args(args)
-        .output()
-        .expect("run splitvisor ctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn api_reports_pauses_resumes_and_stops_the_vm() {
     if !require_kvm("api_reports_pauses_resumes_and_stops_the_vm") {
         return;
     }
     let dir = Workdir::new("api");
-    let img = image(&dir, "disk.img", 16 << 20);
+    let img = image::zeroed(dir.join("disk.img"), 16 << 20);
     let daemon = Daemon::shared_blk(&dir, "blk", &img);
     let (vm, api) = start_vm(&dir, &daemon.socket, "blk-verify,seconds=60");
 
-    let mode = std::fs::metadata(&api).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "API socket mode");
+    assert_eq!(mode(&api), 0o600, "API socket mode");
 
     let status = api::get(&api, "/vm");
     assert_eq!(status["state"], "running");
@@ -114,9 +81,13 @@ fn api_reports_pauses_resumes_and_stops_the_vm() {
         (200, &Value::from("paused"))
     );
     std::thread::sleep(Duration::from_millis(200));
-    let before = completed(&api);
+    let before = completed_requests(&api).expect("completed_requests");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(completed(&api), before, "no guest progress while paused");
+    assert_eq!(
+        completed_requests(&api).expect("completed_requests"),
+        before,
+        "no guest progress while paused"
+    );
     assert_eq!(api::get(&api, "/vm")["state"], "paused");
     let resumed = request(&api, "PUT", "/vm/resume", None);
     assert_eq!(
@@ -126,7 +97,7 @@ fn api_reports_pauses_resumes_and_stops_the_vm() {
     poll_until(
         "guest progress after resume",
         Duration::from_secs(10),
-        || (completed(&api) > before).then_some(()),
+        || (completed_requests(&api).expect("completed_requests") > before).then_some(()),
     )
     .unwrap();
 
@@ -213,7 +184,7 @@ fn twenty_swaps_under_guest_io_lose_nothing() {
         return;
     }
     let dir = Workdir::new("swap20");
-    let img = image(&dir, "disk.img", 8 << 20);
+    let img = image::zeroed(dir.join("disk.img"), 8 << 20);
     let a = Daemon::shared_blk(&dir, "a", &img);
     let b = Daemon::shared_blk(&dir, "b", &img);
     let (vm, api) = start_vm(&dir, &a.socket, "blk-verify,seconds=15");
@@ -221,7 +192,7 @@ fn twenty_swaps_under_guest_io_lose_nothing() {
     let (mut stalls_us, mut first_completion_us) = (Vec::new(), Vec::new());
     for i in 0..20 {
         let target = if i % 2 == 0 { &b.socket } else { &a.socket };
-        let before = completed(&api);
+        let before = completed_requests(&api).expect("completed_requests");
         let (code, out, err) = ctl(&api, &["--json", "swap", "disk0", target.to_str().unwrap()]);
         assert_eq!(code, 0, "swap {i}: {err}");
         let answer: Value = serde_json::from_str(&out).expect("swap answer");
@@ -231,7 +202,7 @@ fn twenty_swaps_under_guest_io_lose_nothing() {
         poll_until(
             "guest progress after a swap",
             Duration::from_secs(5),
-            || (completed(&api) > before + 8).then_some(()),
+            || (completed_requests(&api).expect("completed_requests") > before + 8).then_some(()),
         )
         .unwrap_or_else(|e| panic!("swap {i}: {e}\n{}", vm.stdout_so_far()));
         let first = poll_until(
@@ -260,11 +231,11 @@ fn twenty_swaps_under_guest_io_lose_nothing() {
     let seed = u64::from_str_radix(result["pattern_seed"].as_str().unwrap(), 16).unwrap();
     let bytes = std::fs::read(&img).unwrap();
     assert!(
-        bytes[..REGION] == pattern::sectors(seed, 0, REGION)[..],
+        bytes[..BLK_VERIFY_REGION] == pattern::sectors(seed, 0, BLK_VERIFY_REGION)[..],
         "the image differs from the guest's last round"
     );
     assert!(
-        bytes[REGION..].iter().all(|&b| b == 0),
+        bytes[BLK_VERIFY_REGION..].iter().all(|&b| b == 0),
         "nothing written outside the region"
     );
 
@@ -286,8 +257,8 @@ fn failed_swaps_leave_the_old_backend_serving() {
         return;
     }
     let dir = Workdir::new("swapfail");
-    let img = image(&dir, "disk.img", 8 << 20);
-    let bigger = image(&dir, "bigger.img", 16 << 20);
+    let img = image::zeroed(dir.join("disk.img"), 8 << 20);
+    let bigger = image::zeroed(dir.join("bigger.img"), 16 << 20);
     let a = Daemon::shared_blk(&dir, "a", &img);
     let other = Daemon::shared_blk(&dir, "other", &bigger);
     let (vm, api) = start_vm(&dir, &a.socket, "blk-verify,seconds=5");
@@ -317,11 +288,11 @@ fn failed_swaps_leave_the_old_backend_serving() {
     assert_eq!(backend["socket"], a.socket.to_str().unwrap(), "{backend}");
     assert_eq!(backend["swaps"], 0);
     assert_eq!(backend["state"], "connected");
-    let before = completed(&api);
+    let before = completed_requests(&api).expect("completed_requests");
     poll_until(
         "guest progress after the failed swaps",
         Duration::from_secs(5),
-        || (completed(&api) > before).then_some(()),
+        || (completed_requests(&api).expect("completed_requests") > before).then_some(()),
     )
     .unwrap();
     let result = vm.wait(VM_TIMEOUT).assert_passed();

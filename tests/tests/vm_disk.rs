@@ -10,10 +10,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
-use splitvisor_tests::interop::{nonce, poll_until, Workdir};
+use splitvisor_tests::daemon::{bin, Daemon};
+use splitvisor_tests::image::{self, assert_image};
+use splitvisor_tests::pattern::nonce;
 use splitvisor_tests::pattern::{self, fnv1a64_hex, SECTOR};
 use splitvisor_tests::vm::{require_kvm, run_splitvisor, RunningVm, VmRun};
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::Workdir;
 
 /// A VM doing a few MiB of disk I/O finishes in seconds; this is the hang detector.
 const VM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,25 +42,15 @@ impl Transport {
     }
 }
 
-/// Writes `len` pseudo-random bytes (from `seed`) to `path` and returns them.
-fn random_image(path: &Path, seed: u64) -> Vec<u8> {
-    let image = splitvisor_tests::interop::pattern(seed, IMAGE_LEN);
-    std::fs::write(path, &image).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    image
-}
-
 /// Starts `splitvisor-blk` on `image` with extra flags.
 fn start_blk(workdir: &Workdir, image: &Path, flags: &[&str]) -> Daemon {
-    let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").unwrap();
-    let socket = workdir.join("blk.sock");
-    let mut args: Vec<&OsStr> = vec![
-        "--socket".as_ref(),
-        socket.as_os_str(),
-        "--image".as_ref(),
-        image.as_os_str(),
-    ];
-    args.extend(flags.iter().map(OsStr::new));
-    Daemon::start(workdir, "splitvisor-blk", &bin, &args, &socket).unwrap()
+    Daemon::blk(
+        workdir,
+        "splitvisor-blk",
+        &workdir.join("blk.sock"),
+        image,
+        flags,
+    )
 }
 
 /// The `--disk` value for a vhost-user socket.
@@ -89,19 +82,6 @@ fn run_on(workdir: &Workdir, transport: Transport, image: &Path, task: &str) -> 
     }
 }
 
-/// Panics at the first byte where the file differs from `expected`.
-fn assert_image(path: &Path, expected: &[u8]) {
-    let actual = std::fs::read(path).unwrap();
-    assert_eq!(actual.len(), expected.len(), "image length changed");
-    if let Some(i) = actual.iter().zip(expected).position(|(a, e)| a != e) {
-        let differing = actual.iter().zip(expected).filter(|(a, e)| a != e).count();
-        panic!(
-            "image differs from the expected bytes at offset {i} (sector {}): {differing} bytes differ",
-            i as u64 / SECTOR
-        );
-    }
-}
-
 /// `image` with the guest's pattern for `seed` over `size` bytes from `sector`.
 fn with_pattern(image: &[u8], seed: u64, sector: u64, size: usize) -> Vec<u8> {
     let mut expected = image.to_vec();
@@ -124,7 +104,7 @@ fn guest_reads_host_written_bytes_through_vhost_user_and_ata() {
     for transport in [Transport::VhostUser, Transport::Ata] {
         let workdir = Workdir::new("disk-read");
         let path = workdir.join("disk.img");
-        let image = random_image(&path, nonce());
+        let image = image::random(&path, nonce(), IMAGE_LEN);
         // An odd sector, 96 KiB; the guest's own write goes elsewhere (sectors 6000+).
         let (check_sector, check_len) = (1001u64, 96usize << 10);
         let check = &image[(check_sector * SECTOR) as usize..][..check_len];
@@ -158,7 +138,7 @@ fn guest_writes_land_in_the_image_exactly_through_vhost_user_and_ata() {
     ] {
         let workdir = Workdir::new("disk-write");
         let path = workdir.join("disk.img");
-        let image = random_image(&path, nonce());
+        let image = image::random(&path, nonce(), IMAGE_LEN);
         let seed = nonce() >> 1;
         let task = format!("blk-verify,offset={sector},size={size},seed={seed}");
         let run = run_on(&workdir, transport, &path, &task);
@@ -187,7 +167,7 @@ fn readonly_ata_disk_refuses_guest_writes_and_leaves_the_image_alone() {
     }
     let workdir = Workdir::new("disk-ro-ata");
     let path = workdir.join("disk.img");
-    let image = random_image(&path, nonce());
+    let image = image::random(&path, nonce(), IMAGE_LEN);
     let disk = format!("path={},emulated=ata,readonly", path.display());
     let run = run_vm(
         &disk,
@@ -212,7 +192,7 @@ fn readonly_daemon_refuses_guest_writes_and_leaves_the_image_alone() {
     }
     let workdir = Workdir::new("disk-ro");
     let path = workdir.join("disk.img");
-    let image = random_image(&path, nonce());
+    let image = image::random(&path, nonce(), IMAGE_LEN);
     let mut daemon = start_blk(&workdir, &path, &["--readonly"]);
     // Reads still work: the check region is read after the refused write.
     let task = "blk-verify,size=64K,check_offset=100,check_size=16K";
@@ -240,7 +220,7 @@ fn out_of_range_read_fails_and_the_daemon_serves_the_next_vm() {
     }
     let workdir = Workdir::new("disk-oob");
     let path = workdir.join("disk.img");
-    let image = random_image(&path, nonce());
+    let image = image::random(&path, nonce(), IMAGE_LEN);
     let mut daemon = start_blk(&workdir, &path, &[]);
     let disk = socket_disk(&daemon.socket);
 
@@ -276,8 +256,7 @@ fn last_sectors_are_writable_a_partial_sector_is_invisible_and_oob_fails() {
     for transport in [Transport::VhostUser, Transport::Ata] {
         let workdir = Workdir::new("disk-tail");
         let path = workdir.join("disk.img");
-        let image = splitvisor_tests::interop::pattern(nonce(), IMAGE_LEN);
-        std::fs::write(&path, &image).unwrap();
+        let image = image::random(&path, nonce(), IMAGE_LEN);
         let seed = nonce() >> 1;
         let last = IMAGE_SECTORS - 8;
         let task = format!("blk-verify,offset={last},size=4K,seed={seed},oob=1");
@@ -293,12 +272,10 @@ fn last_sectors_are_writable_a_partial_sector_is_invisible_and_oob_fails() {
         // Whole sectors plus 123 bytes: not a disk image to write to (like /etc/passwd); read
         // only, the partial sector is invisible.
         let odd_path = workdir.join("odd.img");
-        let odd = splitvisor_tests::interop::pattern(nonce(), IMAGE_LEN + 123);
-        std::fs::write(&odd_path, &odd).unwrap();
+        let odd = image::random(&odd_path, nonce(), IMAGE_LEN + 123);
         let refusal = match transport {
             Transport::VhostUser => {
-                let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").unwrap();
-                let out = std::process::Command::new(bin)
+                let out = std::process::Command::new(bin("splitvisor-blk"))
                     .arg("--socket")
                     .arg(workdir.join("odd.sock"))
                     .arg("--image")
@@ -403,7 +380,7 @@ fn two_queues_carry_the_guest_io() {
     }
     let workdir = Workdir::new("disk-mq");
     let path = workdir.join("disk.img");
-    let image = random_image(&path, nonce());
+    let image = image::random(&path, nonce(), IMAGE_LEN);
     let mut daemon = start_blk(&workdir, &path, &["--queues", "2"]);
     let seed = nonce() >> 1;
     let size = 2usize << 20;
@@ -430,7 +407,7 @@ fn killing_the_backend_fails_the_guest_cleanly_instead_of_crashing_the_vmm() {
     }
     let workdir = Workdir::new("disk-kill");
     let path = workdir.join("disk.img");
-    random_image(&path, nonce());
+    image::random(&path, nonce(), IMAGE_LEN);
     let mut daemon = start_blk(&workdir, &path, &[]);
     let disk = socket_disk(&daemon.socket);
     // Rounds of write+verify for far longer than the test waits.
@@ -491,7 +468,7 @@ fn daemon_survives_a_vmm_killed_mid_io_and_serves_the_next_vm() {
     }
     let workdir = Workdir::new("disk-vmm-kill");
     let path = workdir.join("disk.img");
-    let image = random_image(&path, nonce());
+    let image = image::random(&path, nonce(), IMAGE_LEN);
     let mut daemon = start_blk(&workdir, &path, &[]);
     let disk = socket_disk(&daemon.socket);
     // Write+verify rounds over the first MiB until killed.
@@ -560,7 +537,7 @@ fn splitvisor_drives_qemu_storage_daemon() {
     };
     let workdir = Workdir::new("disk-qsd");
     let path = workdir.join("disk.img");
-    let image = random_image(&path, nonce());
+    let image = image::random(&path, nonce(), IMAGE_LEN);
     let socket = workdir.join("qsd.sock");
     let blockdev = format!("driver=file,node-name=f,filename={}", path.display());
     let export = format!(

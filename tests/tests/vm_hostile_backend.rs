@@ -11,25 +11,18 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use splitvisor_tests::api::{self, request};
+use splitvisor_tests::api::{self, completed_requests, request};
+use splitvisor_tests::daemon::Daemon;
 use splitvisor_tests::hostile::{request as req, Behaviour, FakeBackend, StallingProxy};
-use splitvisor_tests::interop::daemon::Daemon;
-use splitvisor_tests::interop::{poll_until, Workdir};
-use splitvisor_tests::vm::{require_kvm, run_splitvisor, RunningVm};
+use splitvisor_tests::image;
+use splitvisor_tests::vm::{require_kvm, run_splitvisor, RunningVm, VM_TIMEOUT};
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::Workdir;
 
 /// The VMM's per-message deadline (`vhost_user::deadline::MESSAGE_TIMEOUT`).
 const MESSAGE_DEADLINE: Duration = Duration::from_secs(5);
 /// Loaded CI machines: a bound is this many times what the VMM should need.
 const SLACK: u32 = 3;
-const VM_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn image(dir: &Workdir, len: u64) -> PathBuf {
-    let path = dir.join("disk.img");
-    std::fs::File::create(&path)
-        .and_then(|f| f.set_len(len))
-        .expect("create the image");
-    path
-}
 
 fn swap(api: &Path, socket: &Path) -> api::Answer {
     let body = serde_json::json!({ "socket": socket }).to_string();
@@ -41,12 +34,6 @@ fn error_of(answer: &api::Answer) -> String {
         .as_str()
         .unwrap_or_default()
         .to_string()
-}
-
-fn completed(api: &Path) -> u64 {
-    api::get(api, "/vm")["devices"][0]["counters"]["completed_requests"]
-        .as_u64()
-        .unwrap_or(0)
 }
 
 /// `splitvisor run` against a backend that accepts and then says nothing useful ends with
@@ -176,7 +163,7 @@ fn waiting_for_a_late_backend_is_announced_once() {
         return;
     }
     let dir = Workdir::new("late");
-    let img = image(&dir, 8 << 20);
+    let img = image::zeroed(dir.join("disk.img"), 8 << 20);
     let socket = dir.join("blk.sock");
     let vm = RunningVm::spawn(
         [
@@ -214,7 +201,7 @@ fn waiting_for_a_late_backend_is_announced_once() {
 /// INFLIGHT_SHMFD and never answers it): the vCPU stalls in the guest's DRIVER_OK write.
 /// Returns once the stall began.
 fn stalled_activation(dir: &Workdir) -> (RunningVm, StallingProxy, Daemon, PathBuf) {
-    let img = image(dir, 8 << 20);
+    let img = image::zeroed(dir.join("disk.img"), 8 << 20);
     let daemon = Daemon::shared_blk(dir, "blk", &img);
     let proxy = StallingProxy::spawn(
         &dir.join("proxy.sock"),
@@ -324,7 +311,7 @@ fn stalled_swaps_fail_and_leave_the_device_serving() {
         return;
     }
     let dir = Workdir::new("swapstall");
-    let img = image(&dir, 8 << 20);
+    let img = image::zeroed(dir.join("disk.img"), 8 << 20);
     let a = Daemon::shared_blk(&dir, "a", &img);
     let b = Daemon::shared_blk(&dir, "b", &img);
     let c = Daemon::shared_blk(&dir, "c", &img);
@@ -404,11 +391,11 @@ fn stalled_swaps_fail_and_leave_the_device_serving() {
     // The old backend still serves, and the lock is free: a good swap succeeds.
     let backend = api::get(&api, "/vm")["devices"][0]["backend"].clone();
     assert_eq!(backend["socket"], a.socket.to_str().unwrap(), "{backend}");
-    let before = completed(&api);
+    let before = completed_requests(&api).unwrap_or(0);
     poll_until(
         "guest progress after the failed swaps",
         Duration::from_secs(10),
-        || (completed(&api) > before).then_some(()),
+        || (completed_requests(&api).unwrap_or(0) > before).then_some(()),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", vm.stdout_so_far()));
     let good = swap(&api, &b.socket);
@@ -468,7 +455,7 @@ fn a_backend_silent_on_get_vring_base_is_recovered() {
         return;
     }
     let dir = Workdir::new("vringbase");
-    let img = image(&dir, 8 << 20);
+    let img = image::zeroed(dir.join("disk.img"), 8 << 20);
     let a = Daemon::shared_blk(&dir, "a", &img);
     let b = Daemon::shared_blk(&dir, "b", &img);
     let proxy = StallingProxy::spawn(&dir.join("p.sock"), &a.socket, req::GET_VRING_BASE, 1);

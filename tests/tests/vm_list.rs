@@ -4,36 +4,21 @@
 //! process, socket or directory of `a`, a VMM killed with SIGKILL is gone from the next list,
 //! and a name in use is refused. Each test has its own XDG_RUNTIME_DIR.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
-use splitvisor_tests::interop::poll_until;
+use splitvisor_tests::daemon::Daemon;
+use splitvisor_tests::image;
 use splitvisor_tests::named::{alive, exists, Host};
 use splitvisor_tests::vm::require_kvm;
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::mode;
 
 /// How long a stopped VM's launch may take to stop its daemons and clean up.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Long enough to outlive the test; the VMs are stopped through the API.
 const TASK: &str = "blk-verify,seconds=120";
-
-fn image(host: &Host, name: &str) -> PathBuf {
-    let path = host.dir.join(name);
-    std::fs::File::create(&path)
-        .and_then(|f| f.set_len(16 << 20))
-        .expect("create the image");
-    path
-}
-
-fn mode(path: &Path) -> u32 {
-    std::fs::metadata(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .permissions()
-        .mode()
-        & 0o777
-}
 
 /// `name`'s entry in `list --json`.
 fn listed(host: &Host, name: &str) -> Value {
@@ -45,7 +30,10 @@ fn listed(host: &Host, name: &str) -> Value {
 
 /// Starts VMs `a` (1 vCPU, 256 MiB) and `b` (2 vCPUs, 128 MiB), each with a disk.
 fn start_two(host: &mut Host) -> (PathBuf, PathBuf) {
-    let (img_a, img_b) = (image(host, "a.img"), image(host, "b.img"));
+    let (img_a, img_b) = (
+        image::zeroed(host.dir.join("a.img"), 16 << 20),
+        image::zeroed(host.dir.join("b.img"), 16 << 20),
+    );
     let disk_a = format!("image={}", img_a.display());
     // Shared: b's disk is swapped to a second daemon on the same image.
     let disk_b = format!("image={},share", img_b.display());
@@ -150,22 +138,8 @@ fn assert_both_listed(host: &Host) -> Value {
 
 /// A swap through `ctl b` moves b's disk, not a's.
 fn swap_reaches_b_only(host: &Host, img_b: &Path, a: &Value) {
-    let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").expect("splitvisor-blk");
-    let new_socket = host.dir.join("b2.sock");
-    let _daemon = Daemon::start(
-        &host.dir,
-        "b2",
-        &bin,
-        &[
-            "--socket".as_ref(),
-            new_socket.as_os_str(),
-            "--image".as_ref(),
-            img_b.as_os_str(),
-            "--share".as_ref(),
-        ],
-        &new_socket,
-    )
-    .expect("start a second splitvisor-blk");
+    let daemon = Daemon::shared_blk(&host.dir, "b2", img_b);
+    let new_socket = daemon.socket.clone();
     let swap = host.ctl("b", &["swap", "disk0", new_socket.to_str().unwrap()]);
     assert_eq!(swap.code, Some(0), "{swap}");
     let moved = format!("disk0: now served by {}", new_socket.display());
@@ -243,7 +217,7 @@ fn a_name_in_use_is_refused() {
         return;
     }
     let mut host = Host::new("twice");
-    let img = image(&host, "a.img");
+    let img = image::zeroed(host.dir.join("a.img"), 16 << 20);
     let disk = format!("image={}", img.display());
     let out = host.launch("a", &["--disk", &disk, "--cmdline", TASK]);
     assert_eq!(out.code, Some(0), "{out}");

@@ -4,28 +4,15 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use splitvisor_tests::interop::daemon::{workspace_bin, Daemon};
-use splitvisor_tests::interop::{poll_until, Workdir};
-use splitvisor_tests::vm::{require_kvm, run_splitvisor, RunningVm, VM_TIMEOUT};
+use splitvisor_tests::daemon::{bin, Daemon};
+use splitvisor_tests::netns::{NetTools, Netns};
+use splitvisor_tests::vm::{require_kvm, run_splitvisor, serving_guest, RunningVm, VM_TIMEOUT};
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::Workdir;
 
 const GUEST_READY: Duration = Duration::from_secs(30);
-
-fn net_daemon() -> std::path::PathBuf {
-    workspace_bin("splitvisor-net", "splitvisor-net").expect("splitvisor-net binary")
-}
-
-/// Waits until the serving guest has brought its NIC up (it prints its address).
-fn wait_serving(vm: &RunningVm, ip: &str) {
-    poll_until("the guest to start serving", GUEST_READY, || {
-        vm.stdout_so_far()
-            .contains(&format!("ip {ip}/"))
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", vm.stdout_so_far()));
-}
 
 /// Starts `splitvisor-net --switch` with one port per socket and waits for all of them.
 fn start_switch(dir: &Workdir, sockets: &[&Path]) -> Daemon {
@@ -34,13 +21,7 @@ fn start_switch(dir: &Workdir, sockets: &[&Path]) -> Daemon {
         args.push("--socket".as_ref());
         args.push(socket.as_os_str());
     }
-    let last = sockets.last().expect("a socket");
-    let switch = Daemon::start(dir, "switch", &net_daemon(), &args, last).expect("switch");
-    poll_until("every switch socket", Duration::from_secs(10), || {
-        sockets.iter().all(|s| s.exists()).then_some(())
-    })
-    .expect("switch sockets");
-    switch
+    Daemon::start_all(dir, "switch", &bin("splitvisor-net"), &args, sockets).expect("switch")
 }
 
 #[test]
@@ -52,18 +33,7 @@ fn two_vms_ping_each_other_through_the_switch() {
     let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
     let mut switch = start_switch(&dir, &[&a, &b]);
     let net_b = format!("socket={}", b.display());
-    let server = RunningVm::spawn(
-        [
-            "run",
-            "--net",
-            &net_b,
-            "--cmdline",
-            "serve,seconds=20 ip=10.0.0.2/24",
-        ],
-        dir.path(),
-        "vm-b",
-    );
-    wait_serving(&server, "10.0.0.2");
+    let server = serving_guest(dir.path(), "vm-b", &net_b, "10.0.0.2", 20, GUEST_READY);
 
     let net_a = format!("socket={}", a.display());
     let pinger = RunningVm::spawn(
@@ -87,34 +57,6 @@ fn two_vms_ping_each_other_through_the_switch() {
     switch.stop().expect("switch stops");
 }
 
-/// A network namespace that is removed when the test ends.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str) -> Netns {
-        let ok = Command::new("ip").args(["netns", "add", name]).status();
-        assert!(
-            ok.is_ok_and(|s| s.success()),
-            "ip netns add {name} (needs root and iproute2)"
-        );
-        Netns(name.to_string())
-    }
-
-    fn exec(&self, cmd: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(cmd)
-            .output()
-            .expect("ip netns exec")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 /// A TAP owned by `splitvisor-net --tap` inside a namespace of the test's own, up, with
 /// 10.0.0.1/24 and an MTU that takes the stream's 1500-byte UDP payloads (1528-byte packets).
 /// The daemon stops before the namespace goes (field order), taking the TAP with it.
@@ -131,7 +73,8 @@ impl TapNet {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = std::process::id();
-        let ns = Netns::new(&format!("svt{pid}-{n}"));
+        let tools = NetTools::find().unwrap_or_else(|missing| panic!("{}", missing.join("; ")));
+        let ns = Netns::add(&tools, &format!("svt{pid}-{n}")).expect("ip netns add");
         // Interface names have at most 15 characters.
         let tap = format!("svtap{}-{n}", pid % 100_000);
         let socket = dir.join("tap.sock");
@@ -147,21 +90,19 @@ impl TapNet {
     /// Starts `splitvisor-net --tap` inside the namespace, so its TAP (and all test traffic)
     /// lives there, and gives the TAP its address once the daemon has created it.
     fn start_daemon(dir: &Workdir, name: &str, ns: &Netns, tap: &str, socket: &Path) -> Daemon {
-        let bin = net_daemon();
-        let daemon_args: Vec<&OsStr> = vec![
-            "netns".as_ref(),
-            "exec".as_ref(),
-            ns.0.as_ref(),
-            bin.as_os_str(),
+        let bin = bin("splitvisor-net");
+        let mut daemon_args = ns.exec_args(&bin);
+        daemon_args.extend::<[&OsStr; 4]>([
             "--socket".as_ref(),
             socket.as_os_str(),
             "--tap".as_ref(),
             tap.as_ref(),
-        ];
-        let daemon = Daemon::start(dir, name, "ip".as_ref(), &daemon_args, socket).expect("daemon");
+        ]);
+        let daemon = Daemon::start(dir, name, ns.ip(), &daemon_args, socket).expect("daemon");
         // The socket is bound before the TAP is opened: wait for the TAP too.
         poll_until("the TAP device", Duration::from_secs(10), || {
-            ns.exec(&["ip", "link", "show", "dev", tap])
+            ns.output(&["ip", "link", "show", "dev", tap])
+                .expect("ip netns exec")
                 .status
                 .success()
                 .then_some(())
@@ -171,7 +112,7 @@ impl TapNet {
             vec!["ip", "addr", "add", "10.0.0.1/24", "dev", tap],
             vec!["ip", "link", "set", "dev", tap, "mtu", "1600", "up"],
         ] {
-            let out = ns.exec(&cmd);
+            let out = ns.output(&cmd).expect("ip netns exec");
             assert!(
                 out.status.success(),
                 "{cmd:?}: {}",
@@ -193,7 +134,8 @@ impl TapNet {
     fn rx_packets(&self) -> u64 {
         let out = self
             .ns
-            .exec(&["ip", "-s", "-j", "link", "show", "dev", &self.tap]);
+            .output(&["ip", "-s", "-j", "link", "show", "dev", &self.tap])
+            .expect("ip netns exec");
         let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
                 "ip -s -j link: {e}: {}",
@@ -215,20 +157,11 @@ fn linux_pings_and_udp_echoes_the_guest_through_a_tap() {
     let tap = TapNet::start(&dir);
     let (ns, socket) = (&tap.ns, &tap.socket);
     let net = format!("socket={}", socket.display());
-    let guest = RunningVm::spawn(
-        [
-            "run",
-            "--net",
-            &net,
-            "--cmdline",
-            "serve,seconds=15 ip=10.0.0.2/24",
-        ],
-        dir.path(),
-        "vm",
-    );
-    wait_serving(&guest, "10.0.0.2");
+    let guest = serving_guest(dir.path(), "vm", &net, "10.0.0.2", 15, GUEST_READY);
 
-    let ping = ns.exec(&["ping", "-c", "5", "-W", "2", "10.0.0.2"]);
+    let ping = ns
+        .output(&["ping", "-c", "5", "-W", "2", "10.0.0.2"])
+        .expect("ip netns exec");
     let ping_out = String::from_utf8_lossy(&ping.stdout);
     assert!(
         ping.status.success(),
@@ -244,7 +177,9 @@ fn linux_pings_and_udp_echoes_the_guest_through_a_tap() {
          s.sendto(b'{payload}',('10.0.0.2',7))\nd,_=s.recvfrom(2048)\nsys.stdout.write(d.decode())"
     );
     // Debian's own Python (python3-minimal, installed by .ci/install-deps.sh).
-    let echo = ns.exec(&["/usr/bin/python3", "-c", &script]);
+    let echo = ns
+        .output(&["/usr/bin/python3", "-c", &script])
+        .expect("ip netns exec");
     assert_eq!(
         String::from_utf8_lossy(&echo.stdout),
         payload,
@@ -328,18 +263,7 @@ fn killed_backend_shows_as_link_down_in_the_guest() {
     let socket = dir.join("net.sock");
     let mut switch = start_switch(&dir, &[&socket]);
     let net = format!("socket={}", socket.display());
-    let guest = RunningVm::spawn(
-        [
-            "run",
-            "--net",
-            &net,
-            "--cmdline",
-            "serve,seconds=60 ip=10.0.0.2/24",
-        ],
-        dir.path(),
-        "vm",
-    );
-    wait_serving(&guest, "10.0.0.2");
+    let guest = serving_guest(dir.path(), "vm", &net, "10.0.0.2", 60, GUEST_READY);
     switch.kill().expect("kill the backend");
     let killed_at = Instant::now();
     // The guest checks the link every 100 ms: it ends long before its 60 s.
@@ -468,9 +392,12 @@ fn serving_guest_answers_pings_again_after_its_backend_restarts() {
         dir.path(),
         "vm",
     );
-    wait_serving(&guest, "10.0.0.2");
-    let ping =
-        |tap: &TapNet, count: &str| tap.ns.exec(&["ping", "-c", count, "-W", "1", "10.0.0.2"]);
+    guest.wait_stdout("ip 10.0.0.2/", GUEST_READY);
+    let ping = |tap: &TapNet, count: &str| {
+        tap.ns
+            .output(&["ping", "-c", count, "-W", "1", "10.0.0.2"])
+            .expect("ip netns exec")
+    };
     assert!(
         ping(&tap, "3").status.success(),
         "{}",

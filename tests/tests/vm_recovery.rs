@@ -10,14 +10,15 @@ use std::time::Duration;
 
 use serde_json::Value;
 use splitvisor_tests::api;
-use splitvisor_tests::interop::{nonce, poll_until, Workdir};
+use splitvisor_tests::image;
 use splitvisor_tests::launch::Launch;
-use splitvisor_tests::pattern;
+use splitvisor_tests::pattern::nonce;
+use splitvisor_tests::pattern::{self, BLK_VERIFY_REGION};
 use splitvisor_tests::vm::require_kvm;
+use splitvisor_tests::wait::poll_until;
+use splitvisor_tests::workdir::Workdir;
 
 const IMAGE_LEN: u64 = 8 << 20;
-/// Region `blk-verify` writes and verifies (its default for virtio).
-const REGION: usize = 1 << 20;
 const KILLS: u64 = 20;
 
 fn backend(api: &Path) -> Value {
@@ -35,10 +36,7 @@ fn twenty_backend_crashes_under_launch_lose_no_write() {
         return;
     }
     let workdir = Workdir::new("recovery");
-    let image = workdir.join("disk.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(IMAGE_LEN))
-        .unwrap();
+    let image = image::zeroed(workdir.join("disk.img"), IMAGE_LEN);
     let api = workdir.join("api.sock");
     let launch = Launch::spawn(
         [
@@ -109,10 +107,10 @@ fn twenty_backend_crashes_under_launch_lose_no_write() {
     let last_seed = u64::from_str_radix(result["pattern_seed"].as_str().unwrap(), 16).unwrap();
     let bytes = std::fs::read(&image).unwrap();
     assert!(
-        bytes[..REGION] == pattern::sectors(last_seed, 0, REGION)[..],
+        bytes[..BLK_VERIFY_REGION] == pattern::sectors(last_seed, 0, BLK_VERIFY_REGION)[..],
         "the image differs from the guest's last round"
     );
-    assert!(bytes[REGION..].iter().all(|&b| b == 0));
+    assert!(bytes[BLK_VERIFY_REGION..].iter().all(|&b| b == 0));
     assert!(run.leftovers().is_empty(), "{:?}", run.leftovers());
 
     let (outage_p50, outage_max) = median_max(outages);

@@ -9,20 +9,17 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
-use common::daemon::{make_image, wait_call, wait_exit, wait_for, Daemon, IMAGE_SIZE};
-use common::session::{
-    assert_serves, bufs, do_request, handshake, le_u32, le_u64, Session, QUEUE_SIZE, RAM_GPA,
-    RAM_SIZE, T_IN, T_OUT,
+use common::{make_image, spawn, start, start_with};
+use splitvisor_tests::frontend::blk::{
+    assert_serves, bufs, do_request, handshake, le_u32, le_u64, Session, IMAGE_SIZE, QUEUE_SIZE,
+    RAM_GPA, RAM_SIZE, T_IN, T_OUT,
 };
-use common::vring::{GuestRam, SplitVring};
+use splitvisor_tests::frontend::wait_call;
+use splitvisor_tests::frontend::{GuestRam, SplitVring};
+use splitvisor_tests::pattern::random_bytes;
+use splitvisor_tests::wait::wait_for;
 use vhost::VhostBackend;
 use vmm_sys_util::tempdir::TempDir;
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
 
 /// Write through the queue, check the image file, read it back through the queue.
 fn write_read_check(
@@ -33,7 +30,8 @@ fn write_read_check(
     image: &Path,
     seed: u8,
 ) {
-    let data = pattern(8192, seed);
+    // Odd seeds: random_bytes sets bit 0, so each `seed` gives its own bytes.
+    let data = random_bytes(u64::from(seed) << 1 | 1, 8192);
     let sector = 16 + 64 * q as u64;
     ram.write(bufs(q).data, &data);
     assert_eq!(do_request(s, ram, ring, q, T_OUT, sector, 8192), (0, 1));
@@ -52,7 +50,7 @@ fn write_read_check(
 fn handshake_io_reconnect_and_cleanup() {
     let dir = TempDir::new().unwrap();
     let image = make_image(dir.as_path());
-    let daemon = Daemon::start(
+    let mut daemon = start(
         dir.as_path(),
         &image,
         &["--queues", "2", "--serial", "test-disk"],
@@ -90,17 +88,17 @@ fn handshake_io_reconnect_and_cleanup() {
         // Each disconnect logs one STATS line.
         wait_for("the STATS line", || {
             let n = daemon
-                .log()
+                .log_text()
                 .lines()
                 .filter(|l| l.starts_with("STATS {\"queues\":["))
                 .count();
             (n == usize::from(round) + 1).then_some(())
         });
     }
-    let log = daemon.log();
+    let log = daemon.log_text();
     assert!(log.contains("\"queue\":1,\"requests\":4,"), "{log}");
 
-    let status = daemon.terminate();
+    let status = daemon.stop().unwrap();
     assert!(status.success(), "exit status {status}");
     assert!(
         !dir.as_path().join("blk.sock").exists(),
@@ -116,9 +114,9 @@ fn handshake_io_reconnect_and_cleanup() {
 fn second_daemon_on_the_same_socket_fails() {
     let dir = TempDir::new().unwrap();
     let image = make_image(dir.as_path());
-    let first = Daemon::start(dir.as_path(), &image, &[]);
-    let mut second = Daemon::spawn(dir.as_path(), "second", &image, &[]);
-    let status = wait_exit(&mut second);
+    let first = start(dir.as_path(), &image, &[]);
+    let mut second = spawn(dir.as_path(), "second", &image, &[]);
+    let status = second.wait_exit().unwrap();
     assert!(!status.success());
     let err = std::fs::read_to_string(dir.as_path().join("second.log")).unwrap();
     assert!(err.contains("another daemon is serving"), "{err}");
@@ -133,14 +131,14 @@ fn stale_socket_is_replaced() {
     let image = make_image(dir.as_path());
     drop(UnixListener::bind(dir.as_path().join("blk.sock")).unwrap());
     // The stale path already exists, so wait for the daemon to say it is serving.
-    let daemon = Daemon::start(dir.as_path(), &image, &[]);
+    let daemon = start(dir.as_path(), &image, &[]);
     wait_for("the daemon to serve", || {
-        daemon.log().contains("serving ").then_some(())
+        daemon.log_text().contains("serving ").then_some(())
     });
     assert!(
-        daemon.log().contains("replacing stale socket"),
+        daemon.log_text().contains("replacing stale socket"),
         "{}",
-        daemon.log()
+        daemon.log_text()
     );
     assert!(UnixStream::connect(&daemon.socket).is_ok());
 }
@@ -149,7 +147,7 @@ fn stale_socket_is_replaced() {
 fn readonly_rejects_writes() {
     let dir = TempDir::new().unwrap();
     let image = make_image(dir.as_path());
-    let daemon = Daemon::start(dir.as_path(), &image, &["--readonly"]);
+    let daemon = start(dir.as_path(), &image, &["--readonly"]);
     let ram = GuestRam::new(RAM_GPA, RAM_SIZE);
     let mut ring = SplitVring::new(&ram, 0x1_0000, QUEUE_SIZE);
     let (s, _) = handshake(&daemon.socket, &ram, &[&ring]);
@@ -172,22 +170,22 @@ fn readonly_rejects_writes() {
     // ...and the daemon keeps serving.
     assert_eq!(do_request(&s, &ram, &mut ring, 0, T_IN, 0, 512), (0, 513));
     assert!(
-        daemon.log().contains("no usable status byte"),
+        daemon.log_text().contains("no usable status byte"),
         "{}",
-        daemon.log()
+        daemon.log_text()
     );
 }
 
 #[test]
 fn missing_image_is_a_clear_error() {
     let dir = TempDir::new().unwrap();
-    let mut child = Daemon::spawn(
+    let mut child = spawn(
         dir.as_path(),
         "missing",
         &dir.as_path().join("nope.img"),
         &[],
     );
-    assert!(!wait_exit(&mut child).success());
+    assert!(!child.wait_exit().unwrap().success());
     let err = std::fs::read_to_string(dir.as_path().join("missing.log")).unwrap();
     assert!(
         err.contains("nope.img") && err.contains("cannot open image"),
@@ -204,15 +202,15 @@ fn missing_image_is_a_clear_error() {
 fn direct_io_round_trips() {
     let dir = TempDir::new().unwrap();
     let image = make_image(dir.as_path());
-    let daemon = Daemon::start(dir.as_path(), &image, &["--direct"]);
+    let daemon = start(dir.as_path(), &image, &["--direct"]);
     let ram = GuestRam::new(RAM_GPA, RAM_SIZE);
     let mut ring = SplitVring::new(&ram, 0x1_0000, QUEUE_SIZE);
     let (s, _) = handshake(&daemon.socket, &ram, &[&ring]);
     write_read_check(&s, &ram, &mut ring, 0, &image, 7);
     assert!(
-        !daemon.log().contains("O_DIRECT transfer failed"),
+        !daemon.log_text().contains("O_DIRECT transfer failed"),
         "{}",
-        daemon.log()
+        daemon.log_text()
     );
 }
 
@@ -220,14 +218,14 @@ fn direct_io_round_trips() {
 fn a_second_writer_on_one_image_is_refused_unless_both_share() {
     let (dir, other) = (TempDir::new().unwrap(), TempDir::new().unwrap());
     let image = make_image(dir.as_path());
-    let first = Daemon::start(dir.as_path(), &image, &[]);
+    let first = start(dir.as_path(), &image, &[]);
     for (name, flags) in [
         ("writer", &[][..]),
         ("reader", &["--readonly"][..]),
         ("sharer", &["--share"][..]),
     ] {
-        let mut second = Daemon::spawn(other.as_path(), name, &image, flags);
-        assert!(!wait_exit(&mut second).success(), "{name}");
+        let mut second = spawn(other.as_path(), name, &image, flags);
+        assert!(!second.wait_exit().unwrap().success(), "{name}");
         let err = std::fs::read_to_string(other.as_path().join(format!("{name}.log"))).unwrap();
         assert!(err.contains(&image.display().to_string()), "{err}");
         assert!(err.contains("in use by another process"), "{err}");
@@ -242,21 +240,21 @@ fn a_second_writer_on_one_image_is_refused_unless_both_share() {
     drop(first);
 
     // Two daemons taking turns on one image (planned swaps) both say --share.
-    let first = Daemon::start(dir.as_path(), &image, &["--share"]);
-    let second = Daemon::start_with(other.as_path(), "second", &image, &["--share"], &[]);
+    let first = start(dir.as_path(), &image, &["--share"]);
+    let second = start_with(other.as_path(), "second", &image, &["--share"], &[]);
     assert_serves(&second.socket);
     assert_serves(&first.socket);
     let third = TempDir::new().unwrap();
-    let mut writer = Daemon::spawn(third.as_path(), "late-writer", &image, &[]);
-    assert!(!wait_exit(&mut writer).success());
+    let mut writer = spawn(third.as_path(), "late-writer", &image, &[]);
+    assert!(!writer.wait_exit().unwrap().success());
     let err = std::fs::read_to_string(third.as_path().join("late-writer.log")).unwrap();
     assert!(err.contains("shared lock"), "{err}");
     drop((first, second));
 
     // A killed daemon's lock goes with it.
-    let mut first = Daemon::start(dir.as_path(), &image, &[]);
-    first.kill();
-    let again = Daemon::start_with(other.as_path(), "again", &image, &[], &[]);
+    let mut first = start(dir.as_path(), &image, &[]);
+    first.kill().expect("kill the daemon");
+    let again = start_with(other.as_path(), "again", &image, &[], &[]);
     assert_serves(&again.socket);
 }
 
@@ -265,18 +263,18 @@ fn an_image_of_partial_sectors_or_not_a_file_is_refused_for_writing() {
     let dir = TempDir::new().unwrap();
     let odd = dir.as_path().join("odd.img");
     File::create(&odd).unwrap().set_len(4096 + 100).unwrap();
-    let mut child = Daemon::spawn(dir.as_path(), "odd", &odd, &[]);
-    assert!(!wait_exit(&mut child).success());
+    let mut child = spawn(dir.as_path(), "odd", &odd, &[]);
+    assert!(!child.wait_exit().unwrap().success());
     let err = std::fs::read_to_string(dir.as_path().join("odd.log")).unwrap();
     assert!(
         err.contains("odd.img") && err.contains("not a whole number of 512-byte sectors"),
         "{err}"
     );
     assert!(err.contains("--readonly"), "{err}");
-    let reader = Daemon::start(dir.as_path(), &odd, &["--readonly"]);
+    let reader = start(dir.as_path(), &odd, &["--readonly"]);
     drop(reader);
-    let mut child = Daemon::spawn(dir.as_path(), "null", Path::new("/dev/null"), &[]);
-    assert!(!wait_exit(&mut child).success());
+    let mut child = spawn(dir.as_path(), "null", Path::new("/dev/null"), &[]);
+    assert!(!child.wait_exit().unwrap().success());
     let err = std::fs::read_to_string(dir.as_path().join("null.log")).unwrap();
     assert!(
         err.contains("/dev/null is not a regular file or block device"),

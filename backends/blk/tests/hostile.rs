@@ -11,15 +11,16 @@ use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::daemon::{make_image, wait_call, wait_for, Daemon, TIMEOUT};
-use common::raw;
-use common::session::{
-    assert_serves, bufs, connect, handshake, QUEUE_SIZE, RAM_GPA, RAM_SIZE, T_OUT,
+use common::{make_image, start};
+use splitvisor_tests::frontend::blk::{
+    assert_serves, bufs, connect, handshake, request_header, QUEUE_SIZE, RAM_GPA, RAM_SIZE, T_OUT,
 };
-use common::vring::{GuestRam, SplitVring};
+use splitvisor_tests::frontend::raw;
+use splitvisor_tests::frontend::wait_call;
+use splitvisor_tests::frontend::{GuestRam, SplitVring};
+use splitvisor_tests::wait::{wait_for, TIMEOUT};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
-use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::tempdir::TempDir;
 
@@ -27,7 +28,7 @@ use vmm_sys_util::tempdir::TempDir;
 fn memory_past_the_end_of_its_file_or_unsealed_is_refused() {
     let dir = TempDir::new().unwrap();
     let image = make_image(dir.as_path());
-    let daemon = Daemon::start(dir.as_path(), &image, &[]);
+    let daemon = start(dir.as_path(), &image, &[]);
     let ram = GuestRam::new(RAM_GPA, RAM_SIZE);
     let (mut fe, features) = connect(&daemon.socket, 1);
     fe.set_features(features).unwrap();
@@ -56,10 +57,10 @@ fn memory_past_the_end_of_its_file_or_unsealed_is_refused() {
         alive.ok(),
         Some(1),
         "the connection still works: {}",
-        daemon.log()
+        daemon.log_text()
     );
     drop(fe);
-    let log = daemon.log();
+    let log = daemon.log_text();
     for needle in ["lies beyond the end of the", "F_SEAL_SHRINK"] {
         assert!(log.contains(needle), "log lacks {needle:?}: {log}");
     }
@@ -81,16 +82,13 @@ fn get_vring_base_within(fe: vhost::vhost_user::Frontend, q: usize) -> u32 {
 fn avail_index_far_ahead_stops_the_queue_once_and_the_daemon_answers() {
     let dir = TempDir::new().unwrap();
     let image = make_image(dir.as_path());
-    let daemon = Daemon::start(dir.as_path(), &image, &[]);
+    let daemon = start(dir.as_path(), &image, &[]);
     let ram = GuestRam::new(RAM_GPA, RAM_SIZE);
     let mut ring = SplitVring::new(&ram, 0x1_0000, QUEUE_SIZE);
     // The session negotiates EVENT_IDX, where the busy loop was.
     let (s, _) = handshake(&daemon.socket, &ram, &[&ring]);
     // One good request first, so the ring is known to work.
-    ram.write(
-        bufs(0).hdr,
-        &[T_OUT as u8, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
-    );
+    ram.write(bufs(0).hdr, &request_header(T_OUT, 1));
     ring.add_chain(&[
         (bufs(0).hdr, 16, false),
         (bufs(0).data, 512, false),
@@ -99,17 +97,18 @@ fn avail_index_far_ahead_stops_the_queue_once_and_the_daemon_answers() {
     s.kicks[0].write(1).unwrap();
     wait_call(&s.calls[0]);
     let ahead: u16 = 1 + QUEUE_SIZE + 100;
-    ram.mem
-        .write_obj(ahead.to_le(), GuestAddress(ring.avail + 2))
-        .unwrap();
+    ring.set_avail_idx(ahead);
     for _ in 0..100 {
         s.kicks[0].write(1).unwrap();
     }
     wait_for("the broken ring to be logged", || {
-        daemon.log().contains("the ring is broken").then_some(())
+        daemon
+            .log_text()
+            .contains("the ring is broken")
+            .then_some(())
     });
     assert_eq!(get_vring_base_within(s.fe, 0), 1, "the device's position");
-    let log = daemon.log();
+    let log = daemon.log_text();
     assert_eq!(log.matches("the ring is broken").count(), 1, "{log}");
     assert!(log.len() < 16 * 1024, "log of {} bytes: {log}", log.len());
     assert_serves(&daemon.socket);
@@ -119,7 +118,7 @@ fn avail_index_far_ahead_stops_the_queue_once_and_the_daemon_answers() {
 fn kick_and_call_fds_must_be_eventfds() {
     let dir = TempDir::new().unwrap();
     let image = make_image(dir.as_path());
-    let daemon = Daemon::start(dir.as_path(), &image, &[]);
+    let daemon = start(dir.as_path(), &image, &[]);
     let ram = GuestRam::new(RAM_GPA, RAM_SIZE);
     let ring = SplitVring::new(&ram, 0x1_0000, QUEUE_SIZE);
     let (mut fe, features) = connect(&daemon.socket, 1);
@@ -152,7 +151,7 @@ fn kick_and_call_fds_must_be_eventfds() {
     assert!(fe.set_vring_call(0, &regular).is_err(), "a file as call fd");
     assert_eq!(fe.get_queue_num().unwrap(), 1, "the connection still works");
     drop(fe);
-    let log = daemon.log();
+    let log = daemon.log_text();
     assert!(log.contains("the kick fd is not an eventfd"), "{log}");
     assert!(log.contains("the call fd is not an eventfd"), "{log}");
     assert_serves(&daemon.socket);
@@ -162,15 +161,13 @@ fn kick_and_call_fds_must_be_eventfds() {
 fn a_flood_of_bad_requests_logs_a_bounded_amount() {
     let dir = TempDir::new().unwrap();
     let image = make_image(dir.as_path());
-    let daemon = Daemon::start(dir.as_path(), &image, &[]);
+    let daemon = start(dir.as_path(), &image, &[]);
     let ram = GuestRam::new(RAM_GPA, RAM_SIZE);
     let mut ring = SplitVring::new(&ram, 0x1_0000, QUEUE_SIZE);
     let (s, _) = handshake(&daemon.socket, &ram, &[&ring]);
     let b = bufs(0);
-    let mut hdr = [0u8; 16];
-    hdr[..4].copy_from_slice(&99u32.to_le_bytes());
-    ram.write(b.hdr, &hdr);
-    let log_before = daemon.log().len();
+    ram.write(b.hdr, &request_header(99, 0));
+    let log_before = daemon.log_text().len();
     let (total, batch) = (10_000u32, 32u16);
     let mut done = 0u32;
     while done < total {
@@ -184,7 +181,7 @@ fn a_flood_of_bad_requests_logs_a_bounded_amount() {
             (ring.used_idx() == want).then_some(())
         });
     }
-    let log = daemon.log();
+    let log = daemon.log_text();
     let flood = &log[log_before..];
     let lines = flood.matches("unsupported request type 99").count();
     assert_eq!(lines, splitvisor_blk::loglimit::BURST as usize, "{flood}");
@@ -201,7 +198,7 @@ fn a_flood_of_bad_requests_logs_a_bounded_amount() {
 fn a_frontend_stalling_mid_message_is_cut_off() {
     let dir = TempDir::new().unwrap();
     let image = make_image(dir.as_path());
-    let daemon = Daemon::start(dir.as_path(), &image, &[]);
+    let daemon = start(dir.as_path(), &image, &[]);
     let mut stalled = UnixStream::connect(&daemon.socket).unwrap();
     stalled.set_read_timeout(Some(TIMEOUT)).unwrap();
     // Half a header, then nothing: the daemon gives up on the message (5 s) and the
@@ -216,7 +213,7 @@ fn a_frontend_stalling_mid_message_is_cut_off() {
         .expect("the daemon ends the connection in time");
     assert_eq!(n, 0, "closed, not answered");
     wait_for("the stalled connection to be logged", || {
-        let log = daemon.log();
+        let log = daemon.log_text();
         log.contains("stopped in the middle of a message")
             .then_some(())
     });
@@ -227,7 +224,7 @@ fn a_frontend_stalling_mid_message_is_cut_off() {
 fn a_payload_in_two_segments_is_read_whole() {
     let dir = TempDir::new().unwrap();
     let image = make_image(dir.as_path());
-    let daemon = Daemon::start(dir.as_path(), &image, &[]);
+    let daemon = start(dir.as_path(), &image, &[]);
     let mut fe = UnixStream::connect(&daemon.socket).unwrap();
     fe.set_read_timeout(Some(TIMEOUT)).unwrap();
     let features = 1u64 << 0; // VHOST_USER_PROTOCOL_F_MQ
@@ -255,7 +252,7 @@ fn a_payload_in_two_segments_is_read_whole() {
 fn a_message_with_too_many_fds_is_answered_and_the_connection_closed() {
     let dir = TempDir::new().unwrap();
     let image = make_image(dir.as_path());
-    let daemon = Daemon::start(dir.as_path(), &image, &[]);
+    let daemon = start(dir.as_path(), &image, &[]);
     let mut fe = UnixStream::connect(&daemon.socket).unwrap();
     fe.set_read_timeout(Some(TIMEOUT)).unwrap();
     let efd = EventFd::new(0).unwrap();
@@ -268,12 +265,12 @@ fn a_message_with_too_many_fds_is_answered_and_the_connection_closed() {
     raw::send_with_fds(&fe, &msg, &fds);
     let (request, flags, payload) = raw::read_reply(&mut fe);
     assert_eq!(request, raw::SET_VRING_CALL);
-    assert_ne!(flags & 0x4, 0, "a reply");
+    assert_ne!(flags & raw::REPLY, 0, "a reply");
     assert_ne!(payload, 0u64.to_le_bytes(), "a failure");
     let mut byte = [0u8; 1];
     assert_eq!(fe.read(&mut byte).expect("closed in time"), 0);
     wait_for("the refused message to be logged", || {
-        let log = daemon.log();
+        let log = daemon.log_text();
         log.contains("more file descriptors than a message may carry")
             .then_some(())
     });

@@ -4,18 +4,19 @@
 mod common;
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use common::daemon::{make_image, wait_for, Daemon, TIMEOUT};
-use common::inflight::{area_len, InflightMap};
-use common::vring::{GuestRam, SplitVring};
-use vhost::vhost_user::message::{
-    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
-};
+use common::{make_image, start, start_with};
+use splitvisor_tests::frontend::blk::{connect_with, request_header, T_IN, T_OUT};
+use splitvisor_tests::frontend::inflight::{area_len, InflightMap};
+use splitvisor_tests::frontend::{self, raw, GuestRam, SplitVring};
+use splitvisor_tests::pattern::random_bytes;
+use splitvisor_tests::wait::{wait_for, TIMEOUT};
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
 use vm_memory::ByteValued;
@@ -26,27 +27,13 @@ const RAM_SIZE: u64 = 4 << 20;
 const RING_GPA: u64 = 0x1_0000;
 const QUEUE_SIZE: u16 = 64;
 const DATA_LEN: u32 = 4096;
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
 /// Test-only knob of the daemon (`splitvisor_blk::TEST_DELAY_ENV`).
 const DELAY_ENV: &str = "SPLITVISOR_BLK_TEST_DELAY_MS";
 
 /// Handshake up to (not including) SET_FEATURES, with INFLIGHT_SHMFD and REPLY_ACK on every
 /// message; returns the frontend and the features to acknowledge.
 fn connect(socket: &Path) -> (Frontend, u64) {
-    let mut fe = Frontend::connect(socket, 1).unwrap();
-    fe.set_owner().unwrap();
-    let features = fe.get_features().unwrap();
-    let wanted = VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-        | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
-    let offered = fe.get_protocol_features().unwrap();
-    assert!(offered.contains(wanted), "protocol features {offered:?}");
-    fe.set_protocol_features(wanted).unwrap();
-    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    (fe, features)
+    connect_with(socket, 1, VhostUserProtocolFeatures::INFLIGHT_SHMFD)
 }
 
 /// SET_FEATURES, SET_MEM_TABLE and queue 0 from `base`, as the VMM sends them; returns the
@@ -60,14 +47,7 @@ fn start_queue(
 ) -> (EventFd, EventFd) {
     fe.set_features(features).unwrap();
     fe.set_mem_table(&[ram.region()]).unwrap();
-    let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
-    fe.set_vring_num(0, ring.size).unwrap();
-    fe.set_vring_addr(0, &ring.config()).unwrap();
-    fe.set_vring_base(0, base).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
-    (kick, call)
+    frontend::start_queue(fe, 0, ring, base)
 }
 
 fn inflight_request(queue_size: u16) -> VhostUserInflight {
@@ -79,10 +59,10 @@ fn inflight_request(queue_size: u16) -> VhostUserInflight {
     }
 }
 
+/// The data request `seed` writes (odd seeds: random_bytes sets bit 0, so each `seed` gives
+/// its own bytes).
 fn pattern(seed: u8) -> Vec<u8> {
-    (0..DATA_LEN as usize)
-        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
-        .collect()
+    random_bytes(u64::from(seed) << 1 | 1, DATA_LEN as usize)
 }
 
 /// Buffers of request `i`, each request in its own 64 KiB of guest memory.
@@ -111,10 +91,7 @@ fn add_request(
     data: Option<&[u8]>,
 ) -> u16 {
     let r = req(i);
-    let mut hdr = [0u8; 16];
-    hdr[..4].copy_from_slice(&kind.to_le_bytes());
-    hdr[8..].copy_from_slice(&sector.to_le_bytes());
-    ram.write(r.hdr, &hdr);
+    ram.write(r.hdr, &request_header(kind, sector));
     ram.write(r.status, &[0xff]);
     match data {
         Some(d) => ram.write(r.data, d),
@@ -150,7 +127,7 @@ fn wait_used(ring: &SplitVring, n: u16) {
 fn resubmits_recorded_requests_in_counter_order_and_skips_the_stale_last_batch() {
     let dir = TempDir::new().unwrap();
     let image = make_image(dir.as_path());
-    let daemon = Daemon::start(dir.as_path(), &image, &[]);
+    let daemon = start(dir.as_path(), &image, &[]);
     let ram = GuestRam::new(0, RAM_SIZE);
     let mut ring = SplitVring::new(&ram, RING_GPA, QUEUE_SIZE);
 
@@ -224,7 +201,7 @@ fn resubmits_recorded_requests_in_counter_order_and_skips_the_stale_last_batch()
     assert_eq!(ring.used_elem(5).1, DATA_LEN + 1, "read used length");
     // GET_VRING_BASE reports where the avail ring stands.
     assert_eq!(fe.get_vring_base(0).unwrap(), 6);
-    let log = daemon.log();
+    let log = daemon.log_text();
     assert!(log.contains("resubmitting 3 request(s)"), "{log}");
 }
 
@@ -233,7 +210,7 @@ fn kill_9_with_requests_in_flight_then_a_new_daemon_completes_each_exactly_once(
     const REQUESTS: usize = 6;
     let dir = TempDir::new().unwrap();
     let image = make_image(dir.as_path());
-    let mut first = Daemon::start_with(dir.as_path(), "first", &image, &[], &[(DELAY_ENV, "500")]);
+    let mut first = start_with(dir.as_path(), "first", &image, &[], &[(DELAY_ENV, "500")]);
     let ram = GuestRam::new(0, RAM_SIZE);
     let mut ring = SplitVring::new(&ram, RING_GPA, QUEUE_SIZE);
 
@@ -261,14 +238,14 @@ fn kill_9_with_requests_in_flight_then_a_new_daemon_completes_each_exactly_once(
     wait_for("the second request in flight", || {
         (ring.used_idx() == 1 && map.inflight_heads(0) == [heads[1]]).then_some(())
     });
-    first.kill();
+    first.kill().expect("kill the daemon");
     drop(fe);
     assert_eq!(map.inflight_heads(0), [heads[1]], "region after the kill");
     assert_eq!(ring.used_idx(), 1);
 
     // A new daemon on the same (now stale) socket; the frontend replays the handshake with
     // the region it kept, and the guest's used index as base. Nobody kicks.
-    let second = Daemon::start_with(dir.as_path(), "second", &image, &[], &[]);
+    let second = start_with(dir.as_path(), "second", &image, &[], &[]);
     let (mut fe, features) = connect(&second.socket);
     fe.set_inflight_fd(&region, file.as_raw_fd()).unwrap();
     let (kick, _call) = start_queue(&mut fe, features, &ram, &ring, ring.used_idx());
@@ -286,7 +263,7 @@ fn kill_9_with_requests_in_flight_then_a_new_daemon_completes_each_exactly_once(
         );
     }
     assert!(map.inflight_heads(0).is_empty());
-    let log = second.log();
+    let log = second.log_text();
     assert!(log.contains("resubmitting 1 request(s)"), "{log}");
 
     // The recovered queue keeps serving kicked requests.
@@ -300,7 +277,7 @@ fn kill_9_with_requests_in_flight_then_a_new_daemon_completes_each_exactly_once(
 fn bad_inflight_requests_get_errors_and_the_daemon_keeps_serving() {
     let dir = TempDir::new().unwrap();
     let image = make_image(dir.as_path());
-    let mut daemon = Daemon::start(dir.as_path(), &image, &[]);
+    let mut daemon = start(dir.as_path(), &image, &[]);
 
     // Requests vhost's parser accepts but that make no sense get an error answer on a
     // connection that stays usable.
@@ -327,7 +304,7 @@ fn bad_inflight_requests_get_errors_and_the_daemon_keeps_serving() {
     let (r, _) = fe.get_inflight_fd(&inflight_request(QUEUE_SIZE)).unwrap();
     assert!(r.mmap_size >= area_len(QUEUE_SIZE) as u64);
     drop(fe);
-    let log = daemon.log();
+    let log = daemon.log_text();
     for needle in [
         "queue_size 40000",
         "num_queues 2",
@@ -341,13 +318,13 @@ fn bad_inflight_requests_get_errors_and_the_daemon_keeps_serving() {
     // to give: the daemon drops that connection and serves the next one.
     let body = inflight_request(0);
     let cases: [(&str, u32, Vec<u8>); 3] = [
-        ("short GET_INFLIGHT_FD", GET_INFLIGHT_FD, vec![0u8; 8]),
+        ("short GET_INFLIGHT_FD", raw::GET_INFLIGHT_FD, vec![0u8; 8]),
         (
             "GET_INFLIGHT_FD with queue_size 0",
-            GET_INFLIGHT_FD,
+            raw::GET_INFLIGHT_FD,
             body.as_slice().to_vec(),
         ),
-        ("SET_INFLIGHT_FD without an fd", SET_INFLIGHT_FD, {
+        ("SET_INFLIGHT_FD without an fd", raw::SET_INFLIGHT_FD, {
             let mut m = inflight_request(QUEUE_SIZE);
             m.mmap_size = area_len(QUEUE_SIZE) as u64;
             m.as_slice().to_vec()
@@ -359,38 +336,27 @@ fn bad_inflight_requests_get_errors_and_the_daemon_keeps_serving() {
         let proto = (VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::REPLY_ACK)
             .bits();
-        send(&mut raw, SET_PROTOCOL_FEATURES, &proto.to_le_bytes());
+        send(&mut raw, raw::SET_PROTOCOL_FEATURES, &proto.to_le_bytes());
         send(&mut raw, code, &payload);
         let mut reply = [0u8; 64];
         let n = raw
             .read(&mut reply)
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(n, 0, "{what}: the daemon closes the connection");
-        assert!(
-            daemon.child.try_wait().unwrap().is_none(),
-            "{what}: daemon died"
-        );
+        assert!(!daemon.has_exited(), "{what}: daemon died");
     }
     let (mut fe, _) = connect(&daemon.socket);
     assert_eq!(fe.get_queue_num().unwrap(), 1, "a new frontend is served");
     drop(fe);
-    daemon.kill();
+    daemon.kill().expect("kill the daemon");
 }
 
-const SET_PROTOCOL_FEATURES: u32 = 16;
-const GET_INFLIGHT_FD: u32 = 31;
-const SET_INFLIGHT_FD: u32 = 32;
-/// Header flags: protocol version 1 and NEED_REPLY.
-const FLAGS: u32 = 0x1 | 0x8;
-
-/// Write one raw vhost-user message (no fds).
+/// Write one raw vhost-user message (no fds) asking for a reply.
 fn send(stream: &mut UnixStream, code: u32, payload: &[u8]) {
-    let mut msg = Vec::with_capacity(12 + payload.len());
-    msg.extend_from_slice(&code.to_le_bytes());
-    msg.extend_from_slice(&FLAGS.to_le_bytes());
-    msg.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    msg.extend_from_slice(payload);
-    stream.write_all(&msg).unwrap();
+    raw::send(
+        stream,
+        &raw::message(code, raw::VERSION_1 | raw::NEED_REPLY, payload),
+    );
 }
 
 fn tempfile(dir: &Path, name: &str, len: u64) -> File {

@@ -8,32 +8,24 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::Duration;
 
-use common::frontend::{fd_count, negotiate, wait_for, Daemon, GuestMem, TestFrontend, QSIZE};
+use splitvisor_tests::daemon::Daemon;
+use splitvisor_tests::frontend::net::{negotiate, TestFrontend, MEM_SIZE, QSIZE};
+use splitvisor_tests::frontend::{fd_count, raw, GuestRam};
+use splitvisor_tests::wait::{wait_until, TIMEOUT};
+use splitvisor_tests::workdir::Workdir;
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
-use vm_memory::{Bytes, GuestAddress};
 
 const TX: usize = 1;
-const SET_VRING_BASE: u32 = 10;
-const VERSION_1: u32 = 0x1;
-const NEED_REPLY: u32 = 0x8;
-const TIMEOUT: Duration = Duration::from_secs(10);
 
-fn switch_daemon(name: &str) -> (Daemon, PathBuf) {
-    let dir = common::frontend::temp_dir(name);
+/// `splitvisor-net --switch` with one port; the work directory outlives the daemon.
+fn switch_daemon(name: &str) -> (Workdir, Daemon, PathBuf) {
+    let dir = Workdir::new(name);
     let sock = dir.join("a.sock");
-    let args = vec![
-        "--switch".into(),
-        "--socket".into(),
-        sock.display().to_string(),
-    ];
-    (
-        Daemon::spawn(&dir, &args, std::slice::from_ref(&sock)),
-        sock,
-    )
+    let daemon = common::start_switch(&dir, &[&sock], &[]);
+    (dir, daemon, sock)
 }
 
 /// A new frontend gets the whole handshake through and the daemon lives.
@@ -43,7 +35,7 @@ fn assert_serves(daemon: &mut Daemon, sock: &Path) {
         fe.fe.get_features().ok().map(|f| f & 1 << 32),
         Some(1 << 32)
     );
-    assert!(!daemon.exited(), "{}", daemon.stderr());
+    assert!(!daemon.has_exited(), "{}", daemon.log_text());
     fe.fe
         .set_vring_enable(0, false)
         .expect("the daemon answers");
@@ -51,51 +43,57 @@ fn assert_serves(daemon: &mut Daemon, sock: &Path) {
 
 #[test]
 fn memory_past_the_end_of_its_file_unsealed_or_a_wide_ring_base_is_refused() {
-    let (mut daemon, sock) = switch_daemon("hostile-mem");
+    let (_dir, mut daemon, sock) = switch_daemon("hostile-mem");
     let (mut fe, _) = negotiate(&sock, 1);
     fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    let guest = GuestMem::new();
-    let mut too_big = TestFrontend::region(&guest);
+    let guest = TestFrontend::guest();
+    let mut too_big = guest.region();
     too_big.memory_size *= 2;
     assert!(
         fe.set_mem_table(&[too_big]).is_err(),
         "larger than its file"
     );
-    let mut past_end = TestFrontend::region(&guest);
+    let mut past_end = guest.region();
     past_end.mmap_offset = past_end.memory_size;
     past_end.memory_size = 4096;
     assert!(
         fe.set_mem_table(&[past_end]).is_err(),
         "offset past the end"
     );
-    let unsealed = GuestMem::unsealed();
-    let region = TestFrontend::region(&unsealed);
+    let unsealed = GuestRam::unsealed(0, MEM_SIZE);
+    let region = unsealed.region();
     assert!(fe.set_mem_table(&[region]).is_err(), "an unsealed memfd");
     assert!(
         fe.add_mem_region(&past_end).is_err(),
         "ADD_MEM_REG past the end"
     );
-    fe.set_mem_table(&[TestFrontend::region(&guest)])
+    fe.set_mem_table(&[guest.region()])
         .expect("good memory is still accepted on this connection");
     drop(fe);
     // vhost's frontend cannot even say 65536 (u16): a raw SET_VRING_BASE asking for a reply.
     let mut raw = UnixStream::connect(&sock).unwrap();
     raw.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut msg = Vec::new();
-    for word in [SET_VRING_BASE, VERSION_1 | NEED_REPLY, 8, 0, 65536] {
+    for word in [
+        raw::SET_VRING_BASE,
+        raw::VERSION_1 | raw::NEED_REPLY,
+        8,
+        0,
+        65536,
+    ] {
         msg.extend_from_slice(&u32::to_le_bytes(word));
     }
     raw.write_all(&msg).unwrap();
     let mut reply = [0u8; 20];
     raw.read_exact(&mut reply).expect("a reply");
-    assert_eq!(&reply[..4], &SET_VRING_BASE.to_le_bytes());
+    assert_eq!(&reply[..4], &raw::SET_VRING_BASE.to_le_bytes());
     assert_ne!(
         u64::from_le_bytes(reply[12..].try_into().unwrap()),
         0,
         "failure"
     );
     drop(raw);
-    let log = daemon.stderr();
+    let log = daemon.log_text();
     for needle in [
         "lies beyond the end of the",
         "F_SEAL_SHRINK",
@@ -106,7 +104,7 @@ fn memory_past_the_end_of_its_file_unsealed_or_a_wide_ring_base_is_refused() {
 
     // Without NEED_REPLY there is no way to say no: the daemon ends that connection.
     let (fe, _) = negotiate(&sock, 1);
-    let mut past_end = TestFrontend::region(&guest);
+    let mut past_end = guest.region();
     past_end.mmap_offset = past_end.memory_size;
     let _ = fe.set_mem_table(&[past_end]);
     assert!(fe.get_features().is_err(), "connection closed");
@@ -116,17 +114,15 @@ fn memory_past_the_end_of_its_file_unsealed_or_a_wide_ring_base_is_refused() {
 
 #[test]
 fn avail_index_far_ahead_stops_the_queue_once_and_the_daemon_answers() {
-    let (mut daemon, sock) = switch_daemon("hostile-avail");
+    let (_dir, mut daemon, sock) = switch_daemon("hostile-avail");
     let fe = TestFrontend::connect(&sock, 1);
     let ahead: u16 = QSIZE + 100;
-    fe.mem()
-        .write_obj(ahead.to_le(), GuestAddress(fe.vqs[TX].avail() + 2))
-        .unwrap();
+    fe.vqs[TX].set_avail_idx(ahead);
     for _ in 0..100 {
         fe.kick(TX);
     }
-    let logged = wait_for(TIMEOUT, || daemon.stderr().contains("the ring is broken"));
-    assert!(logged, "{}", daemon.stderr());
+    let logged = wait_until(TIMEOUT, || daemon.log_text().contains("the ring is broken"));
+    assert!(logged, "{}", daemon.log_text());
     // GET_VRING_BASE needs the ring the worker would be spinning on.
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -135,25 +131,25 @@ fn avail_index_far_ahead_stops_the_queue_once_and_the_daemon_answers() {
     });
     let base = rx.recv_timeout(TIMEOUT).expect("GET_VRING_BASE answered");
     assert_eq!(base, Ok(0));
-    let log = daemon.stderr();
+    let log = daemon.log_text();
     assert_eq!(log.matches("the ring is broken").count(), 1, "{log}");
     assert_serves(&mut daemon, &sock);
 }
 
 #[test]
 fn reconnects_do_not_leak_descriptors() {
-    let (mut daemon, sock) = switch_daemon("hostile-fds");
-    let pid = daemon.child.id();
-    let waiting = |daemon: &Daemon| daemon.stderr().matches("waiting for a frontend").count();
-    let settled = |daemon: &Daemon, n: usize| wait_for(TIMEOUT, || waiting(daemon) == n);
-    assert!(settled(&daemon, 1), "{}", daemon.stderr());
+    let (_dir, mut daemon, sock) = switch_daemon("hostile-fds");
+    let pid = daemon.pid();
+    let waiting = |daemon: &Daemon| daemon.log_text().matches("waiting for a frontend").count();
+    let settled = |daemon: &Daemon, n: usize| wait_until(TIMEOUT, || waiting(daemon) == n);
+    assert!(settled(&daemon, 1), "{}", daemon.log_text());
     // One connection first: anything set up once per daemon is in place.
     drop(TestFrontend::connect(&sock, 1));
-    assert!(settled(&daemon, 2), "{}", daemon.stderr());
+    assert!(settled(&daemon, 2), "{}", daemon.log_text());
     let before = fd_count(pid);
     for i in 0..50 {
         drop(TestFrontend::connect(&sock, 1));
-        assert!(settled(&daemon, 3 + i), "{}", daemon.stderr());
+        assert!(settled(&daemon, 3 + i), "{}", daemon.log_text());
     }
     assert_eq!(fd_count(pid), before, "descriptors after 50 reconnects");
     assert_serves(&mut daemon, &sock);

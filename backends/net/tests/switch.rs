@@ -3,11 +3,12 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use common::frontend::{net_frame, wait_for, Daemon, TestFrontend};
+use splitvisor_tests::frontend::net::{net_frame, TestFrontend};
+use splitvisor_tests::wait::wait_until;
+use splitvisor_tests::workdir::{mode, Workdir};
 use vm_memory::{Bytes, GuestAddress};
 
 const RX: usize = 0;
@@ -17,23 +18,12 @@ const TX_BUF: u64 = 0x80000;
 
 #[test]
 fn switch_forwards_broadcast_between_ports() {
-    let dir = common::frontend::temp_dir("switch");
+    let dir = Workdir::new("switch");
     let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
-    let args: Vec<String> = vec![
-        "--switch".into(),
-        "--socket".into(),
-        a.display().to_string(),
-        "--socket".into(),
-        b.display().to_string(),
-        "--mac".into(),
-        "52:54:00:00:00:0a".into(),
-        "--mac".into(),
-        "52:54:00:00:00:0b".into(),
-    ];
-    let mut daemon = Daemon::spawn(&dir, &args, &[a.clone(), b.clone()]);
+    let macs = ["--mac", "52:54:00:00:00:0a", "--mac", "52:54:00:00:00:0b"];
+    let mut daemon = common::start_switch(&dir, &[&a, &b], &macs);
     for sock in [&a, &b] {
-        let mode = std::fs::metadata(sock).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "{}", sock.display());
+        assert_eq!(mode(sock), 0o600, "{}", sock.display());
     }
 
     // A second daemon on the same path refuses clearly.
@@ -70,8 +60,8 @@ fn switch_forwards_broadcast_between_ports() {
     );
     // Port B registers its RX queue asynchronously after SET_VRING_ENABLE: resend until seen.
     let mut sent = 0u64;
-    let arrived = wait_for(Duration::from_secs(10), || {
-        if fb.vqs[RX].used_idx(fb.mem()) > 0 {
+    let arrived = wait_until(Duration::from_secs(10), || {
+        if fb.vqs[RX].used_idx() > 0 {
             return true;
         }
         fa.send(TX, TX_BUF + 0x1000 * (sent % 16), &frame);
@@ -79,8 +69,8 @@ fn switch_forwards_broadcast_between_ports() {
         std::thread::sleep(Duration::from_millis(20));
         false
     });
-    assert!(arrived, "frame never reached port B: {}", daemon.stderr());
-    let (id, len) = fb.vqs[RX].used_elem(fb.mem(), 0);
+    assert!(arrived, "frame never reached port B: {}", daemon.log_text());
+    let (id, len) = fb.vqs[RX].used_elem(0);
     assert_eq!(len as usize, frame.len());
     let mut got = vec![0u8; frame.len()];
     fb.mem()
@@ -88,19 +78,18 @@ fn switch_forwards_broadcast_between_ports() {
         .unwrap();
     assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
     assert_eq!(&got[12..], &frame[12..]);
-    assert!(wait_for(
-        Duration::from_secs(5),
-        || fa.vqs[TX].used_idx(fa.mem()) as u64 == sent
-    ));
+    assert!(wait_until(Duration::from_secs(5), || fa.vqs[TX].used_idx()
+        as u64
+        == sent));
 
     // Disconnecting A prints STATS; the daemon keeps serving A's socket.
     drop(fa);
-    let stats = wait_for(Duration::from_secs(10), || {
-        daemon.stderr().contains("STATS {")
+    let stats = wait_until(Duration::from_secs(10), || {
+        daemon.log_text().contains("STATS {")
     });
-    assert!(stats, "no STATS line: {}", daemon.stderr());
+    assert!(stats, "no STATS line: {}", daemon.log_text());
     let line = daemon
-        .stderr()
+        .log_text()
         .lines()
         .find(|l| l.starts_with("STATS {"))
         .unwrap()
@@ -108,12 +97,9 @@ fn switch_forwards_broadcast_between_ports() {
     assert!(line.contains("\"tx_frames\":"), "{line}");
     let again = TestFrontend::connect(&a, 1);
     assert_eq!(&again.config[..6], &[0x52, 0x54, 0, 0, 0, 0x0a]);
-    assert!(!daemon.exited());
+    assert!(!daemon.has_exited());
 
     // SIGTERM removes the sockets.
-    // SAFETY: signalling the child process we spawned.
-    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
-    assert!(wait_for(Duration::from_secs(10), || daemon.exited()));
+    daemon.stop().expect("the daemon exits on SIGTERM");
     assert!(!a.exists() && !b.exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }

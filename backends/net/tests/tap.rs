@@ -3,11 +3,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use common::frontend::{net_frame, wait_for, Daemon, TestFrontend};
+use splitvisor_tests::frontend::net::{inject, net_frame, tap_available, TestFrontend, QSIZE};
+use splitvisor_tests::wait::wait_until;
+use splitvisor_tests::workdir::Workdir;
 use vhost::VhostBackend;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -17,18 +17,6 @@ const RX_BUFS: u64 = 0x40000;
 const TX_BUF: u64 = 0x80000;
 const ETHERTYPE: u16 = 0x88b5;
 
-fn tap_available() -> bool {
-    if Path::new("/dev/net/tun").exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "/dev/net/tun is missing and CI is set: the TAP test must run"
-    );
-    eprintln!("skipping TAP test: /dev/net/tun is missing");
-    false
-}
-
 fn counter(tap: &str, name: &str) -> u64 {
     std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/{name}"))
         .ok()
@@ -36,53 +24,14 @@ fn counter(tap: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Transmit `frame` (no vnet header) out of interface `ifname` with an AF_PACKET socket.
-fn inject(ifname: &str, frame: &[u8]) {
-    let name = std::ffi::CString::new(ifname).unwrap();
-    // SAFETY: plain libc calls on values we own; the socket is closed below.
-    unsafe {
-        let ifindex = libc::if_nametoindex(name.as_ptr());
-        assert!(ifindex > 0, "no interface {ifname}");
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        assert!(fd >= 0, "AF_PACKET socket");
-        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = ifindex as i32;
-        addr.sll_halen = 6;
-        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-        let sent = libc::sendto(
-            fd,
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        );
-        libc::close(fd);
-        assert_eq!(sent, frame.len() as isize, "sendto");
-    }
-}
-
 #[test]
 fn tap_moves_frames_both_ways() {
-    if !tap_available() {
+    if !tap_available("tap_moves_frames_both_ways") {
         return;
     }
-    let dir = common::frontend::temp_dir("tap");
-    let sock = dir.join("net.sock");
-    let tap = format!("svt{}", std::process::id() % 100_000);
-    let args: Vec<String> = vec![
-        "--tap".into(),
-        tap.clone(),
-        "--socket".into(),
-        sock.display().to_string(),
-    ];
-    let daemon = Daemon::spawn(&dir, &args, std::slice::from_ref(&sock));
-    let up = Command::new("ip")
-        .args(["link", "set", "dev", &tap, "up"])
-        .status()
-        .expect("run ip");
-    assert!(up.success(), "ip link set up failed");
+    let dir = Workdir::new("tap");
+    let (daemon, sock, tap) = common::start_tap(&dir, "svt");
+    common::link_up(&tap);
 
     let mut fe = TestFrontend::connect(&sock, 1);
     assert_eq!(
@@ -95,13 +44,11 @@ fn tap_moves_frames_both_ways() {
     let before = counter(&tap, "rx_packets");
     let frame = net_frame([0xff; 6], [0x52, 0x54, 0, 0, 0, 1], ETHERTYPE, &[7u8; 64]);
     fe.send(TX, TX_BUF, &frame);
-    let seen = wait_for(Duration::from_secs(10), || {
+    let seen = wait_until(Duration::from_secs(10), || {
         counter(&tap, "rx_packets") > before
     });
-    assert!(seen, "TAP never received the frame: {}", daemon.stderr());
-    assert!(wait_for(Duration::from_secs(5), || fe.vqs[TX]
-        .used_idx(fe.mem())
-        == 1));
+    assert!(seen, "TAP never received the frame: {}", daemon.log_text());
+    assert!(wait_until(Duration::from_secs(5), || fe.vqs[TX].used_idx() == 1));
 
     // TAP -> guest. IPv6 autoconfiguration may send frames too: look for ours.
     fe.post_rx(RX, RX_BUFS, 32, 2048);
@@ -110,13 +57,13 @@ fn tap_moves_frames_both_ways() {
     raw.drain(..12);
     let mut found = false;
     let mut checked = 0u16;
-    let ok = wait_for(Duration::from_secs(10), || {
+    let ok = wait_until(Duration::from_secs(10), || {
         if checked == 0 {
             inject(&tap, &raw);
         }
-        let used = fe.vqs[RX].used_idx(fe.mem());
+        let used = fe.vqs[RX].used_idx();
         while checked < used {
-            let (id, len) = fe.vqs[RX].used_elem(fe.mem(), checked);
+            let (id, len) = fe.vqs[RX].used_elem(checked);
             let mut buf = vec![0u8; len as usize];
             let addr = GuestAddress(RX_BUFS + u64::from(id) * 2048);
             fe.mem().read_slice(&mut buf, addr).unwrap();
@@ -131,29 +78,20 @@ fn tap_moves_frames_both_ways() {
     assert!(
         ok,
         "injected frame never reached the RX ring: {}",
-        daemon.stderr()
+        daemon.log_text()
     );
     drop(fe);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn tap_a_flood_of_bad_tx_chains_logs_a_bounded_amount() {
-    if !tap_available() {
+    if !tap_available("tap_a_flood_of_bad_tx_chains_logs_a_bounded_amount") {
         return;
     }
-    let dir = common::frontend::temp_dir("tap-flood");
-    let sock = dir.join("net.sock");
-    let tap = format!("svf{}", std::process::id() % 100_000);
-    let args: Vec<String> = vec![
-        "--tap".into(),
-        tap.clone(),
-        "--socket".into(),
-        sock.display().to_string(),
-    ];
-    let daemon = Daemon::spawn(&dir, &args, std::slice::from_ref(&sock));
+    let dir = Workdir::new("tap-flood");
+    let (daemon, sock, _tap) = common::start_tap(&dir, "svf");
     let mut fe = TestFrontend::connect(&sock, 1);
-    let log_before = daemon.stderr().len();
+    let log_before = daemon.log_text().len();
     // Shorter than the virtio-net header: each one is dropped (and was logged, 84 bytes each).
     let (total, batch) = (10_000u32, 32u32);
     let mut done = 0u32;
@@ -163,12 +101,10 @@ fn tap_a_flood_of_bad_tx_chains_logs_a_bounded_amount() {
         }
         done += batch;
         let want = done as u16;
-        let completed = wait_for(Duration::from_secs(10), || {
-            fe.vqs[TX].used_idx(fe.mem()) == want
-        });
-        assert!(completed, "batch up to {done}: {}", daemon.stderr());
+        let completed = wait_until(Duration::from_secs(10), || fe.vqs[TX].used_idx() == want);
+        assert!(completed, "batch up to {done}: {}", daemon.log_text());
     }
-    let log = daemon.stderr();
+    let log = daemon.log_text();
     let flood = &log[log_before..];
     assert_eq!(flood.matches("dropping TX chain").count(), 10, "{flood}"); // loglimit::BURST
     assert!(
@@ -177,38 +113,27 @@ fn tap_a_flood_of_bad_tx_chains_logs_a_bounded_amount() {
         flood.len()
     );
     drop(fe);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn tap_avail_index_far_ahead_stops_the_queue_once_and_the_daemon_answers() {
-    if !tap_available() {
+    if !tap_available("tap_avail_index_far_ahead_stops_the_queue_once_and_the_daemon_answers") {
         return;
     }
-    let dir = common::frontend::temp_dir("tap-avail");
-    let sock = dir.join("net.sock");
-    let tap = format!("sva{}", std::process::id() % 100_000);
-    let args: Vec<String> = vec![
-        "--tap".into(),
-        tap.clone(),
-        "--socket".into(),
-        sock.display().to_string(),
-    ];
-    let mut daemon = Daemon::spawn(&dir, &args, std::slice::from_ref(&sock));
+    let dir = Workdir::new("tap-avail");
+    let (mut daemon, sock, _tap) = common::start_tap(&dir, "sva");
     let fe = TestFrontend::connect(&sock, 1);
-    let ahead: u16 = common::frontend::QSIZE + 100;
+    let ahead: u16 = QSIZE + 100;
     for q in [RX, TX] {
-        fe.mem()
-            .write_obj(ahead.to_le(), GuestAddress(fe.vqs[q].avail() + 2))
-            .unwrap();
+        fe.vqs[q].set_avail_idx(ahead);
         for _ in 0..50 {
             fe.kick(q);
         }
     }
-    let logged = wait_for(Duration::from_secs(10), || {
-        daemon.stderr().matches("the ring is broken").count() == 2
+    let logged = wait_until(Duration::from_secs(10), || {
+        daemon.log_text().matches("the ring is broken").count() == 2
     });
-    assert!(logged, "{}", daemon.stderr());
+    assert!(logged, "{}", daemon.log_text());
     // GET_VRING_BASE needs the vring lock a spinning worker would hold.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -219,12 +144,11 @@ fn tap_avail_index_far_ahead_stops_the_queue_once_and_the_daemon_answers() {
         .recv_timeout(Duration::from_secs(10))
         .expect("GET_VRING_BASE answered");
     assert_eq!(bases, [Ok(0), Ok(0)]);
-    assert_eq!(daemon.stderr().matches("the ring is broken").count(), 2);
+    assert_eq!(daemon.log_text().matches("the ring is broken").count(), 2);
     let again = TestFrontend::connect(&sock, 1);
     assert_eq!(
         again.fe.get_features().ok().map(|f| f & 1 << 32),
         Some(1 << 32)
     );
-    assert!(!daemon.exited());
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!daemon.has_exited());
 }

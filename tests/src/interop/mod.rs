@@ -9,10 +9,11 @@
 //! - [`initramfs::Initramfs`]: a deterministic cpio with `/init` that loads modules, runs a test
 //!   script and powers off.
 //! - [`qemu::Qemu`]: the QEMU command line, run with a timeout, serial console captured.
-//! - [`daemon::Daemon`]: start a workspace binary (built on demand), wait for its socket.
-//! - [`Workdir`]: a temporary directory whose registered logs are printed if the test fails.
-//! - [`netns::Netns`]: a private network namespace for the host end of a TAP, removed on drop;
-//!   [`netns::NetTools::require`] finds `ip` and `ping` and checks for root.
+//! - [`crate::daemon::Daemon`]: start a workspace binary (built on demand), wait for its socket.
+//! - [`crate::workdir::Workdir`]: a temporary directory whose registered logs are printed if the
+//!   test fails.
+//! - [`crate::netns::Netns`]: a private network namespace for the host end of a TAP, removed on
+//!   drop; [`crate::netns::NetTools::require`] finds `ip` and `ping` and checks for root.
 //!
 //! Running: `cargo test -p splitvisor-tests` (or `--workspace`). The daemons are built on demand
 //! with `cargo build -p <package>` into the test's own target directory and profile (a no-op when
@@ -23,7 +24,7 @@
 //! `SPLITVISOR_BUSYBOX`, `SPLITVISOR_INTEROP_TIMEOUT_S` (per guest, default 120),
 //! `SPLITVISOR_KEEP_TMP` (keep work directories of passing tests).
 //!
-//! A new interop test: start the daemon with [`daemon::Daemon::start`], build an
+//! A new interop test: start the daemon with [`crate::daemon::Daemon::start`], build an
 //! [`initramfs::Initramfs`] with the modules and a script printing `SV:key=value` lines, attach
 //! the device (e.g. [`qemu::Qemu::vhost_user_blk`]), call [`qemu::GuestRun::assert_passed`] and
 //! compare the markers with host-side facts. A test that must talk to the running guest (the
@@ -31,16 +32,11 @@
 //! [`qemu::Qemu::run`].
 
 pub mod cpio;
-pub mod daemon;
 pub mod initramfs;
-pub mod netns;
 pub mod qemu;
 
-use std::cell::RefCell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Environment variable overriding the QEMU binary.
 pub const ENV_QEMU: &str = "SPLITVISOR_QEMU";
@@ -51,8 +47,6 @@ pub const ENV_KERNEL: &str = "SPLITVISOR_INTEROP_KERNEL";
 pub const ENV_MODULES: &str = "SPLITVISOR_INTEROP_MODULES";
 /// Environment variable overriding the static busybox binary.
 pub const ENV_BUSYBOX: &str = "SPLITVISOR_BUSYBOX";
-/// Set to keep the work directories of passing tests too.
-pub const ENV_KEEP: &str = "SPLITVISOR_KEEP_TMP";
 
 /// What to install when something is missing.
 const INSTALL_HINT: &str =
@@ -222,170 +216,5 @@ fn modules_dir_for(kernel: &Path) -> Result<PathBuf, String> {
         Ok(dir)
     } else {
         Err(format!("{}/modules.dep missing", dir.display()))
-    }
-}
-
-/// Poll `f` every 10 ms until it yields a value; `Err` names what timed out.
-pub fn poll_until<T>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> Option<T>,
-) -> Result<T, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("timed out after {timeout:?} waiting for {what}"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A fresh temporary directory. Logs registered with [`Workdir::log`] are printed (their last
-/// lines) when the test panics; the directory is then kept for inspection, otherwise removed.
-#[derive(Debug)]
-pub struct Workdir {
-    path: PathBuf,
-    logs: RefCell<Vec<(String, PathBuf)>>,
-}
-
-impl Workdir {
-    /// A directory under the system temp dir; keep `name` short, Unix socket paths inside it
-    /// must stay under 108 bytes.
-    pub fn new(name: &str) -> Workdir {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "sv-{name}-{}-{n}-{:08x}",
-            std::process::id(),
-            nonce() as u32
-        ));
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-        Workdir {
-            path,
-            logs: RefCell::new(Vec::new()),
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.path.join(name)
-    }
-
-    /// Print the tail of `path` under `label` if the test fails.
-    pub fn log(&self, label: &str, path: &Path) {
-        self.logs
-            .borrow_mut()
-            .push((label.to_string(), path.to_path_buf()));
-    }
-}
-
-impl Drop for Workdir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for (label, path) in self.logs.borrow().iter() {
-                eprintln!(
-                    "----- {label} ({}), last lines -----\n{}",
-                    path.display(),
-                    tail(path, 60)
-                );
-            }
-            eprintln!("----- work directory kept: {}", self.path.display());
-        } else if std::env::var_os(ENV_KEEP).is_none() {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-/// The last `lines` lines of a text file (lossy UTF-8), or why it cannot be read.
-pub fn tail(path: &Path, lines: usize) -> String {
-    match std::fs::read(path) {
-        Ok(data) => {
-            let text = String::from_utf8_lossy(&data);
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        }
-        Err(e) => format!("(cannot read: {e})"),
-    }
-}
-
-/// A value that differs between runs (time and pid), to seed test data.
-pub fn nonce() -> u64 {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    t ^ (u64::from(std::process::id()) << 32)
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*) from `seed`.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// The bytes `yes LINE | head -c LEN` produces in the guest.
-pub fn yes_pattern(line: &str, len: usize) -> Vec<u8> {
-    let unit = format!("{line}\n");
-    unit.bytes().cycle().take(len).collect()
-}
-
-/// CRC-32 (IEEE, as zlib and busybox `crc32` compute it).
-pub fn crc32(data: &[u8]) -> u32 {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut t = [0u32; 256];
-        for (i, slot) in t.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xedb8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-            *slot = c;
-        }
-        t
-    });
-    !data.iter().fold(!0u32, |c, &b| {
-        table[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn crc32_check_value() {
-        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
-        assert_eq!(crc32(b""), 0);
-    }
-
-    #[test]
-    fn yes_pattern_repeats_lines() {
-        assert_eq!(yes_pattern("ab", 7), b"ab\nab\na");
-    }
-
-    #[test]
-    fn pattern_is_seeded() {
-        assert_eq!(pattern(7, 100), pattern(7, 100));
-        assert_ne!(pattern(7, 100), pattern(8, 100));
-        assert_eq!(pattern(7, 13).len(), 13);
     }
 }

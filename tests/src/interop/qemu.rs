@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{HostTools, Workdir};
+use super::HostTools;
+use crate::wait::poll_until;
+use crate::workdir::Workdir;
 
 /// Environment variable overriding [`DEFAULT_TIMEOUT`] (seconds).
 pub const ENV_TIMEOUT: &str = "SPLITVISOR_INTEROP_TIMEOUT_S";
@@ -218,7 +220,7 @@ impl RunningGuest {
     pub fn wait_marker(&mut self, key: &str, timeout: Duration) -> Result<String, String> {
         let serial = &self.serial;
         let child = &mut self.child;
-        let found = super::poll_until(&format!("marker SV:{key}="), timeout, || {
+        let found = poll_until(&format!("marker SV:{key}="), timeout, || {
             if let Some(value) = last_marker(&read_lossy(serial), key) {
                 return Some(Ok(value.to_string()));
             }
@@ -239,7 +241,7 @@ impl RunningGuest {
     pub fn wait(mut self) -> GuestRun {
         let left = self.timeout.saturating_sub(self.start.elapsed());
         let child = &mut self.child;
-        let waited = super::poll_until("QEMU to exit", left, || child.try_wait().ok().flatten());
+        let waited = poll_until("QEMU to exit", left, || child.try_wait().ok().flatten());
         let (status, timed_out) = match waited {
             Ok(status) => (Some(status), false),
             Err(_) => {

@@ -7,7 +7,9 @@ use std::process::Command;
 
 use super::cases::Checks;
 use super::NestedHost;
-use crate::interop::{crc32, find_in_path, skip_unless_ci, Workdir};
+use crate::interop::{find_in_path, skip_unless_ci};
+use crate::pattern::crc32;
+use crate::workdir::Workdir;
 
 /// e2fsprogs' checker and debugger on the host.
 #[derive(Debug, Clone)]

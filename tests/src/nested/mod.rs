@@ -40,10 +40,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::interop::daemon::workspace_bin_in_profile;
+use crate::daemon::workspace_bin_in_profile;
 use crate::interop::initramfs::Initramfs;
 use crate::interop::qemu::{GuestRun, Qemu};
-use crate::interop::{find_in_path, skip_unless_ci, HostTools, Workdir};
+use crate::interop::{find_in_path, skip_unless_ci, HostTools};
+use crate::workdir::Workdir;
 use rootfs::RootFs;
 pub use run::{ExtraDisk, NestedFile, NestedOptions, NestedRun};
 

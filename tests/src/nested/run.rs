@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::l1::{MARKER_PREFIX, OUTPUT_PREFIX};
-use crate::interop::Workdir;
+use crate::workdir::Workdir;
 
 /// Environment variable overriding every nested run's timeout (seconds), for slow hosts.
 pub const ENV_TIMEOUT: &str = "SPLITVISOR_NESTED_TIMEOUT_S";

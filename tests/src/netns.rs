@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use super::{find_in_path, skip_unless_ci};
+use crate::interop::{find_in_path, skip_unless_ci};
 
 /// What to install when a network tool is missing.
 const NET_HINT: &str = "run .ci/install-deps.sh as root (iproute2, iputils-ping)";
@@ -83,6 +83,11 @@ impl Netns {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The `ip` binary that runs programs inside the namespace (see [`Netns::exec_args`]).
+    pub fn ip(&self) -> &Path {
+        &self.ip
     }
 
     /// The arguments of `ip` that run `program` inside the namespace (`ip netns exec NAME

@@ -1,13 +1,16 @@
 //! Starting the workspace's daemons (`splitvisor-blk`, `splitvisor-net`) for a test: locate or
-//! build the binary, spawn it with its log in the work directory, wait for its socket.
+//! build the binary, spawn it with its log in the work directory, wait for its sockets (or its
+//! "serving" line), stop it (SIGTERM, SIGKILL as a crash) and stop it when dropped.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use super::{poll_until, Workdir};
+use crate::wait::poll_until;
+use crate::workdir::{tail, Workdir};
 
 /// Environment variable naming a directory with prebuilt daemon binaries; without it the
 /// binaries are built (or found up to date) with `cargo build` in this test's target directory.
@@ -26,6 +29,12 @@ pub fn workspace_bin(package: &str, bin: &str) -> Result<PathBuf, String> {
         return bin_in_dir(Path::new(&dir), bin, ENV_BIN_DIR);
     }
     built_bin(package, bin, None)
+}
+
+/// [`workspace_bin`] for a package whose binary has its name (`splitvisor-blk`,
+/// `splitvisor-net`); panics if it cannot be built.
+pub fn bin(package: &str) -> PathBuf {
+    workspace_bin(package, package).unwrap_or_else(|e| panic!("{package} binary: {e}"))
 }
 
 /// Like [`workspace_bin`] but always in cargo profile `profile` (e.g. `release`, for binaries
@@ -151,7 +160,7 @@ fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<(ExitStatus,
     let log = std::env::temp_dir().join(format!(
         "splitvisor-build-{}-{}.log",
         std::process::id(),
-        super::nonce()
+        crate::pattern::nonce()
     ));
     let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
     let err = file.try_clone().map_err(|e| e.to_string())?;
@@ -164,7 +173,7 @@ fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<(ExitStatus,
     let waited = poll_until(&format!("{cmd:?}"), timeout, || {
         child.try_wait().ok().flatten()
     });
-    let text = super::tail(&log, 80);
+    let text = tail(&log, 80);
     let _ = std::fs::remove_file(&log);
     match waited {
         Ok(status) => Ok((status, text)),
@@ -186,67 +195,143 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// `splitvisor-blk --socket DIR/NAME.sock --image IMAGE --share`, waited for: the daemon the
-    /// swap tests run two or more of on one image (hence `--share`).
-    pub fn shared_blk(dir: &Workdir, name: &str, image: &Path) -> Daemon {
-        let bin = workspace_bin("splitvisor-blk", "splitvisor-blk").expect("splitvisor-blk binary");
-        let socket = dir.join(&format!("{name}.sock"));
-        Daemon::start(
-            dir,
-            name,
-            &bin,
-            &[
-                "--socket".as_ref(),
-                socket.as_os_str(),
-                "--image".as_ref(),
-                image.as_os_str(),
-                "--share".as_ref(),
-            ],
-            &socket,
-        )
-        .expect("start splitvisor-blk")
-    }
-
-    /// Spawn `bin args...` with stdout+stderr in `<workdir>/<name>.log` and wait until `socket`
-    /// exists (the daemons bind and listen before announcing anything, so an existing socket
-    /// accepts connections). Fails early if the daemon exits.
-    pub fn start(
-        workdir: &Workdir,
+    /// Spawn `bin args...` with `env`, its stdout and stderr in `<dir>/<name>.log`, not waited
+    /// for (see [`Daemon::wait_ready`]); `socket` is the one it is told to serve on.
+    pub fn spawn(
+        dir: &Path,
         name: &str,
         bin: &Path,
-        args: &[&std::ffi::OsStr],
+        args: &[&OsStr],
+        env: &[(&str, &str)],
         socket: &Path,
     ) -> Result<Daemon, String> {
-        let log = workdir.join(&format!("{name}.log"));
-        workdir.log(&format!("{name} daemon log"), &log);
-        let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)
+            .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
         let err = file.try_clone().map_err(|e| e.to_string())?;
         let child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        let mut daemon = Daemon {
+        Ok(Daemon {
             child,
             socket: socket.to_path_buf(),
             log,
             name: name.to_string(),
-        };
-        let what = format!("{name} to create {}", socket.display());
+        })
+    }
+
+    /// Wait (at most [`SOCKET_TIMEOUT`]) until `ready` holds; fails early, with the log, if
+    /// the daemon exits first.
+    pub fn wait_ready(
+        &mut self,
+        what: &str,
+        mut ready: impl FnMut(&Daemon) -> bool,
+    ) -> Result<(), String> {
         let mut exited = None;
-        poll_until(&what, SOCKET_TIMEOUT, || {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
+        poll_until(&format!("{} {what}", self.name), SOCKET_TIMEOUT, || {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 exited = Some(status);
                 return Some(());
             }
-            socket.exists().then_some(())
-        })?;
-        if let Some(status) = exited {
-            return Err(format!("{name} exited early with {status}"));
+            ready(self).then_some(())
+        })
+        .map_err(|e| format!("{e}; its log:\n{}", self.log_text()))?;
+        match exited {
+            Some(status) => Err(format!(
+                "{} exited early with {status}; its log:\n{}",
+                self.name,
+                self.log_text()
+            )),
+            None => Ok(()),
         }
+    }
+
+    /// Spawn `bin args...` with its output in `<dir>/<name>.log` and wait until every socket in
+    /// `sockets` exists (the daemons bind and listen before announcing anything, so an existing
+    /// socket accepts connections). `Daemon::socket` is the first.
+    pub fn start_in(
+        dir: &Path,
+        name: &str,
+        bin: &Path,
+        args: &[&OsStr],
+        sockets: &[&Path],
+    ) -> Result<Daemon, String> {
+        let first = sockets.first().ok_or("a daemon needs a socket")?;
+        let mut daemon = Daemon::spawn(dir, name, bin, args, &[], first)?;
+        daemon.wait_ready("to create its sockets", |_| {
+            sockets.iter().all(|s| s.exists())
+        })?;
         Ok(daemon)
+    }
+
+    /// [`Daemon::start_in`] a [`Workdir`], which shows the daemon's log if the test fails.
+    pub fn start_all(
+        workdir: &Workdir,
+        name: &str,
+        bin: &Path,
+        args: &[&OsStr],
+        sockets: &[&Path],
+    ) -> Result<Daemon, String> {
+        let daemon = Daemon::start_in(workdir.path(), name, bin, args, sockets)?;
+        workdir.log(&format!("{name} daemon log"), &daemon.log);
+        Ok(daemon)
+    }
+
+    /// [`Daemon::start_all`] with one socket.
+    pub fn start(
+        workdir: &Workdir,
+        name: &str,
+        bin: &Path,
+        args: &[&OsStr],
+        socket: &Path,
+    ) -> Result<Daemon, String> {
+        Daemon::start_all(workdir, name, bin, args, &[socket])
+    }
+
+    /// `splitvisor-blk --socket SOCKET --image IMAGE EXTRA...` (the workspace's binary), waited
+    /// for.
+    pub fn blk(dir: &Workdir, name: &str, socket: &Path, image: &Path, extra: &[&str]) -> Daemon {
+        let mut args = blk_args(socket, image);
+        args.extend(extra.iter().map(OsStr::new));
+        Daemon::start(dir, name, &bin("splitvisor-blk"), &args, socket)
+            .expect("start splitvisor-blk")
+    }
+
+    /// `splitvisor-blk --socket DIR/NAME.sock --image IMAGE --share`, waited for: the daemon the
+    /// swap tests run two or more of on one image (hence `--share`).
+    pub fn shared_blk(dir: &Workdir, name: &str, image: &Path) -> Daemon {
+        let socket = dir.join(&format!("{name}.sock"));
+        Daemon::blk(dir, name, &socket, image, &["--share"])
+    }
+
+    /// `BIN --socket DIR/blk.sock --image IMAGE EXTRA...` with `env` (a `splitvisor-blk` binary
+    /// the caller names, e.g. its own crate's), logging to `DIR/NAME.log`, not waited for.
+    pub fn spawn_blk(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        image: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let socket = dir.join("blk.sock");
+        let mut args = blk_args(&socket, image);
+        args.extend(extra.iter().map(OsStr::new));
+        Daemon::spawn(dir, name, bin, &args, env, &socket).expect("spawn splitvisor-blk")
+    }
+
+    /// Wait until the daemon logs that it is serving: its socket path may already exist,
+    /// left behind by a killed daemon, so the socket's existence says nothing.
+    pub fn wait_serving(mut self) -> Daemon {
+        // The line is logged once the socket is bound and listening.
+        self.wait_ready("to serve", |d| d.log_text().contains("serving "))
+            .unwrap_or_else(|e| panic!("{e}"));
+        self
     }
 
     /// The daemon's process id.
@@ -254,8 +339,29 @@ impl Daemon {
         self.child.id()
     }
 
+    /// What the daemon has written to its log (stdout and stderr) so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// True once the daemon has exited.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Wait (at most [`EXIT_TIMEOUT`]) for the daemon to exit by itself.
+    pub fn wait_exit(&mut self) -> Result<ExitStatus, String> {
+        let child = &mut self.child;
+        poll_until(&format!("{} to exit", self.name), EXIT_TIMEOUT, || {
+            child.try_wait().ok().flatten()
+        })
+    }
+
     /// Kill the daemon with SIGKILL (no chance to clean up, as in a crash) and reap it.
     pub fn kill(&mut self) -> Result<ExitStatus, String> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Ok(status);
+        }
         self.child
             .kill()
             .map_err(|e| format!("cannot kill {}: {e}", self.name))?;
@@ -272,10 +378,7 @@ impl Daemon {
         let pid = libc::pid_t::try_from(self.child.id()).map_err(|e| e.to_string())?;
         // SAFETY: plain syscall on the pid of our own child, which has not been reaped yet.
         unsafe { libc::kill(pid, libc::SIGTERM) };
-        let child = &mut self.child;
-        poll_until(&format!("{} to exit", self.name), EXIT_TIMEOUT, || {
-            child.try_wait().ok().flatten()
-        })
+        self.wait_exit()
     }
 }
 
@@ -286,4 +389,14 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `--socket SOCKET --image IMAGE`.
+fn blk_args<'a>(socket: &'a Path, image: &'a Path) -> Vec<&'a OsStr> {
+    vec![
+        "--socket".as_ref(),
+        socket.as_os_str(),
+        "--image".as_ref(),
+        image.as_os_str(),
+    ]
 }

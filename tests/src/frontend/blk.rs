@@ -1,5 +1,5 @@
-//! A frontend session with the daemon as a VMM sets it up: the full handshake (features,
-//! memory table, rings) and single requests through a queue.
+//! A virtio-blk frontend session with `splitvisor-blk` as a VMM sets it up: the full handshake
+//! (features, memory table, rings) and single requests through a queue.
 
 use std::path::Path;
 
@@ -8,20 +8,20 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::daemon::wait_call;
-use super::vring::{GuestRam, SplitVring};
+use super::{start_queue, wait_call, GuestRam, SplitVring};
+use super::{F_EVENT_IDX, F_PROTOCOL_FEATURES, F_VERSION_1};
 
 pub const RAM_GPA: u64 = 0;
 pub const RAM_SIZE: u64 = 4 << 20;
 pub const QUEUE_SIZE: u16 = 64;
+/// The image a daemon test serves: 4 MiB.
+pub const IMAGE_SIZE: u64 = 4 << 20;
 
-pub const F_VERSION_1: u64 = 1 << 32;
-pub const F_EVENT_IDX: u64 = 1 << 29;
-pub const F_PROTOCOL: u64 = 1 << 30;
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
+pub const T_IN: u32 = VIRTIO_BLK_T_IN;
+pub const T_OUT: u32 = VIRTIO_BLK_T_OUT;
 
 /// A connected, configured frontend with its queues.
 pub struct Session {
@@ -33,17 +33,25 @@ pub struct Session {
 /// The handshake up to (not including) SET_FEATURES, every later message asking for a
 /// REPLY_ACK; returns the frontend and the offered features.
 pub fn connect(socket: &Path, queues: usize) -> (Frontend, u64) {
+    connect_with(socket, queues, VhostUserProtocolFeatures::empty())
+}
+
+/// Like [`connect`], also negotiating the protocol features `extra` (e.g. INFLIGHT_SHMFD).
+pub fn connect_with(
+    socket: &Path,
+    queues: usize,
+    extra: VhostUserProtocolFeatures,
+) -> (Frontend, u64) {
     let mut fe = Frontend::connect(socket, queues as u64).unwrap();
     fe.set_owner().unwrap();
     let features = fe.get_features().unwrap();
-    assert_eq!(
-        features & (F_VERSION_1 | F_PROTOCOL | F_EVENT_IDX),
-        F_VERSION_1 | F_PROTOCOL | F_EVENT_IDX
-    );
+    let must = F_VERSION_1 | F_PROTOCOL_FEATURES | F_EVENT_IDX;
+    assert_eq!(features & must, must, "offered features {features:#x}");
     let wanted = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | extra;
     let proto = fe.get_protocol_features().unwrap();
     assert!(proto.contains(wanted), "protocol features {proto:?}");
     fe.set_protocol_features(wanted).unwrap();
@@ -64,13 +72,7 @@ pub fn handshake(socket: &Path, ram: &GuestRam, rings: &[&SplitVring]) -> (Sessi
     fe.set_mem_table(&[ram.region()]).unwrap();
     let (mut kicks, mut calls) = (Vec::new(), Vec::new());
     for (q, ring) in rings.iter().enumerate() {
-        let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
-        fe.set_vring_num(q, ring.size).unwrap();
-        fe.set_vring_addr(q, &ring.config()).unwrap();
-        fe.set_vring_base(q, 0).unwrap();
-        fe.set_vring_call(q, &call).unwrap();
-        fe.set_vring_kick(q, &kick).unwrap();
-        fe.set_vring_enable(q, true).unwrap();
+        let (kick, call) = start_queue(&mut fe, q, ring, 0);
         kicks.push(kick);
         calls.push(call);
     }
@@ -101,6 +103,14 @@ pub fn bufs(q: usize) -> Bufs {
     }
 }
 
+/// A virtio-blk request header (struct virtio_blk_outhdr): type, reserved, sector.
+pub fn request_header(kind: u32, sector: u64) -> [u8; 16] {
+    let mut hdr = [0u8; 16];
+    hdr[..4].copy_from_slice(&kind.to_le_bytes());
+    hdr[8..].copy_from_slice(&sector.to_le_bytes());
+    hdr
+}
+
 /// Submit one IN/OUT request on queue `q` and wait for its completion.
 pub fn do_request(
     s: &Session,
@@ -112,10 +122,7 @@ pub fn do_request(
     len: u32,
 ) -> (u8, u32) {
     let b = bufs(q);
-    let mut hdr = [0u8; 16];
-    hdr[..4].copy_from_slice(&kind.to_le_bytes());
-    hdr[8..].copy_from_slice(&sector.to_le_bytes());
-    ram.write(b.hdr, &hdr);
+    ram.write(b.hdr, &request_header(kind, sector));
     ram.write(b.status, &[0xff]);
     let before = ring.used_idx();
     let head = ring.add_chain(&[

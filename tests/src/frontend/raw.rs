@@ -1,18 +1,25 @@
 //! Raw vhost-user messages for tests that misbehave on purpose (split, stalled, too many
-//! descriptors), which vhost's `Frontend` cannot send.
+//! descriptors, payloads vhost's parser rejects, values a `u16` cannot hold), which vhost's
+//! `Frontend` cannot send.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-pub const GET_FEATURES: u32 = 1;
-pub const SET_VRING_CALL: u32 = 13;
-pub const GET_PROTOCOL_FEATURES: u32 = 15;
-pub const SET_PROTOCOL_FEATURES: u32 = 16;
-pub const GET_QUEUE_NUM: u32 = 17;
-/// Header flags: protocol version 1, and NEED_REPLY.
+use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag};
+
+pub const GET_FEATURES: u32 = FrontendReq::GET_FEATURES as u32;
+pub const SET_VRING_BASE: u32 = FrontendReq::SET_VRING_BASE as u32;
+pub const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
+pub const GET_PROTOCOL_FEATURES: u32 = FrontendReq::GET_PROTOCOL_FEATURES as u32;
+pub const SET_PROTOCOL_FEATURES: u32 = FrontendReq::SET_PROTOCOL_FEATURES as u32;
+pub const GET_QUEUE_NUM: u32 = FrontendReq::GET_QUEUE_NUM as u32;
+pub const GET_INFLIGHT_FD: u32 = FrontendReq::GET_INFLIGHT_FD as u32;
+pub const SET_INFLIGHT_FD: u32 = FrontendReq::SET_INFLIGHT_FD as u32;
+/// Header flags: protocol version 1 (the version field's only value), NEED_REPLY, REPLY.
 pub const VERSION_1: u32 = 0x1;
-pub const NEED_REPLY: u32 = 0x8;
+pub const NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
+pub const REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
 
 /// Header and payload of one message.
 pub fn message(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
