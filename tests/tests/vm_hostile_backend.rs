@@ -79,7 +79,7 @@ fn a_daemon_serving_another_vm_turns_the_second_away_as_busy() {
         return;
     }
     let dir = Workdir::new("busy-daemon");
-    let img = image(&dir, 8 << 20);
+    let img = image::zeroed(dir.join("disk.img"), 8 << 20);
     let daemon = Daemon::shared_blk(&dir, "blk", &img);
     let disk = format!("socket={}", daemon.socket.display());
     let first = RunningVm::spawn(
@@ -87,7 +87,7 @@ fn a_daemon_serving_another_vm_turns_the_second_away_as_busy() {
         dir.path(),
         "first",
     );
-    let daemon_log = || std::fs::read_to_string(&daemon.log).unwrap_or_default();
+    let daemon_log = || daemon.log_text();
     poll_until("the daemon to serve the first VM", VM_TIMEOUT, || {
         daemon_log().contains("frontend connected").then_some(())
     })
