@@ -14,14 +14,14 @@ pub mod socket;
 pub mod stats;
 #[path = "../../common/stats_server.rs"]
 pub mod stats_server;
-pub mod vhost;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::vhost::vhost_user::Listener;
 use log::{error, info, warn};
+use splitvisor_vhost_server as server;
+use vhost::vhost_user::Listener;
 
 use crate::backend::{feature_names, BlkBackend};
 use crate::disk::{Disk, DiskError, FileDisk};
@@ -80,7 +80,7 @@ pub enum RunError {
     Accept {
         socket: PathBuf,
         #[source]
-        source: ::vhost::vhost_user::Error,
+        source: vhost::vhost_user::Error,
     },
     #[error("cannot confine the daemon")]
     Confine(#[from] splitvisor_confine::ConfineError),
@@ -172,7 +172,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     // to do. The filter covers every thread started so far (TSYNC) and every later one.
     seccomp::confine()?;
     loop {
-        let end = vhost::serve_frontend(&mut listener, device.clone()).map_err(|source| {
+        let end = server::serve_frontend(&mut listener, device.clone()).map_err(|source| {
             stats_server::cleanup();
             RunError::Accept {
                 socket: config.socket.clone(),

@@ -5,7 +5,7 @@ mod backend;
 mod daemon;
 mod device;
 // One checker for both daemons: the file lives with splitvisor-blk's vhost server.
-#[path = "../../blk/src/vhost/fdcheck.rs"]
+#[path = "../../server/src/fdcheck.rs"]
 #[allow(dead_code)] // seal_size is for splitvisor-blk's own inflight memfd
 mod fdcheck;
 mod live;
@@ -29,7 +29,7 @@ mod testutil;
 #[path = "../../../vmm/src/device_values.rs"]
 mod values;
 // Shared with splitvisor-blk: whole vhost-user messages with deadlines and descriptors.
-#[path = "../../blk/src/vhost/wire.rs"]
+#[path = "../../server/src/wire.rs"]
 #[allow(dead_code)] // relay() serves splitvisor-blk's plain relay
 mod wire;
 

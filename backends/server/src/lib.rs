@@ -1,4 +1,4 @@
-//! A vhost-user backend server for split virtqueues with inflight I/O tracking
+//! splitvisor-vhost-server: the vhost-user backend server for split virtqueues with inflight I/O tracking
 //! (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`), independent of the device it serves.
 //!
 //! vhost's `BackendReqHandler` parses the frontend's messages and calls `FrontendHandler`
@@ -32,6 +32,9 @@ mod chain;
 mod fdcheck;
 mod handler;
 mod inflight;
+// Shared with the daemons: per-queue rate limiting of guest-caused log lines.
+#[path = "../../blk/src/loglimit.rs"]
+mod loglimit;
 mod memory;
 pub mod wire;
 mod worker;
@@ -51,7 +54,10 @@ pub use inflight::{queue_area_len, region_len, REGION_VERSION};
 pub use memory::MAX_MEM_SLOTS;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
-pub use {handler::is_refusal as fuzz_is_refusal, worker::fuzz::queue_worker as fuzz_queue_worker};
+pub use {
+    handler::is_refusal as fuzz_is_refusal, worker::fuzz::queue_worker as fuzz_queue_worker,
+    worker::fuzz::Input as FuzzInput,
+};
 
 /// The device behind the vhost-user protocol: what it offers and how it serves a request.
 pub trait VhostUserDevice: Send + Sync + 'static {
