@@ -3,7 +3,8 @@
 
 use std::io;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use splitvisor_vhost_server::DeviceRing;
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::loglimit::{burst_note, LogLimit, INTERVAL};
@@ -98,21 +99,22 @@ pub fn gather_tx_chain(
     Ok(total)
 }
 
-/// Send every available TX chain to the TAP; every chain goes back to the used ring.
+/// Send every available TX chain to the TAP; every chain goes back to the used ring, each
+/// right after its frame was written, so that a daemon killed under load leaves at most the
+/// frame being written in flight (the next daemon sends it again, no other).
 pub fn process_tx<T: Tap + ?Sized>(
-    queue: &mut Queue,
+    ring: &mut DeviceRing,
     mem: &Mem,
     tap: &T,
     scratch: &mut TxScratch,
     stats: &QueueStats,
 ) -> Result<Batch, RxTxError> {
-    let old_used = queue.next_used();
-    loop {
-        let chain = match queue.iter(mem) {
-            Ok(mut iter) => iter.next(),
-            Err(_) => None,
-        };
-        let Some(chain) = chain else { break };
+    let old_used = ring.queue().next_used();
+    let mut used = 0;
+    // At most a ring's worth per call: a used ring laid over the avail index would otherwise
+    // feed this loop with its own completions forever.
+    for _ in 0..ring.queue().size() {
+        let Some(chain) = ring.pop(mem) else { break };
         let head = chain.head_index();
         scratch.iov.clear();
         let iov = &mut scratch.iov;
@@ -142,11 +144,11 @@ pub fn process_tx<T: Tap + ?Sized>(
                 stats.count_drop(reason);
             }
         }
+        scratch.iov.clear();
         scratch.used.push(head, 0);
+        used += scratch.used.publish(ring, mem)?;
     }
-    scratch.iov.clear();
-    let used = scratch.used.publish(queue, mem)?;
-    let interrupt = needs_interrupt(queue, mem, old_used)?;
+    let interrupt = needs_interrupt(ring.queue(), mem, old_used)?;
     Ok(Batch { used, interrupt })
 }
 
@@ -197,14 +199,14 @@ pub enum RxStop {
 
 /// Move frames from the TAP into the RX queue until the TAP is empty or buffers run out.
 pub fn process_rx<T: Tap + ?Sized>(
-    queue: &mut Queue,
+    ring: &mut DeviceRing,
     mem: &Mem,
     tap: &T,
     rx: &mut RxState,
     mrg_rxbuf: bool,
     stats: &QueueStats,
 ) -> Result<(Batch, RxStop), RxTxError> {
-    let old_used = queue.next_used();
+    let old_used = ring.queue().next_used();
     let stop = loop {
         if rx.pending == 0 {
             match tap.read_frame(&mut rx.buf) {
@@ -223,7 +225,7 @@ pub fn process_rx<T: Tap + ?Sized>(
             }
         }
         let frame = &rx.buf[..rx.pending];
-        match write_rx_frame(queue, mem, frame, mrg_rxbuf, &mut rx.used) {
+        match write_rx_frame(ring, mem, frame, mrg_rxbuf, &mut rx.used) {
             RxOutcome::Delivered(_) => stats.count_rx(rx.pending - VNET_HDR_LEN),
             RxOutcome::NoBuffers => break RxStop::OutOfBuffers,
             RxOutcome::Dropped(reason) => {
@@ -237,8 +239,8 @@ pub fn process_rx<T: Tap + ?Sized>(
         }
         rx.pending = 0;
     };
-    let used = rx.used.publish(queue, mem)?;
-    let interrupt = needs_interrupt(queue, mem, old_used)?;
+    let used = rx.used.publish(ring, mem)?;
+    let interrupt = needs_interrupt(ring.queue(), mem, old_used)?;
     Ok((Batch { used, interrupt }, stop))
 }
 

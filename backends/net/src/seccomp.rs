@@ -29,6 +29,10 @@ const VHOST_BACKEND: &[libc::c_long] = &[
     libc::SYS_close,
     libc::SYS_fcntl,
     libc::SYS_eventfd2,
+    // The inflight region (GET_INFLIGHT_FD) and the server's relay socketpair.
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_socketpair,
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,

@@ -4,7 +4,9 @@
 //! vhost's `BackendReqHandler` parses the frontend's messages and calls `FrontendHandler`
 //! (handler.rs), which keeps the connection state: features, guest memory (memory.rs), the
 //! vrings and the inflight region (inflight.rs). Each started queue is served by its own
-//! thread (worker.rs) that reads chains (chain.rs) and hands them to the `VhostUserDevice`.
+//! thread (worker.rs) that reads chains (chain.rs) and hands them to the `VhostUserDevice`,
+//! or, for a queue the device drives itself (a TAP's RX queue), runs the device's own loop
+//! over a `DeviceRing` (driven.rs).
 //!
 //! rust-vmm's vhost-user-backend crate answers GET/SET_INFLIGHT_FD with "not supported",
 //! which is why this module exists.
@@ -15,6 +17,8 @@
 //!   GET_CONFIG: any time (GET_INFLIGHT_FD needs INFLIGHT_SHMFD acknowledged first).
 //! - SET_INFLIGHT_FD: any time no ring is running (refused otherwise); the region in place
 //!   when a ring starts is the one that ring uses. GET_INFLIGHT_FD may come before or after.
+//! - SET_VRING_ENABLE may also come before SET_FEATURES (QEMU <= 7.2's vhost-user-net order):
+//!   the relay answers it and replays it after the SET_FEATURES that acks PROTOCOL_FEATURES.
 //! - SET_FEATURES before the rings start (EVENT_IDX, INDIRECT_DESC, and whether rings start
 //!   enabled: without VHOST_USER_F_PROTOCOL_FEATURES they are enabled at once).
 //! - SET_MEM_TABLE (or ADD_MEM_REG) before SET_VRING_ADDR, which is translated on arrival.
@@ -29,6 +33,8 @@
 //! only with a fresh region or none.
 
 mod chain;
+mod driven;
+mod early_enable;
 mod fdcheck;
 mod handler;
 mod inflight;
@@ -49,6 +55,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryMmap;
 
 pub use chain::{ChainError, DescriptorTable};
+pub use driven::{warn_ring, DeviceRing, DrivenQueue, RingError, SharedRing, Wake};
 pub use handler::FrontendHandler;
 pub use inflight::{queue_area_len, region_len, REGION_VERSION};
 pub use memory::MAX_MEM_SLOTS;
@@ -80,6 +87,19 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         chain: &[Descriptor],
         memory: &GuestMemoryMmap,
     ) -> u32;
+    /// Whether the device serves `queue` itself (`serve_queue`) instead of the server's
+    /// kick -> pop -> `process` -> used ring -> call loop: for a queue fed by the device's
+    /// own events (a TAP's frames, another switch port's). Such a queue must complete chains
+    /// in the order it pops them: it resumes at the guest's used index (driven.rs).
+    fn drives_queue(&self, _queue: usize) -> bool {
+        false
+    }
+    /// Serve a queue `drives_queue` claimed, on the queue's own thread, until
+    /// `DrivenQueue::wait` answers `Wake::Stop`; pop with `DeviceRing::pop`, complete with
+    /// `DeviceRing::publish` and `DeviceRing::signal`, which keep the inflight region right.
+    fn serve_queue(&self, _queue: DrivenQueue) {}
+    /// A frontend connected, before its first message.
+    fn frontend_connected(&self) {}
     /// The driver kicked `queue`.
     fn queue_kicked(&self, _queue: usize) {}
     /// The backend signalled `queue`'s call eventfd.
@@ -102,22 +122,24 @@ pub fn serve_frontend<D: VhostUserDevice>(
     listener: &mut Listener,
     device: Arc<D>,
 ) -> vhost::vhost_user::Result<ConnectionEnd> {
-    let handler = Arc::new(Mutex::new(FrontendHandler::new(device)));
+    let handler = Arc::new(Mutex::new(FrontendHandler::new(device.clone())));
     let frontend = loop {
         if let Some(stream) = listener.accept()? {
             break stream;
         }
     };
     // vhost's parser reads each message with single recv calls and no deadline: the relay in
-    // front of it gives it whole messages (wire.rs) and cuts off a frontend that stalls.
+    // front of it gives it whole messages (wire.rs), cuts off a frontend that stalls and holds
+    // back a SET_VRING_ENABLE sent before SET_FEATURES (early_enable.rs).
     let (relay_end, server_end) =
         UnixStream::pair().map_err(vhost::vhost_user::Error::SocketError)?;
     let relay = std::thread::Builder::new()
         .name("relay".into())
-        .spawn(move || wire::relay(frontend, relay_end, "vhost-user server side"))
+        .spawn(move || early_enable::relay(frontend, relay_end, "vhost-user server side"))
         .map_err(vhost::vhost_user::Error::SocketError)?;
     let mut connection = BackendReqHandler::from_stream(server_end, handler.clone());
     info!("frontend connected");
+    device.frontend_connected();
     let error = loop {
         match connection.handle_request() {
             Ok(()) => {}
