@@ -33,6 +33,18 @@ use crate::stats::DeviceStats;
 
 /// Most queues a device can have.
 pub const MAX_QUEUES: usize = 64;
+/// Most queues offered by default.
+pub const DEFAULT_MAX_QUEUES: usize = 16;
+
+/// Queues offered without `--queues`: one per host CPU, at most `DEFAULT_MAX_QUEUES`, so
+/// that a frontend with one queue per vCPU (QEMU's vhost-user-blk-pci default) fits; a
+/// frontend enabling fewer is served with those.
+pub fn default_queues() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, DEFAULT_MAX_QUEUES)
+}
+
 /// Test-only: milliseconds to sleep before executing each request, so that integration tests
 /// can kill the daemon while requests are in flight. Not a user setting; never set it.
 pub const TEST_DELAY_ENV: &str = "SPLITVISOR_BLK_TEST_DELAY_MS";
