@@ -15,7 +15,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use log::warn;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryError, GuestMemoryMmap,
@@ -306,12 +305,4 @@ impl DrivenQueue {
             }
         }
     }
-}
-
-/// Log a failed publish or signal of a device-driven queue.
-pub fn warn_ring(index: usize, e: &RingError) {
-    warn!(
-        "queue {index}: {e}: {}",
-        std::error::Error::source(e).map_or(String::new(), ToString::to_string)
-    );
 }

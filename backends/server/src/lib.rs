@@ -55,7 +55,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryMmap;
 
 pub use chain::{ChainError, DescriptorTable};
-pub use driven::{warn_ring, DeviceRing, DrivenQueue, RingError, SharedRing, Wake};
+pub use driven::{DeviceRing, DrivenQueue, RingError, SharedRing, Wake};
 pub use handler::FrontendHandler;
 pub use inflight::{queue_area_len, region_len, REGION_VERSION};
 pub use memory::MAX_MEM_SLOTS;
