@@ -179,3 +179,42 @@ echo SV:write-rc=$?
     assert!(status.success(), "splitvisor-blk exited with {status}");
     assert_image(&workdir.join("disk.img"), &image);
 }
+
+#[test]
+fn qemu_default_queue_per_vcpu_is_served_by_a_daemon_started_without_queues() {
+    let Some(tools) = HostTools::require("interop_blk default queues", MODULES) else {
+        return;
+    };
+    let workdir = Workdir::new("interop-blk-mq");
+    let image = random_bytes(nonce(), CAPACITY_SECTORS * SECTOR);
+    let image_path = workdir.join("disk.img");
+    image::write(&image_path, image.clone());
+    let socket = workdir.join("blk.sock");
+    let mut daemon = Daemon::blk(&workdir, "splitvisor-blk", &socket, &image_path, &[]);
+    // As many vCPUs as the host has CPUs (at most 4): the daemon offers one queue per host
+    // CPU by default, QEMU asks for one per vCPU.
+    let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(4)) as u32;
+    let script = format!(
+        "echo SV:hw-queues=$(ls /sys/block/vda/mq | wc -l)\n{}",
+        read_checks()
+    );
+    let initrd = workdir.join("initrd.cpio");
+    Initramfs::new(&script)
+        .modules(MODULES)
+        .build(&tools, &initrd)
+        .unwrap();
+    let run = Qemu::new(&tools, &initrd)
+        .smp(vcpus)
+        .vhost_user_blk_default_queues(&socket)
+        .run(&workdir, "guest")
+        .unwrap();
+    run.assert_passed();
+    assert_eq!(
+        run.expect("hw-queues"),
+        vcpus.to_string(),
+        "one queue per vCPU"
+    );
+    assert_reads(&run, &image);
+    let status = daemon.stop().unwrap();
+    assert!(status.success(), "splitvisor-blk exited with {status}");
+}

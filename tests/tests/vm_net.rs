@@ -87,18 +87,42 @@ impl TapNet {
         }
     }
 
+    /// `start`, but with a TAP created persistent before the daemon: it and its packet
+    /// counters outlive a killed daemon, and every new daemon attaches to it
+    /// (`restart_keeping_tap`).
+    fn start_persistent(dir: &Workdir) -> TapNet {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = std::process::id();
+        let tools = NetTools::find().unwrap_or_else(|missing| panic!("{}", missing.join("; ")));
+        let ns = Netns::add(&tools, &format!("svp{pid}-{n}")).expect("ip netns add");
+        let tap = format!("svptap{}-{n}", pid % 10_000);
+        ns.run(&[
+            "ip", "tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr",
+        ])
+        .expect("ip tuntap add");
+        let socket = dir.join("tap.sock");
+        let daemon = Self::start_daemon(dir, "tap", &ns, &tap, &socket);
+        TapNet {
+            daemon,
+            socket,
+            tap,
+            ns,
+        }
+    }
+
+    /// Kills the daemon with SIGKILL and starts a new one on the same socket and persistent
+    /// TAP (which keeps its address and counters); returns once the new socket exists.
+    fn restart_keeping_tap(&mut self, dir: &Workdir, name: &str) {
+        self.daemon.kill().expect("kill the backend");
+        let _ = std::fs::remove_file(&self.socket);
+        self.daemon = Self::spawn_daemon(dir, name, &self.ns, &self.tap, &self.socket);
+    }
+
     /// Starts `splitvisor-net --tap` inside the namespace, so its TAP (and all test traffic)
     /// lives there, and gives the TAP its address once the daemon has created it.
     fn start_daemon(dir: &Workdir, name: &str, ns: &Netns, tap: &str, socket: &Path) -> Daemon {
-        let bin = bin("splitvisor-net");
-        let mut daemon_args = ns.exec_args(&bin);
-        daemon_args.extend::<[&OsStr; 4]>([
-            "--socket".as_ref(),
-            socket.as_os_str(),
-            "--tap".as_ref(),
-            tap.as_ref(),
-        ]);
-        let daemon = Daemon::start(dir, name, ns.ip(), &daemon_args, socket).expect("daemon");
+        let daemon = Self::spawn_daemon(dir, name, ns, tap, socket);
         // The socket is bound before the TAP is opened: wait for the TAP too.
         poll_until("the TAP device", Duration::from_secs(10), || {
             ns.output(&["ip", "link", "show", "dev", tap])
@@ -120,6 +144,19 @@ impl TapNet {
             );
         }
         daemon
+    }
+
+    /// Starts `splitvisor-net --tap` inside the namespace; returns once its socket exists.
+    fn spawn_daemon(dir: &Workdir, name: &str, ns: &Netns, tap: &str, socket: &Path) -> Daemon {
+        let bin = bin("splitvisor-net");
+        let mut daemon_args = ns.exec_args(&bin);
+        daemon_args.extend::<[&OsStr; 4]>([
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--tap".as_ref(),
+            tap.as_ref(),
+        ]);
+        Daemon::start(dir, name, ns.ip(), &daemon_args, socket).expect("daemon")
     }
 
     /// Kills the daemon as a crash would (its TAP goes with it) and starts a new one on the
@@ -431,5 +468,71 @@ fn serving_guest_answers_pings_again_after_its_backend_restarts() {
     // The guest looks at the link every 100 ms; an outage shorter than that may pass unseen.
     assert!(result["link_outages"].as_u64() <= Some(1), "{run}");
     assert!(run.stderr.contains("recovered"), "{run}");
+    tap.daemon.stop().expect("daemon stops");
+}
+
+/// Backend kills while the guest streams to the TAP.
+const KILLS: u64 = 10;
+
+#[test]
+fn guest_tx_stream_reaches_the_tap_exactly_once_across_ten_backend_kills() {
+    if !require_kvm("guest_tx_stream_reaches_the_tap_exactly_once_across_ten_backend_kills") {
+        return;
+    }
+    let dir = Workdir::new("net-kill-stream");
+    let mut tap = TapNet::start_persistent(&dir);
+    let before = tap.rx_packets();
+    let net = format!("socket={}", tap.socket.display());
+    let api = dir.join("api.sock");
+    let guest = RunningVm::spawn(
+        [
+            "run",
+            "--prefault",
+            "--net",
+            &net,
+            "--reconnect-timeout",
+            "30",
+            "--api-socket",
+            api.to_str().unwrap(),
+            "--cmdline",
+            "bench=net,dir=tx,peer=10.0.0.1,size=64,seconds=40,outages=wait ip=10.0.0.2/24",
+        ],
+        dir.path(),
+        "vm",
+    );
+    poll_until("the guest to start streaming", GUEST_READY, || {
+        guest.stdout_so_far().contains("streaming").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", guest.stdout_so_far()));
+    let seed = splitvisor_tests::pattern::nonce();
+    let backend = || splitvisor_tests::api::get(&api, "/vm")["devices"][0]["backend"].clone();
+    for kill in 1..=KILLS {
+        // A random moment under load: the guest keeps the TX ring busy.
+        std::thread::sleep(Duration::from_millis(
+            300 + splitvisor_tests::pattern::splitmix64(seed ^ kill) % 700,
+        ));
+        tap.restart_keeping_tap(&dir, &format!("tap-{kill}"));
+        poll_until(
+            "the VMM to hand the rings over",
+            Duration::from_secs(15),
+            || {
+                let b = backend();
+                (b["recoveries"] == kill && b["state"] == "connected").then_some(())
+            },
+        )
+        .unwrap_or_else(|e| panic!("kill {kill}: {e}\n{}", guest.stderr_so_far()));
+    }
+    let run = guest.wait(Duration::from_secs(120));
+    let result = run.assert_passed();
+    let delta = tap.rx_packets() - before;
+    let tx_frames = result["tx_frames"].as_u64().expect("tx_frames");
+    assert!(result["sent"].as_u64() > Some(1000), "{run}");
+    assert_eq!(result["unconfirmed"], 0, "{run}");
+    // Every frame the guest made available reached the TAP once: none lost in a kill, none
+    // sent again by the daemon that took over.
+    assert_eq!(
+        delta, tx_frames,
+        "TAP rx packets vs guest tx_frames over {KILLS} kills\n{run}"
+    );
     tap.daemon.stop().expect("daemon stops");
 }

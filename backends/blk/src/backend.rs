@@ -22,7 +22,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::disk::Disk;
 use crate::request::{process_chain, Completion, DeviceInfo, IoBuffer, RequestError, SECTOR_SIZE};
 use crate::stats::{DeviceStats, QueueCounters};
-use crate::vhost::VhostUserDevice;
+use splitvisor_vhost_server::VhostUserDevice;
 
 /// Virtio feature bits with their names, for logging what a frontend negotiated.
 const FEATURE_NAMES: &[(u64, &str)] = &[

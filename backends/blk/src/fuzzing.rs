@@ -15,9 +15,9 @@ use crate::backend::BlkBackend;
 use crate::disk::{Disk, MemDisk};
 use crate::request::{process_chain, DeviceInfo, IoBuffer, Limits, SECTOR_SIZE};
 use crate::stats::DeviceStats;
-use crate::vhost::DescriptorTable;
+use splitvisor_vhost_server::DescriptorTable;
 
-pub use crate::vhost::fuzz_queue_worker as queue_worker;
+pub use splitvisor_vhost_server::FuzzInput as Input;
 pub use vhost_user::vhost_user_messages;
 
 /// Guest memory of the targets: the fuzzer's image at 0, then a hole, then a second region,
@@ -26,27 +26,6 @@ const IMAGE_LEN: usize = 0x8000;
 const SECOND_REGION: (u64, usize) = (0x9000, 0x1000);
 /// Sectors of the in-memory disk.
 const DISK_SECTORS: u64 = 16;
-
-/// Reads the fuzzer's bytes front to back; zeroes once they run out.
-pub struct Input<'a>(pub &'a [u8]);
-
-impl<'a> Input<'a> {
-    pub fn byte(&mut self) -> u8 {
-        let (first, rest) = self.0.split_first().unwrap_or((&0, &[]));
-        self.0 = rest;
-        *first
-    }
-
-    pub fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.byte(), self.byte()])
-    }
-
-    pub fn take(&mut self, n: usize) -> &'a [u8] {
-        let (head, tail) = self.0.split_at(n.min(self.0.len()));
-        self.0 = tail;
-        head
-    }
-}
 
 thread_local! {
     /// Mapped once: a fresh mapping per input costs more than the input itself.
@@ -75,6 +54,14 @@ pub fn guest_memory(image: &[u8]) -> GuestMemoryMmap {
         }
         memory.clone()
     })
+}
+
+/// Target `queue_worker`: the server's queue worker serving a fuzzed ring of a blk device (see
+/// `splitvisor_vhost_server::fuzz_queue_worker` for the input layout).
+pub fn queue_worker(data: &[u8]) {
+    splitvisor_vhost_server::fuzz_queue_worker(data, guest_memory, |readonly, size| {
+        blk_device(readonly, 1, size)
+    });
 }
 
 /// The device the targets serve: a small writable or read-only disk with tight limits.

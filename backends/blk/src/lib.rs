@@ -14,14 +14,14 @@ pub mod socket;
 pub mod stats;
 #[path = "../../common/stats_server.rs"]
 pub mod stats_server;
-pub mod vhost;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::vhost::vhost_user::Listener;
 use log::{error, info, warn};
+use splitvisor_vhost_server as server;
+use vhost::vhost_user::Listener;
 
 use crate::backend::{feature_names, BlkBackend};
 use crate::disk::{Disk, DiskError, FileDisk};
@@ -33,6 +33,18 @@ use crate::stats::DeviceStats;
 
 /// Most queues a device can have.
 pub const MAX_QUEUES: usize = 64;
+/// Most queues offered by default.
+pub const DEFAULT_MAX_QUEUES: usize = 16;
+
+/// Queues offered without `--queues`: one per host CPU, at most `DEFAULT_MAX_QUEUES`, so
+/// that a frontend with one queue per vCPU (QEMU's vhost-user-blk-pci default) fits; a
+/// frontend enabling fewer is served with those.
+pub fn default_queues() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, DEFAULT_MAX_QUEUES)
+}
+
 /// Test-only: milliseconds to sleep before executing each request, so that integration tests
 /// can kill the daemon while requests are in flight. Not a user setting; never set it.
 pub const TEST_DELAY_ENV: &str = "SPLITVISOR_BLK_TEST_DELAY_MS";
@@ -80,7 +92,7 @@ pub enum RunError {
     Accept {
         socket: PathBuf,
         #[source]
-        source: ::vhost::vhost_user::Error,
+        source: vhost::vhost_user::Error,
     },
     #[error("cannot confine the daemon")]
     Confine(#[from] splitvisor_confine::ConfineError),
@@ -172,7 +184,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     // to do. The filter covers every thread started so far (TSYNC) and every later one.
     seccomp::confine()?;
     loop {
-        let end = vhost::serve_frontend(&mut listener, device.clone()).map_err(|source| {
+        let end = server::serve_frontend(&mut listener, device.clone()).map_err(|source| {
             stats_server::cleanup();
             RunError::Accept {
                 socket: config.socket.clone(),

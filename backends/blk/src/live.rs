@@ -10,7 +10,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryMmap;
 
 use crate::stats::DeviceStats;
-use crate::vhost::VhostUserDevice;
+use splitvisor_vhost_server::VhostUserDevice;
 
 /// The daemon's connection state, shared by the serve loop, the device and the API thread.
 #[derive(Debug)]

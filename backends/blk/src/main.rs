@@ -28,8 +28,9 @@ struct Cli {
     /// The VMM must use only one of them at a time; nothing else protects the image then.
     #[arg(long)]
     share: bool,
-    /// Number of virtqueues, each served by its own worker thread (1-64).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Number of virtqueues offered, each served by its own worker thread once the frontend
+    /// enables it (1-64) [default: the host's CPUs, at most 16].
+    #[arg(long, value_name = "N", default_value_t = splitvisor_blk::default_queues(), hide_default_value = true)]
     queues: usize,
     /// Maximum size of each virtqueue (a power of two).
     #[arg(long, value_name = "N", default_value_t = 256)]

@@ -24,6 +24,11 @@ use vhost::VhostBackend;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::tempdir::TempDir;
 
+/// Queues a daemon started without `--queues` offers.
+fn default_queues() -> u64 {
+    splitvisor_blk::default_queues() as u64
+}
+
 #[test]
 fn memory_past_the_end_of_its_file_or_unsealed_is_refused() {
     let dir = TempDir::new().unwrap();
@@ -55,7 +60,7 @@ fn memory_past_the_end_of_its_file_or_unsealed_is_refused() {
     let alive = fe.get_queue_num();
     assert_eq!(
         alive.ok(),
-        Some(1),
+        Some(default_queues()),
         "the connection still works: {}",
         daemon.log_text()
     );
@@ -149,7 +154,11 @@ fn kick_and_call_fds_must_be_eventfds() {
         unsafe { EventFd::from_raw_fd(libc::dup(std::os::fd::AsRawFd::as_raw_fd(&file))) };
     assert!(fe.set_vring_kick(0, &regular).is_err(), "a file as kick fd");
     assert!(fe.set_vring_call(0, &regular).is_err(), "a file as call fd");
-    assert_eq!(fe.get_queue_num().unwrap(), 1, "the connection still works");
+    assert_eq!(
+        fe.get_queue_num().unwrap(),
+        default_queues(),
+        "the connection still works"
+    );
     drop(fe);
     let log = daemon.log_text();
     assert!(log.contains("the kick fd is not an eventfd"), "{log}");
@@ -243,7 +252,7 @@ fn a_payload_in_two_segments_is_read_whole() {
     );
     let (request, _, payload) = raw::read_reply(&mut fe);
     assert_eq!(request, raw::GET_QUEUE_NUM);
-    assert_eq!(payload, 1u64.to_le_bytes());
+    assert_eq!(payload, default_queues().to_le_bytes());
     drop(fe);
     assert_serves(&daemon.socket);
 }

@@ -1,58 +1,42 @@
-//! vhost-user glue: features, config, memory updates, and `handle_event` dispatching named
-//! events (queue kicks, TAP readable) to the frame path in `rxtx` / `switch`.
+//! The virtio-net device on the vhost-user server: features, config space, and the loop of
+//! each queue, which the device drives itself (`VhostUserDevice::serve_queue`): an RX queue
+//! is filled when the TAP (or another switch port) has a frame, not on a kick. The frames
+//! themselves are `rxtx` / `switch`.
 
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use splitvisor_vhost_server::{DeviceRing, DrivenQueue, VhostUserDevice, Wake};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
-use crate::device::{has_mrg_rxbuf, tap_offload_flags, DeviceModel};
-use crate::ring::{check_avail, sync_next_used, Mem};
+use crate::device::{has_mrg_rxbuf, tap_offload_flags, DeviceModel, MAX_CONFIG_READ};
+use crate::live::Live;
+use crate::ring::{check_avail, Mem};
 use crate::rxtx::{process_rx, process_tx, Batch, RxState, RxStop, RxTxError, TxScratch};
 use crate::stats::{PortStats, QueueStats};
 use crate::switch::{RxTarget, Switch, SwitchScratch};
 use crate::tap::TapQueue;
 
 /// Largest queue size offered.
-pub const MAX_QUEUE_SIZE: usize = 1024;
-/// Per worker thread, the vrings are `[rx, tx]` of one pair: these are their event ids.
-pub const RX_QUEUE_EVENT: u16 = 0;
-pub const TX_QUEUE_EVENT: u16 = 1;
-
-pub type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
-
-/// Event id of the TAP fd in each pair's worker: ids up to `num_queues` are reserved by
-/// vhost-user-backend (queues, then its exit event).
-pub fn tap_event(num_queues: usize) -> u16 {
-    num_queues as u16 + 1
-}
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Token of the TAP fd in an RX queue's wait.
+const TAP_TOKEN: u64 = 0;
 
 /// One TAP queue pair, kept across frontend connections.
 pub struct TapPair {
     pub tap: TapQueue,
-    state: Mutex<PairState>,
-}
-
-#[derive(Default)]
-struct PairState {
-    rx: RxState,
-    tx: TxScratch,
+    rx: Mutex<RxState>,
+    tx: Mutex<TxScratch>,
 }
 
 impl TapPair {
     pub fn new(tap: TapQueue) -> Self {
         TapPair {
             tap,
-            state: Mutex::new(PairState::default()),
+            rx: Mutex::new(RxState::default()),
+            tx: Mutex::new(TxScratch::default()),
         }
     }
 }
@@ -63,22 +47,20 @@ pub enum Engine {
     Switch { switch: Arc<Switch>, port: usize },
 }
 
-/// The backend of one frontend connection (a fresh one per connection).
+/// The device of one frontend connection (a fresh one per connection).
 pub struct NetBackend {
     model: DeviceModel,
+    /// `struct virtio_net_config`, zero past the fields we define up to the largest read.
+    config: Vec<u8>,
     engine: Engine,
     stats: Arc<PortStats>,
-    /// The same object the daemon's handler updates on SET_MEM_TABLE.
-    mem: GuestMemoryAtomic<Mem>,
     acked: AtomicU64,
-    attached: AtomicBool,
     switch_scratch: Mutex<SwitchScratch>,
-    /// The exit-event consumers handed to vhost-user-backend, which keeps each as a raw fd
-    /// registered in a worker's epoll and never closes it (0.24, `VringEpollHandler::new`):
-    /// closed in `Drop`, when the daemon and its workers that used them are gone.
-    exit_consumers: Mutex<Vec<RawFd>>,
     /// Per vring: a broken avail index (see `check_avail`) was logged on this connection.
     broken_logged: Vec<AtomicBool>,
+    /// Connection state for the stats API, and this port's index in it.
+    live: Arc<Live>,
+    port: usize,
 }
 
 impl NetBackend {
@@ -86,20 +68,21 @@ impl NetBackend {
         model: DeviceModel,
         engine: Engine,
         stats: Arc<PortStats>,
-        mem: GuestMemoryAtomic<Mem>,
+        live: Arc<Live>,
+        port: usize,
     ) -> Self {
         NetBackend {
+            config: model.read_config(0, MAX_CONFIG_READ),
             engine,
             stats,
-            mem,
             acked: AtomicU64::new(0),
-            attached: AtomicBool::new(false),
             switch_scratch: Mutex::new(SwitchScratch::default()),
-            exit_consumers: Mutex::new(Vec::new()),
             broken_logged: (0..usize::from(model.pairs) * 2)
                 .map(|_| AtomicBool::new(false))
                 .collect(),
             model,
+            live,
+            port,
         }
     }
 
@@ -107,115 +90,11 @@ impl NetBackend {
         has_mrg_rxbuf(self.acked.load(Ordering::Acquire))
     }
 
-    fn queue_stats(&self, pair: usize) -> Option<&QueueStats> {
-        self.stats.queues.get(pair)
-    }
-
-    fn handle_tap(&self, pairs: &[TapPair], event: u16, vrings: &[Vring], pair: usize) {
-        let (Some(tap_pair), Some(stats), [rx, tx]) =
-            (pairs.get(pair), self.queue_stats(pair), vrings)
-        else {
-            log::warn!("event {event} for unknown queue pair {pair}");
-            return;
-        };
-        let result = match event {
-            RX_QUEUE_EVENT => {
-                QueueStats::bump(&stats.rx_kicks);
-                self.run_rx(2 * pair, tap_pair, rx, stats)
-            }
-            TX_QUEUE_EVENT => {
-                QueueStats::bump(&stats.tx_kicks);
-                self.run_tx(2 * pair + 1, tx, stats, |queue, mem| {
-                    let mut st = tap_pair
-                        .state
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    process_tx(queue, mem, &tap_pair.tap, &mut st.tx, stats)
-                })
-            }
-            e if e == tap_event(self.num_queues()) => self.run_rx(2 * pair, tap_pair, rx, stats),
-            other => {
-                log::warn!("unexpected event id {other}");
-                Ok(())
-            }
-        };
-        if let Err(e) = result {
-            log::warn!("queue pair {pair}: {}", with_causes(&e));
-        }
-    }
-
-    /// Drain a TX queue with notifications off, re-enabling them only when it is empty.
-    fn run_tx(
-        &self,
-        index: usize,
-        vring: &Vring,
-        stats: &QueueStats,
-        mut process: impl FnMut(&mut virtio_queue::Queue, &Mem) -> Result<Batch, RxTxError>,
-    ) -> Result<(), RxTxError> {
-        let mem = self.mem.memory();
-        let mut state = vring.get_mut();
-        if !state.get_queue().ready() || !state.is_enabled() {
-            return Ok(());
-        }
-        sync_next_used(state.get_queue_mut(), &mem)?;
-        loop {
-            if !self.ring_usable(index, state.get_queue(), &mem) {
-                return Ok(());
-            }
-            let _ = state.disable_notification();
-            let batch = process(state.get_queue_mut(), &mem)?;
-            if batch.interrupt {
-                signal(&state, &stats.tx_interrupts);
-            }
-            if !state.enable_notification().unwrap_or(false) {
-                return Ok(());
-            }
-        }
-    }
-
-    fn run_rx(
-        &self,
-        index: usize,
-        pair: &TapPair,
-        vring: &Vring,
-        stats: &QueueStats,
-    ) -> Result<(), RxTxError> {
-        let mem = self.mem.memory();
-        let mrg = self.mrg_rxbuf();
-        let mut st = pair.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut state = vring.get_mut();
-        if !state.get_queue().ready() || !state.is_enabled() {
-            return Ok(());
-        }
-        sync_next_used(state.get_queue_mut(), &mem)?;
-        loop {
-            if !self.ring_usable(index, state.get_queue(), &mem) {
-                return Ok(());
-            }
-            let (batch, stop) = process_rx(
-                state.get_queue_mut(),
-                &mem,
-                &pair.tap,
-                &mut st.rx,
-                mrg,
-                stats,
-            )?;
-            if batch.interrupt {
-                signal(&state, &stats.rx_interrupts);
-            }
-            // Out of buffers: ask for a kick when the guest adds some (and retry if it just did).
-            if stop == RxStop::TapEmpty || !state.enable_notification().unwrap_or(false) {
-                return Ok(());
-            }
-        }
-    }
-
     /// Whether vring `index` can be served: not when the driver's avail index ran more than
     /// the ring ahead, which would make popping fail while the notification re-check reports
-    /// work forever (a busy loop holding the vring lock GET_VRING_BASE needs). Such a ring is
-    /// not served, logged once per connection; it is looked at again on the next event (a
-    /// frontend taking the ring over may still be writing its indices).
-    fn ring_usable(&self, index: usize, queue: &virtio_queue::Queue, mem: &Mem) -> bool {
+    /// work forever. Such a ring is not served, logged once per connection; it is looked at
+    /// again on the next event.
+    fn ring_usable(&self, index: usize, queue: &Queue, mem: &Mem) -> bool {
         let Err(e) = check_avail(queue, mem) else {
             return true;
         };
@@ -226,34 +105,128 @@ impl NetBackend {
         false
     }
 
-    fn handle_switch(&self, switch: &Switch, port: usize, event: u16, vrings: &[Vring]) {
-        let (Some(stats), [rx, tx]) = (self.queue_stats(0), vrings) else {
-            return;
-        };
-        if !self.attached.swap(true, Ordering::AcqRel) {
-            switch.attach(
-                port,
-                RxTarget::new(rx.clone(), self.mem.clone(), self.mrg_rxbuf()),
-            );
-        }
-        match event {
-            // New RX buffers: nothing is queued in switch mode, frames are dropped instead.
-            RX_QUEUE_EVENT => QueueStats::bump(&stats.rx_kicks),
-            TX_QUEUE_EVENT => {
-                QueueStats::bump(&stats.tx_kicks);
-                let mut scratch = self
-                    .switch_scratch
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                let result = self.run_tx(TX_QUEUE_EVENT.into(), tx, stats, |queue, mem| {
-                    switch.process_tx(port, queue, mem, &mut scratch)
-                });
-                if let Err(e) = result {
-                    log::warn!("switch port {port}: {}", with_causes(&e));
-                }
+    /// Drain a TX queue with notifications off, re-enabling them only when it is empty.
+    fn run_tx(
+        &self,
+        q: &DrivenQueue,
+        stats: &QueueStats,
+        mut process: impl FnMut(&mut DeviceRing, &Mem) -> Result<Batch, RxTxError>,
+    ) -> Result<(), RxTxError> {
+        let mem = q.memory.memory();
+        let mut ring = DeviceRing::lock(&q.ring);
+        ring.follow_guest_used(&mem);
+        let index = ring.index();
+        loop {
+            if !self.ring_usable(index, ring.queue(), &mem) {
+                return Ok(());
             }
-            other => log::warn!("unexpected event id {other}"),
+            let _ = ring.queue_mut().disable_notification(&*mem);
+            let batch = process(&mut ring, &mem)?;
+            if batch.interrupt {
+                signal(&ring, &stats.tx_interrupts);
+            }
+            if !ring.queue_mut().enable_notification(&*mem).unwrap_or(false) {
+                return Ok(());
+            }
         }
+    }
+
+    /// Move frames from the TAP into the RX queue until the TAP is empty or buffers run out.
+    fn run_rx(&self, q: &DrivenQueue, pair: &TapPair, stats: &QueueStats) -> Result<(), RxTxError> {
+        let mem = q.memory.memory();
+        let mrg = self.mrg_rxbuf();
+        let mut rx = pair.rx.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ring = DeviceRing::lock(&q.ring);
+        ring.follow_guest_used(&mem);
+        let index = ring.index();
+        loop {
+            if !self.ring_usable(index, ring.queue(), &mem) {
+                return Ok(());
+            }
+            let (batch, stop) = process_rx(&mut ring, &mem, &pair.tap, &mut rx, mrg, stats)?;
+            if batch.interrupt {
+                signal(&ring, &stats.rx_interrupts);
+            }
+            // Out of buffers: ask for a kick when the guest adds some (and retry if it just did).
+            if stop == RxStop::TapEmpty
+                || !ring.queue_mut().enable_notification(&*mem).unwrap_or(false)
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    fn serve_tap_rx(&self, q: &DrivenQueue, pair: &TapPair, stats: &QueueStats) {
+        if let Err(e) = q.add_source(pair.tap.fd(), TAP_TOKEN) {
+            log::warn!("cannot watch the TAP, RX is served on kicks only: {e}");
+        }
+        serve_events(q, |wake| {
+            if wake == Wake::Kick {
+                QueueStats::bump(&stats.rx_kicks);
+            }
+            self.run_rx(q, pair, stats)
+        });
+    }
+
+    fn serve_tap_tx(&self, q: &DrivenQueue, pair: &TapPair, stats: &QueueStats) {
+        serve_events(q, |wake| {
+            if wake == Wake::Kick {
+                QueueStats::bump(&stats.tx_kicks);
+            }
+            self.run_tx(q, stats, |ring, mem| {
+                let mut tx = pair.tx.lock().unwrap_or_else(PoisonError::into_inner);
+                process_tx(ring, mem, &pair.tap, &mut tx, stats)
+            })
+        });
+    }
+
+    /// Switch RX: the other ports deliver into the ring while it runs; nothing is queued, so a
+    /// kick (new buffers) only counts.
+    fn serve_switch_rx(&self, q: &DrivenQueue, switch: &Switch, port: usize, stats: &QueueStats) {
+        let target = RxTarget::new(q.ring.clone(), q.memory.clone(), self.mrg_rxbuf());
+        switch.attach(port, target);
+        serve_events(q, |wake| {
+            if wake == Wake::Kick {
+                QueueStats::bump(&stats.rx_kicks);
+            }
+            Ok(())
+        });
+        switch.detach(port);
+    }
+
+    fn serve_switch_tx(&self, q: &DrivenQueue, switch: &Switch, port: usize, stats: &QueueStats) {
+        serve_events(q, |wake| {
+            if wake == Wake::Kick {
+                QueueStats::bump(&stats.tx_kicks);
+            }
+            let mut scratch = self
+                .switch_scratch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.run_tx(q, stats, |ring, mem| {
+                switch.process_tx(port, ring, mem, &mut scratch)
+            })
+        });
+    }
+}
+
+/// Serve once at start (chains or frames may be waiting from before this queue started, with
+/// no event coming for them), then on every event until the server stops the queue.
+fn serve_events(q: &DrivenQueue, mut serve: impl FnMut(Wake) -> Result<(), RxTxError>) {
+    let index = DeviceRing::lock(&q.ring).index();
+    let mut wake = Wake::Source(TAP_TOKEN);
+    loop {
+        if let Err(e) = serve(wake) {
+            log::warn!("queue {index}: {}", with_causes(&e));
+        }
+        wake = match q.wait() {
+            Ok(Wake::Stop) => return,
+            Ok(wake) => wake,
+            Err(e) => {
+                log::warn!("queue {index}: cannot wait for events, the queue stops: {e}");
+                return;
+            }
+        };
     }
 }
 
@@ -268,46 +241,28 @@ pub fn with_causes(e: &dyn std::error::Error) -> String {
     msg
 }
 
-impl Drop for NetBackend {
-    fn drop(&mut self) {
-        let fds = self
-            .exit_consumers
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner);
-        for fd in fds.drain(..) {
-            // SAFETY: `fd` is an exit-event consumer this backend created in `exit_event`;
-            // vhost-user-backend (pinned to 0.24.0 in the workspace) turned it into a raw fd
-            // that nothing closes. The last reference to this backend is going away, so the
-            // daemon that registered the fd and its worker epolls are gone: nobody uses it.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
+fn signal(ring: &DeviceRing, counter: &AtomicU64) {
+    match ring.signal() {
+        Ok(true) => QueueStats::bump(counter),
+        Ok(false) => {}
+        Err(e) => log::warn!("failed to signal the guest: {}", with_causes(&e)),
     }
 }
 
-fn signal(state: &vhost_user_backend::VringState<GuestMemoryAtomic<Mem>>, counter: &AtomicU64) {
-    match state.signal_used_queue() {
-        Ok(()) => QueueStats::bump(counter),
-        Err(e) => log::warn!("failed to signal the guest: {e}"),
-    }
-}
-
-impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
-    type Vring = Vring;
-
+impl VhostUserDevice for NetBackend {
     fn num_queues(&self) -> usize {
         usize::from(self.model.pairs) * 2
     }
 
-    fn max_queue_size(&self) -> usize {
+    fn max_queue_size(&self) -> u16 {
         MAX_QUEUE_SIZE
     }
 
     fn features(&self) -> u64 {
-        self.model.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.model.features()
     }
 
-    fn acked_features(&self, features: u64) {
+    fn features_acked(&self, features: u64) {
         self.acked.store(features, Ordering::Release);
         if let Engine::Tap(pairs) = &self.engine {
             if self.model.offloads {
@@ -320,57 +275,53 @@ impl VhostUserBackend for NetBackend {
         }
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
+    fn config_space(&self) -> Option<&[u8]> {
+        Some(&self.config)
     }
 
-    fn set_event_idx(&self, _enabled: bool) {}
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.model.read_config(offset, size)
-    }
-
-    fn update_memory(&self, _mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
-        // `self.mem` is a clone of the handler's GuestMemoryAtomic: it already sees the update.
-        Ok(())
-    }
-
-    /// One worker thread per queue pair: thread `p` owns vrings `2p` (RX) and `2p + 1` (TX).
-    fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.model.pairs).map(|p| 0b11u64 << (2 * p)).collect()
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => {
-                self.exit_consumers
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(pair.0.as_raw_fd());
-                Some(pair)
-            }
-            Err(e) => {
-                log::error!("failed to create a worker exit event: {e}");
-                None
-            }
-        }
-    }
-
-    fn handle_event(
+    /// Never called: every queue is driven (`serve_queue`).
+    fn process(
         &self,
-        device_event: u16,
-        _evset: EventSet,
-        vrings: &[Vring],
-        thread_id: usize,
-    ) -> io::Result<()> {
+        _queue: usize,
+        _head: u16,
+        _chain: &[Descriptor],
+        _: &GuestMemoryMmap,
+    ) -> u32 {
+        0
+    }
+
+    fn drives_queue(&self, _queue: usize) -> bool {
+        true
+    }
+
+    /// Vrings `2p` (RX) and `2p + 1` (TX) are queue pair `p`.
+    fn serve_queue(&self, q: DrivenQueue) {
+        let index = DeviceRing::lock(&q.ring).index();
+        let (pair, rx) = (index / 2, index.is_multiple_of(2));
+        let Some(stats) = self.stats.queues.get(pair) else {
+            log::warn!("queue {index} of an unknown queue pair {pair}");
+            return;
+        };
         match &self.engine {
-            Engine::Tap(pairs) => self.handle_tap(pairs, device_event, vrings, thread_id),
-            Engine::Switch { switch, port } => {
-                self.handle_switch(switch, *port, device_event, vrings)
+            Engine::Tap(pairs) => {
+                let Some(tap_pair) = pairs.get(pair) else {
+                    log::warn!("queue {index}: no TAP queue for pair {pair}");
+                    return;
+                };
+                match rx {
+                    true => self.serve_tap_rx(&q, tap_pair, stats),
+                    false => self.serve_tap_tx(&q, tap_pair, stats),
+                }
             }
+            Engine::Switch { switch, port } => match rx {
+                true => self.serve_switch_rx(&q, switch, *port, stats),
+                false => self.serve_switch_tx(&q, switch, *port, stats),
+            },
         }
-        Ok(())
+    }
+
+    fn frontend_connected(&self) {
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.live.set_connected(self.port, true);
     }
 }

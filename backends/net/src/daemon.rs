@@ -1,23 +1,15 @@
 //! `run(config)`: binds the sockets, opens the TAP or builds the switch, and serves frontends one
 //! connection after another, printing a STATS line after each disconnect.
 
-use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::GuestMemoryAtomic;
-use vmm_sys_util::epoll::EventSet;
 
-use crate::backend::{tap_event, Engine, NetBackend, TapPair};
+use crate::backend::{Engine, NetBackend, TapPair};
 use crate::device::{DeviceModel, ALL_TAP_OFFLOADS};
 use crate::live::Live;
-use crate::relay;
-use crate::ring::Mem;
 use crate::socket::{self, BoundSocket, SocketError};
 use crate::stats::PortStats;
 use crate::stats_server::{self, StatsApiError};
@@ -64,12 +56,10 @@ pub enum DaemonError {
 
 /// How to build one connection's backend on a port.
 struct PortSpec {
-    name: String,
     model: DeviceModel,
     stats: Arc<PortStats>,
     engine: Box<dyn Fn() -> Engine + Send>,
     on_disconnect: Box<dyn Fn() + Send>,
-    tap_fds: Vec<i32>,
     /// Connection state for the stats API, and this port's index in it.
     live: Arc<Live>,
     port: usize,
@@ -144,10 +134,8 @@ fn run_tap(
     log::info!("attached to TAP {name} with {queues} queue pair(s)");
     // The TAP is attached: CAP_NET_ADMIN and everything else can go.
     crate::seccomp::confine()?;
-    let tap_fds = taps.iter().map(TapQueue::fd).collect();
     let pairs = Arc::new(taps.into_iter().map(TapPair::new).collect::<Vec<_>>());
     let spec = PortSpec {
-        name: format!("splitvisor-net-{name}"),
         model: DeviceModel {
             mac: config.macs[0],
             pairs: queues,
@@ -157,7 +145,6 @@ fn run_tap(
         stats: stats[0].clone(),
         engine: Box::new(move || Engine::Tap(pairs.clone())),
         on_disconnect: Box::new(|| {}),
-        tap_fds,
         live,
         port: 0,
     };
@@ -179,7 +166,6 @@ fn run_switch(
         let path = sock.path.clone();
         let (sw_engine, sw_detach) = (switch.clone(), switch.clone());
         let spec = PortSpec {
-            name: format!("splitvisor-net-port{port}"),
             model: DeviceModel {
                 mac: config.macs[port],
                 pairs: 1,
@@ -192,7 +178,6 @@ fn run_switch(
                 port,
             }),
             on_disconnect: Box::new(move || sw_detach.detach(port)),
-            tap_fds: Vec::new(),
             live: live.clone(),
             port,
         };
@@ -211,85 +196,37 @@ fn run_switch(
     Ok(())
 }
 
-/// Accept frontends on one socket forever, a fresh backend (and worker threads) per connection.
-/// Each frontend talks to the crates through `relay` (see there for why).
+/// Accept frontends on one socket forever, a fresh device (and queue threads) per connection,
+/// each served by the vhost-user server. In switch mode every port runs this on its own thread.
 fn serve(bound: BoundSocket, spec: PortSpec) -> Result<(), DaemonError> {
     let path = bound.path.clone();
-    let fail = |reason: String| DaemonError::Serve {
-        path: path.clone(),
-        reason,
-    };
     let BoundSocket {
         listener,
         lock: _lock,
         ..
     } = bound;
+    let mut listener = Listener::from(listener);
     loop {
-        let mem = GuestMemoryAtomic::new(Mem::default());
-        let backend = Arc::new(NetBackend::new(
+        let device = Arc::new(NetBackend::new(
             spec.model.clone(),
             (spec.engine)(),
             spec.stats.clone(),
-            mem.clone(),
+            spec.live.clone(),
+            spec.port,
         ));
-        let num_queues = usize::from(spec.model.pairs) * 2;
-        let mut daemon = VhostUserDaemon::new(spec.name.clone(), backend, mem)
-            .map_err(|e| fail(e.to_string()))?;
-        for (handler, fd) in daemon.get_epoll_handlers().iter().zip(&spec.tap_fds) {
-            handler
-                .register_listener(
-                    *fd,
-                    EventSet::IN | EventSet::EDGE_TRIGGERED,
-                    u64::from(tap_event(num_queues)),
-                )
-                .map_err(|e| fail(format!("registering the TAP fd: {e}")))?;
-        }
         log::info!("waiting for a frontend on {}", path.display());
-        let frontend = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => continue,
-            Err(e) => return Err(fail(format!("accepting a frontend: {e}"))),
-        };
-        let (mut crate_listener, crate_end) =
-            crate_connection().map_err(|e| fail(format!("connecting the relay: {e}")))?;
-        daemon
-            .start(&mut crate_listener)
-            .map_err(|e| fail(e.to_string()))?;
-        drop(crate_listener);
-        spec.stats.connections.fetch_add(1, Ordering::Relaxed);
-        spec.live.set_connected(spec.port, true);
-        log::info!("frontend connected on {}", path.display());
-        if let Err(e) = relay::run(frontend, crate_end) {
-            log::warn!("connection on {}: {e}", path.display());
-        }
-        if let Err(e) = daemon.wait() {
-            log::warn!("connection on {} ended: {e}", path.display());
+        let end = splitvisor_vhost_server::serve_frontend(&mut listener, device).map_err(|e| {
+            DaemonError::Serve {
+                path: path.clone(),
+                reason: format!("accepting a frontend: {e}"),
+            }
+        })?;
+        match end.error {
+            None => log::info!("frontend on {} disconnected", path.display()),
+            Some(e) => log::warn!("connection on {} ended: {e}", path.display()),
         }
         spec.live.set_connected(spec.port, false);
         (spec.on_disconnect)();
-        // Dropping the daemon stops and joins this connection's worker threads.
-        drop(daemon);
         eprintln!("STATS {}", spec.stats.to_json());
     }
-}
-
-/// A connection for the crates' `VhostUserDaemon::start`, which only accepts from a
-/// `Listener`: bind a listener in a fresh private (0700) directory, connect to it, and remove
-/// the path again at once; the queued connection is what `start` then accepts.
-fn crate_connection() -> std::io::Result<(Listener, UnixStream)> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "splitvisor-net-relay-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    // `create` fails if the path exists, so nobody else's directory (or link) is reused.
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    let sock = dir.join("s");
-    let connected =
-        UnixListener::bind(&sock).and_then(|listener| Ok((listener, UnixStream::connect(&sock)?)));
-    let _ = std::fs::remove_file(&sock);
-    let _ = std::fs::remove_dir(&dir);
-    let (listener, stream) = connected?;
-    Ok((Listener::from(listener), stream))
 }

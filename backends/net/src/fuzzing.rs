@@ -2,9 +2,9 @@
 //! feeds every committed corpus file through it, so that `cargo test` exercises the corpus
 //! without building the fuzzer. The entry takes raw fuzzer bytes and must never panic.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use vhost_user_backend::{VringRwLock, VringT};
+use splitvisor_vhost_server::DeviceRing;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
@@ -140,9 +140,10 @@ pub fn net_rxtx(data: &[u8]) {
 
 fn tap_tx(spec: &RingSpec, image: &[u8]) {
     let mem = guest_memory(image);
-    let Some(mut queue) = spec.queue(&mem) else {
+    let Some(queue) = spec.queue(&mem) else {
         return;
     };
+    let mut queue = DeviceRing::new(1, queue);
     let tap = MemTap::default();
     let stats = QueueStats::default();
     if let Ok(batch) = process_tx(&mut queue, &mem, &tap, &mut TxScratch::default(), &stats) {
@@ -158,9 +159,10 @@ fn tap_tx(spec: &RingSpec, image: &[u8]) {
 
 fn tap_rx(spec: &RingSpec, mrg_rxbuf: bool, tap: &MemTap, image: &[u8]) {
     let mem = guest_memory(image);
-    let Some(mut queue) = spec.queue(&mem) else {
+    let Some(queue) = spec.queue(&mem) else {
         return;
     };
+    let mut queue = DeviceRing::new(0, queue);
     let stats = QueueStats::default();
     let mut rx = RxState::default();
     let _ = process_rx(&mut queue, &mem, tap, &mut rx, mrg_rxbuf, &stats);
@@ -168,7 +170,7 @@ fn tap_rx(spec: &RingSpec, mrg_rxbuf: bool, tap: &MemTap, image: &[u8]) {
 
 fn switch_tx(spec: &RingSpec, rx_spec: &RingSpec, rx_image: &[u8], image: &[u8]) {
     let mem = guest_memory(image);
-    let Some(mut queue) = spec.queue(&mem) else {
+    let Some(queue) = spec.queue(&mem) else {
         return;
     };
     let rx_image = &rx_image[..rx_image.len().min(RX_GUEST_LEN)];
@@ -186,23 +188,12 @@ fn switch_tx(spec: &RingSpec, rx_spec: &RingSpec, rx_image: &[u8], image: &[u8])
         .map(|i| Arc::new(PortStats::new(format!("p{i}"), 1)))
         .collect();
     let switch = Switch::new(stats);
-    if rx_spec.queue(&rx_mem.memory()).is_some() {
-        let Ok(vring) = VringRwLock::new(rx_mem.clone(), rx_spec.size) else {
-            return;
-        };
-        vring.set_queue_size(rx_spec.size);
-        let [desc, avail, used] = rx_spec.addrs;
-        if vring.set_queue_info(desc, avail, used).is_err() {
-            return;
-        }
-        vring.set_queue_event_idx(rx_spec.event_idx);
-        vring.set_queue_next_avail(rx_spec.next_avail);
-        vring.set_queue_next_used(rx_spec.next_used);
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
-        switch.attach(1, RxTarget::new(vring, rx_mem.clone(), rx_spec.event_idx));
+    if let Some(rx_queue) = rx_spec.queue(&rx_mem.memory()) {
+        let ring = Arc::new(Mutex::new(DeviceRing::new(0, rx_queue)));
+        switch.attach(1, RxTarget::new(ring, rx_mem.clone(), rx_spec.event_idx));
     }
-    let _ = switch.process_tx(0, &mut queue, &mem, &mut SwitchScratch::default());
+    let mut ring = DeviceRing::new(1, queue);
+    let _ = switch.process_tx(0, &mut ring, &mem, &mut SwitchScratch::default());
 }
 
 #[cfg(test)]

@@ -4,16 +4,10 @@
 mod backend;
 mod daemon;
 mod device;
-// One checker for both daemons: the file lives with splitvisor-blk's vhost server.
-#[path = "../../blk/src/vhost/fdcheck.rs"]
-#[allow(dead_code)] // seal_size is for splitvisor-blk's own inflight memfd
-mod fdcheck;
 mod live;
 // Shared with splitvisor-blk: per-queue rate limiting of guest-caused log lines.
 #[path = "../../blk/src/loglimit.rs"]
 mod loglimit;
-mod relay;
-mod relay_check;
 mod ring;
 mod rxtx;
 mod seccomp;
@@ -28,10 +22,6 @@ mod testutil;
 // The MAC and MTU checks, one file with the VMM's (its tests run in both crates).
 #[path = "../../../vmm/src/device_values.rs"]
 mod values;
-// Shared with splitvisor-blk: whole vhost-user messages with deadlines and descriptors.
-#[path = "../../blk/src/vhost/wire.rs"]
-#[allow(dead_code)] // relay() serves splitvisor-blk's plain relay
-mod wire;
 
 // The fuzz targets' entry points, run over the committed corpus by `cargo test`.
 #[cfg(test)]
@@ -46,7 +36,7 @@ use splitvisor_confine::SeccompMode;
 use crate::daemon::{Config, Mode};
 use crate::switch::{MacAddr, MAX_PORTS};
 
-/// Most queue pairs (each pair is two bits of vhost-user-backend's 64-bit thread mask).
+/// Most queue pairs (two threads each).
 const MAX_QUEUE_PAIRS: u16 = 32;
 
 #[derive(Parser, Debug)]

@@ -1,11 +1,13 @@
-//! Split-virtqueue helpers shared by the TAP and switch paths: batched used-ring publication,
-//! interrupt suppression (EVENT_IDX / NO_INTERRUPT), and scattering one frame over RX chains.
+//! Split-virtqueue helpers shared by the TAP and switch paths: batched used-ring publication
+//! (through the server's `DeviceRing`, which keeps the inflight region right), interrupt
+//! suppression (EVENT_IDX / NO_INTERRUPT), and scattering one frame over RX chains.
 
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
+use splitvisor_vhost_server::DeviceRing;
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use crate::stats::DropReason;
@@ -25,12 +27,10 @@ pub const MAX_FRAME_LEN: usize = 65536 + VNET_HDR_LEN + 14;
 /// Errors of the ring helpers: the guest's ring metadata itself is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
-    #[error("failed to write the used ring")]
-    WriteUsed(#[source] vm_memory::GuestMemoryError),
+    #[error("failed to publish used entries")]
+    Publish(#[source] splitvisor_vhost_server::RingError),
     #[error("failed to read the avail ring flags / used_event")]
     ReadAvail(#[source] vm_memory::GuestMemoryError),
-    #[error("failed to read the used ring index")]
-    ReadUsed(#[source] virtio_queue::Error),
     #[error(
         "the driver's avail index {avail} is more than the ring size {size} ahead of the \
          device's {next}: the ring is broken; it is not served until the driver's index \
@@ -49,30 +49,6 @@ pub fn check_avail(queue: &Queue, mem: &Mem) -> Result<(), RingError> {
     let (avail, next, size) = (avail.0, queue.next_avail(), queue.size());
     if avail.wrapping_sub(next) > size {
         return Err(RingError::AvailAhead { avail, next, size });
-    }
-    Ok(())
-}
-
-/// Continue the used ring from the `used.idx` the guest sees, if the queue's own position
-/// differs. vhost-user's SET_VRING_BASE only sets `next_avail`; vhost-user-backend copies
-/// `used.idx` into `next_used` once, at SET_VRING_ADDR. A backend that takes over a ring from
-/// an earlier connection (a reconnect, or a swapped-in daemon) whose used index moves after
-/// that (the old backend's last completions landing while the new one is configured) would
-/// otherwise write its first completion at a stale position and move the index backwards.
-/// Call this at the start of each event, under the vring lock: this backend completes every
-/// chain before the event ends, so no completion of ours is pending and guest memory holds the
-/// true position (the driver never writes `used.idx`).
-pub fn sync_next_used(queue: &mut Queue, mem: &Mem) -> Result<(), RingError> {
-    let in_guest = queue
-        .used_idx(mem, Ordering::Acquire)
-        .map_err(RingError::ReadUsed)?
-        .0;
-    if in_guest != queue.next_used() {
-        log::debug!(
-            "used ring index {in_guest} in guest memory, queue at {}: continuing from {in_guest}",
-            queue.next_used()
-        );
-        queue.set_next_used(in_guest);
     }
     Ok(())
 }
@@ -96,28 +72,18 @@ impl UsedBatch {
         self.entries.truncate(len);
     }
 
-    /// Write all entries, then publish them with one release store of `used.idx`, so the driver
-    /// never sees part of a merged-buffer frame. Returns how many entries were published.
-    pub fn publish(&mut self, queue: &mut Queue, mem: &Mem) -> Result<usize, RingError> {
-        let count = self.entries.len();
-        if count == 0 {
-            return Ok(0);
-        }
-        let size = queue.size().max(1);
-        let ring = GuestAddress(queue.used_ring());
-        let mut next = Wrapping(queue.next_used());
-        for &(head, len) in &self.entries {
-            let offset = 4 + u64::from(next.0 % size) * 8;
-            let elem = ring.unchecked_add(offset);
-            mem.write_obj(u32::from(head).to_le(), elem)
-                .map_err(RingError::WriteUsed)?;
-            mem.write_obj(len.to_le(), elem.unchecked_add(4))
-                .map_err(RingError::WriteUsed)?;
-            next += Wrapping(1);
-        }
-        mem.store(next.0.to_le(), ring.unchecked_add(2), Ordering::Release)
-            .map_err(RingError::WriteUsed)?;
-        queue.set_next_used(next.0);
+    /// Heads collected since entry `start`.
+    fn heads_from(&self, start: usize) -> impl Iterator<Item = u16> + '_ {
+        self.entries[start..].iter().map(|&(head, _)| head)
+    }
+
+    /// Publish all entries with one release store of `used.idx`, so the driver never sees
+    /// part of a merged-buffer frame; their inflight flags are cleared after it. Returns how
+    /// many were published.
+    pub fn publish(&mut self, ring: &mut DeviceRing, mem: &Mem) -> Result<usize, RingError> {
+        let count = ring
+            .publish(mem, &self.entries)
+            .map_err(RingError::Publish)?;
         self.entries.clear();
         Ok(count)
     }
@@ -184,30 +150,27 @@ pub enum RxOutcome {
 /// Scatter `src` into the RX queue: one chain, or several with MRG_RXBUF, then patch
 /// `num_buffers` in the header. Nothing is published; entries go to `used`.
 pub fn write_rx_frame<S: FrameSource + ?Sized>(
-    queue: &mut Queue,
+    ring: &mut DeviceRing,
     mem: &Mem,
     src: &S,
     mrg_rxbuf: bool,
     used: &mut UsedBatch,
 ) -> RxOutcome {
     let total = src.len();
-    let start_avail = queue.next_avail();
+    let start_avail = ring.queue().next_avail();
+    let size = ring.queue().size();
     let start_used = used.len();
     let mut cursor = RxCursor::default();
     let mut chains: u16 = 0;
     while cursor.offset < total {
-        if chains == queue.size() || (!mrg_rxbuf && chains == 1) {
+        if chains == size || (!mrg_rxbuf && chains == 1) {
             // Even the whole ring (or one chain without MRG_RXBUF) cannot hold the frame.
-            queue.set_next_avail(start_avail);
+            ring.rewind(start_avail, used.heads_from(start_used));
             used.truncate(start_used);
             return RxOutcome::Dropped(DropReason::RxTooLarge);
         }
-        let chain = match queue.iter(mem) {
-            Ok(mut iter) => iter.next(),
-            Err(_) => None,
-        };
-        let Some(chain) = chain else {
-            queue.set_next_avail(start_avail);
+        let Some(chain) = ring.pop(mem) else {
+            ring.rewind(start_avail, used.heads_from(start_used));
             used.truncate(start_used);
             return RxOutcome::NoBuffers;
         };

@@ -1,10 +1,11 @@
-//! The TAP frame path over descriptor chains: TX (guest -> TAP, header kept, zero copy through
-//! writev) and RX (TAP -> guest, merged buffers), behind a small `Tap` trait.
+//! The TAP frame path over descriptor chains: TX (guest -> TAP, header kept, copied out and
+//! completed before the write) and RX (TAP -> guest, merged buffers), behind a small `Tap` trait.
 
 use std::io;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use splitvisor_vhost_server::DeviceRing;
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::loglimit::{burst_note, LogLimit, INTERVAL};
 use crate::ring::{
@@ -18,8 +19,8 @@ pub const MAX_TX_SEGMENTS: usize = 256;
 
 /// A TAP queue as the frame path sees it. Frames carry a 12-byte `virtio_net_hdr_v1` in front.
 pub trait Tap {
-    /// Write one frame given as a gather list. Every iovec points into guest memory that stays
-    /// mapped for the duration of the call.
+    /// Write one frame given as a gather list. Every iovec points to memory that stays valid
+    /// for the duration of the call.
     fn write_frame(&self, iov: &[libc::iovec]) -> io::Result<usize>;
     /// Read one frame into `buf`; `WouldBlock` when none is queued.
     fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize>;
@@ -44,20 +45,17 @@ pub struct Batch {
 /// Reusable per-queue scratch state, so the data path does not allocate per frame.
 #[derive(Debug)]
 pub struct TxScratch {
-    iov: Vec<libc::iovec>,
+    /// The frame being sent, copied out of the guest's chain.
+    frame: Vec<u8>,
     used: UsedBatch,
     /// Rate limit of the bad-chain warnings the guest can cause on this queue.
     bad_chain_log: LogLimit,
 }
 
-// SAFETY: the iovecs are only filled and used within one `process_tx` call on the owning thread;
-// between calls they are stale, never dereferenced.
-unsafe impl Send for TxScratch {}
-
 impl Default for TxScratch {
     fn default() -> Self {
         TxScratch {
-            iov: Vec::with_capacity(MAX_TX_SEGMENTS),
+            frame: Vec::with_capacity(MAX_FRAME_LEN),
             used: UsedBatch::default(),
             bad_chain_log: LogLimit::default(),
         }
@@ -99,55 +97,72 @@ pub fn gather_tx_chain(
 }
 
 /// Send every available TX chain to the TAP; every chain goes back to the used ring.
+///
+/// Each frame is copied out of its chain, the chain is completed (published, its inflight
+/// flag cleared), and only then is the copy written to the TAP. A daemon killed with SIGKILL
+/// dies on its way back from a system call, so one killed in the middle of a TAP write has
+/// written the frame and, in this order, also completed it: the next daemon neither sends it
+/// again nor misses it. Only a kill in the few instructions between the used index store and
+/// the write loses a frame; a chain popped and not completed is sent by the next daemon.
 pub fn process_tx<T: Tap + ?Sized>(
-    queue: &mut Queue,
+    ring: &mut DeviceRing,
     mem: &Mem,
     tap: &T,
     scratch: &mut TxScratch,
     stats: &QueueStats,
 ) -> Result<Batch, RxTxError> {
-    let old_used = queue.next_used();
-    loop {
-        let chain = match queue.iter(mem) {
-            Ok(mut iter) => iter.next(),
-            Err(_) => None,
-        };
-        let Some(chain) = chain else { break };
+    let old_used = ring.queue().next_used();
+    let mut used = 0;
+    // At most a ring's worth per call: a used ring laid over the avail index would otherwise
+    // feed this loop with its own completions forever.
+    for _ in 0..ring.queue().size() {
+        let Some(chain) = ring.pop(mem) else { break };
         let head = chain.head_index();
-        scratch.iov.clear();
-        let iov = &mut scratch.iov;
-        let gathered = gather_tx_chain(chain, mem, |addr, len| {
-            if iov.len() == MAX_TX_SEGMENTS {
-                return Err(DropReason::TooManySegments);
-            }
-            for slice in mem.get_slices(addr, len) {
-                let slice = slice.map_err(|_| DropReason::BadAddress)?;
-                iov.push(libc::iovec {
-                    iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
-                    iov_len: slice.len(),
-                });
-            }
-            Ok(())
-        });
+        let gathered = copy_tx_chain(chain, mem, &mut scratch.frame);
+        scratch.used.push(head, 0);
+        used += scratch.used.publish(ring, mem)?;
         match gathered {
-            Ok(len) => match tap.write_frame(&scratch.iov) {
-                Ok(_) => stats.count_tx(len - VNET_HDR_LEN),
-                Err(e) => {
-                    log::debug!("TAP write of a {len}-byte frame failed: {e}");
-                    stats.count_drop(DropReason::TapWrite);
+            Ok(len) => {
+                let iov = libc::iovec {
+                    iov_base: scratch.frame.as_mut_ptr().cast(),
+                    iov_len: scratch.frame.len(),
+                };
+                match tap.write_frame(&[iov]) {
+                    Ok(_) => stats.count_tx(len - VNET_HDR_LEN),
+                    Err(e) => {
+                        log::debug!("TAP write of a {len}-byte frame failed: {e}");
+                        stats.count_drop(DropReason::TapWrite);
+                    }
                 }
-            },
+            }
             Err(reason) => {
                 warn_bad_chain(&mut scratch.bad_chain_log, head, reason);
                 stats.count_drop(reason);
             }
         }
-        scratch.used.push(head, 0);
     }
-    scratch.iov.clear();
-    let used = scratch.used.publish(queue, mem)?;
-    let interrupt = needs_interrupt(queue, mem, old_used)?;
+    let interrupt = needs_interrupt(ring.queue(), mem, old_used)?;
     Ok(Batch { used, interrupt })
+}
+
+/// Copy the frame of a TX chain into `frame` (cleared first); returns its length.
+fn copy_tx_chain(
+    chain: DescriptorChain<&Mem>,
+    mem: &Mem,
+    frame: &mut Vec<u8>,
+) -> Result<usize, DropReason> {
+    frame.clear();
+    let mut segments = 0;
+    gather_tx_chain(chain, mem, |addr, len| {
+        if segments == MAX_TX_SEGMENTS {
+            return Err(DropReason::TooManySegments);
+        }
+        segments += 1;
+        let start = frame.len();
+        frame.resize(start + len, 0);
+        mem.read_slice(&mut frame[start..], addr)
+            .map_err(|_| DropReason::BadAddress)
+    })
 }
 
 /// Log a dropped TX chain, rate limited per queue (a guest can send any number).
@@ -197,14 +212,14 @@ pub enum RxStop {
 
 /// Move frames from the TAP into the RX queue until the TAP is empty or buffers run out.
 pub fn process_rx<T: Tap + ?Sized>(
-    queue: &mut Queue,
+    ring: &mut DeviceRing,
     mem: &Mem,
     tap: &T,
     rx: &mut RxState,
     mrg_rxbuf: bool,
     stats: &QueueStats,
 ) -> Result<(Batch, RxStop), RxTxError> {
-    let old_used = queue.next_used();
+    let old_used = ring.queue().next_used();
     let stop = loop {
         if rx.pending == 0 {
             match tap.read_frame(&mut rx.buf) {
@@ -223,7 +238,7 @@ pub fn process_rx<T: Tap + ?Sized>(
             }
         }
         let frame = &rx.buf[..rx.pending];
-        match write_rx_frame(queue, mem, frame, mrg_rxbuf, &mut rx.used) {
+        match write_rx_frame(ring, mem, frame, mrg_rxbuf, &mut rx.used) {
             RxOutcome::Delivered(_) => stats.count_rx(rx.pending - VNET_HDR_LEN),
             RxOutcome::NoBuffers => break RxStop::OutOfBuffers,
             RxOutcome::Dropped(reason) => {
@@ -237,8 +252,8 @@ pub fn process_rx<T: Tap + ?Sized>(
         }
         rx.pending = 0;
     };
-    let used = rx.used.publish(queue, mem)?;
-    let interrupt = needs_interrupt(queue, mem, old_used)?;
+    let used = rx.used.publish(ring, mem)?;
+    let interrupt = needs_interrupt(ring.queue(), mem, old_used)?;
     Ok((Batch { used, interrupt }, stop))
 }
 

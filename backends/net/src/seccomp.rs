@@ -1,7 +1,7 @@
 //! Confinement of splitvisor-net once its TAP is open (or, as a switch, its sockets bound):
 //! every capability dropped (CAP_NET_ADMIN was only needed to attach the TAP), and one seccomp
 //! allow-list for the whole process (TSYNC, so the signal thread started earlier is covered,
-//! and the port, relay and vring worker threads inherit it).
+//! and the port, relay and queue threads inherit it).
 //!
 //! The list comes from `strace -f` of the daemon's own tests and of the VMM's end-to-end
 //! network tests (TAP, switch, backend restarts), after the point `confine` is called.
@@ -12,14 +12,10 @@ use splitvisor_confine::{ConfineError, Ioctl, Policy, SeccompMode, SPAWN};
 
 static MODE: OnceLock<SeccompMode> = OnceLock::new();
 
-/// The vhost-user protocol and the relay in front of vhost-user-backend, which binds a
-/// listener in a fresh private directory per connection (mkdir, bind, connect, unlink, rmdir).
+/// The vhost-user protocol (the shared server: accepting frontends, the relay in front of
+/// vhost's parser, queue threads waiting on their eventfds).
 const VHOST_BACKEND: &[libc::c_long] = &[
-    libc::SYS_socket,
-    libc::SYS_bind,
-    libc::SYS_listen,
     libc::SYS_accept4,
-    libc::SYS_connect,
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
     libc::SYS_shutdown,
@@ -29,17 +25,19 @@ const VHOST_BACKEND: &[libc::c_long] = &[
     libc::SYS_close,
     libc::SYS_fcntl,
     libc::SYS_eventfd2,
+    // The inflight region (GET_INFLIGHT_FD) and the server's relay socketpair.
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_socketpair,
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
-    libc::SYS_mkdir,
-    libc::SYS_rmdir,
     libc::SYS_unlink,
     libc::SYS_statx,
     libc::SYS_newfstatat,
     libc::SYS_fstat,
-    // The relay's fd checks: an eventfd is recognised by its /proc/self/fd link.
+    // The server's fd checks: an eventfd is recognised by its /proc/self/fd link.
     libc::SYS_readlink,
     libc::SYS_readlinkat,
     // The stats API (`--api-socket`): requests and answers on its connections.

@@ -4,13 +4,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use splitvisor_vhost_server::{DeviceRing, SharedRing};
+use virtio_queue::QueueT;
 use vm_memory::{Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::ring::{
-    needs_interrupt, sync_next_used, write_rx_frame, FrameSource, Mem, RxOutcome, Slice, UsedBatch,
-    VNET_HDR_LEN,
+    needs_interrupt, write_rx_frame, FrameSource, Mem, RxOutcome, Slice, UsedBatch, VNET_HDR_LEN,
 };
 use crate::rxtx::{gather_tx_chain, Batch, RxTxError, MAX_TX_SEGMENTS};
 use crate::stats::{DropReason, PortStats, QueueStats};
@@ -77,7 +76,7 @@ impl MacTable {
 
 /// A connected port's RX queue, reachable from the other ports' worker threads.
 pub struct RxTarget {
-    pub vring: VringRwLock<GuestMemoryAtomic<Mem>>,
+    pub ring: SharedRing,
     pub mem: GuestMemoryAtomic<Mem>,
     pub mrg_rxbuf: bool,
     /// `used.idx` when the current batch first touched this queue (interrupt decision).
@@ -86,13 +85,9 @@ pub struct RxTarget {
 }
 
 impl RxTarget {
-    pub fn new(
-        vring: VringRwLock<GuestMemoryAtomic<Mem>>,
-        mem: GuestMemoryAtomic<Mem>,
-        mrg_rxbuf: bool,
-    ) -> Self {
+    pub fn new(ring: SharedRing, mem: GuestMemoryAtomic<Mem>, mrg_rxbuf: bool) -> Self {
         RxTarget {
-            vring,
+            ring,
             mem,
             mrg_rxbuf,
             batch_start: None,
@@ -221,18 +216,16 @@ impl Switch {
     pub fn process_tx(
         &self,
         port: usize,
-        queue: &mut Queue,
+        ring: &mut DeviceRing,
         mem: &Mem,
         scratch: &mut SwitchScratch,
     ) -> Result<Batch, RxTxError> {
-        let old_used = queue.next_used();
+        let old_used = ring.queue().next_used();
         let mut dirty: u64 = 0;
-        loop {
-            let chain = match queue.iter(mem) {
-                Ok(mut iter) => iter.next(),
-                Err(_) => None,
-            };
-            let Some(chain) = chain else { break };
+        let mut used = 0;
+        // At most a ring's worth per call (see rxtx::process_tx).
+        for _ in 0..ring.queue().size() {
+            let Some(chain) = ring.pop(mem) else { break };
             let head = chain.head_index();
             scratch.segments.clear();
             let segments = &mut scratch.segments;
@@ -257,11 +250,12 @@ impl Switch {
                     Err(reason) => stats.count_drop(reason),
                 }
             }
+            // Completed one by one, as the TAP path does (rxtx::process_tx).
             scratch.used.push(head, 0);
+            used += scratch.used.publish(ring, mem)?;
         }
-        let used = scratch.used.publish(queue, mem)?;
         self.signal_dirty(dirty);
-        let interrupt = needs_interrupt(queue, mem, old_used)?;
+        let interrupt = needs_interrupt(ring.queue(), mem, old_used)?;
         Ok(Batch { used, interrupt })
     }
 
@@ -317,20 +311,17 @@ impl Switch {
         let mut slot = port.target.lock().unwrap_or_else(PoisonError::into_inner);
         let target = slot.as_mut().ok_or(DropReason::NoRxBuffers)?;
         let mem = target.mem.memory();
-        let mut state = target.vring.get_mut();
-        if !state.is_enabled() {
+        let mut ring = DeviceRing::lock(&target.ring);
+        if !ring.is_running() {
             return Err(DropReason::NoRxBuffers);
         }
-        let queue = state.get_queue_mut();
-        if queue.ready() {
-            sync_next_used(queue, &mem).map_err(|_| DropReason::BadAddress)?;
-        }
-        let start = queue.next_used();
-        let outcome = write_rx_frame(queue, &mem, frame, target.mrg_rxbuf, &mut target.used);
-        if target.used.publish(queue, &mem).is_err() {
+        ring.follow_guest_used(&mem);
+        let start = ring.queue().next_used();
+        let outcome = write_rx_frame(&mut ring, &mem, frame, target.mrg_rxbuf, &mut target.used);
+        if target.used.publish(&mut ring, &mem).is_err() {
             return Err(DropReason::BadAddress);
         }
-        if queue.next_used() != start {
+        if ring.queue().next_used() != start {
             target.batch_start.get_or_insert(start);
             *dirty |= 1u64 << to;
         }
@@ -360,13 +351,18 @@ impl Switch {
                 continue;
             };
             let mem = target.mem.memory();
-            let state = target.vring.get_ref();
-            let wanted = needs_interrupt(state.get_queue(), &mem, start).unwrap_or(true);
+            let ring = DeviceRing::lock(&target.ring);
+            let wanted = needs_interrupt(ring.queue(), &mem, start).unwrap_or(true);
             if wanted {
-                if let Err(e) = state.signal_used_queue() {
-                    log::warn!("failed to interrupt switch port {index}: {e}");
-                } else if let Some(stats) = port.stats.queues.first() {
-                    QueueStats::bump(&stats.rx_interrupts);
+                match ring.signal() {
+                    Err(e) => log::warn!("failed to interrupt switch port {index}: {e}"),
+                    Ok(true) => {
+                        if let Some(stats) = port.stats.queues.first() {
+                            QueueStats::bump(&stats.rx_interrupts);
+                        }
+                    }
+                    // No call fd (yet): nobody to interrupt.
+                    Ok(false) => {}
                 }
             }
         }

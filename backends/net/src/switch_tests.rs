@@ -1,8 +1,7 @@
 //! Unit tests of the switch: learning/flooding decisions and forwarding between mock rings.
 
 use super::*;
-use crate::testutil::{read, Ring, BUF_BASE, QUEUE_SIZE};
-use vhost_user_backend::VringT;
+use crate::testutil::{read, Ring, BUF_BASE};
 use vm_memory::{Bytes, GuestAddress};
 
 const A: MacAddr = [0x52, 0x54, 0, 0, 0, 0xa];
@@ -44,18 +43,8 @@ impl Guest {
     }
 
     fn rx_target(&self, ring: &Ring) -> RxTarget {
-        let vring = VringRwLock::new(self.mem.clone(), QUEUE_SIZE).unwrap();
-        vring.set_queue_size(QUEUE_SIZE);
-        vring
-            .set_queue_info(
-                ring.vq.desc_table_addr().0,
-                ring.vq.avail_addr().0,
-                ring.vq.used_addr().0,
-            )
-            .unwrap();
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
-        RxTarget::new(vring, self.mem.clone(), true)
+        let shared = Arc::new(Mutex::new(ring.queue()));
+        RxTarget::new(shared, self.mem.clone(), true)
     }
 }
 

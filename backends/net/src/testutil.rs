@@ -1,5 +1,6 @@
 //! Test helpers: split rings built with virtio-queue's `MockSplitQueue` in test guest memory.
 
+use splitvisor_vhost_server::DeviceRing;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -54,8 +55,9 @@ impl<'a> Ring<'a> {
         self.next_desc += descs.len() as u16;
     }
 
-    pub fn queue(&self) -> Queue {
-        self.vq.create_queue::<Queue>().expect("queue")
+    /// The device's view of the ring (no inflight region, no call fd).
+    pub fn queue(&self) -> DeviceRing {
+        DeviceRing::new(0, self.vq.create_queue::<Queue>().expect("queue"))
     }
 
     pub fn used_idx(&self) -> u16 {

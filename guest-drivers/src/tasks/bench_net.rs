@@ -38,6 +38,8 @@ struct Params {
     size: usize,
     seconds: u64,
     burst: usize,
+    /// `outages=wait`: ride out link outages (a backend restarting) instead of failing.
+    wait_outages: bool,
 }
 
 fn parse(task: &Task, report: &mut Report) -> Result<Params, Outcome> {
@@ -47,6 +49,7 @@ fn parse(task: &Task, report: &mut Report) -> Result<Params, Outcome> {
         size: MAX_SIZE as usize,
         seconds: 5,
         burst: DEFAULT_BURST,
+        wait_outages: false,
     };
     for param in task.params() {
         let (k, v) = param.map_err(|e| {
@@ -70,6 +73,7 @@ fn parse(task: &Task, report: &mut Report) -> Result<Params, Outcome> {
             "burst" => num(v)
                 .filter(|n| (1..=256).contains(n))
                 .map(|n| p.burst = n as usize),
+            "outages" => (v == "wait").then(|| p.wait_outages = true),
             _ => None,
         };
         if ok.is_none() {
@@ -103,11 +107,17 @@ pub fn run(task: &Task, ctx: &Context, report: &mut Report) -> Outcome {
         Ok(s) => s,
         Err(o) => return o,
     };
-    let mut health = Health::new();
-    let outcome = match p.dir {
+    let mut health = match p.wait_outages {
+        true => Health::tolerating_outages(),
+        false => Health::new(),
+    };
+    let mut outcome = match p.dir {
         Dir::Tx => transmit(&mut stack, &mut health, &p, report),
         Dir::Rx => receive(&mut stack, &mut health, &p, report),
     };
+    if p.wait_outages && outcome == Outcome::Pass {
+        outcome = health.finish(report);
+    }
     tasks_net::counters(&stack, report);
     report.u64("tsc_khz", time::tsc_hz() / 1000);
     outcome

@@ -9,6 +9,7 @@ use std::os::unix::net::UnixStream;
 use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag};
 
 pub const GET_FEATURES: u32 = FrontendReq::GET_FEATURES as u32;
+pub const SET_FEATURES: u32 = FrontendReq::SET_FEATURES as u32;
 pub const SET_VRING_BASE: u32 = FrontendReq::SET_VRING_BASE as u32;
 pub const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
 pub const GET_PROTOCOL_FEATURES: u32 = FrontendReq::GET_PROTOCOL_FEATURES as u32;

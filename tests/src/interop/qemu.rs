@@ -65,6 +65,24 @@ impl Qemu {
         self
     }
 
+    /// A vhost-user-blk PCI device served on `socket` with QEMU's default queue count (one
+    /// per vCPU).
+    pub fn vhost_user_blk_default_queues(mut self, socket: &Path) -> Qemu {
+        let id = self.next_id("blk");
+        self.chardev(&id, socket);
+        self.device_args.extend([
+            "-device".to_string(),
+            format!("vhost-user-blk-pci,chardev={id}"),
+        ]);
+        self
+    }
+
+    /// `vcpus` vCPUs (default 1).
+    pub fn smp(mut self, vcpus: u32) -> Qemu {
+        self.smp = vcpus;
+        self
+    }
+
     /// A virtio-net PCI device whose backend is the vhost-user daemon on `socket`.
     ///
     /// `vectors=0` gives the device no MSI-X table, so Linux falls back to the legacy INTx line:

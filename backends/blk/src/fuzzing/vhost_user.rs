@@ -13,7 +13,7 @@ use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::{blk_device, Input};
-use crate::vhost::{fuzz_is_refusal, FrontendHandler};
+use splitvisor_vhost_server::{fuzz_is_refusal, FrontendHandler};
 
 /// Messages per input: enough for a full handshake plus noise, few enough that replies and
 /// fds in flight stay far below the socket buffer and fd limits.

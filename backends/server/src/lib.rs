@@ -1,10 +1,12 @@
-//! A vhost-user backend server for split virtqueues with inflight I/O tracking
+//! splitvisor-vhost-server: the vhost-user backend server for split virtqueues with inflight I/O tracking
 //! (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`), independent of the device it serves.
 //!
 //! vhost's `BackendReqHandler` parses the frontend's messages and calls `FrontendHandler`
 //! (handler.rs), which keeps the connection state: features, guest memory (memory.rs), the
 //! vrings and the inflight region (inflight.rs). Each started queue is served by its own
-//! thread (worker.rs) that reads chains (chain.rs) and hands them to the `VhostUserDevice`.
+//! thread (worker.rs) that reads chains (chain.rs) and hands them to the `VhostUserDevice`,
+//! or, for a queue the device drives itself (a TAP's RX queue), runs the device's own loop
+//! over a `DeviceRing` (driven.rs).
 //!
 //! rust-vmm's vhost-user-backend crate answers GET/SET_INFLIGHT_FD with "not supported",
 //! which is why this module exists.
@@ -15,6 +17,8 @@
 //!   GET_CONFIG: any time (GET_INFLIGHT_FD needs INFLIGHT_SHMFD acknowledged first).
 //! - SET_INFLIGHT_FD: any time no ring is running (refused otherwise); the region in place
 //!   when a ring starts is the one that ring uses. GET_INFLIGHT_FD may come before or after.
+//! - SET_VRING_ENABLE may also come before SET_FEATURES (QEMU <= 7.2's vhost-user-net order):
+//!   the relay answers it and replays it after the SET_FEATURES that acks PROTOCOL_FEATURES.
 //! - SET_FEATURES before the rings start (EVENT_IDX, INDIRECT_DESC, and whether rings start
 //!   enabled: without VHOST_USER_F_PROTOCOL_FEATURES they are enabled at once).
 //! - SET_MEM_TABLE (or ADD_MEM_REG) before SET_VRING_ADDR, which is translated on arrival.
@@ -30,9 +34,14 @@
 
 mod chain;
 mod doorman;
+mod driven;
+mod early_enable;
 mod fdcheck;
 mod handler;
 mod inflight;
+// Shared with the daemons: per-queue rate limiting of guest-caused log lines.
+#[path = "../../blk/src/loglimit.rs"]
+mod loglimit;
 mod memory;
 pub mod wire;
 mod worker;
@@ -48,12 +57,16 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryMmap;
 
 pub use chain::{ChainError, DescriptorTable};
+pub use driven::{DeviceRing, DrivenQueue, RingError, SharedRing, Wake};
 pub use handler::FrontendHandler;
 pub use inflight::{queue_area_len, region_len, REGION_VERSION};
 pub use memory::MAX_MEM_SLOTS;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
-pub use {handler::is_refusal as fuzz_is_refusal, worker::fuzz::queue_worker as fuzz_queue_worker};
+pub use {
+    handler::is_refusal as fuzz_is_refusal, worker::fuzz::queue_worker as fuzz_queue_worker,
+    worker::fuzz::Input as FuzzInput,
+};
 
 /// The device behind the vhost-user protocol: what it offers and how it serves a request.
 pub trait VhostUserDevice: Send + Sync + 'static {
@@ -76,6 +89,19 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         chain: &[Descriptor],
         memory: &GuestMemoryMmap,
     ) -> u32;
+    /// Whether the device serves `queue` itself (`serve_queue`) instead of the server's
+    /// kick -> pop -> `process` -> used ring -> call loop: for a queue fed by the device's
+    /// own events (a TAP's frames, another switch port's). Such a queue must complete chains
+    /// in the order it pops them: it resumes at the guest's used index (driven.rs).
+    fn drives_queue(&self, _queue: usize) -> bool {
+        false
+    }
+    /// Serve a queue `drives_queue` claimed, on the queue's own thread, until
+    /// `DrivenQueue::wait` answers `Wake::Stop`; pop with `DeviceRing::pop`, complete with
+    /// `DeviceRing::publish` and `DeviceRing::signal`, which keep the inflight region right.
+    fn serve_queue(&self, _queue: DrivenQueue) {}
+    /// A frontend connected, before its first message.
+    fn frontend_connected(&self) {}
     /// The driver kicked `queue`.
     fn queue_kicked(&self, _queue: usize) {}
     /// The backend signalled `queue`'s call eventfd.
@@ -98,7 +124,7 @@ pub fn serve_frontend<D: VhostUserDevice>(
     listener: &mut Listener,
     device: Arc<D>,
 ) -> vhost::vhost_user::Result<ConnectionEnd> {
-    let handler = Arc::new(Mutex::new(FrontendHandler::new(device)));
+    let handler = Arc::new(Mutex::new(FrontendHandler::new(device.clone())));
     let frontend = loop {
         if let Some(stream) = listener.accept()? {
             break stream;
@@ -115,15 +141,17 @@ pub fn serve_frontend<D: VhostUserDevice>(
         }
     };
     // vhost's parser reads each message with single recv calls and no deadline: the relay in
-    // front of it gives it whole messages (wire.rs) and cuts off a frontend that stalls.
+    // front of it gives it whole messages (wire.rs), cuts off a frontend that stalls and holds
+    // back a SET_VRING_ENABLE sent before SET_FEATURES (early_enable.rs).
     let (relay_end, server_end) =
         UnixStream::pair().map_err(vhost::vhost_user::Error::SocketError)?;
     let relay = std::thread::Builder::new()
         .name("relay".into())
-        .spawn(move || wire::relay(frontend, relay_end, "vhost-user server side"))
+        .spawn(move || early_enable::relay(frontend, relay_end, "vhost-user server side"))
         .map_err(vhost::vhost_user::Error::SocketError)?;
     let mut connection = BackendReqHandler::from_stream(server_end, handler.clone());
     info!("frontend connected");
+    device.frontend_connected();
     let error = loop {
         match connection.handle_request() {
             Ok(()) => {}

@@ -1,24 +1,22 @@
-//! Relays one frontend's vhost-user control connection to the vhost crates, holding back a
-//! `SET_VRING_ENABLE` that arrives before feature negotiation.
+//! The relay in front of vhost's message parser: whole messages with deadlines (wire.rs), and
+//! a `SET_VRING_ENABLE` that arrives before feature negotiation held back.
 //!
-//! Why this exists: QEMU's vhost-user-net frontend (7.2 and earlier) sends
+//! Why the hold: QEMU's vhost-user-net frontend (7.2 and earlier) sends
 //! `VHOST_USER_SET_VRING_ENABLE` when the NIC attaches to its netdev, right after `SET_OWNER`
-//! and before any `SET_FEATURES`. Both the `vhost` crate's dispatcher (0.18) and
-//! `vhost-user-backend` (0.24) check that `VHOST_USER_F_PROTOCOL_FEATURES` is already acked,
-//! fail with "inactive feature", and end the connection. The spec tracks each ring's enabled
-//! state independently of feature negotiation (rings start disabled; `SET_VRING_ENABLE` sets
-//! the state), so the request is meaningful. We may not patch the crates, so this relay sits
-//! between the frontend and a private connection to the crates: it answers such an early
-//! request itself (an ack only when the frontend asked for one with `NEED_REPLY`) and replays
-//! it to the crates right after the `SET_FEATURES` that acks `PROTOCOL_FEATURES`. Every other
-//! message, in both directions, passes through byte for byte with its file descriptors.
+//! and before any `SET_FEATURES`. The `vhost` crate's dispatcher (0.18) checks that
+//! `VHOST_USER_F_PROTOCOL_FEATURES` is already acked, fails with "inactive feature", and ends
+//! the connection. The spec tracks each ring's enabled state independently of feature
+//! negotiation (rings start disabled; `SET_VRING_ENABLE` sets the state), so the request is
+//! meaningful. The relay answers such an early request itself (an ack only when the frontend
+//! asked for one with `NEED_REPLY`) and replays it to the parser right after the
+//! `SET_FEATURES` that acks `PROTOCOL_FEATURES`. Every other message, in both directions,
+//! passes through whole with its file descriptors.
 
 use std::os::unix::net::UnixStream;
 
-use crate::relay_check;
 use crate::wire::{
-    read_message, read_request, reply_failure, wait_readable, write_message, Message, WireError,
-    FRONTEND, MESSAGE_TIMEOUT, VERSION_1,
+    read_message, read_request, wait_readable, write_message, Message, WireError, FRONTEND,
+    MESSAGE_TIMEOUT, VERSION_1,
 };
 use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures};
 
@@ -31,11 +29,7 @@ pub enum RelayError {
     Wire(#[from] WireError),
     #[error("the frontend enabled more than {MAX_HELD} rings before SET_FEATURES")]
     TooManyHeld,
-    #[error("refused a request that asked for no reply, closing the connection: {0}")]
-    Refused(String),
 }
-
-const BACKEND: &str = "vhost-user-backend side";
 
 /// What the relay remembers of the negotiation so far.
 #[derive(Default)]
@@ -49,19 +43,30 @@ struct Gate {
     noted: bool,
 }
 
-/// Relay messages between `frontend` and `backend` (our end of the crates' connection) until
-/// either side closes; then shut both down so the other side sees the end too. Waiting for
-/// the next message has no time limit (an idle connection is the normal state of a running
-/// VM); a message once started must complete within `MESSAGE_TIMEOUT`.
-pub fn run(frontend: UnixStream, backend: UnixStream) -> Result<(), RelayError> {
-    let result = pump(&frontend, &backend);
+/// Relay messages between `frontend` and `backend` (our end of the connection vhost's parser
+/// reads, named `backend_side` in errors) until either side closes; then shut both down so
+/// the other side sees the end too. Waiting for the next message has no time limit (an idle
+/// connection is the normal state of a running VM); a message once started must complete
+/// within `MESSAGE_TIMEOUT`. The parser reads each message with single `recv` calls and no
+/// deadline: in front of it, a frontend that stops halfway is cut off, a payload sent in
+/// pieces arrives whole, and a message with too many descriptors gets an answer.
+pub fn relay(
+    frontend: UnixStream,
+    backend: UnixStream,
+    backend_side: &'static str,
+) -> Result<(), RelayError> {
+    let result = pump(&frontend, &backend, backend_side);
     let _ = frontend.shutdown(std::net::Shutdown::Both);
     let _ = backend.shutdown(std::net::Shutdown::Both);
     result
 }
 
-fn pump(frontend: &UnixStream, backend: &UnixStream) -> Result<(), RelayError> {
-    for (sock, side) in [(frontend, FRONTEND), (backend, BACKEND)] {
+fn pump(
+    frontend: &UnixStream,
+    backend: &UnixStream,
+    backend_side: &'static str,
+) -> Result<(), RelayError> {
+    for (sock, side) in [(frontend, FRONTEND), (backend, backend_side)] {
         sock.set_write_timeout(Some(MESSAGE_TIMEOUT))
             .map_err(|e| WireError::Write(side, e))?;
     }
@@ -69,14 +74,16 @@ fn pump(frontend: &UnixStream, backend: &UnixStream) -> Result<(), RelayError> {
     loop {
         let (from_frontend, from_backend) = wait_readable(frontend, backend)?;
         if from_backend {
-            match read_message(backend, BACKEND)? {
+            match read_message(backend, backend_side)? {
                 Some(reply) => write_message(frontend, &reply, FRONTEND)?,
                 None => return Ok(()),
             }
         }
         if from_frontend {
             match read_request(frontend, FRONTEND)? {
-                Some(request) => forward_request(request, &mut gate, frontend, backend)?,
+                Some(request) => {
+                    forward_request(request, &mut gate, frontend, (backend, backend_side))?
+                }
                 None => return Ok(()),
             }
         }
@@ -88,11 +95,8 @@ fn forward_request(
     request: Message,
     gate: &mut Gate,
     frontend: &UnixStream,
-    backend: &UnixStream,
+    (backend, backend_side): (&UnixStream, &'static str),
 ) -> Result<(), RelayError> {
-    if let Some(why) = relay_check::refusal(request.request, &request.payload, &request.fds) {
-        return refuse(&request, why, frontend);
-    }
     if request.is(FrontendReq::SET_VRING_ENABLE) && !gate.protocol_features {
         return hold_enable(request, gate, frontend);
     }
@@ -100,7 +104,7 @@ fn forward_request(
         true => request.payload_u64(),
         false => None,
     };
-    write_message(backend, &request, BACKEND)?;
+    write_message(backend, &request, backend_side)?;
     let Some(features) = features else {
         return Ok(());
     };
@@ -111,30 +115,15 @@ fn forward_request(
     );
     let held = std::mem::take(&mut gate.held);
     if !gate.protocol_features {
-        // Without PROTOCOL_FEATURES the crates enable every ring at SET_FEATURES themselves.
+        // Without PROTOCOL_FEATURES the handler enables every ring at SET_FEATURES itself.
         return Ok(());
     }
     for (_, payload) in held {
-        // No NEED_REPLY: the frontend already has its answer, so the crates send none.
+        // No NEED_REPLY: the frontend already has its answer, so the handler sends none.
         let replay = Message::new(FrontendReq::SET_VRING_ENABLE, VERSION_1, payload);
-        write_message(backend, &replay, BACKEND)?;
+        write_message(backend, &replay, backend_side)?;
     }
     Ok(())
-}
-
-/// Answer a refused request with a failed REPLY_ACK if the frontend asked for one (the
-/// connection goes on; the crates never saw it), or end the connection.
-fn refuse(request: &Message, why: String, frontend: &UnixStream) -> Result<(), RelayError> {
-    if request.flags & VhostUserHeaderFlag::NEED_REPLY.bits() == 0 {
-        return Err(RelayError::Refused(why));
-    }
-    log::warn!("refusing request: {why}");
-    Ok(reply_failure(
-        frontend,
-        request.request,
-        request.flags,
-        FRONTEND,
-    )?)
 }
 
 fn hold_enable(request: Message, gate: &mut Gate, frontend: &UnixStream) -> Result<(), RelayError> {
@@ -178,5 +167,5 @@ fn hold_enable(request: Message, gate: &mut Gate, frontend: &UnixStream) -> Resu
 }
 
 #[cfg(test)]
-#[path = "relay_tests.rs"]
+#[path = "early_enable_tests.rs"]
 mod tests;

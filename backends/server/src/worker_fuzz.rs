@@ -14,9 +14,28 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{ring_layout_problem, QueueSetup, Worker};
-use crate::backend::BlkBackend;
-use crate::fuzzing::{blk_device, guest_memory, Input};
-use crate::vhost::{DescriptorTable, VhostUserDevice};
+use crate::{DescriptorTable, VhostUserDevice};
+
+/// Reads the fuzzer's bytes front to back; zeroes once they run out.
+pub struct Input<'a>(pub &'a [u8]);
+
+impl<'a> Input<'a> {
+    pub fn byte(&mut self) -> u8 {
+        let (first, rest) = self.0.split_first().unwrap_or((&0, &[]));
+        self.0 = rest;
+        *first
+    }
+
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes([self.byte(), self.byte()])
+    }
+
+    pub fn take(&mut self, n: usize) -> &'a [u8] {
+        let (head, tail) = self.0.split_at(n.min(self.0.len()));
+        self.0 = tail;
+        head
+    }
+}
 
 /// Chains one input may have served before the device stops the worker. A ring in memory
 /// nobody else writes yields at most its size (16) plus the resubmitted heads (3) per serve;
@@ -26,14 +45,14 @@ use crate::vhost::{DescriptorTable, VhostUserDevice};
 /// refused at ring start: fuzz/corpus/queue_worker/hang-used-ring-over-avail-ring.)
 const MAX_CHAINS: usize = 64;
 
-/// The blk device, stopping the worker after `MAX_CHAINS` chains.
-struct Bounded {
-    blk: Arc<BlkBackend>,
+/// The fuzzed device, stopping the worker after `MAX_CHAINS` chains.
+struct Bounded<D> {
+    blk: Arc<D>,
     stop: Arc<AtomicBool>,
     served: AtomicUsize,
 }
 
-impl VhostUserDevice for Bounded {
+impl<D: VhostUserDevice> VhostUserDevice for Bounded<D> {
     fn num_queues(&self) -> usize {
         self.blk.num_queues()
     }
@@ -79,8 +98,13 @@ fn eventfd() -> File {
 /// Input: ring size selector (1..16), flags (bit 0 EVENT_IDX, bit 1 INDIRECT_DESC, bit 2
 /// read-only disk, bit 3 a call fd), descriptor table / avail / used addresses in 16-byte
 /// units, next avail and next used index, up to three resubmitted heads, then the guest
-/// memory image from address 0.
-pub fn queue_worker(data: &[u8]) {
+/// memory image from address 0. `guest_memory` maps the image, `device(readonly, size)` is
+/// the device served (bit 2 is its read-only flag).
+pub fn queue_worker<D: VhostUserDevice>(
+    data: &[u8],
+    guest_memory: impl FnOnce(&[u8]) -> GuestMemoryMmap,
+    device: impl FnOnce(bool, u16) -> Arc<D>,
+) {
     let mut input = Input(data);
     let size = 1u16 << (input.byte() % 5);
     let flags = input.byte();
@@ -112,7 +136,7 @@ pub fn queue_worker(data: &[u8]) {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let device = Arc::new(Bounded {
-        blk: blk_device(flags & 4 != 0, 1, size),
+        blk: device(flags & 4 != 0, size),
         stop: stop.clone(),
         served: AtomicUsize::new(0),
     });

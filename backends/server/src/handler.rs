@@ -27,7 +27,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace};
 
 use super::chain::DescriptorTable;
 use super::fdcheck::is_eventfd;
-use super::inflight::{self, InflightQueue, InflightRegion};
+use super::inflight::{self, InflightQueue, InflightRegion, Recovery};
 use super::memory::{MemoryTable, MAX_MEM_SLOTS};
 use super::worker::{ring_layout_problem, CallFd, QueueSetup, RunningQueue};
 use super::VhostUserDevice;
@@ -229,10 +229,23 @@ impl<D: VhostUserDevice> FrontendHandler<D> {
                 tracking = None;
             }
         }
-        let recovery = tracking
-            .as_mut()
-            .map(|t| t.recover(index, size, used_idx))
-            .unwrap_or_default();
+        let driven = self.device.drives_queue(index);
+        let recovery = match tracking.as_mut() {
+            Some(t) if driven => {
+                t.restart(used_idx);
+                Recovery {
+                    resubmit: Vec::new(),
+                    next_avail: Some(used_idx),
+                }
+            }
+            Some(t) => t.recover(index, size, used_idx),
+            // A driven queue takes the ring over at the guest's used index, region or not.
+            None if driven => Recovery {
+                resubmit: Vec::new(),
+                next_avail: Some(used_idx),
+            },
+            None => Recovery::default(),
+        };
         let next_avail = match recovery.next_avail {
             Some(from_region) => {
                 if from_region != vring.base {
@@ -266,7 +279,11 @@ impl<D: VhostUserDevice> FrontendHandler<D> {
             inflight: tracking,
             resubmit: recovery.resubmit,
         };
-        let running = RunningQueue::start(setup, device)
+        let start = match driven {
+            true => RunningQueue::start_driven,
+            false => RunningQueue::start,
+        };
+        let running = start(setup, device)
             .map_err(|e| refuse(format!("queue {index}: cannot start its worker: {e}")))?;
         vring.running = Some(running);
         info!("queue {index}: started, {size} entries, avail index {next_avail}, used index {used_idx}");
@@ -380,7 +397,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
         let vring = self.vring(index)?;
         vring.base = u16::try_from(base).map_err(|_| {
             refuse(format!(
-                "vring {index}: base {base} does not fit a split ring"
+                "SET_VRING_BASE {base} for vring {index} does not fit a split ring's 16-bit index"
             ))
         })?;
         Ok(())

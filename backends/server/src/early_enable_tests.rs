@@ -1,5 +1,5 @@
-//! Relay tests over socketpairs: the test plays the frontend on one pair and the crates on the
-//! other, with the relay in a thread between them.
+//! Relay tests over socketpairs: the test plays the frontend on one pair and vhost's parser on
+//! the other, with the relay in a thread between them.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -34,7 +34,7 @@ impl Harness {
         for sock in [&frontend, &backend] {
             sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         }
-        let relay = std::thread::spawn(move || run(relay_frontend, relay_backend));
+        let relay = std::thread::spawn(move || relay(relay_frontend, relay_backend, "server"));
         Harness {
             frontend,
             backend,

@@ -251,6 +251,34 @@ impl InflightQueue {
         self.store(USED_IDX_AT, used_idx);
     }
 
+    /// A head popped and then given back unused (it is popped again later).
+    pub fn returned(&self, head: u16) {
+        if head < self.capacity {
+            self.store(Self::desc_at(head) + DESC_INFLIGHT_AT, 0u8);
+        }
+    }
+
+    /// A batch's used index is published: clear one of its heads (call for each, then
+    /// `published`).
+    pub fn cleared(&self, head: u16) {
+        if head < self.capacity {
+            fence(Ordering::SeqCst);
+            self.store(Self::desc_at(head) + DESC_INFLIGHT_AT, 0u8);
+        }
+    }
+
+    /// The batch is done: the region's used index follows the ring's.
+    pub fn published(&self, used_idx: u16) {
+        fence(Ordering::SeqCst);
+        self.store(USED_IDX_AT, used_idx);
+    }
+
+    /// Start a queue that resumes at the guest's used index (a device completing in pop
+    /// order re-pops whatever was in flight): the area starts over from `ring_used_idx`.
+    pub fn restart(&mut self, ring_used_idx: u16) {
+        self.initialise(ring_used_idx);
+    }
+
     /// Start a queue of `ring_size` entries whose used ring shows `ring_used_idx`: initialise
     /// an unused area, or work out what a previous backend left in flight. Corrupt entries are
     /// logged and dropped, never trusted.

@@ -3,8 +3,7 @@
 //! forever), a payload that arrives in several segments put back together, too many
 //! descriptors noticed and the message still read to its end; written with one `sendmsg`.
 //!
-//! Used by the relays that sit between a frontend and the vhost crates' message parser in
-//! both daemons (splitvisor-net includes this file).
+//! Used by the relay between a frontend and vhost's message parser (early_enable.rs).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -378,47 +377,5 @@ pub fn read_request(sock: &UnixStream, side: &'static str) -> Result<Option<Mess
     }
 }
 
-/// Relay whole messages between `frontend` and `server` (our end of the connection the
-/// vhost crate's parser reads) until either side closes, then shut both down. The parser
-/// reads each message with single `recv` calls and no deadline; in front of it, a frontend
-/// that stops halfway through a message is cut off after `MESSAGE_TIMEOUT`, a payload sent in
-/// pieces arrives whole, and a message with too many descriptors gets an answer.
-pub fn relay(
-    frontend: UnixStream,
-    server: UnixStream,
-    server_side: &'static str,
-) -> Result<(), WireError> {
-    let result = pump(&frontend, &server, server_side);
-    let _ = frontend.shutdown(std::net::Shutdown::Both);
-    let _ = server.shutdown(std::net::Shutdown::Both);
-    result
-}
-
 /// The frontend side's name in errors.
 pub const FRONTEND: &str = "frontend";
-
-fn pump(
-    frontend: &UnixStream,
-    server: &UnixStream,
-    server_side: &'static str,
-) -> Result<(), WireError> {
-    for (sock, side) in [(frontend, FRONTEND), (server, server_side)] {
-        sock.set_write_timeout(Some(MESSAGE_TIMEOUT))
-            .map_err(|e| WireError::Write(side, e))?;
-    }
-    loop {
-        let (from_frontend, from_server) = wait_readable(frontend, server)?;
-        if from_server {
-            match read_message(server, server_side)? {
-                Some(reply) => write_message(frontend, &reply, FRONTEND)?,
-                None => return Ok(()),
-            }
-        }
-        if from_frontend {
-            match read_request(frontend, FRONTEND)? {
-                Some(request) => write_message(server, &request, server_side)?,
-                None => return Ok(()),
-            }
-        }
-    }
-}

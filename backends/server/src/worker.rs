@@ -16,6 +16,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::chain::DescriptorTable;
+use super::driven::{DeviceRing, DrivenQueue};
 use super::inflight::InflightQueue;
 use super::VhostUserDevice;
 use crate::loglimit::{burst_note, LogLimit, INTERVAL};
@@ -114,6 +115,40 @@ impl RunningQueue {
         let thread = std::thread::Builder::new()
             .name(format!("queue-{index}"))
             .spawn(move || worker.run())?;
+        Ok(RunningQueue {
+            index,
+            thread,
+            exit,
+            stop,
+        })
+    }
+
+    /// Start the thread of a queue the device drives itself (`VhostUserDevice::serve_queue`).
+    pub fn start_driven<D: VhostUserDevice>(setup: QueueSetup, device: Arc<D>) -> io::Result<Self> {
+        let exit = EventFd::new(EFD_NONBLOCK)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let index = setup.index;
+        let ring = Arc::new(Mutex::new(DeviceRing::started(
+            index,
+            setup.queue,
+            setup.inflight,
+            setup.call,
+        )));
+        let driven = DrivenQueue::new(
+            ring.clone(),
+            setup.memory,
+            setup.kick,
+            exit.try_clone()?,
+            stop.clone(),
+        )?;
+        let thread = std::thread::Builder::new()
+            .name(format!("queue-{index}"))
+            .spawn(move || {
+                device.serve_queue(driven);
+                let mut ring = DeviceRing::lock(&ring);
+                ring.stop();
+                std::mem::take(ring.queue_mut())
+            })?;
         Ok(RunningQueue {
             index,
             thread,
