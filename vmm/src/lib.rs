@@ -16,7 +16,6 @@ pub mod control;
 pub mod ctl;
 pub mod ctl_backends;
 pub mod device_keys;
-pub mod device_values;
 pub mod devices;
 pub mod event_loop;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -37,20 +36,10 @@ pub mod virtio;
 pub mod vm;
 pub mod vm_end;
 
-/// "what failed: because: because", each cause once: how errors are shown to users.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        source = cause.source();
-    }
-    text
-}
+/// The MAC and MTU checks splitvisor-net makes too.
+pub use splitvisor_wire::device_values;
+/// "what failed: because: because", each cause once: how every splitvisor process shows errors.
+pub use splitvisor_wire::host::error::error_chain;
 
 /// `eprintln!`, but the line reaches stderr in one write(2): launch, the VMM it starts and its
 /// daemons share a stderr, and `eprintln!` writes a line piece by piece, so another process's

@@ -9,9 +9,6 @@ mod device;
 #[allow(dead_code)] // seal_size is for splitvisor-blk's own inflight memfd
 mod fdcheck;
 mod live;
-// Shared with splitvisor-blk: per-queue rate limiting of guest-caused log lines.
-#[path = "../../blk/src/loglimit.rs"]
-mod loglimit;
 mod relay;
 mod relay_check;
 mod ring;
@@ -19,15 +16,10 @@ mod rxtx;
 mod seccomp;
 mod socket;
 mod stats;
-#[path = "../../common/stats_server.rs"]
-mod stats_server;
 mod switch;
 mod tap;
 #[cfg(test)]
 mod testutil;
-// The MAC and MTU checks, one file with the VMM's (its tests run in both crates).
-#[path = "../../../vmm/src/device_values.rs"]
-mod values;
 // Shared with splitvisor-blk: whole vhost-user messages with deadlines and descriptors.
 #[path = "../../blk/src/vhost/wire.rs"]
 #[allow(dead_code)] // relay() serves splitvisor-blk's plain relay
@@ -42,12 +34,17 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use splitvisor_confine::SeccompMode;
+// Per-queue rate limiting of guest-caused log lines, the stats API, and the MAC and MTU
+// checks (the VMM's too): the same as splitvisor-blk's and the VMM's.
+use splitvisor_wire::device_values as values;
+use splitvisor_wire::host::{loglimit, stats_server};
 
 use crate::daemon::{Config, Mode};
 use crate::switch::{MacAddr, MAX_PORTS};
 
-/// Most queue pairs (each pair is two bits of vhost-user-backend's 64-bit thread mask).
-const MAX_QUEUE_PAIRS: u16 = 32;
+/// Most queue pairs: the VMM's MAX_QUEUES in pairs (each pair is also two bits of
+/// vhost-user-backend's 64-bit thread mask).
+const MAX_QUEUE_PAIRS: u16 = splitvisor_wire::MAX_QUEUES / 2;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -159,13 +156,7 @@ fn config(args: Args) -> Result<Config, ArgsError> {
 }
 
 fn report(error: &dyn std::error::Error) -> ExitCode {
-    let mut message = format!("splitvisor-net: {error}");
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    eprintln!("{message}");
+    splitvisor_wire::host::error::report("splitvisor-net", error);
     ExitCode::FAILURE
 }
 

@@ -2,18 +2,8 @@
 
 use super::*;
 use crate::cli::{Cli, Command};
+use crate::error_chain;
 use clap::Parser;
-
-/// The message with its causes, as `main` prints it.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
-}
 
 fn launch_args(argv: &[&str]) -> LaunchArgs {
     let cli = Cli::try_parse_from(["splitvisor", "launch"].iter().chain(argv))
