@@ -46,10 +46,10 @@ pub use splitvisor_wire::host::error::error_chain;
 /// line could land inside it.
 #[macro_export]
 macro_rules! eprintln_whole {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let mut line = format!($($arg)*);
-        line.push('\n');
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
-    }};
+    ($($arg:tt)*) => {
+        $crate::eprint_line(&format!($($arg)*))
+    };
 }
+
+#[doc(hidden)]
+pub use splitvisor_wire::host::error::eprint_line;

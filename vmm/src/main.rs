@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     match result {
         Ok(status) => ExitCode::from(status),
         Err(error) => {
-            splitvisor::eprintln_whole!("splitvisor: {}", splitvisor::error_chain(error.as_ref()));
+            splitvisor_wire::host::error::report("splitvisor", error.as_ref());
             ExitCode::from(1)
         }
     }
