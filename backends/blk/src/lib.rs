@@ -25,6 +25,7 @@ use splitvisor_wire::host::signals;
 use splitvisor_wire::host::socket::{self, SocketError, SocketGuard};
 use splitvisor_wire::host::stats_server;
 use splitvisor_wire::stats::stats_line;
+use splitvisor_wire::MAX_QUEUES;
 
 use crate::backend::{feature_names, BlkBackend};
 use crate::disk::{Disk, DiskError, FileDisk};
@@ -32,8 +33,6 @@ use crate::live::{Live, Tracked};
 use crate::request::{DeviceInfo, Limits, SECTOR_SIZE};
 use crate::stats::DeviceStats;
 
-/// Most queues a device can have (the VMM's limit too).
-pub const MAX_QUEUES: usize = splitvisor_wire::MAX_QUEUES as usize;
 /// Test-only: milliseconds to sleep before executing each request, so that integration tests
 /// can kill the daemon while requests are in flight. Not a user setting; never set it.
 pub const TEST_DELAY_ENV: &str = "SPLITVISOR_BLK_TEST_DELAY_MS";
@@ -88,7 +87,8 @@ pub enum RunError {
 }
 
 fn validate(config: &Config) -> Result<(), RunError> {
-    if config.queues == 0 || config.queues > MAX_QUEUES {
+    // The most queues a device can have is the VMM's limit too.
+    if config.queues == 0 || config.queues > usize::from(MAX_QUEUES) {
         return Err(RunError::Queues(config.queues));
     }
     let qs = config.queue_size;
