@@ -1,6 +1,6 @@
 //! The device grammar end to end (README, "One device grammar"): the daemons take the table's
 //! flags and aliases, splitvisor-net rejects bad MACs and MTUs with the messages of the shared
-//! table `testdata/device-values.txt` (the VMM's unit tests check the same table), and launch
+//! table `backends/wire/testdata/device-values.txt` (the VMM's unit tests check the same table), and launch
 //! passes the disk keys on to splitvisor-blk, whose errors come back through launch.
 
 use std::path::Path;
@@ -16,7 +16,7 @@ use splitvisor_tests::workdir::Workdir;
 const FLAG_TIMEOUT: Duration = Duration::from_secs(20);
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
 
-const CASES: &str = include_str!("../../testdata/device-values.txt");
+const CASES: &str = include_str!("../../backends/wire/testdata/device-values.txt");
 
 /// Runs `program args`, killed (and a panic) if it is still running after FLAG_TIMEOUT.
 fn run(program: &Path, args: &[&str]) -> VmRun {

@@ -9,7 +9,6 @@ pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod console;
-pub mod device_values;
 pub mod devices;
 pub mod event_loop;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -28,30 +27,20 @@ pub mod virtio;
 pub mod vm;
 pub mod vm_end;
 
-/// "what failed: because: because", each cause once: how errors are shown to users.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        source = cause.source();
-    }
-    text
-}
+/// The MAC and MTU checks splitvisor-net makes too.
+pub use splitvisor_wire::device_values;
+/// "what failed: because: because", each cause once: how every splitvisor process shows errors.
+pub use splitvisor_wire::host::error::error_chain;
 
 /// `eprintln!`, but the line reaches stderr in one write(2): launch, the VMM it starts and its
 /// daemons share a stderr, and `eprintln!` writes a line piece by piece, so another process's
 /// line could land inside it.
 #[macro_export]
 macro_rules! eprintln_whole {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let mut line = format!($($arg)*);
-        line.push('\n');
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
-    }};
+    ($($arg:tt)*) => {
+        $crate::eprint_line(&format!($($arg)*))
+    };
 }
+
+#[doc(hidden)]
+pub use splitvisor_wire::host::error::eprint_line;

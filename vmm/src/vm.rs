@@ -9,6 +9,7 @@ use std::time::Duration;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use log::{debug, info, warn};
+use splitvisor_wire::host::signals;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::api::control::{AtaInfo, ControlParts, GuestInfo, VmControl};
@@ -429,25 +430,16 @@ fn sample_completions(events: &EventLoop, devices: &[AttachedDevice]) -> Result<
 }
 
 /// SIGINT/SIGTERM end the VM in order instead of killing the process mid-write.
+/// Blocking them here is inherited by the threads spawned later, so only the watcher receives
+/// them.
 fn watch_termination_signals(end: Arc<EndSignal>) -> Result<(), VmError> {
-    let signals = [libc::SIGINT, libc::SIGTERM];
-    let set = vmm_sys_util::signal::create_sigset(&signals).map_err(VmError::Signals)?;
-    // SAFETY: `set` is a valid sigset; blocking here is inherited by the threads spawned later,
-    // so only the watcher below receives these signals.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            crate::seccomp::confine(ThreadKind::Signals);
-            loop {
-                let mut signal = 0;
-                // SAFETY: `set` and `signal` are valid for the call.
-                if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                    info!("received signal {signal}; stopping the VM");
-                    end.end(VmEnd::Interrupted);
-                }
-            }
-        })
-        .map(|_| ())
-        .map_err(VmError::SpawnSignalThread)
+    signals::spawn_signal_thread(
+        &signals::STOP,
+        || crate::seccomp::confine(ThreadKind::Signals),
+        move |signal| {
+            info!("received signal {signal}; stopping the VM");
+            end.end(VmEnd::Interrupted);
+        },
+    )
+    .map_err(VmError::SpawnSignalThread)
 }

@@ -1,23 +1,23 @@
 //! The virtio-blk device behind the vhost-user server: features, config space, and each
 //! request handed to `request`, with per-queue counters.
 
-use std::mem::{offset_of, size_of};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-
-use crate::loglimit::{burst_note, LogLimit, INTERVAL};
 use std::time::Duration;
 
 use log::{info, warn};
+use splitvisor_wire::config::BlkConfig;
+use splitvisor_wire::host::error::error_chain;
+use splitvisor_wire::host::loglimit::{burst_note, LogLimit, INTERVAL};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use virtio_bindings::virtio_blk::{
-    virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
-    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{ByteValued, GuestMemoryMmap};
 
 use crate::disk::Disk;
 use crate::request::{process_chain, Completion, DeviceInfo, IoBuffer, RequestError, SECTOR_SIZE};
@@ -143,62 +143,19 @@ impl BlkBackend {
     }
 }
 
-/// `err: cause: cause` on one line.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
-}
-
-/// The bytes of `struct virtio_blk_config` for this device (little-endian fields).
+/// The bytes of `struct virtio_blk_config` for this device.
 fn config_space(info: &DeviceInfo, num_queues: usize) -> Vec<u8> {
-    let mut c = vec![0u8; size_of::<virtio_blk_config>()];
-    let mut put =
-        |offset: usize, bytes: &[u8]| c[offset..offset + bytes.len()].copy_from_slice(bytes);
     let l = &info.limits;
-    put(
-        offset_of!(virtio_blk_config, capacity),
-        &info.capacity_sectors.to_le_bytes(),
-    );
-    put(
-        offset_of!(virtio_blk_config, seg_max),
-        &l.seg_max.to_le_bytes(),
-    );
-    put(
-        offset_of!(virtio_blk_config, blk_size),
-        &(SECTOR_SIZE as u32).to_le_bytes(),
-    );
-    // num_queues is limited to 64 by the CLI.
-    let nq = u16::try_from(num_queues).unwrap_or(u16::MAX);
-    put(offset_of!(virtio_blk_config, num_queues), &nq.to_le_bytes());
-    put(
-        offset_of!(virtio_blk_config, max_discard_sectors),
-        &l.max_discard_sectors.to_le_bytes(),
-    );
-    put(
-        offset_of!(virtio_blk_config, max_discard_seg),
-        &l.max_discard_seg.to_le_bytes(),
-    );
+    let mut c = BlkConfig::default();
+    c.set_capacity(info.capacity_sectors);
+    c.set_seg_max(l.seg_max);
+    c.set_blk_size(SECTOR_SIZE as u32);
+    // num_queues is limited to MAX_QUEUES by the CLI.
+    c.set_num_queues(u16::try_from(num_queues).unwrap_or(u16::MAX));
     // Discard granularity hint: 4 KiB, the size of a hole the filesystem can punch.
-    put(
-        offset_of!(virtio_blk_config, discard_sector_alignment),
-        &8u32.to_le_bytes(),
-    );
-    put(
-        offset_of!(virtio_blk_config, max_write_zeroes_sectors),
-        &l.max_write_zeroes_sectors.to_le_bytes(),
-    );
-    put(
-        offset_of!(virtio_blk_config, max_write_zeroes_seg),
-        &l.max_write_zeroes_seg.to_le_bytes(),
-    );
-    put(offset_of!(virtio_blk_config, write_zeroes_may_unmap), &[1]);
-    c
+    c.set_discard(l.max_discard_sectors, l.max_discard_seg, 8);
+    c.set_write_zeroes(l.max_write_zeroes_sectors, l.max_write_zeroes_seg, true);
+    c.as_slice().to_vec()
 }
 
 impl VhostUserDevice for BlkBackend {

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use log::warn;
 
-use crate::imagelock::{lock_image, ImageLockError, LockMode};
+use splitvisor_wire::host::imagelock::{lock_image, ImageLockError, LockMode};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 /// Byte alignment O_DIRECT transfers are attempted with (buffer address, offset and length).
@@ -84,7 +84,7 @@ pub struct FileDisk {
 }
 
 impl FileDisk {
-    /// Open and lock `path` (see imagelock.rs). A writable image must be a whole number of
+    /// Open and lock `path` (see splitvisor_wire::host::imagelock). A writable image must be a whole number of
     /// 512-byte sectors; a read-only one is rounded down.
     pub fn open(
         path: &Path,

@@ -5,34 +5,34 @@ pub mod disk;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod imagelock;
 pub mod live;
-pub mod loglimit;
 pub mod request;
 pub mod seccomp;
-pub mod socket;
 pub mod stats;
-#[path = "../../common/stats_server.rs"]
-pub mod stats_server;
+
+// The vhost-user server's workers rate-limit their log lines as the daemon's device does.
+pub use splitvisor_wire::host::loglimit;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use log::{error, info, warn};
+use ::vhost::vhost_user::Listener;
+use log::{info, warn};
 use splitvisor_vhost_server as server;
-use vhost::vhost_user::Listener;
+use splitvisor_wire::host::imagelock::LockMode;
+use splitvisor_wire::host::signals;
+use splitvisor_wire::host::socket::{self, SocketError, SocketGuard};
+use splitvisor_wire::host::stats_server;
+use splitvisor_wire::stats::stats_line;
+use splitvisor_wire::MAX_QUEUES;
 
 use crate::backend::{feature_names, BlkBackend};
 use crate::disk::{Disk, DiskError, FileDisk};
-use crate::imagelock::LockMode;
 use crate::live::{Live, Tracked};
 use crate::request::{DeviceInfo, Limits, SECTOR_SIZE};
-use crate::socket::{SocketError, SocketGuard};
 use crate::stats::DeviceStats;
 
-/// Most queues a device can have.
-pub const MAX_QUEUES: usize = 64;
 /// Most queues offered by default.
 pub const DEFAULT_MAX_QUEUES: usize = 16;
 
@@ -99,7 +99,8 @@ pub enum RunError {
 }
 
 fn validate(config: &Config) -> Result<(), RunError> {
-    if config.queues == 0 || config.queues > MAX_QUEUES {
+    // The most queues a device can have is the VMM's limit too.
+    if config.queues == 0 || config.queues > usize::from(MAX_QUEUES) {
         return Err(RunError::Queues(config.queues));
     }
     let qs = config.queue_size;
@@ -140,7 +141,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     validate(&config)?;
     // The socket first: a second daemon on the same socket (and image) is told about the
     // socket, the more direct conflict; its guard removes the socket again if the image fails.
-    let (listener, guard) = socket::bind(&config.socket)?;
+    let (listener, guard) = socket::bind_locked(&config.socket, "--socket")?;
     let lock = if config.readonly || config.share {
         LockMode::Shared
     } else {
@@ -203,7 +204,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
                 config.socket.display()
             ),
         }
-        eprintln!("STATS {}", stats.to_json());
+        eprintln!("{}", stats_line(&stats.line()));
     }
 }
 
@@ -214,40 +215,23 @@ fn test_request_delay() -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
-/// Block SIGINT/SIGTERM/SIGUSR1 in every thread and handle them in a dedicated one: SIGUSR1
-/// prints the counters and goes on; the others flush the image, remove the socket, lock file
-/// and stats socket, print the counters, exit 0.
+/// Take SIGINT/SIGTERM/SIGUSR1 on a thread of their own: SIGUSR1 prints the counters and
+/// goes on; the others flush the image, remove the socket, lock file and stats socket, print
+/// the counters, exit 0.
 fn handle_signals(
     guard: Arc<SocketGuard>,
     stats: Arc<DeviceStats>,
     disk: Arc<dyn Disk>,
 ) -> std::io::Result<()> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t owned by this frame.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-    }
-    // SAFETY: `set` is initialised; the old mask is not needed. Threads spawned later
-    // inherit the mask, so only the sigwait thread below receives these signals.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(rc));
-    }
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` and `sig` are valid for the duration of the call.
-            let rc = unsafe { libc::sigwait(&set, &mut sig) };
-            if rc != 0 {
-                error!("sigwait failed: {}", std::io::Error::from_raw_os_error(rc));
-            } else if sig == libc::SIGUSR1 {
-                eprintln!("STATS {}", stats.to_json());
-                continue;
+    let print = move |stats: &DeviceStats| eprintln!("{}", stats_line(&stats.line()));
+    let wanted = [signals::STOP[0], signals::STOP[1], libc::SIGUSR1];
+    signals::spawn_signal_thread(
+        &wanted,
+        || {},
+        move |sig| {
+            if sig == libc::SIGUSR1 {
+                print(&stats);
+                return;
             }
             info!("signal {sig} received, removing {}", guard.path().display());
             guard.cleanup();
@@ -255,8 +239,8 @@ fn handle_signals(
             if let Err(e) = disk.flush() {
                 warn!("cannot flush the image on exit: {e}");
             }
-            eprintln!("STATS {}", stats.to_json());
+            print(&stats);
             std::process::exit(0);
-        })?;
-    Ok(())
+        },
+    )
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use splitvisor_wire::stats::{state_name, DaemonStats};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryMmap;
 
@@ -45,25 +46,15 @@ impl Live {
 
     /// The answer of `GET /stats`: the STATS line's counters plus uptime and connection state.
     pub fn snapshot(&self, stats: &DeviceStats) -> serde_json::Value {
-        let mut body: serde_json::Value =
-            serde_json::from_str(&stats.to_json()).unwrap_or_else(|_| serde_json::json!({}));
-        let connected = self.connected.load(Ordering::SeqCst);
-        if let Some(map) = body.as_object_mut() {
-            map.insert("daemon".into(), "splitvisor-blk".into());
-            map.insert(
-                "uptime_ms".into(),
-                u64::try_from(self.started.elapsed().as_millis())
-                    .unwrap_or(u64::MAX)
-                    .into(),
-            );
-            let state = if connected { "connected" } else { "waiting" };
-            map.insert("state".into(), state.into());
-            map.insert(
-                "frontends".into(),
-                self.frontends.load(Ordering::SeqCst).into(),
-            );
-        }
-        body
+        let reply = DaemonStats {
+            daemon: "splitvisor-blk".into(),
+            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            state: state_name(self.connected.load(Ordering::SeqCst)).into(),
+            frontends: self.frontends.load(Ordering::SeqCst),
+            counters: stats.line(),
+        };
+        // Strings and integers only: this cannot fail.
+        serde_json::to_value(reply).unwrap_or_default()
     }
 }
 

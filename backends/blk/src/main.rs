@@ -88,13 +88,7 @@ fn main() -> ExitCode {
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = format!("splitvisor-blk: error: {e}");
-            let mut cause = std::error::Error::source(&e);
-            while let Some(c) = cause {
-                msg.push_str(&format!(": {c}"));
-                cause = c.source();
-            }
-            eprintln!("{msg}");
+            splitvisor_wire::host::error::report("splitvisor-blk", &e);
             ExitCode::FAILURE
         }
     }

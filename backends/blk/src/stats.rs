@@ -1,7 +1,8 @@
 //! Per-queue counters (requests, bytes, kicks, interrupts), kept for the daemon's lifetime.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use splitvisor_wire::stats::{BlkQueueStats, BlkStatsLine};
 
 /// Counters of one virtqueue, updated by its worker thread.
 #[derive(Debug, Default)]
@@ -11,17 +12,6 @@ pub struct QueueCounters {
     pub write_bytes: AtomicU64,
     pub kicks: AtomicU64,
     pub interrupts: AtomicU64,
-}
-
-/// A copy of one queue's counters at a point in time.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct QueueSnapshot {
-    pub queue: usize,
-    pub requests: u64,
-    pub read_bytes: u64,
-    pub write_bytes: u64,
-    pub kicks: u64,
-    pub interrupts: u64,
 }
 
 impl QueueCounters {
@@ -48,38 +38,24 @@ impl DeviceStats {
         self.queues.get(index)
     }
 
-    pub fn snapshot(&self) -> Vec<QueueSnapshot> {
+    /// The counters now, as the STATS line and `GET /stats` show them.
+    pub fn line(&self) -> BlkStatsLine {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        self.queues
+        let queues = self
+            .queues
             .iter()
             .enumerate()
-            .map(|(queue, q)| QueueSnapshot {
-                queue,
+            .map(|(queue, q)| BlkQueueStats {
+                queue: queue as u64,
                 requests: get(&q.requests),
                 read_bytes: get(&q.read_bytes),
                 write_bytes: get(&q.write_bytes),
                 kicks: get(&q.kicks),
                 interrupts: get(&q.interrupts),
-            })
-            .collect()
-    }
-
-    /// Single-line JSON: `{"queues":[{"queue":0,"requests":..,...},...]}`.
-    pub fn to_json(&self) -> String {
-        let mut out = String::from("{\"queues\":[");
-        for (i, q) in self.snapshot().iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            // Writing to a String cannot fail.
-            let _ = write!(
-                out,
-                "{{\"queue\":{},\"requests\":{},\"read_bytes\":{},\"write_bytes\":{},\"kicks\":{},\"interrupts\":{}}}",
-                q.queue, q.requests, q.read_bytes, q.write_bytes, q.kicks, q.interrupts
-            );
+            });
+        BlkStatsLine {
+            queues: queues.collect(),
         }
-        out.push_str("]}");
-        out
     }
 }
 
@@ -92,7 +68,7 @@ mod tests {
         let s = DeviceStats::new(2);
         QueueCounters::add(&s.queue(1).unwrap().read_bytes, 512);
         assert_eq!(
-            s.to_json(),
+            serde_json::to_string(&s.line()).unwrap(),
             "{\"queues\":[{\"queue\":0,\"requests\":0,\"read_bytes\":0,\"write_bytes\":0,\"kicks\":0,\"interrupts\":0},\
              {\"queue\":1,\"requests\":0,\"read_bytes\":512,\"write_bytes\":0,\"kicks\":0,\"interrupts\":0}]}"
         );

@@ -1,14 +1,16 @@
 //! The virtio-net device model: offered feature bits, config space, and the mapping from the
 //! guest's negotiated offloads to TAP offload flags.
 
+use splitvisor_wire::config::NetConfig;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_STATUS,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::ByteValued;
 
 use crate::switch::MacAddr;
 
@@ -58,19 +60,21 @@ impl DeviceModel {
         f
     }
 
-    /// `struct virtio_net_config` up to `mtu`: mac, status, max_virtqueue_pairs, mtu.
-    fn config_bytes(&self) -> [u8; 12] {
-        let mut c = [0u8; 12];
-        c[..6].copy_from_slice(&self.mac);
-        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        c[8..10].copy_from_slice(&self.pairs.to_le_bytes());
-        c[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
+    /// `struct virtio_net_config`: mac, status (link up), max_virtqueue_pairs, mtu; the rest
+    /// (speed, duplex, RSS) is zero, for features not offered.
+    fn config(&self) -> NetConfig {
+        let mut c = NetConfig::default();
+        c.set_mac(self.mac);
+        c.set_link_up(true);
+        c.set_max_virtqueue_pairs(self.pairs);
+        c.set_mtu(self.mtu.unwrap_or(0));
         c
     }
 
     /// GET_CONFIG: exactly `size` bytes from `offset`, zero past the fields we define.
     pub fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let bytes = self.config_bytes();
+        let config = self.config();
+        let bytes = config.as_slice();
         let size = size.min(crate::device::MAX_CONFIG_READ) as usize;
         (0..size)
             .map(|i| {
@@ -115,6 +119,7 @@ pub fn has_mrg_rxbuf(acked: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP;
 
     fn model() -> DeviceModel {
         DeviceModel {

@@ -6,9 +6,8 @@
 
 #[doc(hidden)]
 pub mod fuzzing;
-// Shared with splitvisor-blk, as in main.rs: per-queue rate limiting of guest-caused logs.
-#[path = "../../blk/src/loglimit.rs"]
-mod loglimit;
+// As in main.rs: per-queue rate limiting of guest-caused logs, splitvisor-blk's too.
+use splitvisor_wire::host::loglimit;
 mod ring;
 mod rxtx;
 mod stats;

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use splitvisor_wire::stats::{state_name, DaemonStats, NetPortStats, NetPorts};
+
 use crate::stats::PortStats;
 
 /// The daemon's live state: one connected flag per port, next to its counters.
@@ -37,37 +39,27 @@ impl Live {
     /// has a frontend, `frontends` the sum of every port's connections.
     pub fn snapshot(&self) -> serde_json::Value {
         let mut any = false;
-        let mut frontends = 0u64;
-        let ports: Vec<serde_json::Value> = self
+        let ports: Vec<NetPortStats> = self
             .ports
             .iter()
             .map(|(stats, flag)| {
                 let connected = flag.load(Ordering::SeqCst);
                 any |= connected;
-                frontends += stats.connections.load(Ordering::Relaxed);
-                let mut port: serde_json::Value = serde_json::from_str(&stats.to_json())
-                    .unwrap_or_else(|_| serde_json::json!({}));
-                if let Some(map) = port.as_object_mut() {
-                    map.insert("state".into(), state(connected).into());
+                NetPortStats {
+                    state: state_name(connected).into(),
+                    ..stats.line()
                 }
-                port
             })
             .collect();
-        serde_json::json!({
-            "daemon": "splitvisor-net",
-            "uptime_ms": u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            "state": state(any),
-            "frontends": frontends,
-            "ports": ports,
-        })
-    }
-}
-
-fn state(connected: bool) -> &'static str {
-    if connected {
-        "connected"
-    } else {
-        "waiting"
+        let reply = DaemonStats {
+            daemon: "splitvisor-net".into(),
+            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            state: state_name(any).into(),
+            frontends: ports.iter().map(|p| p.connections).sum(),
+            counters: NetPorts { ports },
+        };
+        // Strings and integers only: this cannot fail.
+        serde_json::to_value(reply).unwrap_or_default()
     }
 }
 

@@ -5,23 +5,15 @@ mod backend;
 mod daemon;
 mod device;
 mod live;
-// Shared with splitvisor-blk: per-queue rate limiting of guest-caused log lines.
-#[path = "../../blk/src/loglimit.rs"]
-mod loglimit;
 mod ring;
 mod rxtx;
 mod seccomp;
 mod socket;
 mod stats;
-#[path = "../../common/stats_server.rs"]
-mod stats_server;
 mod switch;
 mod tap;
 #[cfg(test)]
 mod testutil;
-// The MAC and MTU checks, one file with the VMM's (its tests run in both crates).
-#[path = "../../../vmm/src/device_values.rs"]
-mod values;
 
 // The fuzz targets' entry points, run over the committed corpus by `cargo test`.
 #[cfg(test)]
@@ -32,12 +24,16 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use splitvisor_confine::SeccompMode;
+// Per-queue rate limiting of guest-caused log lines, the stats API, and the MAC and MTU
+// checks (the VMM's too): the same as splitvisor-blk's and the VMM's.
+use splitvisor_wire::device_values as values;
+use splitvisor_wire::host::{loglimit, stats_server};
 
 use crate::daemon::{Config, Mode};
 use crate::switch::{MacAddr, MAX_PORTS};
 
-/// Most queue pairs (two threads each).
-const MAX_QUEUE_PAIRS: u16 = 32;
+/// Most queue pairs: the VMM's MAX_QUEUES in pairs.
+const MAX_QUEUE_PAIRS: u16 = splitvisor_wire::MAX_QUEUES / 2;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -149,13 +145,7 @@ fn config(args: Args) -> Result<Config, ArgsError> {
 }
 
 fn report(error: &dyn std::error::Error) -> ExitCode {
-    let mut message = format!("splitvisor-net: {error}");
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    eprintln!("{message}");
+    splitvisor_wire::host::error::report("splitvisor-net", error);
     ExitCode::FAILURE
 }
 

@@ -1,7 +1,9 @@
-//! Per-queue-pair counters (frames, bytes, drops by reason, kicks, interrupts) and their JSON form.
+//! Per-queue-pair counters (frames, bytes, drops by reason, kicks, interrupts), read out as
+//! splitvisor-wire's STATS schema.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use splitvisor_wire::stats::{stats_line, Drops, NetPortStats, NetQueueStats};
 
 /// Why a frame (or a descriptor chain) was dropped. Each reason has its own counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,27 +106,23 @@ impl QueueStats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// One JSON object, e.g. `{"rx_frames":1,...,"drops":{"tx_too_short":0,...}}`.
-    pub fn to_json(&self) -> String {
+    /// The counters now, as the STATS line shows them.
+    pub fn line(&self) -> NetQueueStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut s = format!(
-            "{{\"rx_frames\":{},\"rx_bytes\":{},\"tx_frames\":{},\"tx_bytes\":{},\
-             \"rx_kicks\":{},\"tx_kicks\":{},\"rx_interrupts\":{},\"tx_interrupts\":{},\"drops\":{{",
-            get(&self.rx_frames),
-            get(&self.rx_bytes),
-            get(&self.tx_frames),
-            get(&self.tx_bytes),
-            get(&self.rx_kicks),
-            get(&self.tx_kicks),
-            get(&self.rx_interrupts),
-            get(&self.tx_interrupts),
-        );
-        for (i, reason) in DropReason::ALL.iter().enumerate() {
-            let sep = if i == 0 { "" } else { "," };
-            let _ = write!(s, "{sep}\"{}\":{}", reason.name(), self.drops(*reason));
+        let drops = DropReason::ALL
+            .iter()
+            .map(|reason| (reason.name().to_string(), self.drops(*reason)));
+        NetQueueStats {
+            rx_frames: get(&self.rx_frames),
+            rx_bytes: get(&self.rx_bytes),
+            tx_frames: get(&self.tx_frames),
+            tx_bytes: get(&self.tx_bytes),
+            rx_kicks: get(&self.rx_kicks),
+            tx_kicks: get(&self.tx_kicks),
+            rx_interrupts: get(&self.rx_interrupts),
+            tx_interrupts: get(&self.tx_interrupts),
+            drops: Drops(drops.collect()),
         }
-        s.push_str("}}");
-        s
     }
 }
 
@@ -145,39 +143,21 @@ impl PortStats {
         }
     }
 
+    /// The counters now, as the STATS line shows them (no `state`: `GET /stats` adds it).
+    pub fn line(&self) -> NetPortStats {
+        NetPortStats {
+            socket: self.socket.clone(),
+            connections: self.connections.load(Ordering::Relaxed),
+            state: String::new(),
+            queues: self.queues.iter().map(QueueStats::line).collect(),
+        }
+    }
+
     /// The single-line JSON printed as `STATS {...}` when a frontend disconnects.
     pub fn to_json(&self) -> String {
-        let mut s = String::from("{\"socket\":");
-        push_json_string(&mut s, &self.socket);
-        let _ = write!(
-            s,
-            ",\"connections\":{},\"queues\":[",
-            self.connections.load(Ordering::Relaxed)
-        );
-        for (i, q) in self.queues.iter().enumerate() {
-            if i > 0 {
-                s.push(',');
-            }
-            s.push_str(&q.to_json());
-        }
-        s.push_str("]}");
-        s
+        let line = stats_line(&self.line());
+        line.strip_prefix("STATS ").unwrap_or(&line).to_string()
     }
-}
-
-fn push_json_string(out: &mut String, value: &str) {
-    out.push('"');
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }
 
 #[cfg(test)]

@@ -39,9 +39,8 @@ mod early_enable;
 mod fdcheck;
 mod handler;
 mod inflight;
-// Shared with the daemons: per-queue rate limiting of guest-caused log lines.
-#[path = "../../blk/src/loglimit.rs"]
-mod loglimit;
+// Per-queue rate limiting of guest-caused log lines, as the daemons' devices do.
+use splitvisor_wire::host::loglimit;
 mod memory;
 pub mod wire;
 mod worker;

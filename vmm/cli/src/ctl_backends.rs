@@ -30,10 +30,10 @@ fn describe_daemon(out: &mut String, id: &str, s: &DaemonStats) {
         s.frontends,
         s.uptime_ms as f64 / 1000.0
     );
-    if let Some(queues) = &s.queues {
+    if let Some(queues) = &s.counters.queues {
         describe_blk(out, queues);
     }
-    for port in s.ports.iter().flatten() {
+    for port in s.counters.ports.iter().flatten() {
         describe_port(out, port);
     }
 }
@@ -73,7 +73,7 @@ fn describe_port(out: &mut String, port: &NetPortStats) {
         let drops: Vec<String> = q
             .drops
             .iter()
-            .filter(|(_, n)| **n > 0)
+            .filter(|(_, n)| *n > 0)
             .map(|(reason, n)| format!("{reason} {n}"))
             .collect();
         let drops = if drops.is_empty() {

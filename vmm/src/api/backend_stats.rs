@@ -124,7 +124,7 @@ mod tests {
         let disk = &all["disk0"];
         assert_eq!(disk.error, None);
         let stats = disk.stats.as_ref().unwrap();
-        assert_eq!(stats.queues.as_ref().unwrap()[0].requests, 3);
+        assert_eq!(stats.counters.queues.as_ref().unwrap()[0].requests, 3);
         let net = &all["net0"];
         assert!(net.stats.is_none());
         let error = net.error.as_deref().unwrap();

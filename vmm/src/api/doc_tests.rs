@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use super::routes::{self, ROUTES};
 use super::schema_check::{check, documented, resolve};
 use super::types::*;
+use splitvisor_wire::stats::{AnyCounters, Drops};
 
 const DOC: &str = include_str!("../../../docs/api.yaml");
 
@@ -141,15 +142,14 @@ fn devices() -> Vec<DeviceReport> {
 
 /// `backend_stats` with a splitvisor-blk, a splitvisor-net and an unreachable daemon.
 fn backend_stats() -> BTreeMap<String, BackendStatsEntry> {
-    let daemon = |name: &str| DaemonStats {
+    let daemon = |name: &str, counters| DaemonStats {
         daemon: name.into(),
         uptime_ms: 10,
         state: "connected".into(),
         frontends: 1,
-        queues: None,
-        ports: None,
+        counters,
     };
-    let blk = DaemonStats {
+    let blk = AnyCounters {
         queues: Some(vec![BlkQueueStats {
             queue: 0,
             requests: 3,
@@ -158,9 +158,11 @@ fn backend_stats() -> BTreeMap<String, BackendStatsEntry> {
             kicks: 3,
             interrupts: 3,
         }]),
-        ..daemon("splitvisor-blk")
+        ports: None,
     };
-    let net = DaemonStats {
+    let blk = daemon("splitvisor-blk", blk);
+    let net = AnyCounters {
+        queues: None,
         ports: Some(vec![NetPortStats {
             socket: "/r/net0.sock".into(),
             connections: 1,
@@ -174,11 +176,11 @@ fn backend_stats() -> BTreeMap<String, BackendStatsEntry> {
                 tx_kicks: 1,
                 rx_interrupts: 1,
                 tx_interrupts: 1,
-                drops: BTreeMap::from([("no_rx_buffers".into(), 0)]),
+                drops: Drops(vec![("no_rx_buffers".into(), 0)]),
             }],
         }]),
-        ..daemon("splitvisor-net")
     };
+    let net = daemon("splitvisor-net", net);
     let entry = |stats: Option<DaemonStats>, error: Option<&str>| BackendStatsEntry {
         api_socket: "/r/x.api.sock".into(),
         stats,

@@ -5,11 +5,8 @@
 //! others: when every slot is taken, the one that has been sending its request the longest
 //! is dropped for the newcomer (see `Slots`).
 
-mod slots;
-
 pub mod backend_stats;
 pub mod control;
-pub mod http;
 pub mod routes;
 pub mod stats;
 pub mod types;
@@ -20,19 +17,22 @@ mod doc_tests;
 pub mod schema_check;
 
 use std::io::ErrorKind;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
+use splitvisor_wire::host::slots::{Slot, Slots};
+use splitvisor_wire::host::socket::{self, SocketError, SocketGuard};
+
+/// The HTTP codec of the API (and of `ctl`, and of the daemons' stats sockets).
+pub use splitvisor_wire::host::http;
 
 use crate::api::control::VmControl;
 use routes::Response;
-use slots::{Slot, Slots};
 
 /// A client that reads nothing of its answer for this long is dropped.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,19 +43,15 @@ const MAX_CONNECTIONS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("another process already serves on the API socket {}; pick another --api-socket path or stop that VMM", .0.display())]
-    InUse(PathBuf),
-    #[error("--api-socket {} exists and is not a socket; refusing to replace it", .0.display())]
-    NotASocket(PathBuf),
-    #[error("cannot create the API socket {}", .0.display())]
-    Bind(PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    Bind(#[from] SocketError),
     #[error("could not start the API thread")]
     Spawn(#[source] std::io::Error),
 }
 
 /// A bound API socket, not yet serving.
 pub struct ApiListener {
-    path: PathBuf,
+    guard: SocketGuard,
     listener: UnixListener,
 }
 
@@ -63,30 +59,9 @@ impl ApiListener {
     /// Binds `path` with mode 0600. A stale socket left by a dead VMM is replaced; a live one
     /// or a non-socket file is an error.
     pub fn bind(path: &Path) -> Result<Self, ApiError> {
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if !meta.file_type().is_socket() => {
-                return Err(ApiError::NotASocket(path.to_path_buf()))
-            }
-            Ok(_) => {
-                if UnixStream::connect(path).is_ok() {
-                    return Err(ApiError::InUse(path.to_path_buf()));
-                }
-                let _ = std::fs::remove_file(path);
-            }
-            Err(_) => {}
-        }
-        // The socket file gets the process umask's mode at bind; create it private and
-        // tighten again in case the umask was looser (bind is the only file creation here).
-        // SAFETY: umask only changes the process's file-creation mask.
-        let old = unsafe { libc::umask(0o177) };
-        let bound = UnixListener::bind(path);
-        // SAFETY: as above; restores the caller's mask.
-        unsafe { libc::umask(old) };
-        let listener = bound.map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+        let listener = socket::bind_replacing(path, "--api-socket")?;
         Ok(Self {
-            path: path.to_path_buf(),
+            guard: socket::guard(path),
             listener,
         })
     }
@@ -101,7 +76,7 @@ impl ApiListener {
             .spawn(move || accept_loop(listener, control, flag))
             .map_err(ApiError::Spawn)?;
         Ok(ApiServer {
-            path: self.path,
+            guard: self.guard,
             stopping,
             thread: Some(thread),
         })
@@ -110,7 +85,8 @@ impl ApiListener {
 
 /// The running API; dropping it stops accepting and removes the socket.
 pub struct ApiServer {
-    path: PathBuf,
+    /// Removes the socket when the server is dropped.
+    guard: SocketGuard,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -119,11 +95,11 @@ impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
         // Wake the accept() with a connection of our own.
-        let _ = UnixStream::connect(&self.path);
+        let _ = UnixStream::connect(self.guard.path());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        self.guard.cleanup();
     }
 }
 

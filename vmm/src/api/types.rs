@@ -260,58 +260,9 @@ pub struct BackendStatsEntry {
     pub error: Option<String>,
 }
 
-/// `GET /stats` of splitvisor-blk (`queues`) or splitvisor-net (`ports`): the counters of
-/// their STATS line plus uptime and connection state.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DaemonStats {
-    /// "splitvisor-blk" or "splitvisor-net".
-    pub daemon: String,
-    pub uptime_ms: u64,
-    /// "connected" (a frontend is attached; any port, for the net switch) or "waiting".
-    pub state: String,
-    /// Frontends served so far.
-    pub frontends: u64,
-    /// splitvisor-blk's virtqueues (null for splitvisor-net).
-    #[serde(default)]
-    pub queues: Option<Vec<BlkQueueStats>>,
-    /// splitvisor-net's sockets (null for splitvisor-blk).
-    #[serde(default)]
-    pub ports: Option<Vec<NetPortStats>>,
-}
-
-/// One virtqueue of splitvisor-blk.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct BlkQueueStats {
-    pub queue: u64,
-    pub requests: u64,
-    pub read_bytes: u64,
-    pub write_bytes: u64,
-    pub kicks: u64,
-    pub interrupts: u64,
-}
-
-/// One socket of splitvisor-net (its TAP socket, or a switch port).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct NetPortStats {
-    pub socket: String,
-    pub connections: u64,
-    pub state: String,
-    pub queues: Vec<NetQueueStats>,
-}
-
-/// One RX/TX queue pair of splitvisor-net; `drops` by reason (tx_too_short, no_rx_buffers, ...).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct NetQueueStats {
-    pub rx_frames: u64,
-    pub rx_bytes: u64,
-    pub tx_frames: u64,
-    pub tx_bytes: u64,
-    pub rx_kicks: u64,
-    pub tx_kicks: u64,
-    pub rx_interrupts: u64,
-    pub tx_interrupts: u64,
-    pub drops: BTreeMap<String, u64>,
-}
+/// `GET /stats` of splitvisor-blk (`queues`) or splitvisor-net (`ports`): the daemons'
+/// own schema, which they serialize and the VMM reads.
+pub use splitvisor_wire::stats::{BlkQueueStats, DaemonStats, NetPortStats, NetQueueStats};
 
 /// `GET /api/v1/version`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

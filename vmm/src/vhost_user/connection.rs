@@ -15,16 +15,6 @@ use vhost::VhostBackend;
 
 use super::deadline::{exchange, ExchangeError};
 
-/// What the VMM asks of backends; each is used only if the backend offers it. INFLIGHT_SHMFD
-/// lets a restarted backend resubmit the requests its predecessor had in flight.
-pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("no vhost-user backend answered on {} within {}s ({source}); is the backend daemon running with --socket {}?", .path.display(), .waited.as_secs(), .path.display())]
@@ -126,7 +116,7 @@ pub fn handshake(
         f.get_protocol_features()
     })
     .map_err(failed)?;
-    let protocol_features = offered & wanted_protocol_features();
+    let protocol_features = offered & splitvisor_wire::protocol::FRONTEND_WANTS;
     if !protocol_features.contains(VhostUserProtocolFeatures::CONFIG) {
         return Err(ConnectError::NoConfig(path.to_path_buf()));
     }

@@ -25,9 +25,12 @@ use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_RX_EXTRA,
     VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MQ, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_MQ,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use splitvisor_wire::config::{BlkConfig, NetConfig};
+use splitvisor_wire::MAX_QUEUES;
 
 use crate::memory::GuestMemory;
 use crate::virtio::{ActivateError, Activation, VirtioDevice};
@@ -37,17 +40,6 @@ use rings::{InflightRegion, Resume, Rings};
 
 /// Queue size offered to drivers.
 pub const QUEUE_SIZE: u16 = 256;
-/// The most queues a device may have.
-pub const MAX_QUEUES: u64 = 64;
-/// Config-space bytes read from the backend: `struct virtio_blk_config` up to the write-zeroes
-/// fields (older backends reject larger reads), `struct virtio_net_config` up to `mtu`.
-const BLK_CONFIG_SIZE: u32 = 60;
-const NET_CONFIG_SIZE: u32 = 12;
-/// `struct virtio_net_config`: `status` follows the 6-byte `mac`.
-const NET_STATUS_OFFSET: usize = 6;
-/// `struct virtio_blk_config`: `capacity` (u64, sectors) and `blk_size` (u32).
-const BLK_CAPACITY: std::ops::Range<usize> = 0..8;
-const BLK_SIZE: std::ops::Range<usize> = 20..24;
 /// How long a stopped backend gets to complete requests it fetched before it stopped (a
 /// backend may answer GET_VRING_BASE while a request is still being served).
 const HANDOVER_DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
@@ -78,8 +70,10 @@ impl DeviceKind {
 
     fn config_size(self) -> u32 {
         match self {
-            DeviceKind::Block => BLK_CONFIG_SIZE,
-            DeviceKind::Net => NET_CONFIG_SIZE,
+            // What both sides know of the config space (see `READ_LEN`); the lengths are
+            // small constants.
+            DeviceKind::Block => BlkConfig::READ_LEN as u32,
+            DeviceKind::Net => NetConfig::READ_LEN as u32,
         }
     }
 
@@ -206,7 +200,7 @@ fn handshake_when_free(
     loop {
         let stream = connection::connect(socket, wait.saturating_sub(started.elapsed()))?;
         let sequence = deadline::sequence(deadline::SEQUENCE_TIMEOUT);
-        match connection::handshake(socket, stream, MAX_QUEUES) {
+        match connection::handshake(socket, stream, u64::from(MAX_QUEUES)) {
             Ok(conn) => return Ok((sequence, conn)),
             Err(busy @ ConnectError::Busy { .. }) => {
                 if started.elapsed() >= wait.max(BUSY_GRACE) {
@@ -402,8 +396,10 @@ impl VhostUserDevice {
     /// Presents `mac` to the driver instead of the backend's (or its lack of one).
     pub fn override_mac(&mut self, mac: [u8; 6]) {
         let mut config = self.config.lock().unwrap_or_else(PoisonError::into_inner);
-        if config.len() >= 6 {
-            config[..6].copy_from_slice(&mac);
+        if config.len() >= mac.len() {
+            let mut view = NetConfig::from_prefix(&config);
+            view.set_mac(mac);
+            view.write_prefix(&mut config);
             self.offered_features |= 1 << VIRTIO_NET_F_MAC;
         }
     }
@@ -414,13 +410,9 @@ impl VhostUserDevice {
             return;
         }
         let mut config = self.config.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(status) = config.get_mut(NET_STATUS_OFFSET) {
-            if up {
-                *status |= VIRTIO_NET_S_LINK_UP as u8;
-            } else {
-                *status &= !(VIRTIO_NET_S_LINK_UP as u8);
-            }
-        }
+        let mut view = NetConfig::from_prefix(&config);
+        view.set_link_up(up);
+        view.write_prefix(&mut config);
     }
 
     /// The backend of `generation` closed its socket. Returns false if that backend was
@@ -466,24 +458,18 @@ impl VhostUserDevice {
             )));
         }
         if self.kind == DeviceKind::Block {
-            let config = self.config.lock().unwrap_or_else(PoisonError::into_inner);
-            let le = |bytes: &[u8], range: std::ops::Range<usize>| {
-                bytes.get(range).map(|b| {
-                    b.iter()
-                        .rev()
-                        .fold(0u64, |acc, &byte| acc << 8 | u64::from(byte))
-                })
-            };
-            let (ours, theirs) = (le(&config, BLK_CAPACITY), le(&c.config, BLK_CAPACITY));
-            if ours != theirs {
+            let ours =
+                BlkConfig::from_prefix(&self.config.lock().unwrap_or_else(PoisonError::into_inner));
+            let theirs = BlkConfig::from_prefix(&c.config);
+            if ours.capacity() != theirs.capacity() {
                 return Err(incompatible(format!(
                     "its disk has {} sectors, the guest's has {}",
-                    theirs.unwrap_or(0),
-                    ours.unwrap_or(0)
+                    theirs.capacity(),
+                    ours.capacity()
                 )));
             }
             if self.offered_features & (1 << VIRTIO_BLK_F_BLK_SIZE) != 0
-                && le(&config, BLK_SIZE) != le(&c.config, BLK_SIZE)
+                && ours.blk_size() != theirs.blk_size()
             {
                 return Err(incompatible("its block size differs".into()));
             }
@@ -709,31 +695,22 @@ impl VhostUserDevice {
     }
 }
 
-/// Where the config space holds the queue count: virtio_blk_config.num_queues and
-/// virtio_net_config.max_virtqueue_pairs.
-const BLK_NUM_QUEUES_OFFSET: usize = 34;
-const NET_MAX_QUEUE_PAIRS_OFFSET: usize = 8;
-
 /// How many queues the device exposes: what its config space says, bounded by GET_QUEUE_NUM
 /// and by what the transport offers (`MAX_QUEUES`). A backend's count is peer data: it is
 /// computed wide, so an absurd one is clamped instead of overflowing.
 fn queue_count(kind: DeviceKind, features: u64, config: &[u8], max: Option<u64>) -> usize {
-    let le16 = |at: usize| {
-        config
-            .get(at..at + 2)
-            .map(|b| u64::from(u16::from_le_bytes([b[0], b[1]])))
-    };
     let from_config = match kind {
         DeviceKind::Block if features & (1 << VIRTIO_BLK_F_MQ) != 0 => {
-            le16(BLK_NUM_QUEUES_OFFSET).unwrap_or(1).max(1)
+            u64::from(BlkConfig::from_prefix(config).num_queues()).max(1)
         }
         DeviceKind::Block => 1,
         DeviceKind::Net if features & (1 << VIRTIO_NET_F_MQ) != 0 => {
-            le16(NET_MAX_QUEUE_PAIRS_OFFSET).unwrap_or(1).max(1) * 2
+            u64::from(NetConfig::from_prefix(config).max_virtqueue_pairs()).max(1) * 2
         }
         DeviceKind::Net => 2,
     };
-    let limit = max.unwrap_or(MAX_QUEUES).min(MAX_QUEUES);
+    let transport = u64::from(MAX_QUEUES);
+    let limit = max.unwrap_or(transport).min(transport);
     if from_config > limit {
         warn!("the backend's config space offers {from_config} queues; the device exposes {limit}");
     }
@@ -743,18 +720,19 @@ fn queue_count(kind: DeviceKind, features: u64, config: &[u8], max: Option<u64>)
 /// Makes the config space the guest reads agree with the queues the device exposes, so a
 /// driver never asks for queues the transport does not have.
 fn fit_config_to_queues(kind: DeviceKind, features: u64, config: &mut [u8], queues: usize) {
-    let (offset, value) = match kind {
+    let count = |n: usize| u16::try_from(n).unwrap_or(u16::MAX);
+    match kind {
         DeviceKind::Block if features & (1 << VIRTIO_BLK_F_MQ) != 0 => {
-            (BLK_NUM_QUEUES_OFFSET, queues)
+            let mut view = BlkConfig::from_prefix(config);
+            view.set_num_queues(count(queues));
+            view.write_prefix(config);
         }
         DeviceKind::Net if features & (1 << VIRTIO_NET_F_MQ) != 0 => {
-            (NET_MAX_QUEUE_PAIRS_OFFSET, queues / 2)
+            let mut view = NetConfig::from_prefix(config);
+            view.set_max_virtqueue_pairs(count(queues / 2));
+            view.write_prefix(config);
         }
-        _ => return,
-    };
-    if let Some(field) = config.get_mut(offset..offset + 2) {
-        let value = u16::try_from(value).unwrap_or(u16::MAX);
-        field.copy_from_slice(&value.to_le_bytes());
+        _ => {}
     }
 }
 
@@ -890,12 +868,9 @@ mod tests {
         let mut net = vec![0u8; 12];
         net[8..10].copy_from_slice(&0x8000u16.to_le_bytes());
         let count = queue_count(DeviceKind::Net, mq, &net, Some(u64::MAX));
-        assert_eq!(count, MAX_QUEUES as usize);
+        assert_eq!(count, usize::from(MAX_QUEUES));
         fit_config_to_queues(DeviceKind::Net, mq, &mut net, count);
-        assert_eq!(
-            u16::from_le_bytes([net[8], net[9]]),
-            (MAX_QUEUES / 2) as u16
-        );
+        assert_eq!(u16::from_le_bytes([net[8], net[9]]), MAX_QUEUES / 2);
 
         let blk_mq = 1 << VIRTIO_BLK_F_MQ;
         let mut blk = vec![0u8; 60];

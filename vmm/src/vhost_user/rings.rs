@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
+use splitvisor_wire::ring;
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -41,7 +42,7 @@ impl Rings {
     pub fn used_indices(&self, memory: &GuestMemory) -> Vec<(usize, u16)> {
         self.ready()
             .map(|i| {
-                let at = GuestAddress(self.queues[i].used_ring + 2);
+                let at = GuestAddress(self.queues[i].used_ring + ring::USED_IDX);
                 (i, memory.load::<u16>(at, Ordering::Acquire).unwrap_or(0))
             })
             .collect()
@@ -213,7 +214,6 @@ fn memory_regions(memory: &GuestMemory) -> Vec<VhostUserMemoryRegionInfo> {
 /// Vring addresses in the VMM's address space (vhost-user translates them through the memory
 /// table), after checking each ring lies in guest RAM.
 fn vring_addresses(memory: &GuestMemory, q: &QueueConfig) -> Result<VringConfigData, vhost::Error> {
-    let size = u64::from(q.size);
     let host = |gpa: u64, len: u64| -> Result<u64, vhost::Error> {
         if !memory.check_range(GuestAddress(gpa), len as usize) {
             return Err(vhost::Error::InvalidGuestMemory);
@@ -227,9 +227,9 @@ fn vring_addresses(memory: &GuestMemory, q: &QueueConfig) -> Result<VringConfigD
         queue_max_size: q.max_size,
         queue_size: q.size,
         flags: 0,
-        desc_table_addr: host(q.desc_table, 16 * size)?,
-        avail_ring_addr: host(q.avail_ring, 6 + 2 * size)?,
-        used_ring_addr: host(q.used_ring, 6 + 8 * size)?,
+        desc_table_addr: host(q.desc_table, ring::desc_table_len(q.size))?,
+        avail_ring_addr: host(q.avail_ring, ring::avail_ring_len(q.size))?,
+        used_ring_addr: host(q.used_ring, ring::used_ring_len(q.size))?,
         log_addr: None,
     })
 }

@@ -1,10 +1,12 @@
 //! launch's one wait: SIGINT, SIGTERM and SIGCHLD are blocked and taken synchronously with
 //! `sigtimedwait`, so an interrupt, a child's death and a timer all wake the same loop without
-//! signal handlers. A blocked mask survives exec: children unblock everything before it
-//! (`supervisor::prepare_child`).
+//! signal handlers (splitvisor-wire's `host::signals`, as every splitvisor process). A blocked
+//! mask survives exec: children unblock everything before it (`supervisor::prepare_child`).
 
 use std::io;
 use std::time::Duration;
+
+use splitvisor_wire::host::signals::{self, Blocked};
 
 /// What woke the wait.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,8 +21,7 @@ pub enum Wakeup {
 
 /// The blocked signals; the previous mask comes back on drop.
 pub struct SignalWait {
-    set: libc::sigset_t,
-    previous: libc::sigset_t,
+    blocked: Blocked,
 }
 
 impl SignalWait {
@@ -28,37 +29,16 @@ impl SignalWait {
     /// thread or child: launch runs on one thread, so process-directed signals then stay pending
     /// until `wait` takes them.
     pub fn install() -> io::Result<SignalWait> {
-        // SAFETY: sigset_t is plain data; sigemptyset initialises it below.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid sigset_t owned by this frame.
-        unsafe {
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            libc::sigaddset(&mut set, libc::SIGCHLD);
-        }
-        // SAFETY: both sets are valid; this changes only the calling thread's mask.
-        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut previous) };
-        if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
-        }
-        Ok(SignalWait { set, previous })
+        let blocked = Blocked::block(&[signals::STOP[0], signals::STOP[1], libc::SIGCHLD])?;
+        Ok(SignalWait { blocked })
     }
 
     /// Waits up to `timeout` for one of the signals.
     pub fn wait(&self, timeout: Duration) -> Wakeup {
-        let spec = libc::timespec {
-            tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
-            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
-        };
-        // SAFETY: `set` and `spec` are valid for the call; no siginfo is asked for.
-        let signal = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &spec) };
-        match signal {
-            libc::SIGINT | libc::SIGTERM => Wakeup::Stop(signal),
-            libc::SIGCHLD => Wakeup::Child,
-            // EAGAIN (timeout) or EINTR (another signal): either way, look at the world again.
+        match self.blocked.wait_timeout(timeout) {
+            Some(signal @ (libc::SIGINT | libc::SIGTERM)) => Wakeup::Stop(signal),
+            Some(libc::SIGCHLD) => Wakeup::Child,
+            // A timeout, or another signal interrupted the wait: look at the world again.
             _ => Wakeup::Timeout,
         }
     }
@@ -69,30 +49,12 @@ impl Drop for SignalWait {
     /// otherwise kill launch by its default action as soon as it is unblocked.
     fn drop(&mut self) {
         while self.wait(Duration::ZERO) != Wakeup::Timeout {}
-        // SAFETY: restores the mask saved in `install` for this thread.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.previous, std::ptr::null_mut()) };
+        self.blocked.restore();
     }
 }
 
 /// "SIGKILL", "SIGSEGV", ... or "signal N".
-pub fn signal_name(signal: libc::c_int) -> String {
-    let name = match signal {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGTRAP => "SIGTRAP",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGTERM => "SIGTERM",
-        _ => return format!("signal {signal}"),
-    };
-    name.to_string()
-}
+pub use splitvisor_wire::host::signals::signal_name;
 
 #[cfg(test)]
 mod tests {

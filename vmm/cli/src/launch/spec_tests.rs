@@ -2,17 +2,7 @@
 
 use super::*;
 use crate::run::parse_subcommand;
-
-/// The message with its causes, as `main` prints it.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
-}
+use splitvisor_wire::host::error::error_chain;
 
 fn launch_args(argv: &[&str]) -> LaunchArgs {
     parse_launch(["launch"].iter().chain(argv)).unwrap_or_else(|e| panic!("{e}"))

@@ -15,9 +15,6 @@
 
 mod drive;
 mod identify;
-// The same image lock as splitvisor-blk takes (one implementation, kept with the daemon).
-#[path = "../../../../backends/blk/src/imagelock.rs"]
-mod imagelock;
 #[cfg(test)]
 mod tests;
 
@@ -32,7 +29,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{BusDevice, SharedDevice};
 use drive::Drive;
-use imagelock::{lock_image, ImageLockError, LockMode};
+// The same image lock as splitvisor-blk takes.
+use splitvisor_wire::host::imagelock::{lock_image, ImageLockError, LockMode};
 
 /// First port of the primary channel's command block (data, error/features, ... status/command).
 pub const COMMAND_BLOCK_BASE: u64 = 0x1f0;

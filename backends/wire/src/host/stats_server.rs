@@ -1,24 +1,17 @@
 //! The daemons' optional stats API: `GET /stats` over HTTP/1.1 on a Unix socket, answered
-//! with a JSON snapshot of the daemon's counters. Shared by splitvisor-blk and splitvisor-net
-//! through `#[path]` (as are the VMM's HTTP codec and connection slots), so that all three
-//! speak the same bounded HTTP: a request must arrive whole within a deadline, and clients
-//! that send slowly or nothing cannot take every slot (see `slots.rs`).
-
-#[allow(dead_code)]
-#[path = "../../vmm/src/api/http.rs"]
-mod http;
-#[allow(dead_code)]
-#[path = "../../vmm/src/api/slots.rs"]
-mod slots;
+//! with a JSON snapshot of the daemon's counters (`crate::stats::DaemonStats`). It speaks the
+//! VMM's bounded HTTP (`http`, `slots`): a request must arrive whole within a deadline, and
+//! clients that send slowly or nothing cannot take every slot.
 
 use std::io::{ErrorKind, Read};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use slots::{Slot, Slots};
+use super::http;
+use super::slots::{Slot, Slots};
+use super::socket::{self, SocketError};
 
 /// A client that reads nothing of its answer for this long is dropped.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,19 +21,15 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 const MAX_CONNECTIONS: usize = 4;
 
 /// The socket to remove when the daemon exits (its signal thread calls `cleanup`).
-static BOUND: Mutex<Option<PathBuf>> = Mutex::new(None);
+static BOUND: Mutex<Option<socket::SocketGuard>> = Mutex::new(None);
 
 /// Produces the JSON answer of `GET /stats`.
 pub type Snapshot = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatsApiError {
-    #[error("another process already serves on --api-socket {}; pick another path or stop it", .0.display())]
-    InUse(PathBuf),
-    #[error("--api-socket {} exists and is not a socket; refusing to replace it", .0.display())]
-    NotASocket(PathBuf),
-    #[error("cannot create the stats socket {} (--api-socket)", .0.display())]
-    Bind(PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    Bind(#[from] SocketError),
     #[error("could not start the stats API thread")]
     Spawn(#[source] std::io::Error),
 }
@@ -48,8 +37,8 @@ pub enum StatsApiError {
 /// Binds `path` (mode 0600; a stale socket is replaced, a live one or a non-socket refused)
 /// and serves `GET /stats` on a thread of its own for the rest of the process.
 pub fn start(path: &Path, snapshot: Snapshot) -> Result<(), StatsApiError> {
-    let listener = bind(path)?;
-    *BOUND.lock().unwrap_or_else(PoisonError::into_inner) = Some(path.to_path_buf());
+    let listener = socket::bind_replacing(path, "--api-socket")?;
+    *BOUND.lock().unwrap_or_else(PoisonError::into_inner) = Some(socket::guard(path));
     std::thread::Builder::new()
         .name("stats-api".into())
         .spawn(move || accept_loop(listener, snapshot))
@@ -60,35 +49,9 @@ pub fn start(path: &Path, snapshot: Snapshot) -> Result<(), StatsApiError> {
 
 /// Removes the stats socket, if one was bound; called on the way out.
 pub fn cleanup() {
-    if let Some(path) = BOUND.lock().unwrap_or_else(PoisonError::into_inner).take() {
-        let _ = std::fs::remove_file(path);
+    if let Some(guard) = BOUND.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        guard.cleanup();
     }
-}
-
-fn bind(path: &Path) -> Result<UnixListener, StatsApiError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(StatsApiError::NotASocket(path.to_path_buf()))
-        }
-        Ok(_) => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(StatsApiError::InUse(path.to_path_buf()));
-            }
-            log::info!("replacing stale stats socket {}", path.display());
-            let _ = std::fs::remove_file(path);
-        }
-        Err(_) => {}
-    }
-    // Create the socket private from the start, then tighten again in case of a looser umask.
-    // SAFETY: umask only changes the process's file-creation mask.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above; restores the previous mask.
-    unsafe { libc::umask(old) };
-    let listener = bound.map_err(|e| StatsApiError::Bind(path.to_path_buf(), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| StatsApiError::Bind(path.to_path_buf(), e))?;
-    Ok(listener)
 }
 
 fn accept_loop(listener: UnixListener, snapshot: Snapshot) {
@@ -182,6 +145,7 @@ impl Read for DeadlineReader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn get(path: &Path, method: &str, target: &str) -> (u16, serde_json::Value) {
         let stream = UnixStream::connect(path).unwrap();
@@ -191,6 +155,9 @@ mod tests {
 
     #[test]
     fn serves_stats_and_refuses_the_rest() {
+        let _serial = socket::TEST_SERIAL
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let dir = std::env::temp_dir().join(format!("stats-api-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("api.sock");
@@ -205,7 +172,10 @@ mod tests {
         );
         assert_eq!(get(&path, "PUT", "/stats").0, 405);
         assert_eq!(get(&path, "GET", "/vm").0, 404);
-        assert!(matches!(bind(&path), Err(StatsApiError::InUse(_))));
+        assert!(matches!(
+            socket::bind_replacing(&path, "--api-socket"),
+            Err(SocketError::Live { .. })
+        ));
         cleanup();
         assert!(!path.exists());
         let _ = std::fs::remove_dir(&dir);

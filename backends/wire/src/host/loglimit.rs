@@ -3,7 +3,7 @@
 //! summary line when the next such event comes after the interval. Keep one per queue, so a
 //! flood on one queue does not hide the first errors of another.
 //!
-//! Shared by both daemons (splitvisor-net includes this file).
+//! Used by both daemons.
 
 use std::time::{Duration, Instant};
 

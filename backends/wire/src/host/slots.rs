@@ -1,4 +1,4 @@
-//! The API's connection slots. A slot is either reading its request or handling it; when all
+//! Connection slots of an HTTP server on a Unix socket (the VMM's API, the daemons' stats). A slot is either reading its request or handling it; when all
 //! are taken, a newcomer takes the slot of the client that has been sending its request the
 //! longest (its connection is shut down), so that clients which connect and send slowly, or
 //! nothing, cannot lock everyone else out. Only when every slot is handling a request (e.g.

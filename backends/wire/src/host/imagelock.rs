@@ -4,8 +4,8 @@
 //! image. The lock lives as long as the file stays open: it goes away with the process, so a
 //! daemon restarted after a crash gets it back.
 //!
-//! Shared by splitvisor-blk (`--image`) and the VMM's emulated ATA disk (which includes this
-//! file), so that both take the same lock.
+//! Used by splitvisor-blk (`--image`) and the VMM's emulated ATA disk, so that both take the
+//! same lock.
 
 use std::fs::File;
 use std::io;

@@ -1,5 +1,6 @@
-//! The small part of HTTP/1.1 the control API speaks, both ways: one request per connection,
-//! bodies delimited by `Content-Length` (no chunked encoding), JSON bodies, bounded sizes.
+//! The small part of HTTP/1.1 the VMM's control API, `splitvisor ctl` and the daemons' stats
+//! sockets speak, both ways: one request per connection, bodies delimited by `Content-Length`
+//! (no chunked encoding), JSON bodies, bounded sizes.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 
