@@ -3,6 +3,7 @@
 //! is filled when the TAP (or another switch port) has a frame, not on a kick. The frames
 //! themselves are `rxtx` / `switch`.
 
+use splitvisor_wire::host::error::error_chain;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -217,7 +218,7 @@ fn serve_events(q: &DrivenQueue, mut serve: impl FnMut(Wake) -> Result<(), RxTxE
     let mut wake = Wake::Source(TAP_TOKEN);
     loop {
         if let Err(e) = serve(wake) {
-            log::warn!("queue {index}: {}", with_causes(&e));
+            log::warn!("queue {index}: {}", error_chain(&e));
         }
         wake = match q.wait() {
             Ok(Wake::Stop) => return,
@@ -230,22 +231,11 @@ fn serve_events(q: &DrivenQueue, mut serve: impl FnMut(Wake) -> Result<(), RxTxE
     }
 }
 
-/// `e` and its causes in one line, for the log.
-pub fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        msg.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    msg
-}
-
 fn signal(ring: &DeviceRing, counter: &AtomicU64) {
     match ring.signal() {
         Ok(true) => QueueStats::bump(counter),
         Ok(false) => {}
-        Err(e) => log::warn!("failed to signal the guest: {}", with_causes(&e)),
+        Err(e) => log::warn!("failed to signal the guest: {}", error_chain(&e)),
     }
 }
 

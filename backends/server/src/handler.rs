@@ -6,6 +6,7 @@
 //! stop it after the request in progress. At start the inflight region, if the frontend gave
 //! one, decides what is resubmitted and where the avail ring resumes.
 
+use splitvisor_wire::host::error::error_chain;
 use std::fmt::Display;
 use std::fs::File;
 use std::io;
@@ -44,17 +45,6 @@ fn refuse(msg: impl Display) -> Error {
     let msg = msg.to_string();
     warn!("refusing request: {msg}");
     Error::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, Refusal(msg)))
-}
-
-/// `e` and its causes, for a log line and the refusal.
-pub fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        msg.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    msg
 }
 
 /// Log `msg` for a request whose reply cannot carry an error: the connection has to end.
@@ -153,10 +143,7 @@ impl<D: VhostUserDevice> FrontendHandler<D> {
     }
 
     fn offered_protocol(&self) -> VhostUserProtocolFeatures {
-        let mut p = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        let mut p = splitvisor_wire::protocol::SERVER_OFFERS;
         if self.device.config_space().is_some() {
             p |= VhostUserProtocolFeatures::CONFIG;
         }
@@ -349,7 +336,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
     ) -> Result<Option<Vec<VhostUserMemoryRegionBase>>> {
         self.memory
             .set(regions, files)
-            .map_err(|e| refuse(format!("SET_MEM_TABLE: {}", with_causes(&e))))?;
+            .map_err(|e| refuse(format!("SET_MEM_TABLE: {}", error_chain(&e))))?;
         Ok(None)
     }
 
@@ -552,7 +539,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
             queue_size,
             self.vrings.len(),
         )
-        .map_err(|e| refuse(format!("SET_INFLIGHT_FD: {}", with_causes(&e))))?;
+        .map_err(|e| refuse(format!("SET_INFLIGHT_FD: {}", error_chain(&e))))?;
         info!(
             "SET_INFLIGHT_FD: tracking {} queue(s) of {} descriptors",
             region.num_queues(),
@@ -574,7 +561,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
     ) -> Result<Option<VhostUserMemoryRegionBase>> {
         self.memory
             .add(region, fd)
-            .map_err(|e| refuse(format!("ADD_MEM_REG: {}", with_causes(&e))))?;
+            .map_err(|e| refuse(format!("ADD_MEM_REG: {}", error_chain(&e))))?;
         Ok(None)
     }
 

@@ -35,14 +35,14 @@
 mod chain;
 mod doorman;
 mod driven;
-mod early_enable;
 mod fdcheck;
 mod handler;
 mod inflight;
+mod relay;
 // Per-queue rate limiting of guest-caused log lines, as the daemons' devices do.
 use splitvisor_wire::host::loglimit;
+pub mod framing;
 mod memory;
-pub mod wire;
 mod worker;
 
 use std::sync::{Arc, Mutex};
@@ -140,13 +140,13 @@ pub fn serve_frontend<D: VhostUserDevice>(
         }
     };
     // vhost's parser reads each message with single recv calls and no deadline: the relay in
-    // front of it gives it whole messages (wire.rs), cuts off a frontend that stalls and holds
-    // back a SET_VRING_ENABLE sent before SET_FEATURES (early_enable.rs).
+    // front of it gives it whole messages (framing.rs), cuts off a frontend that stalls and holds
+    // back a SET_VRING_ENABLE sent before SET_FEATURES (relay.rs).
     let (relay_end, server_end) =
         UnixStream::pair().map_err(vhost::vhost_user::Error::SocketError)?;
     let relay = std::thread::Builder::new()
         .name("relay".into())
-        .spawn(move || early_enable::relay(frontend, relay_end, "vhost-user server side"))
+        .spawn(move || relay::relay(frontend, relay_end, "vhost-user server side"))
         .map_err(vhost::vhost_user::Error::SocketError)?;
     let mut connection = BackendReqHandler::from_stream(server_end, handler.clone());
     info!("frontend connected");
@@ -163,7 +163,10 @@ pub fn serve_frontend<D: VhostUserDevice>(
     drop(connection);
     match relay.join() {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!("frontend connection cut off: {}", handler::with_causes(&e)),
+        Ok(Err(e)) => warn!(
+            "frontend connection cut off: {}",
+            splitvisor_wire::host::error::error_chain(&e)
+        ),
         Err(_) => warn!("the relay thread panicked"),
     }
     let mut handler = handler.lock().unwrap_or_else(|e| e.into_inner());

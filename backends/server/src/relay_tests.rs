@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::*;
-use crate::wire::{recv_with_fds, send_with_fds, HEADER_LEN};
+use crate::framing::{recv_with_fds, send_with_fds, HEADER_LEN};
 use std::io;
 use vhost::vhost_user::message::MAX_MSG_SIZE;
 

@@ -1,4 +1,4 @@
-//! The relay in front of vhost's message parser: whole messages with deadlines (wire.rs), and
+//! The relay in front of vhost's message parser: whole messages with deadlines (framing.rs), and
 //! a `SET_VRING_ENABLE` that arrives before feature negotiation held back.
 //!
 //! Why the hold: QEMU's vhost-user-net frontend (7.2 and earlier) sends
@@ -14,7 +14,7 @@
 
 use std::os::unix::net::UnixStream;
 
-use crate::wire::{
+use crate::framing::{
     read_message, read_request, wait_readable, write_message, Message, WireError, FRONTEND,
     MESSAGE_TIMEOUT, VERSION_1,
 };
@@ -167,5 +167,5 @@ fn hold_enable(request: Message, gate: &mut Gate, frontend: &UnixStream) -> Resu
 }
 
 #[cfg(test)]
-#[path = "early_enable_tests.rs"]
+#[path = "relay_tests.rs"]
 mod tests;

@@ -3,7 +3,7 @@
 //! forever), a payload that arrives in several segments put back together, too many
 //! descriptors noticed and the message still read to its end; written with one `sendmsg`.
 //!
-//! Used by the relay between a frontend and vhost's message parser (early_enable.rs).
+//! Used by the relay between a frontend and vhost's message parser (relay.rs).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
