@@ -254,13 +254,44 @@ fn remove_stale(path: &Path, flag: &'static str) -> Result<(), SocketError> {
     }
 }
 
-/// Binds with a umask that keeps the socket private from the start, then makes sure of 0600
-/// (in case the umask was looser).
+/// Longest socket path `bind(2)` takes (`sun_path` holds 108 bytes with the final NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// Binds with a umask that keeps the socket private from the start, makes sure of 0600 (in
+/// case the umask was looser), and only then gives it its name: it is bound and listening
+/// under `PATH.new` and renamed to `PATH`, so whoever waits for `PATH` to appear (launch, a
+/// script, a test) can connect at once instead of racing the bind-to-listen gap.
 fn bind_private(path: &Path, flag: &'static str) -> Result<UnixListener, SocketError> {
+    let mut staged = OsString::from(path.as_os_str());
+    staged.push(".new");
+    let staged = PathBuf::from(staged);
+    // A path at the length limit has no room for the suffix: bound in place, as before.
+    let at = if staged.as_os_str().len() <= SUN_PATH_MAX {
+        let _ = std::fs::remove_file(&staged);
+        staged.as_path()
+    } else {
+        path
+    };
+    let listener = bind_with_mode(at, path, flag)?;
+    if at != path {
+        std::fs::rename(at, path).map_err(|source| {
+            let _ = std::fs::remove_file(at);
+            SocketError::Bind {
+                path: path.to_owned(),
+                flag,
+                source,
+            }
+        })?;
+    }
+    Ok(listener)
+}
+
+/// `bind` + `listen` on `at` with mode 0600; errors name `path`, the socket the user asked for.
+fn bind_with_mode(at: &Path, path: &Path, flag: &'static str) -> Result<UnixListener, SocketError> {
     // SAFETY: umask only changes the process's file mode creation mask; it is restored right
     // after bind. Processes bind their sockets at startup, before other threads create files.
     let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
+    let bound = UnixListener::bind(at);
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     let listener = bound.map_err(|source| SocketError::Bind {
@@ -268,7 +299,7 @@ fn bind_private(path: &Path, flag: &'static str) -> Result<UnixListener, SocketE
         flag,
         source,
     })?;
-    std::fs::set_permissions(path, Permissions::from_mode(0o600)).map_err(|source| {
+    std::fs::set_permissions(at, Permissions::from_mode(0o600)).map_err(|source| {
         SocketError::Chmod {
             path: path.to_owned(),
             source,
@@ -288,6 +319,18 @@ mod tests {
 
     fn serial() -> std::sync::MutexGuard<'static, ()> {
         TEST_SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[test]
+    fn the_socket_appears_already_listening_and_no_staging_name_remains() {
+        let _serial = serial();
+        let dir = TempDir::new().unwrap();
+        let sock = dir.as_path().join("api.sock");
+        let listener = bind_replacing(&sock, "--api-socket").unwrap();
+        let _guard = guard(&sock);
+        UnixStream::connect(&sock).expect("listening under its name");
+        assert!(listener.accept().is_ok());
+        assert!(!dir.as_path().join("api.sock.new").exists());
     }
 
     #[test]
