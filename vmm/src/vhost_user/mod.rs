@@ -197,8 +197,11 @@ fn handshake_when_free(
     wait: Duration,
 ) -> Result<(deadline::Sequence, connection::Connection), VhostUserError> {
     let started = Instant::now();
+    let mut connect_wait = wait;
     loop {
-        let stream = connection::connect(socket, wait.saturating_sub(started.elapsed()))?;
+        let stream = connection::connect(socket, connect_wait)?;
+        // A retry waits only for what is left (the daemon answered once, so it is there).
+        connect_wait = wait.saturating_sub(started.elapsed());
         let sequence = deadline::sequence(deadline::SEQUENCE_TIMEOUT);
         match connection::handshake(socket, stream, u64::from(MAX_QUEUES)) {
             Ok(conn) => return Ok((sequence, conn)),
