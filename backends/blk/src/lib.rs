@@ -216,31 +216,22 @@ fn test_request_delay() -> Option<Duration> {
 }
 
 /// Take SIGINT/SIGTERM/SIGUSR1 on a thread of their own: SIGUSR1 prints the counters and
-/// goes on; the others flush the image, remove the socket, lock file and stats socket, print
+/// goes on; the others remove the socket, lock file and stats socket, flush the image, print
 /// the counters, exit 0.
 fn handle_signals(
     guard: Arc<SocketGuard>,
     stats: Arc<DeviceStats>,
     disk: Arc<dyn Disk>,
 ) -> std::io::Result<()> {
-    let print = move |stats: &DeviceStats| eprintln!("{}", stats_line(&stats.line()));
-    let wanted = [signals::STOP[0], signals::STOP[1], libc::SIGUSR1];
-    signals::spawn_signal_thread(
-        &wanted,
-        || {},
-        move |sig| {
-            if sig == libc::SIGUSR1 {
-                print(&stats);
-                return;
-            }
-            info!("signal {sig} received, removing {}", guard.path().display());
+    let report_stats = stats.clone();
+    signals::spawn_daemon_signal_thread(
+        move || eprintln!("{}", stats_line(&report_stats.line())),
+        move || {
             guard.cleanup();
-            stats_server::cleanup();
             if let Err(e) = disk.flush() {
                 warn!("cannot flush the image on exit: {e}");
             }
-            print(&stats);
-            std::process::exit(0);
+            eprintln!("{}", stats_line(&stats.line()));
         },
     )
 }

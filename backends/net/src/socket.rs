@@ -7,8 +7,8 @@ use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
+use splitvisor_wire::host::signals;
 use splitvisor_wire::host::socket::{self, SocketGuard};
-use splitvisor_wire::host::{signals, stats_server};
 
 pub use splitvisor_wire::host::socket::SocketError;
 
@@ -37,21 +37,8 @@ pub fn cleanup() {
 
 /// SIGUSR1 runs `print_stats` and goes on; SIGINT/SIGTERM run it, remove the sockets (the
 /// stats socket too) and exit 0. Call before spawning any other thread.
-pub fn handle_termination(print_stats: impl Fn() + Send + 'static) -> io::Result<()> {
-    let wanted = [signals::STOP[0], signals::STOP[1], libc::SIGUSR1];
-    signals::spawn_signal_thread(
-        &wanted,
-        || {},
-        move |sig| {
-            if sig == libc::SIGUSR1 {
-                print_stats();
-                return;
-            }
-            log::info!("signal {sig}: removing sockets and exiting");
-            print_stats();
-            cleanup();
-            stats_server::cleanup();
-            std::process::exit(0);
-        },
-    )
+pub fn handle_termination(print_stats: impl Fn() + Send + Sync + 'static) -> io::Result<()> {
+    let print_stats = std::sync::Arc::new(print_stats);
+    let on_stop = print_stats.clone();
+    signals::spawn_daemon_signal_thread(move || print_stats(), move || on_stop())
 }

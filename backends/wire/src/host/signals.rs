@@ -95,6 +95,31 @@ pub fn spawn_signal_thread(
     Ok(())
 }
 
+/// The daemons' signal thread: SIGUSR1 runs `report` (print the STATS line) and goes on;
+/// SIGINT/SIGTERM run `stop` (flush, report), remove every socket and lock file this process
+/// bound (the stats socket included), and exit 0. Call before starting any other thread.
+pub fn spawn_daemon_signal_thread(
+    report: impl Fn() + Send + 'static,
+    stop: impl Fn() + Send + 'static,
+) -> io::Result<()> {
+    let wanted = [STOP[0], STOP[1], libc::SIGUSR1];
+    spawn_signal_thread(
+        &wanted,
+        || {},
+        move |signal| {
+            if signal == libc::SIGUSR1 {
+                report();
+                return;
+            }
+            log::info!("{}: removing the sockets and exiting", signal_name(signal));
+            super::socket::cleanup_all();
+            super::stats_server::cleanup();
+            stop();
+            std::process::exit(0);
+        },
+    )
+}
+
 /// "SIGKILL", "SIGSEGV", ... or "signal N".
 pub fn signal_name(signal: libc::c_int) -> String {
     let name = match signal {
