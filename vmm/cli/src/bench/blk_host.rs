@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use splitvisor_vmm::config::ByteSize;
@@ -22,6 +22,8 @@ pub const PATH: &str = "blk-host";
 const MAX_BS: u64 = 1 << 20;
 const MAX_SECONDS: u32 = 3600;
 const QSD: &str = "qemu-storage-daemon";
+/// How long the one-core memcpy reference runs.
+const MEMCPY_TIME: Duration = Duration::from_millis(500);
 /// Set by SIGINT/SIGTERM while a blk-host run is under way: the run stops and cleans up.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -387,7 +389,7 @@ fn row(what: &str, w: &Workload, o: &load::Outcome, event_idx: bool) -> Value {
 }
 
 /// BENCH rows by path name, and the ratios to the compared backends.
-pub type HostRows = (Vec<(String, Value)>, Option<Value>);
+pub type HostRows = (Vec<(String, Value)>, Value);
 
 /// The blk-host rows (`blk-host`, and `blk-host-qsd` with `--compare qsd`) and how they compare.
 pub fn run(args: &BenchArgs) -> Result<HostRows, BenchError> {
@@ -444,10 +446,13 @@ fn run_checked(args: &BenchArgs) -> Result<HostRows, BlkHostError> {
         compare.insert("qsd".into(), ratios(&rows[0].1, &qsd));
         rows.push((format!("{PATH}-qsd"), qsd));
     }
-    Ok((
-        rows,
-        (!compare.is_empty()).then_some(Value::Object(compare)),
-    ))
+    // The ceiling for a copying backend, measured in the same run with the same request size.
+    let memcpy = load::memcpy_mb_per_s(params.workload.bs as usize, MEMCPY_TIME);
+    compare.insert("memcpy_mb_per_s".into(), json!(memcpy.round()));
+    if let Some(mb) = rows[0].1["mb_per_s"].as_f64() {
+        compare.insert("of_memcpy".into(), json!(round3(mb / memcpy)));
+    }
+    Ok((rows, Value::Object(compare)))
 }
 
 const FIGURES: [(&str, &str); 6] = [

@@ -203,6 +203,26 @@ pub fn run(front: &mut BlkFrontend, w: &Workload, stop: &AtomicBool) -> Result<O
     Ok(out)
 }
 
+/// One core's memcpy rate in MB/s over `duration`: `chunk`-sized copies out of a 64 MiB source
+/// (larger than the caches, like an image) - what a copying backend cannot beat.
+pub fn memcpy_mb_per_s(chunk: usize, duration: Duration) -> f64 {
+    let src = vec![0x5au8; 64 << 20];
+    let mut dst = vec![0u8; chunk];
+    let chunks = src.len() / chunk;
+    let (mut copied, mut i) = (0u64, 0);
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        for _ in 0..16 {
+            let at = (i % chunks) * chunk;
+            dst.copy_from_slice(std::hint::black_box(&src[at..at + chunk]));
+            std::hint::black_box(&mut dst);
+            i += 1;
+            copied += chunk as u64;
+        }
+    }
+    copied as f64 / start.elapsed().as_secs_f64() / 1e6
+}
+
 fn write_buffer(front: &BlkFrontend, slot: u32, buf: &[u8]) -> Result<(), FrontendError> {
     let at = front.layout().buffer(slot);
     front
@@ -248,6 +268,11 @@ mod tests {
             assert!(seen.iter().all(|&s| s % 8 == 0 && s < 32), "{seen:?}");
             assert!((0..32).step_by(8).all(|s| seen.contains(&s)), "{seen:?}");
         }
+    }
+
+    #[test]
+    fn memcpy_rate_is_measured() {
+        assert!(memcpy_mb_per_s(1 << 20, Duration::from_millis(20)) > 0.0);
     }
 
     #[test]

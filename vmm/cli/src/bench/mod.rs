@@ -141,7 +141,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<Value, BenchError> {
     };
     let mut results = Vec::new();
     let mut net_rows = Vec::new();
-    let mut host_compare = None;
+    let mut host_compare = Value::Null;
     for path in &args.paths {
         if path == blk_host::PATH {
             let (rows, compare) = blk_host::run(args)?;
@@ -173,7 +173,7 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<Value, BenchError> {
             ] {
                 top.entry(key).or_insert(value);
             }
-            top.insert("blk_host_compare".into(), json!(host_compare));
+            top.insert("blk_host_compare".into(), host_compare);
         }
     }
     Ok(summary)
