@@ -271,7 +271,23 @@ impl Target {
 fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(10)..].join("\n")
+    match lines.len() {
+        0 => "(empty)".to_string(),
+        n => lines[n.saturating_sub(10)..].join("\n"),
+    }
+}
+
+/// A backend's name for a table heading: a long --backend-cmd shortened to its program.
+fn short_name(backend: &Value, width: usize) -> String {
+    let name = cell(backend);
+    if name.len() <= width {
+        return name;
+    }
+    let program = name.split_whitespace().next().unwrap_or_default();
+    let base = Path::new(program)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned());
+    format!("{} ...", base.unwrap_or_default())
 }
 
 /// Starts `target` and waits for its socket.
@@ -490,11 +506,11 @@ pub fn print_table(summary: &Value) {
         cell(&summary["qd"]),
         cell(&summary["seconds"])
     );
-    let head = |q: Option<&Value>| q.map(|v| cell(&v["backend"])).unwrap_or_default();
+    let head = |q: Option<&Value>| q.map(|v| short_name(&v["backend"], 34)).unwrap_or_default();
     println!(
-        "{:<14} {:>16} {:>34} {:>8}",
+        "{:<14} {:>20} {:>34} {:>8}",
         "figure",
-        cell(&ours["backend"]),
+        short_name(&ours["backend"], 20),
         head(qsd),
         if qsd.is_some() { "ratio" } else { "" }
     );
@@ -505,7 +521,7 @@ pub fn print_table(summary: &Value) {
             .map(|r| format!("{r}x"))
             .unwrap_or_default();
         println!(
-            "{label:<14} {:>16} {theirs:>34} {ratio:>8}",
+            "{label:<14} {:>20} {theirs:>34} {ratio:>8}",
             cell(&ours[key])
         );
     }
