@@ -525,6 +525,15 @@ pub fn print_table(summary: &Value) {
             cell(&ours[key])
         );
     }
+    let compare = &summary["blk_host_compare"];
+    let memcpy = compare["memcpy_mb_per_s"].as_f64();
+    if let (Some(memcpy), Some(of)) = (memcpy, compare["of_memcpy"].as_f64()) {
+        println!(
+            "one-core memcpy of bs-sized blocks: {memcpy} MB/s; {} reaches {:.1}% of it",
+            short_name(&ours["backend"], 20),
+            of * 100.0
+        );
+    }
 }
 
 #[cfg(test)]
