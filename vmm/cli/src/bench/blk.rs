@@ -225,7 +225,7 @@ pub fn print_table(summary: &Value) {
     let Some(paths) = summary["paths"].as_object() else {
         return;
     };
-    if paths.keys().any(|k| !k.starts_with("net-")) {
+    if paths.keys().any(|k| is_vm_blk(k)) {
         print_blk_table(paths);
     }
     if let Some(x) = summary["virtio_over_ata_throughput"].as_f64() {
@@ -233,12 +233,17 @@ pub fn print_table(summary: &Value) {
     }
 }
 
+/// A row of the in-guest block paths (not a network path, not a blk-host row).
+fn is_vm_blk(path: &str) -> bool {
+    !path.starts_with("net-") && !path.starts_with(super::blk_host::PATH)
+}
+
 fn print_blk_table(paths: &serde_json::Map<String, Value>) {
     println!(
         "{:<8} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
         "path", "IOPS", "MB/s", "p50 us", "p99 us", "exits/req", "kicks/req"
     );
-    for (name, p) in paths.iter().filter(|(k, _)| !k.starts_with("net-")) {
+    for (name, p) in paths.iter().filter(|(k, _)| is_vm_blk(k)) {
         println!(
             "{:<8} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
             name,

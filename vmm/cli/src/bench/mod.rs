@@ -2,9 +2,14 @@
 //! summary (`BENCH {json}`) and table. The block paths (`virtio`, `ata`) are in `blk`, the
 //! network paths (`net-switch`, `net-tap`) in `net`; both start their daemons with `daemon`,
 //! `net-tap` works in a namespace of its own (`netns`), and both render with `table`.
+//! `blk-host` (`blk_host`) measures a vhost-user-blk backend without a VM, from a frontend in
+//! this process (`frontend`, `load`).
 
 mod blk;
+mod blk_host;
 mod daemon;
+mod frontend;
+mod load;
 mod net;
 mod netns;
 mod table;
@@ -12,7 +17,7 @@ mod table;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use serde_json::Value;
+use serde_json::{json, Value};
 use splitvisor_vmm::config::ByteSize;
 
 #[derive(Debug, Args)]
@@ -21,8 +26,9 @@ pub struct BenchArgs {
     /// `splitvisor-net --switch`, one sending a UDP stream, one receiving), net-tap (one VM
     /// sending to a TAP owned by `splitvisor-net --tap` in a private network namespace that is
     /// deleted afterwards; needs root; also pings the guest from the namespace with
-    /// `ping -c 20 -i 0.01`).
-    #[arg(long, value_delimiter = ',', default_value = "virtio,ata", value_parser = ["virtio", "ata", "net-switch", "net-tap"])]
+    /// `ping -c 20 -i 0.01`). blk-host: no VM; this process is the vhost-user frontend of a
+    /// splitvisor-blk daemon (or of --backend-cmd) on a tmpfs image filled with data.
+    #[arg(long, value_delimiter = ',', default_value = "virtio,ata", value_parser = ["virtio", "ata", "net-switch", "net-tap", "blk-host"])]
     pub paths: Vec<String>,
     /// Access pattern: read, write, randread, randwrite.
     #[arg(long, default_value = "randread", value_parser = ["read", "write", "randread", "randwrite"])]
@@ -60,6 +66,19 @@ pub struct BenchArgs {
     /// The splitvisor-net binary; default: the one next to this executable.
     #[arg(long, value_name = "PATH")]
     pub net_backend: Option<PathBuf>,
+    /// blk-host: drive this vhost-user-blk backend instead of splitvisor-blk; run by `sh -c`
+    /// with {socket} and {image} replaced by the socket it must listen on and the image.
+    #[arg(long, value_name = "COMMAND")]
+    pub backend_cmd: Option<String>,
+    /// blk-host: also measure these reference backends on the same image in the same run and
+    /// print the figures side by side with the ratios. qsd: qemu-storage-daemon (aio=io_uring,
+    /// else aio=threads).
+    #[arg(long, value_delimiter = ',', value_parser = ["qsd"])]
+    pub compare: Vec<String>,
+    /// blk-host: check every read against the pattern the image was filled with (reads only,
+    /// on the image blk-host fills itself).
+    #[arg(long)]
+    pub verify: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,9 +109,19 @@ pub enum BenchError {
     NotRoot,
     #[error("`{command}` failed: {stderr}")]
     Command { command: String, stderr: String },
+    #[error("blk-host: {0}")]
+    BlkHost(#[source] blk_host::BlkHostError),
 }
 
 pub fn run(args: &BenchArgs) -> Result<Value, BenchError> {
+    if args.paths.iter().any(|p| p == blk_host::PATH) {
+        // Before anything starts: a bad flag must not cost a VM run first.
+        let image_len = args
+            .image
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok().map(|m| m.len()));
+        blk_host::validate(args, image_len).map_err(BenchError::BlkHost)?;
+    }
     let dir = std::env::temp_dir().join(format!("splitvisor-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(BenchError::RunDir)?;
     let outcome = run_in(args, &dir);
@@ -101,7 +130,10 @@ pub fn run(args: &BenchArgs) -> Result<Value, BenchError> {
 }
 
 fn run_in(args: &BenchArgs, dir: &Path) -> Result<Value, BenchError> {
-    let blk = args.paths.iter().any(|p| !p.starts_with("net-"));
+    let blk = args
+        .paths
+        .iter()
+        .any(|p| !p.starts_with("net-") && p != blk_host::PATH);
     let image = match &args.image {
         Some(path) => path.clone(),
         None if blk => blk::default_image(args.image_size.0)?,
@@ -109,7 +141,14 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<Value, BenchError> {
     };
     let mut results = Vec::new();
     let mut net_rows = Vec::new();
+    let mut host_compare = Value::Null;
     for path in &args.paths {
+        if path == blk_host::PATH {
+            let (rows, compare) = blk_host::run(args)?;
+            net_rows.extend(rows);
+            host_compare = compare;
+            continue;
+        }
         if path.starts_with("net-") {
             net_rows.extend(net::run(args, path, dir)?);
             continue;
@@ -123,12 +162,27 @@ fn run_in(args: &BenchArgs, dir: &Path) -> Result<Value, BenchError> {
     if let Some(paths) = summary["paths"].as_object_mut() {
         paths.extend(net_rows);
     }
+    if args.paths.iter().any(|p| p == blk_host::PATH) {
+        if let Some(top) = summary.as_object_mut() {
+            for (key, value) in [
+                ("rw", json!(args.rw)),
+                ("bs", json!(args.bs)),
+                ("qd", json!(args.qd)),
+                ("queues", json!(args.queues)),
+                ("seconds", json!(args.seconds)),
+            ] {
+                top.entry(key).or_insert(value);
+            }
+            top.insert("blk_host_compare".into(), host_compare);
+        }
+    }
     Ok(summary)
 }
 
 /// The summary as a table for people: the block paths, then the network paths.
 pub fn print_table(summary: &Value) {
     blk::print_table(summary);
+    blk_host::print_table(summary);
     if let Some(paths) = summary["paths"].as_object() {
         net::print_table(paths);
     }
