@@ -9,7 +9,8 @@ use splitvisor_confine::SeccompMode;
 use splitvisor_vmm::config::{
     ByteSize, DiskConfig, KernelSource, NetConfig, SerialConfig, VmConfig,
 };
-use splitvisor_vmm::vm::Vm;
+use splitvisor_vmm::snapshot::Manifest;
+use splitvisor_vmm::vm::{RestoreFrom, Vm};
 
 use crate::registry::{self, Registration, RegistryError};
 
@@ -171,6 +172,13 @@ pub struct RunArgs {
     /// When the time is up the device fails (DEVICE_NEEDS_RESET). 0: fail at once.
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     pub reconnect_timeout: u64,
+
+    /// Continue the VM saved in DIR by `splitvisor ctl NAME snapshot DIR` instead of booting:
+    /// its memory, vCPUs, interrupt controllers, clock and devices as they were. Memory size
+    /// and vCPU count are the snapshot's (--memory and --vcpus are ignored). The guest's kernel
+    /// and command line are in the snapshot's memory.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initramfs", "cmdline"])]
+    pub restore: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -200,11 +208,31 @@ impl RunArgs {
 /// `splitvisor run`: boots the VM and runs it until it ends; the exit status is the guest's.
 pub fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let mut config = args.to_config();
+    let manifest = args.restore.as_deref().map(Manifest::read).transpose()?;
+    if let Some(manifest) = &manifest {
+        config.memory = ByteSize(manifest.memory.size);
+        config.vcpus = u8::try_from(manifest.vcpus.len()).unwrap_or(u8::MAX);
+    }
     config.validate()?;
     // Dropped after the VM ends: removes the VM's entry (and its API socket with it).
     let _registration = register(args, &mut config)?;
     splitvisor_vmm::seccomp::set_mode(args.vm.seccomp);
-    let (end, stats) = Vm::new(&config)?.run()?;
+    let vm = match (&args.restore, &manifest) {
+        (Some(dir), Some(manifest)) => {
+            let start = std::time::Instant::now();
+            let vm = Vm::restore(&config, &RestoreFrom { dir, manifest })?;
+            splitvisor_vmm::eprintln_whole!(
+                "splitvisor: restored {} MiB and {} vCPU(s) from {} in {} ms",
+                manifest.memory.size >> 20,
+                manifest.vcpus.len(),
+                dir.display(),
+                start.elapsed().as_millis()
+            );
+            vm
+        }
+        _ => Vm::new(&config)?,
+    };
+    let (end, stats) = vm.run()?;
     if let Some(message) = end.describe() {
         splitvisor_vmm::eprintln_whole!("splitvisor: {message}");
     }

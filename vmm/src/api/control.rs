@@ -9,13 +9,15 @@ use std::time::{Duration, Instant};
 use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
 
 use crate::api::types::{
-    AtaCounters, BackendReport, DeviceCounters, DeviceReport, GuestReport, MetricsReport,
-    StateReport, SwapReport, SwitchReport, VirtioCounters, VmReport, VmState,
+    AfterSnapshot, AtaCounters, BackendReport, DeviceCounters, DeviceReport, GuestReport,
+    MetricsReport, SnapshotReport, StateReport, SwapReport, SwitchReport, VirtioCounters, VmReport,
+    VmState,
 };
 use crate::attach::AttachedDevice;
 use crate::bus::Bus;
 use crate::devices::ata::AtaDisk;
 use crate::pause::PauseGate;
+use crate::snapshot::take::{SnapshotSource, TakeError};
 use crate::vcpu::ExitCounters;
 use crate::vhost_user::manager::SwapError;
 use crate::vhost_user::{SwitchRecord, VhostUserDevice};
@@ -45,6 +47,10 @@ pub enum ControlError {
     NotVhostUser(String),
     #[error(transparent)]
     Swap(#[from] Box<SwapError>),
+    #[error("this VM cannot be snapshotted: {0}")]
+    SnapshotUnsupported(String),
+    #[error("the snapshot failed; the VM continues as before")]
+    Snapshot(#[source] Box<TakeError>),
 }
 
 /// The emulated ATA disk, for reporting.
@@ -80,6 +86,8 @@ pub struct VmControl {
     last_reports: Mutex<Vec<Option<DeviceReport>>>,
     /// Device id and its backend daemon's stats socket, for `GET /metrics`.
     backend_stats: Vec<(String, std::path::PathBuf)>,
+    /// What `snapshot` captures; `None` if this host's KVM could not say what it can capture.
+    snapshot: Option<SnapshotSource>,
 }
 
 /// Everything `VmControl` reports on or acts upon.
@@ -96,6 +104,7 @@ pub struct ControlParts {
     pub mmio: Arc<Bus>,
     /// Device id and its backend daemon's `--api-socket` (the device's `stats=` key).
     pub backend_stats: Vec<(String, std::path::PathBuf)>,
+    pub snapshot: Option<SnapshotSource>,
 }
 
 impl VmControl {
@@ -115,6 +124,7 @@ impl VmControl {
             mmio: parts.mmio,
             last_reports: Mutex::new(Vec::new()),
             backend_stats: parts.backend_stats,
+            snapshot: parts.snapshot,
         }
     }
 
@@ -201,6 +211,75 @@ impl VmControl {
         self.pause.resume();
         StateReport {
             state: VmState::Stopping,
+        }
+    }
+
+    /// Pauses the VM (if it runs), writes a snapshot of it into `dir`, then resumes it or
+    /// ends the VMM (exit status 0) as `then` says. On failure the VM is left as it was.
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        then: AfterSnapshot,
+    ) -> Result<SnapshotReport, ControlError> {
+        let source = self.snapshot_source()?;
+        let was_paused = self.pause.is_paused();
+        if !was_paused {
+            self.pause()?;
+        }
+        let taken = source.take(&self.pause, usize::from(self.vcpus), dir);
+        let taken = match (taken, then) {
+            (Ok(taken), AfterSnapshot::Stop) => {
+                self.end.end(VmEnd::Snapshotted {
+                    dir: dir.display().to_string(),
+                });
+                self.pause.resume();
+                taken
+            }
+            (Ok(taken), AfterSnapshot::Resume) => {
+                self.pause.resume();
+                taken
+            }
+            (Err(e), _) => {
+                if !was_paused {
+                    self.pause.resume();
+                }
+                return Err(ControlError::Snapshot(Box::new(e)));
+            }
+        };
+        log::info!(
+            "control: snapshot of {} MiB written to {} in {} ms, then {}",
+            taken.memory_bytes >> 20,
+            dir.display(),
+            taken.elapsed.as_millis(),
+            then.as_str()
+        );
+        Ok(SnapshotReport {
+            dir: dir.display().to_string(),
+            memory_bytes: taken.memory_bytes,
+            vcpus: taken.vcpus,
+            elapsed_ms: taken.elapsed.as_millis() as u64,
+            state: self.state(),
+        })
+    }
+
+    /// What a snapshot captures, if this VM has only what a snapshot can save.
+    fn snapshot_source(&self) -> Result<&SnapshotSource, ControlError> {
+        let unsupported = |what: &str| Err(ControlError::SnapshotUnsupported(what.to_string()));
+        if self.end.is_stopping() {
+            return Err(ControlError::Stopping);
+        }
+        if self.guest.kind == "linux" {
+            return unsupported("snapshots of Linux guests are not supported yet (the in-kernel PIT and the ACPI power ports are not saved)");
+        }
+        if !self.devices.is_empty() {
+            return unsupported("snapshots of VMs with vhost-user devices (--disk socket=..., --net) are not supported yet; only the serial console and the debug-exit port are saved");
+        }
+        if self.ata.is_some() {
+            return unsupported("snapshots of VMs with an emulated ATA disk are not supported yet; only the serial console and the debug-exit port are saved");
+        }
+        match &self.snapshot {
+            Some(source) => Ok(source),
+            None => unsupported("this host's KVM did not list its MSRs (KVM_GET_MSR_INDEX_LIST failed at start, see the log)"),
         }
     }
 

@@ -9,7 +9,8 @@
 //!   - `vcpus`: one `VcpuState` per vCPU, in index order (registers, special registers,
 //!     FPU/XSAVE/XCRs, MSRs, LAPIC, pending events, MP state, debug registers, CPUID, TSC kHz);
 //!   - `vm`: the `IrqchipState` (PIC master/slave, IOAPIC, PIT, kvmclock);
-//!   - `devices`: one `DeviceState` per device, in attach order;
+//!   - `devices`: one `DeviceState` per device, in attach order: its id, its kind and its
+//!     state (`"stateless"`, or `{"serial": {registers, in_buffer}}`);
 //!
 //!   KVM structs are stored as hex strings of their raw bytes, checked against the struct's
 //!   size when read; a part the host's KVM could not give is absent and listed, with its errno,
@@ -153,16 +154,80 @@ pub struct MemoryLayout {
     pub regions: Vec<MemoryRegion>,
 }
 
-/// One device's saved state. The VMM's snapshot wiring (issue 15) fills it: serial, ATA, each
-/// virtio-mmio transport's registers, each vhost-user device's features, ring addresses and
-/// positions and inflight region. Today it carries only the device's identity, which is what
-/// the device-set check at restore compares.
+/// One device's saved state, in attach order. The platform devices of a VM without vhost-user
+/// or ATA disks are all a snapshot carries today: the serial port's registers and receive FIFO,
+/// and the debug-exit port (no state). A VM with virtio-mmio or ATA devices is refused at
+/// snapshot time (`snapshot::take`) until their state is carried here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
     /// The device's id as given on the command line (`--disk id=...`), or its fixed name.
     pub id: String,
     /// e.g. "virtio-blk", "virtio-net", "serial".
     pub kind: String,
+    /// What the device needs to continue where it was.
+    #[serde(default)]
+    pub state: DeviceData,
+}
+
+/// A device's own state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceData {
+    /// Nothing to save (the debug-exit port).
+    #[default]
+    Stateless,
+    /// The 16550A's registers (vm-superio's `SerialState`).
+    Serial(SerialRegisters),
+}
+
+/// vm-superio's `SerialState`, field for field (it has no serde of its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialRegisters {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// Received bytes the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<vm_superio::serial::SerialState> for SerialRegisters {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialRegisters> for vm_superio::serial::SerialState {
+    fn from(s: &SerialRegisters) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
 }
 
 impl DeviceState {

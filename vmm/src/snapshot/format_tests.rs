@@ -37,6 +37,7 @@ fn device(id: &str, kind: &str) -> DeviceState {
     DeviceState {
         id: id.into(),
         kind: kind.into(),
+        state: Default::default(),
     }
 }
 
