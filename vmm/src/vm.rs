@@ -209,6 +209,7 @@ impl Vm {
         if let Some(from) = restore {
             let fds: Vec<&VcpuFd> = vcpus.iter_mut().map(|v| &*v.fd_mut()).collect();
             take::restore(from.dir, from.manifest, &vm_fd, &memory, &fds)
+                .and_then(|()| take::restore_devices(from.manifest, control.devices()))
                 .map_err(|e| VmError::Snapshot(Box::new(e)))?;
             info!("VM restored from {}", from.dir.display());
         }
@@ -425,7 +426,7 @@ fn check_restore_target(
     let mut devices = take::platform_devices();
     devices.extend(attached.devices.iter().map(|d| DeviceState {
         id: d.id.clone(),
-        kind: format!("{:?}", d.kind),
+        kind: d.kind.name().into(),
         state: Default::default(),
     }));
     devices.extend(attached.ata.iter().map(|(id, _)| DeviceState {

@@ -9,6 +9,7 @@ use splitvisor_confine::SeccompMode;
 use splitvisor_vmm::config::{
     ByteSize, DiskConfig, KernelSource, NetConfig, SerialConfig, VmConfig,
 };
+use splitvisor_vmm::snapshot::format::DeviceData;
 use splitvisor_vmm::snapshot::Manifest;
 use splitvisor_vmm::vm::{RestoreFrom, Vm};
 
@@ -176,7 +177,9 @@ pub struct RunArgs {
     /// Continue the VM saved in DIR by `splitvisor ctl NAME snapshot DIR` instead of booting:
     /// its memory, vCPUs, interrupt controllers, clock and devices as they were. Memory size
     /// and vCPU count are the snapshot's (--memory and --vcpus are ignored). The guest's kernel
-    /// and command line are in the snapshot's memory.
+    /// and command line are in the snapshot's memory. Without --disk/--net the devices connect
+    /// to the backend sockets the snapshot names; with them, give the same ids in the same
+    /// order. Each backend resumes the rings where the snapshot stopped them.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initramfs", "cmdline"])]
     pub restore: Option<PathBuf>,
 }
@@ -212,6 +215,9 @@ pub fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     if let Some(manifest) = &manifest {
         config.memory = ByteSize(manifest.memory.size);
         config.vcpus = u8::try_from(manifest.vcpus.len()).unwrap_or(u8::MAX);
+        if config.disks.is_empty() && config.nets.is_empty() {
+            (config.disks, config.nets) = snapshot_backends(manifest);
+        }
     }
     config.validate()?;
     // Dropped after the VM ends: removes the VM's entry (and its API socket with it).
@@ -240,6 +246,35 @@ pub fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         println!("{}{stats}", splitvisor_vmm::api::stats::STATS_PREFIX);
     }
     Ok(end.exit_status())
+}
+
+/// The vhost-user backends a snapshot's devices had, as --disk and --net would give them
+/// (same ids, sockets and MAC), in the snapshot's order.
+fn snapshot_backends(manifest: &Manifest) -> (Vec<DiskConfig>, Vec<NetConfig>) {
+    let (mut disks, mut nets) = (Vec::new(), Vec::new());
+    for device in &manifest.devices {
+        let DeviceData::VirtioMmio(state) = &device.state else {
+            continue;
+        };
+        let Some(backend) = &state.vhost_user else {
+            continue;
+        };
+        let (id, socket) = (Some(device.id.clone()), PathBuf::from(&backend.socket));
+        match device.kind.as_str() {
+            "net" => nets.push(NetConfig {
+                id,
+                socket,
+                mac: backend.mac,
+                stats: None,
+            }),
+            _ => disks.push(DiskConfig::VhostUser {
+                id,
+                socket,
+                stats: None,
+            }),
+        }
+    }
+    (disks, nets)
 }
 
 /// Registers the VM under its name and points the API socket into its entry unless

@@ -17,7 +17,7 @@ use crate::attach::AttachedDevice;
 use crate::bus::Bus;
 use crate::devices::ata::AtaDisk;
 use crate::pause::PauseGate;
-use crate::snapshot::take::{SnapshotSource, TakeError};
+use crate::snapshot::take::{self, SnapshotSource, TakeError};
 use crate::vcpu::ExitCounters;
 use crate::vhost_user::manager::SwapError;
 use crate::vhost_user::{SwitchRecord, VhostUserDevice};
@@ -226,9 +226,11 @@ impl VmControl {
         if !was_paused {
             self.pause()?;
         }
-        let taken = source.take(&self.pause, usize::from(self.vcpus), dir);
+        let taken = source.take(&self.pause, usize::from(self.vcpus), &self.devices, dir);
         let taken = match (taken, then) {
             (Ok(taken), AfterSnapshot::Stop) => {
+                // The rings stay stopped: the backends see the VMM go, and a restored VM
+                // starts them where they stopped.
                 self.end.end(VmEnd::Snapshotted {
                     dir: dir.display().to_string(),
                 });
@@ -236,6 +238,7 @@ impl VmControl {
                 taken
             }
             (Ok(taken), AfterSnapshot::Resume) => {
+                take::resume_devices(&self.devices, &taken.stopped);
                 self.pause.resume();
                 taken
             }
@@ -270,9 +273,6 @@ impl VmControl {
         }
         if self.guest.kind == "linux" {
             return unsupported("snapshots of Linux guests are not supported yet (the in-kernel PIT and the ACPI power ports are not saved)");
-        }
-        if !self.devices.is_empty() {
-            return unsupported("snapshots of VMs with vhost-user devices (--disk socket=..., --net) are not supported yet; only the serial console and the debug-exit port are saved");
         }
         if self.ata.is_some() {
             return unsupported("snapshots of VMs with an emulated ATA disk are not supported yet; only the serial console and the debug-exit port are saved");

@@ -10,7 +10,8 @@
 //!     FPU/XSAVE/XCRs, MSRs, LAPIC, pending events, MP state, debug registers, CPUID, TSC kHz);
 //!   - `vm`: the `IrqchipState` (PIC master/slave, IOAPIC, PIT, kvmclock);
 //!   - `devices`: one `DeviceState` per device, in attach order: its id, its kind and its
-//!     state (`"stateless"`, or `{"serial": {registers, in_buffer}}`);
+//!     state (`"stateless"`, `{"serial": {registers, in_buffer}}`, or `{"virtio-mmio":
+//!     {registers, queues, interrupt, "vhost_user": {socket, features, vring_bases}}}`);
 //!
 //!   KVM structs are stored as hex strings of their raw bytes, checked against the struct's
 //!   size when read; a part the host's KVM could not give is absent and listed, with its errno,
@@ -178,6 +179,57 @@ pub enum DeviceData {
     Stateless,
     /// The 16550A's registers (vm-superio's `SerialState`).
     Serial(SerialRegisters),
+    /// A virtio-mmio transport and the vhost-user device behind it.
+    VirtioMmio(VirtioMmioState),
+}
+
+/// A virtio-mmio transport's registers as the driver left them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioMmioState {
+    /// Where the window is (the guest's driver found it there).
+    pub mmio_base: u64,
+    /// `Status` (`VIRTIO_CONFIG_S_*`).
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    /// The features the driver acknowledged (negotiated).
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub queues: Vec<QueueState>,
+    /// `InterruptStatus` bits not yet acknowledged.
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub needs_reset: bool,
+    /// The vhost-user device, when the transport has one.
+    pub vhost_user: Option<VhostUserState>,
+}
+
+/// One virtqueue as the driver programmed it (guest-physical addresses).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+/// A vhost-user device: its backend and where each ring stopped. At capture the rings are
+/// stopped with GET_VRING_BASE and every request the backend fetched is awaited, so nothing is
+/// in flight: the inflight region holds no request and is not saved; the restored backend
+/// gets a fresh one, as after a swap.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostUserState {
+    /// The backend's socket, which `run --restore` connects to unless --disk/--net say
+    /// otherwise for this id.
+    pub socket: String,
+    /// The features the driver was offered; the restored backend must offer all of them.
+    pub offered_features: u64,
+    /// The MAC the VMM presented (`--net mac=`), for a NIC.
+    pub mac: Option<[u8; 6]>,
+    /// Each ready queue's index and the position GET_VRING_BASE returned: where the restored
+    /// backend starts (SET_VRING_BASE).
+    pub vring_bases: Vec<(usize, u16)>,
 }
 
 /// vm-superio's `SerialState`, field for field (it has no serde of its own).

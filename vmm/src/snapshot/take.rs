@@ -13,9 +13,11 @@ use super::format::{DeviceData, DeviceState, Manifest, SnapshotError};
 use super::irqchip::{self, IrqchipError};
 use super::memory_file;
 use super::vcpu_state::{self, CaptureSupport, VcpuState, VcpuStateError};
+use crate::attach::AttachedDevice;
 use crate::devices::serial::SerialConsole;
 use crate::memory::GuestMemory;
 use crate::pause::PauseGate;
+use crate::vhost_user::snapshot::DeviceSnapshotError;
 
 /// How long the parked vCPUs get to capture themselves.
 const CAPTURE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,8 +28,8 @@ pub const DEBUG_EXIT_ID: &str = "debug-exit";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TakeError {
-    #[error("snapshots of VMs with {0} are not supported yet (only the serial console and the debug-exit port are saved); take it of a VM without --disk/--net")]
-    Unsupported(String),
+    #[error(transparent)]
+    Device(#[from] DeviceSnapshotError),
     #[error("vCPU {index} did not capture its state within {}s", CAPTURE_TIMEOUT.as_secs())]
     CaptureTimeout { index: usize },
     #[error("capturing vCPU {index} failed: {message}")]
@@ -46,6 +48,12 @@ pub enum RestoreError {
     Vcpu(#[from] VcpuStateError),
     #[error("the snapshot's vCPU {0} has no saved state")]
     MissingVcpu(usize),
+    #[error("device {id}: the snapshot has it at MMIO {saved:#x}, this VM at {here:#x}; give --disk/--net in the order of the snapshot (or none: the snapshot's are used)")]
+    DeviceMoved { id: String, saved: u64, here: u64 },
+    #[error("device {id}: the snapshot has no virtio-mmio state for it")]
+    NoDeviceState { id: String },
+    #[error("device {id}: restoring it failed: {reason}")]
+    Device { id: String, reason: String },
 }
 
 struct CaptureJob {
@@ -152,30 +160,97 @@ pub struct Taken {
     pub memory_bytes: u64,
     pub vcpus: usize,
     pub elapsed: Duration,
+    /// Each vhost-user device's rings, stopped for the snapshot: where to restart them.
+    pub stopped: Vec<StoppedRings>,
+}
+
+/// A device (its index among the attached ones) and where its ready rings stopped.
+pub type StoppedRings = (usize, Vec<(usize, u16)>);
+
+/// Stops every vhost-user device's rings (see `VhostUserDevice::pause_rings`) and returns each
+/// device's transport and backend state; on failure the rings stopped so far start again.
+fn pause_devices(
+    devices: &[AttachedDevice],
+) -> Result<(Vec<DeviceState>, Vec<StoppedRings>), TakeError> {
+    let mut states = Vec::new();
+    let mut stopped = Vec::new();
+    for (index, d) in devices.iter().enumerate() {
+        let mut mmio = d.device.lock().unwrap_or_else(PoisonError::into_inner);
+        let bases = match mmio.device_mut().pause_rings() {
+            Ok(bases) => bases,
+            Err(e) => {
+                drop(mmio);
+                resume_devices(devices, &stopped);
+                return Err(e.into());
+            }
+        };
+        let mut state = mmio.save();
+        state.mmio_base = d.mmio_base;
+        state.vhost_user = Some(mmio.device().saved_state(bases.clone()));
+        states.push(DeviceState {
+            id: d.id.clone(),
+            kind: d.kind.name().into(),
+            state: DeviceData::VirtioMmio(state),
+        });
+        stopped.push((index, bases));
+    }
+    Ok((states, stopped))
+}
+
+/// Starts the rings `pause_devices` stopped again on their backends; a failure is logged (the
+/// device then waits for its backend as after a crash).
+pub fn resume_devices(devices: &[AttachedDevice], stopped: &[StoppedRings]) {
+    for (index, bases) in stopped {
+        let Some(d) = devices.get(*index) else {
+            continue;
+        };
+        let mut mmio = d.device.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = mmio.device_mut().resume_rings(bases) {
+            log::warn!("after the snapshot: {}", crate::error_chain(&e));
+        }
+    }
 }
 
 impl SnapshotSource {
-    /// Writes the snapshot of the paused VM with `vcpus` parked vCPUs into `dir`.
-    pub fn take(&self, pause: &PauseGate, vcpus: usize, dir: &Path) -> Result<Taken, TakeError> {
+    /// Writes the snapshot of the paused VM with `vcpus` parked vCPUs and `devices` into
+    /// `dir`. The devices' rings are left stopped (`Taken::stopped`) for the caller to
+    /// restart or not; on failure they are restarted.
+    pub fn take(
+        &self,
+        pause: &PauseGate,
+        vcpus: usize,
+        devices: &[AttachedDevice],
+        dir: &Path,
+    ) -> Result<Taken, TakeError> {
         let start = Instant::now();
         let states = self.captures.collect(pause, vcpus, &self.support)?;
+        // Before memory: the backends' last writes into it must be in the snapshot.
+        let (virtio, stopped) = pause_devices(devices)?;
         let vm_state = irqchip::capture(&self.vm);
         let serial = self
             .serial
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .state();
-        let mut devices = platform_devices();
-        for device in &mut devices {
+        let mut saved = platform_devices();
+        for device in &mut saved {
             if device.id == SERIAL_ID {
                 device.state = DeviceData::Serial(serial.clone().into());
             }
         }
-        let manifest = super::write(dir, &self.memory, states, vm_state, devices)?;
+        saved.extend(virtio);
+        let manifest = match super::write(dir, &self.memory, states, vm_state, saved) {
+            Ok(manifest) => manifest,
+            Err(e) => {
+                resume_devices(devices, &stopped);
+                return Err(e.into());
+            }
+        };
         Ok(Taken {
             memory_bytes: manifest.memory.size,
             vcpus,
             elapsed: start.elapsed(),
+            stopped,
         })
     }
 }
@@ -216,6 +291,45 @@ pub fn restore(
             .get(index)
             .ok_or(RestoreError::MissingVcpu(index))?;
         vcpu_state::restore(vcpu, state)?;
+    }
+    Ok(())
+}
+
+/// Puts each vhost-user device's transport registers back and starts its rings on its
+/// backend at the saved positions. Guest memory must be restored first: the backend reads
+/// the rings from it.
+pub fn restore_devices(
+    manifest: &Manifest,
+    devices: &[AttachedDevice],
+) -> Result<(), RestoreError> {
+    for d in devices {
+        let saved = manifest.devices.iter().find_map(|s| match &s.state {
+            DeviceData::VirtioMmio(state) if s.id == d.id => Some(state),
+            _ => None,
+        });
+        let Some(saved) = saved else {
+            return Err(RestoreError::NoDeviceState { id: d.id.clone() });
+        };
+        if saved.mmio_base != d.mmio_base {
+            return Err(RestoreError::DeviceMoved {
+                id: d.id.clone(),
+                saved: saved.mmio_base,
+                here: d.mmio_base,
+            });
+        }
+        let bases = saved
+            .vhost_user
+            .as_ref()
+            .map(|v| v.vring_bases.clone())
+            .unwrap_or_default();
+        let mut mmio = d.device.lock().unwrap_or_else(PoisonError::into_inner);
+        mmio.restore(saved, |device, activation| {
+            device.restore_rings(activation, &bases)
+        })
+        .map_err(|e| RestoreError::Device {
+            id: d.id.clone(),
+            reason: e.to_string(),
+        })?;
     }
     Ok(())
 }
