@@ -1,9 +1,14 @@
-//! Snapshot and restore end to end under real KVM: the project's guest in the middle of its
-//! `console-echo` task (waiting for serial input, its line count in its memory and registers)
-//! is snapshotted with `ctl snapshot DIR --then stop`, a new VMM continues it with
-//! `run --restore DIR`, reads one more line, is snapshotted again, and so on: the guest can
-//! only pass (after `CYCLES + 1` lines, each VMM given one) if every cycle kept its state.
-//! Snapshots of another format version and with a truncated memory file are refused.
+//! Snapshot and restore end to end under real KVM.
+//!
+//! - The project's guest running `blk-verify` (write-then-verify rounds) on a real
+//!   splitvisor-blk is snapshotted with `ctl snapshot DIR --then stop` while its I/O runs, and
+//!   `run --restore DIR` continues it on the same daemon, `DISK_CYCLES` times: the rings must
+//!   resume where GET_VRING_BASE stopped them, every verification must pass with no I/O
+//!   error, and the image must hold exactly the guest's last round.
+//! - The guest in the middle of `console-echo` (waiting for serial input, its line count in its
+//!   memory and registers) goes through snapshot/restore cycles, one line per VMM: it can only
+//!   pass if every cycle kept its state. A `--then resume` snapshot leaves it running.
+//! - Snapshots of another format version and with a truncated memory file are refused.
 
 use std::io::Write;
 use std::path::Path;
@@ -11,11 +16,21 @@ use std::process::{ChildStdin, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
+use splitvisor_tests::api;
+use splitvisor_tests::daemon::Daemon;
+use splitvisor_tests::image;
+use splitvisor_tests::pattern::{self, BLK_VERIFY_REGION};
 use splitvisor_tests::vm::{ctl, require_kvm, run_splitvisor, RunningVm, VM_TIMEOUT};
+use splitvisor_tests::wait::poll_until;
 use splitvisor_tests::workdir::Workdir;
 
-/// Snapshot/restore cycles (the issue asks for 10 with a disk-verifying guest; see the report).
+/// Snapshot/restore cycles of the disk-verifying guest (what issue 15 asks for).
+const DISK_CYCLES: usize = 10;
+/// Snapshot/restore cycles of the console guest.
 const CYCLES: usize = 3;
+/// The guest's verification time: longer than the cycles take, so it is mid-I/O at each.
+const VERIFY_SECONDS: u32 = 15;
+const IMAGE_LEN: u64 = 16 << 20;
 /// Long enough for a loaded host; every wait ends as soon as its condition holds.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -63,6 +78,92 @@ fn restore_ms(stderr: &str) -> u64 {
         .lines()
         .find_map(|l| l.split(" in ").nth(1)?.strip_suffix(" ms")?.parse().ok())
         .unwrap_or_else(|| panic!("no restore time in:\n{stderr}"))
+}
+
+/// Requests the disk completed in this VMM (`GET /vm`), once it is above `above`.
+fn completed_above(api_socket: &Path, above: u64, vm: &RunningVm) -> u64 {
+    poll_until("the guest's disk I/O to progress", STEP_TIMEOUT, || {
+        if !api_socket.exists() {
+            return None; // the VMM is still starting
+        }
+        let vm = api::get(api_socket, "/vm");
+        let done = vm["devices"][0]["counters"]["completed_requests"].as_u64()?;
+        (done > above).then_some(done)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", vm.stdout_so_far(), vm.stderr_so_far()))
+}
+
+#[test]
+fn a_disk_verifying_guest_survives_snapshot_restore_cycles() {
+    if !require_kvm("a_disk_verifying_guest_survives_snapshot_restore_cycles") {
+        return;
+    }
+    let dir = Workdir::new("snapblk");
+    let img = image::zeroed(dir.join("disk.img"), IMAGE_LEN);
+    let socket = dir.join("blk.sock");
+    let daemon = Daemon::blk(&dir, "blk", &socket, &img, &[]);
+    dir.log("splitvisor-blk", &daemon.log);
+    let snap = dir.join("snap");
+    let disk = format!("socket={}", socket.display());
+    let task = format!("blk-verify,seconds={VERIFY_SECONDS}");
+    let (mut vm, _stdin) = spawn(&dir, "vm0", &["--disk", &disk, "--cmdline", &task]);
+    let mut api_socket = dir.join("vm0.sock");
+    let done = completed_above(&api_socket, 0, &vm);
+    // `then: resume` restarts the rings on the same backend: the I/O goes on.
+    let resumed = snapshot(&api_socket, &dir.join("snap-resume"), "resume");
+    assert_eq!(resumed["state"], "running", "{resumed}");
+    completed_above(&api_socket, done, &vm);
+
+    let mut figures = Vec::new();
+    for cycle in 1..=DISK_CYCLES {
+        let taken = snapshot(&api_socket, &snap, "stop");
+        let run = vm.wait(STEP_TIMEOUT);
+        assert_eq!(run.code(), Some(0), "cycle {cycle}\n{run}");
+        assert!(!run.stdout.contains("RESULT"), "finished too early\n{run}");
+        let name = format!("vm{cycle}");
+        let snap_arg = snap.to_str().expect("utf-8 path");
+        (vm, _) = spawn(&dir, &name, &["--restore", snap_arg]);
+        api_socket = dir.join(&format!("{name}.sock"));
+        // The restored device's rings run on the daemon again: requests complete.
+        completed_above(&api_socket, 0, &vm);
+        figures.push((
+            taken["elapsed_ms"].as_u64(),
+            restore_ms(&vm.stderr_so_far()),
+        ));
+    }
+    eprintln!(
+        "FIGURE memory.bin holds {} KiB of the 256 MiB (sparse: the pages the guest used)",
+        disk_usage(&snap.join("memory.bin")) >> 10
+    );
+    let run = vm.wait(VM_TIMEOUT);
+    let result = run.assert_passed();
+    assert_eq!(result["io_errors"], 0, "{run}");
+    assert_eq!(result["mismatched_sectors"], 0, "{run}");
+    let last_seed = u64::from_str_radix(result["pattern_seed"].as_str().unwrap_or(""), 16)
+        .unwrap_or_else(|e| panic!("pattern_seed ({e})\n{run}"));
+    let bytes = std::fs::read(&img).expect("read the image");
+    assert!(
+        bytes[..BLK_VERIFY_REGION] == pattern::sectors(last_seed, 0, BLK_VERIFY_REGION)[..],
+        "the image differs from the guest's last round"
+    );
+    assert!(bytes[BLK_VERIFY_REGION..].iter().all(|&b| b == 0));
+    report(&figures);
+}
+
+/// Bytes `path` takes on disk.
+fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+fn report(figures: &[(Option<u64>, u64)]) {
+    for (cycle, (snapshot_ms, restore_ms)) in figures.iter().enumerate() {
+        eprintln!(
+            "FIGURE cycle {}: 256 MiB guest, snapshot {} ms, restore {restore_ms} ms",
+            cycle + 1,
+            snapshot_ms.map_or("?".into(), |ms| ms.to_string())
+        );
+    }
 }
 
 #[test]
@@ -121,13 +222,7 @@ fn a_guest_continues_across_snapshot_restore_cycles() {
         !run.stdout.contains("ECHO line-0"),
         "the last VMM's output is its own only\n{run}"
     );
-    for (cycle, (snapshot_ms, restore_ms)) in figures.iter().enumerate() {
-        eprintln!(
-            "FIGURE cycle {}: 256 MiB guest, snapshot {} ms, restore {restore_ms} ms",
-            cycle + 1,
-            snapshot_ms.map_or("?".into(), |ms| ms.to_string())
-        );
-    }
+    report(&figures);
     refuses_a_bad_snapshot(&dir, &snap);
 }
 
