@@ -153,6 +153,10 @@ impl Vm {
         let boot_entry = match restore {
             Some(from) => {
                 check_restore_target(from.manifest, config, &memory, &attached)?;
+                if let Some((id, disk)) = &attached.ata {
+                    take::restore_ata(from.manifest, id, disk)
+                        .map_err(|e| VmError::Snapshot(Box::new(e)))?;
+                }
                 restored_guest_entry()
             }
             None => boot_guest(&vm_fd, &memory, config, &attached)?,
@@ -431,7 +435,7 @@ fn check_restore_target(
     }));
     devices.extend(attached.ata.iter().map(|(id, _)| DeviceState {
         id: id.clone(),
-        kind: "ata".into(),
+        kind: take::ATA_KIND.into(),
         state: Default::default(),
     }));
     manifest

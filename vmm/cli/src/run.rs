@@ -253,8 +253,17 @@ pub fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
 fn snapshot_backends(manifest: &Manifest) -> (Vec<DiskConfig>, Vec<NetConfig>) {
     let (mut disks, mut nets) = (Vec::new(), Vec::new());
     for device in &manifest.devices {
-        let DeviceData::VirtioMmio(state) = &device.state else {
-            continue;
+        let state = match &device.state {
+            DeviceData::VirtioMmio(state) => state,
+            DeviceData::Ata(ata) => {
+                disks.push(DiskConfig::Ata {
+                    id: Some(device.id.clone()),
+                    path: PathBuf::from(&ata.path),
+                    readonly: ata.readonly,
+                });
+                continue;
+            }
+            _ => continue,
         };
         let Some(backend) = &state.vhost_user else {
             continue;

@@ -226,7 +226,13 @@ impl VmControl {
         if !was_paused {
             self.pause()?;
         }
-        let taken = source.take(&self.pause, usize::from(self.vcpus), &self.devices, dir);
+        let ata = self.ata.as_ref().map(|a| (a.id.as_str(), &a.disk));
+        let taken = source.take(
+            &self.pause,
+            usize::from(self.vcpus),
+            (&self.devices, ata),
+            dir,
+        );
         let taken = match (taken, then) {
             (Ok(taken), AfterSnapshot::Stop) => {
                 // The rings stay stopped: the backends see the VMM go, and a restored VM
@@ -273,9 +279,6 @@ impl VmControl {
         }
         if self.guest.kind == "linux" {
             return unsupported("snapshots of Linux guests are not supported yet (the in-kernel PIT and the ACPI power ports are not saved)");
-        }
-        if self.ata.is_some() {
-            return unsupported("snapshots of VMs with an emulated ATA disk are not supported yet; only the serial console and the debug-exit port are saved");
         }
         match &self.snapshot {
             Some(source) => Ok(source),

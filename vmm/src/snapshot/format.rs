@@ -155,10 +155,9 @@ pub struct MemoryLayout {
     pub regions: Vec<MemoryRegion>,
 }
 
-/// One device's saved state, in attach order. The platform devices of a VM without vhost-user
-/// or ATA disks are all a snapshot carries today: the serial port's registers and receive FIFO,
-/// and the debug-exit port (no state). A VM with virtio-mmio or ATA devices is refused at
-/// snapshot time (`snapshot::take`) until their state is carried here.
+/// One device's saved state: the platform devices (serial port, debug-exit port) first, then
+/// the --disk and --net devices in attach order (an ATA disk, each virtio-mmio transport with
+/// its vhost-user device).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
     /// The device's id as given on the command line (`--disk id=...`), or its fixed name.
@@ -181,6 +180,47 @@ pub enum DeviceData {
     Serial(SerialRegisters),
     /// A virtio-mmio transport and the vhost-user device behind it.
     VirtioMmio(VirtioMmioState),
+    /// The emulated ATA drive's registers and PIO data phase.
+    Ata(AtaState),
+}
+
+/// The emulated ATA drive: its image and every register of the command block, with the PIO
+/// transfer in progress (a sector half read or written by the guest).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AtaState {
+    /// The image (`--disk path=`), which `run --restore` opens unless --disk says otherwise.
+    pub path: String,
+    pub readonly: bool,
+    /// The image's size in sectors; the restored one must have the same.
+    pub sectors: u64,
+    pub irq_pending: bool,
+    /// Each command-block register as (current, previous) byte: features, sector count,
+    /// LBA low, mid and high (the previous bytes are a 48-bit command's high-order ones).
+    pub features: (u8, u8),
+    pub count: (u8, u8),
+    pub lba_low: (u8, u8),
+    pub lba_mid: (u8, u8),
+    pub lba_high: (u8, u8),
+    pub device: u8,
+    pub error: u8,
+    pub status: u8,
+    pub control: u8,
+    pub transfer: AtaTransfer,
+    /// The sector buffer of the data phase and the guest's position in it.
+    pub buffer: Vec<u8>,
+    pub position: usize,
+}
+
+/// The PIO data phase in progress.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AtaTransfer {
+    #[default]
+    Idle,
+    /// The guest reads the buffer; `left` more sectors follow from `next` on.
+    In { next: u64, left: u64 },
+    /// The guest fills the buffer for sector `lba`; `left` sectors including this one.
+    Out { lba: u64, left: u64 },
 }
 
 /// A virtio-mmio transport's registers as the driver left them.

@@ -14,6 +14,7 @@ use super::irqchip::{self, IrqchipError};
 use super::memory_file;
 use super::vcpu_state::{self, CaptureSupport, VcpuState, VcpuStateError};
 use crate::attach::AttachedDevice;
+use crate::devices::ata::{AtaDisk, DriveStateError};
 use crate::devices::serial::SerialConsole;
 use crate::memory::GuestMemory;
 use crate::pause::PauseGate;
@@ -25,6 +26,8 @@ const CAPTURE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The ids and kinds of the platform devices a snapshot carries, in attach order.
 pub const SERIAL_ID: &str = "serial";
 pub const DEBUG_EXIT_ID: &str = "debug-exit";
+/// The kind of the emulated ATA disk in a snapshot.
+pub const ATA_KIND: &str = "ata";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TakeError {
@@ -50,10 +53,16 @@ pub enum RestoreError {
     MissingVcpu(usize),
     #[error("device {id}: the snapshot has it at MMIO {saved:#x}, this VM at {here:#x}; give --disk/--net in the order of the snapshot (or none: the snapshot's are used)")]
     DeviceMoved { id: String, saved: u64, here: u64 },
-    #[error("device {id}: the snapshot has no virtio-mmio state for it")]
+    #[error("device {id}: the snapshot has no state for it")]
     NoDeviceState { id: String },
     #[error("device {id}: restoring it failed: {reason}")]
     Device { id: String, reason: String },
+    #[error("ATA disk {id}")]
+    Ata {
+        id: String,
+        #[source]
+        source: DriveStateError,
+    },
 }
 
 struct CaptureJob {
@@ -219,7 +228,7 @@ impl SnapshotSource {
         &self,
         pause: &PauseGate,
         vcpus: usize,
-        devices: &[AttachedDevice],
+        (devices, ata): (&[AttachedDevice], Option<(&str, &AtaDisk)>),
         dir: &Path,
     ) -> Result<Taken, TakeError> {
         let start = Instant::now();
@@ -238,6 +247,12 @@ impl SnapshotSource {
                 device.state = DeviceData::Serial(serial.clone().into());
             }
         }
+        // In attach order: the ATA disk is a --disk, attached with the others.
+        saved.extend(ata.map(|(id, disk)| DeviceState {
+            id: id.to_string(),
+            kind: ATA_KIND.into(),
+            state: DeviceData::Ata(disk.save()),
+        }));
         saved.extend(virtio);
         let manifest = match super::write(dir, &self.memory, states, vm_state, saved) {
             Ok(manifest) => manifest,
@@ -293,6 +308,21 @@ pub fn restore(
         vcpu_state::restore(vcpu, state)?;
     }
     Ok(())
+}
+
+/// Puts the emulated ATA disk's registers and data phase back.
+pub fn restore_ata(manifest: &Manifest, id: &str, disk: &AtaDisk) -> Result<(), RestoreError> {
+    let saved = manifest.devices.iter().find_map(|s| match &s.state {
+        DeviceData::Ata(state) if s.id == id => Some(state),
+        _ => None,
+    });
+    let Some(saved) = saved else {
+        return Err(RestoreError::NoDeviceState { id: id.to_string() });
+    };
+    disk.restore(saved).map_err(|source| RestoreError::Ata {
+        id: id.to_string(),
+        source,
+    })
 }
 
 /// Puts each vhost-user device's transport registers back and starts its rings on its
