@@ -151,14 +151,7 @@ impl Vm {
         }
         .attach_all(config)?;
         let boot_entry = match restore {
-            Some(from) => {
-                check_restore_target(from.manifest, config, &memory, &attached)?;
-                if let Some((id, disk)) = &attached.ata {
-                    take::restore_ata(from.manifest, id, disk)
-                        .map_err(|e| VmError::Snapshot(Box::new(e)))?;
-                }
-                restored_guest_entry()
-            }
+            Some(from) => prepare_restore(from.manifest, config, &memory, &attached)?,
             None => boot_guest(&vm_fd, &memory, config, &attached)?,
         };
         let serial_state = restore.and_then(|from| take::saved_serial(from.manifest));
@@ -178,44 +171,15 @@ impl Vm {
             capture: Arc::new(VcpuCaptures::default()),
         };
         let vm_fd = Arc::new(vm_fd);
-        let snapshot = match CaptureSupport::probe(&kvm, &vm_fd) {
-            Ok(support) => Some(SnapshotSource {
-                vm: vm_fd.clone(),
-                memory: memory.clone(),
-                support,
-                captures: ctx.capture.clone(),
-                serial: serial.clone(),
-            }),
-            Err(e) => {
-                warn!("snapshots will be refused: {}", crate::error_chain(&e));
-                None
-            }
-        };
+        let snapshot = snapshot_source(&kvm, &vm_fd, &memory, &ctx, &serial);
         sample_completions(&events, &attached.devices)?;
-        let control = Arc::new(VmControl::new(ControlParts {
-            guest: guest_info(config, &boot_entry),
-            vcpus: config.vcpus,
-            memory_bytes: config.memory.0,
-            pause: ctx.pause.clone(),
-            end: ctx.end.clone(),
-            devices: attached.devices,
-            ata: attached.ata.map(|(id, disk)| AtaInfo { id, disk }),
-            exits: ctx.exits.clone(),
-            pio: ctx.pio.clone(),
-            mmio: ctx.mmio.clone(),
-            backend_stats: config.backend_stats_sockets(),
-            snapshot,
-        }));
+        let control = control_of(config, &boot_entry, &ctx, attached, snapshot);
 
         let mut vcpus = (0..config.vcpus)
             .map(|i| Vcpu::new(&kvm, &vm_fd, i, config.vcpus, &boot_entry))
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(from) = restore {
-            let fds: Vec<&VcpuFd> = vcpus.iter_mut().map(|v| &*v.fd_mut()).collect();
-            take::restore(from.dir, from.manifest, &vm_fd, &memory, &fds)
-                .and_then(|()| take::restore_devices(from.manifest, control.devices()))
-                .map_err(|e| VmError::Snapshot(Box::new(e)))?;
-            info!("VM restored from {}", from.dir.display());
+            restore_state(from, &vm_fd, &memory, &mut vcpus, control.devices())?;
         }
         info!(
             "VM ready: {} vCPU(s), {} MiB",
@@ -404,6 +368,86 @@ fn attach_platform_ports(
         Arc::new(Mutex::new(DebugExit::new(end.clone()))),
     )?;
     Ok(serial)
+}
+
+/// The control API's view of the VM.
+fn control_of(
+    config: &VmConfig,
+    boot_entry: &BootEntry,
+    ctx: &VcpuContext,
+    attached: Attached,
+    snapshot: Option<SnapshotSource>,
+) -> Arc<VmControl> {
+    Arc::new(VmControl::new(ControlParts {
+        guest: guest_info(config, boot_entry),
+        vcpus: config.vcpus,
+        memory_bytes: config.memory.0,
+        pause: ctx.pause.clone(),
+        end: ctx.end.clone(),
+        devices: attached.devices,
+        ata: attached.ata.map(|(id, disk)| AtaInfo { id, disk }),
+        exits: ctx.exits.clone(),
+        pio: ctx.pio.clone(),
+        mmio: ctx.mmio.clone(),
+        backend_stats: config.backend_stats_sockets(),
+        snapshot,
+    }))
+}
+
+/// Guest memory, interrupt controllers, clock and vCPUs from the snapshot, then the
+/// vhost-user devices' rings on their backends (which read them from the restored memory).
+fn restore_state(
+    from: &RestoreFrom,
+    vm_fd: &VmFd,
+    memory: &GuestMemory,
+    vcpus: &mut [Vcpu],
+    devices: &[AttachedDevice],
+) -> Result<(), VmError> {
+    let fds: Vec<&VcpuFd> = vcpus.iter_mut().map(|v| &*v.fd_mut()).collect();
+    take::restore(from.dir, from.manifest, vm_fd, memory, &fds)
+        .and_then(|()| take::restore_devices(from.manifest, devices))
+        .map_err(|e| VmError::Snapshot(Box::new(e)))?;
+    info!("VM restored from {}", from.dir.display());
+    Ok(())
+}
+
+/// What `PUT /vm/snapshot` captures; `None` (snapshots refused) if KVM cannot say which MSRs
+/// it has.
+fn snapshot_source(
+    kvm: &Kvm,
+    vm_fd: &Arc<VmFd>,
+    memory: &GuestMemory,
+    ctx: &VcpuContext,
+    serial: &Arc<Mutex<SerialConsole>>,
+) -> Option<SnapshotSource> {
+    match CaptureSupport::probe(kvm, vm_fd) {
+        Ok(support) => Some(SnapshotSource {
+            vm: vm_fd.clone(),
+            memory: memory.clone(),
+            support,
+            captures: ctx.capture.clone(),
+            serial: serial.clone(),
+        }),
+        Err(e) => {
+            warn!("snapshots will be refused: {}", crate::error_chain(&e));
+            None
+        }
+    }
+}
+
+/// Instead of booting: checks that the VM can take the snapshot, puts the ATA disk's state
+/// back, and returns the entry its vCPUs are created with (their state is restored later).
+fn prepare_restore(
+    manifest: &Manifest,
+    config: &VmConfig,
+    memory: &GuestMemory,
+    attached: &Attached,
+) -> Result<BootEntry, VmError> {
+    check_restore_target(manifest, config, memory, attached)?;
+    if let Some((id, disk)) = &attached.ata {
+        take::restore_ata(manifest, id, disk).map_err(|e| VmError::Snapshot(Box::new(e)))?;
+    }
+    Ok(restored_guest_entry())
 }
 
 /// A restored VM runs the project's guest (snapshots of Linux guests are refused when taken):

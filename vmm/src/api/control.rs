@@ -214,13 +214,15 @@ impl VmControl {
         }
     }
 
-    /// Pauses the VM (if it runs), writes a snapshot of it into `dir`, then resumes it or
-    /// ends the VMM (exit status 0) as `then` says. On failure the VM is left as it was.
+    /// Pauses the VM (if it runs), writes a snapshot of it into `dir`, then resumes it or, for
+    /// `then: stop`, leaves it paused and returns how it ends: the caller ends it with
+    /// `end_after_request` once the client has its answer. On failure the VM is left as it
+    /// was.
     pub fn snapshot(
         &self,
         dir: &Path,
         then: AfterSnapshot,
-    ) -> Result<SnapshotReport, ControlError> {
+    ) -> Result<(SnapshotReport, Option<VmEnd>), ControlError> {
         let source = self.snapshot_source()?;
         let was_paused = self.pause.is_paused();
         if !was_paused {
@@ -233,26 +235,28 @@ impl VmControl {
             (&self.devices, ata),
             dir,
         );
-        let taken = match (taken, then) {
-            (Ok(taken), AfterSnapshot::Stop) => {
-                // The rings stay stopped: the backends see the VMM go, and a restored VM
-                // starts them where they stopped.
-                self.end.end(VmEnd::Snapshotted {
-                    dir: dir.display().to_string(),
-                });
-                self.pause.resume();
-                taken
-            }
-            (Ok(taken), AfterSnapshot::Resume) => {
-                take::resume_devices(&self.devices, &taken.stopped);
-                self.pause.resume();
-                taken
-            }
-            (Err(e), _) => {
+        let taken = match taken {
+            Ok(taken) => taken,
+            Err(e) => {
                 if !was_paused {
                     self.pause.resume();
                 }
                 return Err(ControlError::Snapshot(Box::new(e)));
+            }
+        };
+        // With `stop` the rings stay stopped: the backends see the VMM go, and a restored VM
+        // starts them where they stopped.
+        let (state, then_end) = match then {
+            AfterSnapshot::Stop => (
+                VmState::Stopping,
+                Some(VmEnd::Snapshotted {
+                    dir: dir.display().to_string(),
+                }),
+            ),
+            AfterSnapshot::Resume => {
+                take::resume_devices(&self.devices, &taken.stopped);
+                self.pause.resume();
+                (self.state(), None)
             }
         };
         log::info!(
@@ -262,13 +266,20 @@ impl VmControl {
             taken.elapsed.as_millis(),
             then.as_str()
         );
-        Ok(SnapshotReport {
+        let report = SnapshotReport {
             dir: dir.display().to_string(),
             memory_bytes: taken.memory_bytes,
             vcpus: taken.vcpus,
             elapsed_ms: taken.elapsed.as_millis() as u64,
-            state: self.state(),
-        })
+            state,
+        };
+        Ok((report, then_end))
+    }
+
+    /// Ends the VM as a request asked, after its answer was written.
+    pub fn end_after_request(&self, why: VmEnd) {
+        self.end.end(why);
+        self.pause.resume();
     }
 
     /// What a snapshot captures, if this VM has only what a snapshot can save.

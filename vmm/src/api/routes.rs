@@ -9,12 +9,16 @@ use super::http::Request;
 use super::types::{ErrorReport, PingReport, SnapshotRequest, VersionReport, API_PREFIX};
 use crate::api::control::{ControlError, VmControl};
 use crate::vhost_user::manager::SwapError;
+use crate::vm_end::VmEnd;
 
 /// A response: status, extra headers, JSON body.
 pub struct Response {
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
     pub body: Value,
+    /// How the VM ends once this response is written (a snapshot with `then: stop`): ending
+    /// it before would let the VMM exit before the client has its answer.
+    pub then_end: Option<VmEnd>,
 }
 
 impl Response {
@@ -23,6 +27,7 @@ impl Response {
             status: 200,
             headers: Vec::new(),
             body,
+            then_end: None,
         }
     }
 
@@ -33,6 +38,7 @@ impl Response {
             body: json!(ErrorReport {
                 error: message.into()
             }),
+            then_end: None,
         }
     }
 }
@@ -153,9 +159,14 @@ pub fn handle(control: &VmControl, request: &Request) -> Response {
             pid: std::process::id(),
         })),
         "/vm/snapshot" => match snapshot_request(&request.body) {
-            Ok(r) => control
-                .snapshot(std::path::Path::new(&r.dir), r.then)
-                .map(|r| json!(r)),
+            Ok(r) => match control.snapshot(std::path::Path::new(&r.dir), r.then) {
+                Ok((report, then_end)) => {
+                    let mut response = Response::ok(json!(report));
+                    response.then_end = then_end;
+                    return response;
+                }
+                Err(e) => Err(e),
+            },
             Err(message) => return Response::error(400, message),
         },
         "/devices/{id}/backend" => match swap_target(&request.body) {
