@@ -5,6 +5,9 @@
 //!   `run --restore DIR` continues it on the same daemon, `DISK_CYCLES` times: the rings must
 //!   resume where GET_VRING_BASE stopped them, every verification must pass with no I/O
 //!   error, and the image must hold exactly the guest's last round.
+//! - The same on an emulated ATA disk (its registers and PIO data phase are saved).
+//! - A guest serving ping on splitvisor-net's switch answers pingers before and after two
+//!   restores, its answer count (in guest memory) covering all of them.
 //! - The guest in the middle of `console-echo` (waiting for serial input, its line count in its
 //!   memory and registers) goes through snapshot/restore cycles, one line per VMM: it can only
 //!   pass if every cycle kept its state. A `--then resume` snapshot leaves it running.
@@ -17,7 +20,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use splitvisor_tests::api;
-use splitvisor_tests::daemon::Daemon;
+use splitvisor_tests::daemon::{self, Daemon};
 use splitvisor_tests::image;
 use splitvisor_tests::pattern::{self, BLK_VERIFY_REGION};
 use splitvisor_tests::vm::{ctl, require_kvm, run_splitvisor, RunningVm, VM_TIMEOUT};
@@ -154,6 +157,75 @@ fn a_disk_verifying_guest_survives_snapshot_restore_cycles() {
 fn disk_usage(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+/// `splitvisor run --net socket=SOCKET --cmdline "ping=10.0.0.2,count=N ip=10.0.0.1/24"` to
+/// its end: every ping must be answered.
+fn ping_server(dir: &Workdir, name: &str, socket: &Path, count: u32) {
+    let net = format!("socket={}", socket.display());
+    let task = format!("ping=10.0.0.2,count={count} ip=10.0.0.1/24");
+    let (pinger, _stdin) = spawn(dir, name, &["--net", &net, "--cmdline", &task]);
+    let run = pinger.wait(VM_TIMEOUT);
+    let result = run.assert_passed();
+    assert_eq!(result["received"], count, "{run}");
+}
+
+/// A guest serving ping on splitvisor-net (the switch) is snapshotted and restored twice: the
+/// NIC's rings resume on the switch port, and the guest's network stack, whose answers count
+/// on across the restores, answers a pinger before and after.
+#[test]
+fn a_serving_guest_answers_pings_across_snapshot_restore() {
+    if !require_kvm("a_serving_guest_answers_pings_across_snapshot_restore") {
+        return;
+    }
+    let dir = Workdir::new("snapnet");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "--switch".as_ref(),
+        "--socket".as_ref(),
+        a.as_os_str(),
+        "--socket".as_ref(),
+        b.as_os_str(),
+    ];
+    let switch = Daemon::start_all(
+        &dir,
+        "switch",
+        &daemon::bin("splitvisor-net"),
+        &args,
+        &[&a, &b],
+    )
+    .expect("start the splitvisor-net switch");
+    dir.log("switch", &switch.log);
+    let net = format!("socket={}", b.display());
+    let (mut server, _stdin) = spawn(
+        &dir,
+        "server0",
+        &[
+            "--net",
+            &net,
+            "--cmdline",
+            "serve,seconds=10 ip=10.0.0.2/24",
+        ],
+    );
+    server.wait_stdout("ip 10.0.0.2/", STEP_TIMEOUT);
+    ping_server(&dir, "pinger0", &a, 3);
+    let snap = dir.join("snap");
+    for cycle in 1..=2 {
+        let api_socket = dir.join(&format!("server{}.sock", cycle - 1));
+        snapshot(&api_socket, &snap, "stop");
+        let run = server.wait(STEP_TIMEOUT);
+        assert_eq!(run.code(), Some(0), "{run}");
+        (server, _) = spawn(
+            &dir,
+            &format!("server{cycle}"),
+            &["--restore", snap.to_str().expect("utf-8")],
+        );
+        ping_server(&dir, &format!("pinger{cycle}"), &a, 3);
+    }
+    // The guest's own count, in its memory across both restores: every ping of the 3 pingers.
+    let run = server.wait(STEP_TIMEOUT);
+    let result = run.assert_passed();
+    assert_eq!(result["pings_answered"], 9, "{run}");
 }
 
 /// The ATA disk's commands so far in this VMM (`GET /vm`), once above `above`.
