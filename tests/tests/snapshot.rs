@@ -372,6 +372,27 @@ fn refuses_a_bad_snapshot(dir: &Workdir, good: &Path) {
         "{run}"
     );
 
+    // A VM with a device the snapshot does not have.
+    let img = image::zeroed(dir.join("extra.img"), 1 << 20);
+    let extra = format!("path={},emulated=ata,id=extra", img.display());
+    let good_arg = good.to_str().expect("utf-8");
+    let run = run_splitvisor(["run", "--restore", good_arg, "--disk", &extra], VM_TIMEOUT);
+    assert_eq!(run.code(), Some(1), "{run}");
+    assert!(
+        run.stderr.contains("not in the snapshot: extra (ata)"),
+        "{run}"
+    );
+    let run = run_splitvisor(
+        ["run", "--restore", good_arg, "--cmdline", "exit=0"],
+        VM_TIMEOUT,
+    );
+    assert_ne!(
+        run.code(),
+        Some(0),
+        "--restore with --cmdline is refused\n{run}"
+    );
+    assert!(run.stderr.contains("--cmdline"), "{run}");
+
     let memory = good.join("memory.bin");
     let size = std::fs::metadata(&memory).expect("memory.bin").len();
     let file = std::fs::OpenOptions::new()
