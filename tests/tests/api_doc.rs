@@ -70,6 +70,17 @@ fn a_live_vmm_answers_every_documented_route_as_documented() {
             continue; // the alias of the one asked last: the VM can stop only once
         }
         let concrete = path.replace("{id}", "disk0");
+        if path.ends_with("/vm/snapshot") {
+            // A real snapshot of the VM with its vhost-user disk, which then runs on.
+            let dir = host.dir.join("snap");
+            let body = json!({ "dir": dir.display().to_string(), "then": "resume" }).to_string();
+            let answer = request(&api, method, &concrete, Some(&body));
+            assert_eq!(answer.status, 200, "{method} {concrete}: {}", answer.body);
+            assert_documented(&doc, op, method, &concrete, &answer);
+            assert_eq!(answer.body["state"], "running", "{}", answer.body);
+            assert!(dir.join("snapshot.json").exists());
+            continue;
+        }
         let body = path
             .ends_with("/backend")
             .then(|| json!({ "socket": swap_targets.next().unwrap() }).to_string());

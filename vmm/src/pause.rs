@@ -60,9 +60,17 @@ impl PauseGate {
         state.requested
     }
 
+    /// Wakes the parked vCPUs so that they run their `while_parked` work (a snapshot's
+    /// capture) without being released.
+    pub fn wake_parked(&self) {
+        let _state = self.lock();
+        self.changed.notify_all();
+    }
+
     /// Called by a vCPU thread between two `KVM_RUN`s: blocks while a pause is requested,
-    /// unless the VM is ending.
-    pub fn park_if_requested(&self, end: &EndSignal) {
+    /// unless the VM is ending. While parked it runs `while_parked` at every wake-up, without
+    /// the lock: work that must be done on the vCPU's own thread while it is out of `KVM_RUN`.
+    pub fn park_if_requested(&self, end: &EndSignal, mut while_parked: impl FnMut()) {
         let mut state = self.lock();
         if !state.requested {
             return;
@@ -70,7 +78,14 @@ impl PauseGate {
         state.parked += 1;
         self.changed.notify_all();
         while state.requested && !end.is_stopping() {
-            // The timeout lets a parked vCPU notice the VM ending without another wake-up path.
+            drop(state);
+            while_parked();
+            state = self.lock();
+            if !state.requested || end.is_stopping() {
+                break;
+            }
+            // The timeout lets a parked vCPU notice the VM ending without another wake-up path
+            // (and covers a `wake_parked` that came while `while_parked` ran).
             state = self
                 .changed
                 .wait_timeout(state, Duration::from_millis(50))
@@ -98,7 +113,7 @@ mod tests {
         let threads: Vec<_> = (0..2)
             .map(|_| {
                 let (gate, end) = (gate.clone(), end.clone());
-                std::thread::spawn(move || gate.park_if_requested(&end))
+                std::thread::spawn(move || gate.park_if_requested(&end, || {}))
             })
             .collect();
         assert!(gate.wait_parked(2, Duration::from_secs(5)));
@@ -117,7 +132,7 @@ mod tests {
         gate.request_pause();
         let t = {
             let (gate, end) = (gate.clone(), end.clone());
-            std::thread::spawn(move || gate.park_if_requested(&end))
+            std::thread::spawn(move || gate.park_if_requested(&end, || {}))
         };
         assert!(gate.wait_parked(1, Duration::from_secs(5)));
         end.end(crate::vm_end::VmEnd::Interrupted);

@@ -56,7 +56,10 @@ impl ThreadKind {
             Self::Main => (&[MAIN, ENDING], TERMINAL_IOCTLS),
             Self::Vcpu => (&[VHOST_MESSAGES, DISK_IO, ENDING], KVM_IOCTLS),
             Self::EventLoop => (&[EVENT_LOOP, VHOST_MESSAGES, VHOST_CONNECT, SPAWN], &[]),
-            Self::Api => (&[API, VHOST_MESSAGES, VHOST_CONNECT, SPAWN], &[]),
+            Self::Api => (
+                &[API, VHOST_MESSAGES, VHOST_CONNECT, SPAWN, SNAPSHOT_FILES],
+                SNAPSHOT_IOCTLS,
+            ),
             Self::Signals => (&[SIGNALS, ENDING], &[]),
             Self::Console => (&[CONSOLE, ENDING], &[]),
             Self::VhostDeadline => (&[VHOST_DEADLINE], &[]),
@@ -130,6 +133,58 @@ const API: &[libc::c_long] = &[
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_getsockopt,
+];
+
+/// `PUT /vm/snapshot` writes the snapshot directory from the API thread: the directory, the
+/// sparse memory file, the manifest through a temporary file and a rename.
+const SNAPSHOT_FILES: &[libc::c_long] = &[
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_openat,
+    libc::SYS_close,
+    libc::SYS_ftruncate,
+    libc::SYS_pwrite64,
+    // Guest RAM is read from its memfd, skipping the holes (SEEK_DATA/SEEK_HOLE).
+    libc::SYS_pread64,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_statx,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+];
+
+/// `_IOC(dir, KVMIO, nr, size)` of a KVM request, as the kernel's ioctl.h builds it.
+const fn kvm_request(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | ((kvm_bindings::KVMIO as u64) << 8) | nr
+}
+const IOC_READ: u64 = 2;
+const IOC_READ_WRITE: u64 = 3;
+
+/// The VM-wide state a snapshot captures on the API thread (`snapshot::irqchip::capture`):
+/// KVM_GET_IRQCHIP, KVM_GET_PIT2, KVM_GET_CLOCK. The vCPUs capture themselves on their own
+/// threads, which may make any KVM ioctl.
+const SNAPSHOT_IOCTLS: &[Ioctl] = &[
+    Ioctl::Request(kvm_request(
+        IOC_READ_WRITE,
+        0x62,
+        std::mem::size_of::<kvm_bindings::kvm_irqchip>(),
+    )),
+    Ioctl::Request(kvm_request(
+        IOC_READ,
+        0x9f,
+        std::mem::size_of::<kvm_bindings::kvm_pit_state2>(),
+    )),
+    Ioctl::Request(kvm_request(
+        IOC_READ,
+        0x7c,
+        std::mem::size_of::<kvm_bindings::kvm_clock_data>(),
+    )),
 ];
 
 const SIGNALS: &[libc::c_long] = &[libc::SYS_rt_sigtimedwait];

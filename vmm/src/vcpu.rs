@@ -13,6 +13,7 @@ use log::{debug, warn};
 use crate::boot::{cpuid, lapic, vcpu_regs, BootEntry, BootProtocol};
 use crate::bus::Bus;
 use crate::pause::PauseGate;
+use crate::snapshot::take::VcpuCaptures;
 use crate::vm_end::{EndSignal, VmEnd};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,8 @@ pub struct VcpuContext {
     pub end: Arc<EndSignal>,
     pub exits: Arc<ExitCounters>,
     pub pause: Arc<PauseGate>,
+    /// A snapshot's request to capture this vCPU while it is parked.
+    pub capture: Arc<VcpuCaptures>,
 }
 
 pub struct Vcpu {
@@ -119,7 +122,9 @@ impl Vcpu {
     /// Runs until the VM ends; any reason this vCPU finds to end it is recorded in `ctx.end`.
     pub fn run(&mut self, ctx: &VcpuContext) {
         loop {
-            ctx.pause.park_if_requested(&ctx.end);
+            let (index, fd) = (self.index, &mut self.fd);
+            ctx.pause
+                .park_if_requested(&ctx.end, || ctx.capture.serve(index, fd));
             if ctx.end.is_stopping() {
                 return;
             }

@@ -2,12 +2,12 @@
 //! and the vCPUs - built from a `VmConfig`, run until it ends.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use log::{debug, info, warn};
 use splitvisor_wire::host::signals;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -16,7 +16,7 @@ use crate::api::control::{AtaInfo, ControlParts, GuestInfo, VmControl};
 use crate::api::{ApiError, ApiListener};
 use crate::attach::{AttachError, Attached, AttachedDevice, Attacher};
 use crate::boot::acpi::{AcpiPlatform, MmioWindow};
-use crate::boot::{self, vcpu_regs, BootEntry, BootError, BootRequest};
+use crate::boot::{self, vcpu_regs, BootEntry, BootError, BootProtocol, BootRequest, KernelFormat};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::config::{KernelSource, VmConfig};
 use crate::devices::debug_exit::DebugExit;
@@ -27,8 +27,13 @@ use crate::layout;
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::pause::PauseGate;
 use crate::seccomp::ThreadKind;
+use crate::snapshot::format::{DeviceState, Manifest};
+use crate::snapshot::memory_file;
+use crate::snapshot::take::{self, RestoreError, SnapshotSource, VcpuCaptures};
+use crate::snapshot::vcpu_state::CaptureSupport;
 use crate::vcpu::{self, ExitCounters, Vcpu, VcpuContext, VcpuError};
 use crate::vm_end::{EndSignal, VmEnd};
+use vm_superio::serial::SerialState;
 
 /// xAPIC IDs are 8 bits and 0xff is the broadcast ID.
 pub const MAX_XAPIC_VCPUS: usize = 254;
@@ -86,6 +91,8 @@ pub enum VmError {
     Sampler(#[source] std::io::Error),
     #[error(transparent)]
     Console(#[from] crate::console::ConsoleError),
+    #[error("could not restore the snapshot")]
+    Snapshot(#[source] Box<RestoreError>),
 }
 
 /// How often the used rings are sampled to count completed requests (see
@@ -93,8 +100,14 @@ pub enum VmError {
 /// requests in between.
 const COMPLETION_SAMPLE_PERIOD: Duration = Duration::from_millis(10);
 
+/// A snapshot to start the VM from instead of booting (`splitvisor run --restore DIR`).
+pub struct RestoreFrom<'a> {
+    pub dir: &'a Path,
+    pub manifest: &'a Manifest,
+}
+
 pub struct Vm {
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
     _memory: GuestMemory,
     vcpus: Vec<Vcpu>,
     ctx: VcpuContext,
@@ -107,6 +120,17 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM and everything in it; the vCPUs are ready at the entry point.
     pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+        Self::build(config, None)
+    }
+
+    /// Creates the VM as `config` says (its memory and vCPU count must be the snapshot's) and
+    /// puts the snapshot's memory, interrupt controllers, clock, vCPUs and devices back: it
+    /// continues where the snapshot was taken.
+    pub fn restore(config: &VmConfig, from: &RestoreFrom) -> Result<Self, VmError> {
+        Self::build(config, Some(from))
+    }
+
+    fn build(config: &VmConfig, restore: Option<&RestoreFrom>) -> Result<Self, VmError> {
         let (kvm, vm_fd, memory) = create_kvm_vm(config)?;
         // Bound first: a socket in use is a configuration error worth failing on before boot.
         let api = config
@@ -126,33 +150,37 @@ impl Vm {
             end: &end,
         }
         .attach_all(config)?;
-        let boot_entry = boot_guest(&vm_fd, &memory, config, &attached)?;
-        let serial = attach_platform_ports(&vm_fd, config, &boot_entry, &end, &mut pio)?;
+        let boot_entry = match restore {
+            Some(from) => prepare_restore(from.manifest, config, &memory, &attached)?,
+            None => boot_guest(&vm_fd, &memory, config, &attached)?,
+        };
+        let serial_state = restore.and_then(|from| take::saved_serial(from.manifest));
+        let serial = attach_platform_ports(
+            &vm_fd,
+            config,
+            (&boot_entry, serial_state.as_ref()),
+            &end,
+            &mut pio,
+        )?;
         let ctx = VcpuContext {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             end,
             exits: Arc::new(ExitCounters::default()),
             pause: Arc::new(PauseGate::default()),
+            capture: Arc::new(VcpuCaptures::default()),
         };
+        let vm_fd = Arc::new(vm_fd);
+        let snapshot = snapshot_source(&kvm, &vm_fd, &memory, &ctx, &serial);
         sample_completions(&events, &attached.devices)?;
-        let control = Arc::new(VmControl::new(ControlParts {
-            guest: guest_info(config, &boot_entry),
-            vcpus: config.vcpus,
-            memory_bytes: config.memory.0,
-            pause: ctx.pause.clone(),
-            end: ctx.end.clone(),
-            devices: attached.devices,
-            ata: attached.ata.map(|(id, disk)| AtaInfo { id, disk }),
-            exits: ctx.exits.clone(),
-            pio: ctx.pio.clone(),
-            mmio: ctx.mmio.clone(),
-            backend_stats: config.backend_stats_sockets(),
-        }));
+        let control = control_of(config, &boot_entry, &ctx, attached, snapshot);
 
-        let vcpus = (0..config.vcpus)
+        let mut vcpus = (0..config.vcpus)
             .map(|i| Vcpu::new(&kvm, &vm_fd, i, config.vcpus, &boot_entry))
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(from) = restore {
+            restore_state(from, &vm_fd, &memory, &mut vcpus, control.devices())?;
+        }
         info!(
             "VM ready: {} vCPU(s), {} MiB",
             config.vcpus,
@@ -305,14 +333,18 @@ fn boot_guest(
 }
 
 /// The serial console, the debug-exit port and, for Linux, the power-off and reset ports.
+/// The serial port starts as `serial_state` says when restoring a snapshot.
 fn attach_platform_ports(
     vm_fd: &VmFd,
     config: &VmConfig,
-    boot_entry: &BootEntry,
+    (boot_entry, serial_state): (&BootEntry, Option<&SerialState>),
     end: &Arc<EndSignal>,
     pio: &mut Bus,
 ) -> Result<Arc<Mutex<SerialConsole>>, VmError> {
-    let (console, serial_irq) = SerialConsole::new(&config.serial)?;
+    let (console, serial_irq) = match serial_state {
+        Some(state) => SerialConsole::with_state(&config.serial, state)?,
+        None => SerialConsole::new(&config.serial)?,
+    };
     vm_fd
         .register_irqfd(&serial_irq, layout::SERIAL_GSI)
         .map_err(|e| VmError::Irqfd("serial", e))?;
@@ -336,6 +368,127 @@ fn attach_platform_ports(
         Arc::new(Mutex::new(DebugExit::new(end.clone()))),
     )?;
     Ok(serial)
+}
+
+/// The control API's view of the VM.
+fn control_of(
+    config: &VmConfig,
+    boot_entry: &BootEntry,
+    ctx: &VcpuContext,
+    attached: Attached,
+    snapshot: Option<SnapshotSource>,
+) -> Arc<VmControl> {
+    Arc::new(VmControl::new(ControlParts {
+        guest: guest_info(config, boot_entry),
+        vcpus: config.vcpus,
+        memory_bytes: config.memory.0,
+        pause: ctx.pause.clone(),
+        end: ctx.end.clone(),
+        devices: attached.devices,
+        ata: attached.ata.map(|(id, disk)| AtaInfo { id, disk }),
+        exits: ctx.exits.clone(),
+        pio: ctx.pio.clone(),
+        mmio: ctx.mmio.clone(),
+        backend_stats: config.backend_stats_sockets(),
+        snapshot,
+    }))
+}
+
+/// Guest memory, interrupt controllers, clock and vCPUs from the snapshot, then the
+/// vhost-user devices' rings on their backends (which read them from the restored memory).
+fn restore_state(
+    from: &RestoreFrom,
+    vm_fd: &VmFd,
+    memory: &GuestMemory,
+    vcpus: &mut [Vcpu],
+    devices: &[AttachedDevice],
+) -> Result<(), VmError> {
+    let fds: Vec<&VcpuFd> = vcpus.iter_mut().map(|v| &*v.fd_mut()).collect();
+    take::restore(from.dir, from.manifest, vm_fd, memory, &fds)
+        .and_then(|()| take::restore_devices(from.manifest, devices))
+        .map_err(|e| VmError::Snapshot(Box::new(e)))?;
+    info!("VM restored from {}", from.dir.display());
+    Ok(())
+}
+
+/// What `PUT /vm/snapshot` captures; `None` (snapshots refused) if KVM cannot say which MSRs
+/// it has.
+fn snapshot_source(
+    kvm: &Kvm,
+    vm_fd: &Arc<VmFd>,
+    memory: &GuestMemory,
+    ctx: &VcpuContext,
+    serial: &Arc<Mutex<SerialConsole>>,
+) -> Option<SnapshotSource> {
+    match CaptureSupport::probe(kvm, vm_fd) {
+        Ok(support) => Some(SnapshotSource {
+            vm: vm_fd.clone(),
+            memory: memory.clone(),
+            support,
+            captures: ctx.capture.clone(),
+            serial: serial.clone(),
+        }),
+        Err(e) => {
+            warn!("snapshots will be refused: {}", crate::error_chain(&e));
+            None
+        }
+    }
+}
+
+/// Instead of booting: checks that the VM can take the snapshot, puts the ATA disk's state
+/// back, and returns the entry its vCPUs are created with (their state is restored later).
+fn prepare_restore(
+    manifest: &Manifest,
+    config: &VmConfig,
+    memory: &GuestMemory,
+    attached: &Attached,
+) -> Result<BootEntry, VmError> {
+    check_restore_target(manifest, config, memory, attached)?;
+    if let Some((id, disk)) = &attached.ata {
+        take::restore_ata(manifest, id, disk).map_err(|e| VmError::Snapshot(Box::new(e)))?;
+    }
+    Ok(restored_guest_entry())
+}
+
+/// A restored VM runs the project's guest (snapshots of Linux guests are refused when taken):
+/// the entry and boot tables are in the restored memory and registers, so only the protocol
+/// matters here, for the vCPUs' creation.
+fn restored_guest_entry() -> BootEntry {
+    BootEntry {
+        entry: 0,
+        protocol: BootProtocol::SplitvisorGuest {
+            start_info: layout::START_INFO,
+        },
+        format: KernelFormat::SplitvisorGuest,
+    }
+}
+
+/// Whether the VM built from `config` can take the snapshot: same memory, vCPU count and
+/// devices (the platform ones a snapshot saves, and any --disk/--net, which it cannot).
+fn check_restore_target(
+    manifest: &Manifest,
+    config: &VmConfig,
+    memory: &GuestMemory,
+    attached: &Attached,
+) -> Result<(), VmError> {
+    let mut devices = take::platform_devices();
+    devices.extend(attached.devices.iter().map(|d| DeviceState {
+        id: d.id.clone(),
+        kind: d.kind.name().into(),
+        state: Default::default(),
+    }));
+    devices.extend(attached.ata.iter().map(|(id, _)| DeviceState {
+        id: id.clone(),
+        kind: take::ATA_KIND.into(),
+        state: Default::default(),
+    }));
+    manifest
+        .check_target(
+            &memory_file::layout_of(memory),
+            usize::from(config.vcpus),
+            &devices,
+        )
+        .map_err(|e| VmError::Snapshot(Box::new(e.into())))
 }
 
 /// What `GET /vm` says the VM boots.

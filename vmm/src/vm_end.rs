@@ -47,6 +47,11 @@ pub enum VmEnd {
     },
     /// The user typed the console's quit keys (Ctrl-A x); reported like an interrupt.
     ConsoleQuit,
+    /// A snapshot was written with `then: stop` (`ctl NAME snapshot DIR --then stop`): exit
+    /// status 0, `run --restore DIR` continues the VM.
+    Snapshotted {
+        dir: String,
+    },
 }
 
 impl VmEnd {
@@ -57,7 +62,7 @@ impl VmEnd {
             VmEnd::InternalError { .. } => STATUS_INTERNAL_ERROR,
             VmEnd::VcpuFailed { .. } => STATUS_VCPU_FAILED,
             VmEnd::Interrupted | VmEnd::StopRequested | VmEnd::ConsoleQuit => STATUS_INTERRUPTED,
-            VmEnd::PowerOff => 0,
+            VmEnd::PowerOff | VmEnd::Snapshotted { .. } => 0,
             VmEnd::Reboot { .. } => STATUS_REBOOT,
         }
     }
@@ -82,6 +87,9 @@ impl VmEnd {
                 "the guest rebooted ({how}); splitvisor does not restart VMs, exit status {STATUS_REBOOT}"
             )),
             VmEnd::ConsoleQuit => Some("quit from the console (Ctrl-A x)".to_string()),
+            VmEnd::Snapshotted { dir } => Some(format!(
+                "stopped after a snapshot to {dir}; `splitvisor run --restore {dir}` continues the VM"
+            )),
         }
     }
 }

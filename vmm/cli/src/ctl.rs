@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 use crate::registry::{self, RegistryError};
 use splitvisor_vmm::api::http;
 use splitvisor_vmm::api::types::{
-    DeviceCounters, DeviceReport, ErrorReport, MetricsReport, StateReport, SwapReport, SwapRequest,
-    VirtioCounters, VmReport, API_PREFIX,
+    AfterSnapshot, DeviceCounters, DeviceReport, ErrorReport, MetricsReport, SnapshotReport,
+    SnapshotRequest, StateReport, SwapReport, SwapRequest, VirtioCounters, VmReport, API_PREFIX,
 };
 
 #[derive(Debug, Args)]
@@ -55,6 +55,24 @@ pub enum CtlVerb {
     },
     /// Exits by kind and by device, per-device completed requests and interrupts (GET /metrics).
     Metrics,
+    /// Pause the VM, write a snapshot of it (vCPUs, interrupt controllers, clock, devices,
+    /// memory) into DIR, then resume it or, with `--then stop`, end it (`run` exits with
+    /// status 0); `splitvisor run --restore DIR` continues it (PUT /vm/snapshot).
+    Snapshot {
+        /// The snapshot directory (created if needed; a snapshot already in it is replaced).
+        dir: PathBuf,
+        /// What the VM does once the snapshot is written: resume or stop.
+        #[arg(long, value_name = "resume|stop", default_value = "resume", value_parser = parse_then)]
+        then: AfterSnapshot,
+    },
+}
+
+fn parse_then(value: &str) -> Result<AfterSnapshot, String> {
+    match value {
+        "resume" => Ok(AfterSnapshot::Resume),
+        "stop" => Ok(AfterSnapshot::Stop),
+        _ => Err(format!("'{value}': expected resume or stop")),
+    }
 }
 
 /// A swap may wait for the new backend's socket (the VMM's --connect-timeout) and then move
@@ -106,6 +124,24 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
             };
             let report: StateReport = request(&socket, "PUT", &v1(path), None)?;
             show(json, &report, |r| format!("VM {}", r.state.as_str()))
+        }
+        CtlVerb::Snapshot { dir, then } => {
+            let body = SnapshotRequest {
+                dir: absolute(dir).display().to_string(),
+                then: *then,
+            };
+            let path = v1("/vm/snapshot");
+            let r: SnapshotReport = request(&socket, "PUT", &path, Some(&json!(body)))?;
+            show(json, &r, |r| {
+                format!(
+                    "snapshot of {} MiB and {} vCPU(s) written to {} in {} ms; VM {}",
+                    r.memory_bytes >> 20,
+                    r.vcpus,
+                    r.dir,
+                    r.elapsed_ms,
+                    r.state.as_str()
+                )
+            })
         }
         CtlVerb::Swap { id, socket: target } => {
             let body = SwapRequest {

@@ -9,7 +9,9 @@ use splitvisor_confine::SeccompMode;
 use splitvisor_vmm::config::{
     ByteSize, DiskConfig, KernelSource, NetConfig, SerialConfig, VmConfig,
 };
-use splitvisor_vmm::vm::Vm;
+use splitvisor_vmm::snapshot::format::DeviceData;
+use splitvisor_vmm::snapshot::Manifest;
+use splitvisor_vmm::vm::{RestoreFrom, Vm};
 
 use crate::registry::{self, Registration, RegistryError};
 
@@ -171,6 +173,15 @@ pub struct RunArgs {
     /// When the time is up the device fails (DEVICE_NEEDS_RESET). 0: fail at once.
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     pub reconnect_timeout: u64,
+
+    /// Continue the VM saved in DIR by `splitvisor ctl NAME snapshot DIR` instead of booting:
+    /// its memory, vCPUs, interrupt controllers, clock and devices as they were. Memory size
+    /// and vCPU count are the snapshot's (--memory and --vcpus are ignored). The guest's kernel
+    /// and command line are in the snapshot's memory. Without --disk/--net the devices connect
+    /// to the backend sockets the snapshot names; with them, give the same ids in the same
+    /// order. Each backend resumes the rings where the snapshot stopped them.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initramfs", "cmdline"])]
+    pub restore: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -200,11 +211,34 @@ impl RunArgs {
 /// `splitvisor run`: boots the VM and runs it until it ends; the exit status is the guest's.
 pub fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let mut config = args.to_config();
+    let manifest = args.restore.as_deref().map(Manifest::read).transpose()?;
+    if let Some(manifest) = &manifest {
+        config.memory = ByteSize(manifest.memory.size);
+        config.vcpus = u8::try_from(manifest.vcpus.len()).unwrap_or(u8::MAX);
+        if config.disks.is_empty() && config.nets.is_empty() {
+            (config.disks, config.nets) = snapshot_backends(manifest);
+        }
+    }
     config.validate()?;
     // Dropped after the VM ends: removes the VM's entry (and its API socket with it).
     let _registration = register(args, &mut config)?;
     splitvisor_vmm::seccomp::set_mode(args.vm.seccomp);
-    let (end, stats) = Vm::new(&config)?.run()?;
+    let vm = match (&args.restore, &manifest) {
+        (Some(dir), Some(manifest)) => {
+            let start = std::time::Instant::now();
+            let vm = Vm::restore(&config, &RestoreFrom { dir, manifest })?;
+            splitvisor_vmm::eprintln_whole!(
+                "splitvisor: restored {} MiB and {} vCPU(s) from {} in {} ms",
+                manifest.memory.size >> 20,
+                manifest.vcpus.len(),
+                dir.display(),
+                start.elapsed().as_millis()
+            );
+            vm
+        }
+        _ => Vm::new(&config)?,
+    };
+    let (end, stats) = vm.run()?;
     if let Some(message) = end.describe() {
         splitvisor_vmm::eprintln_whole!("splitvisor: {message}");
     }
@@ -212,6 +246,44 @@ pub fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         println!("{}{stats}", splitvisor_vmm::api::stats::STATS_PREFIX);
     }
     Ok(end.exit_status())
+}
+
+/// The vhost-user backends a snapshot's devices had, as --disk and --net would give them
+/// (same ids, sockets and MAC), in the snapshot's order.
+fn snapshot_backends(manifest: &Manifest) -> (Vec<DiskConfig>, Vec<NetConfig>) {
+    let (mut disks, mut nets) = (Vec::new(), Vec::new());
+    for device in &manifest.devices {
+        let state = match &device.state {
+            DeviceData::VirtioMmio(state) => state,
+            DeviceData::Ata(ata) => {
+                disks.push(DiskConfig::Ata {
+                    id: Some(device.id.clone()),
+                    path: PathBuf::from(&ata.path),
+                    readonly: ata.readonly,
+                });
+                continue;
+            }
+            _ => continue,
+        };
+        let Some(backend) = &state.vhost_user else {
+            continue;
+        };
+        let (id, socket) = (Some(device.id.clone()), PathBuf::from(&backend.socket));
+        match device.kind.as_str() {
+            "net" => nets.push(NetConfig {
+                id,
+                socket,
+                mac: backend.mac,
+                stats: None,
+            }),
+            _ => disks.push(DiskConfig::VhostUser {
+                id,
+                socket,
+                stats: None,
+            }),
+        }
+    }
+    (disks, nets)
 }
 
 /// Registers the VM under its name and points the API socket into its entry unless

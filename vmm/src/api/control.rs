@@ -9,13 +9,15 @@ use std::time::{Duration, Instant};
 use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
 
 use crate::api::types::{
-    AtaCounters, BackendReport, DeviceCounters, DeviceReport, GuestReport, MetricsReport,
-    StateReport, SwapReport, SwitchReport, VirtioCounters, VmReport, VmState,
+    AfterSnapshot, AtaCounters, BackendReport, DeviceCounters, DeviceReport, GuestReport,
+    MetricsReport, SnapshotReport, StateReport, SwapReport, SwitchReport, VirtioCounters, VmReport,
+    VmState,
 };
 use crate::attach::AttachedDevice;
 use crate::bus::Bus;
 use crate::devices::ata::AtaDisk;
 use crate::pause::PauseGate;
+use crate::snapshot::take::{self, SnapshotSource, TakeError};
 use crate::vcpu::ExitCounters;
 use crate::vhost_user::manager::SwapError;
 use crate::vhost_user::{SwitchRecord, VhostUserDevice};
@@ -45,6 +47,10 @@ pub enum ControlError {
     NotVhostUser(String),
     #[error(transparent)]
     Swap(#[from] Box<SwapError>),
+    #[error("this VM cannot be snapshotted: {0}")]
+    SnapshotUnsupported(String),
+    #[error("the snapshot failed; the VM continues as before")]
+    Snapshot(#[source] Box<TakeError>),
 }
 
 /// The emulated ATA disk, for reporting.
@@ -80,6 +86,8 @@ pub struct VmControl {
     last_reports: Mutex<Vec<Option<DeviceReport>>>,
     /// Device id and its backend daemon's stats socket, for `GET /metrics`.
     backend_stats: Vec<(String, std::path::PathBuf)>,
+    /// What `snapshot` captures; `None` if this host's KVM could not say what it can capture.
+    snapshot: Option<SnapshotSource>,
 }
 
 /// Everything `VmControl` reports on or acts upon.
@@ -96,6 +104,7 @@ pub struct ControlParts {
     pub mmio: Arc<Bus>,
     /// Device id and its backend daemon's `--api-socket` (the device's `stats=` key).
     pub backend_stats: Vec<(String, std::path::PathBuf)>,
+    pub snapshot: Option<SnapshotSource>,
 }
 
 impl VmControl {
@@ -115,6 +124,7 @@ impl VmControl {
             mmio: parts.mmio,
             last_reports: Mutex::new(Vec::new()),
             backend_stats: parts.backend_stats,
+            snapshot: parts.snapshot,
         }
     }
 
@@ -201,6 +211,89 @@ impl VmControl {
         self.pause.resume();
         StateReport {
             state: VmState::Stopping,
+        }
+    }
+
+    /// Pauses the VM (if it runs), writes a snapshot of it into `dir`, then resumes it or, for
+    /// `then: stop`, leaves it paused and returns how it ends: the caller ends it with
+    /// `end_after_request` once the client has its answer. On failure the VM is left as it
+    /// was.
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        then: AfterSnapshot,
+    ) -> Result<(SnapshotReport, Option<VmEnd>), ControlError> {
+        let source = self.snapshot_source()?;
+        let was_paused = self.pause.is_paused();
+        if !was_paused {
+            self.pause()?;
+        }
+        let ata = self.ata.as_ref().map(|a| (a.id.as_str(), &a.disk));
+        let taken = source.take(
+            &self.pause,
+            usize::from(self.vcpus),
+            (&self.devices, ata),
+            dir,
+        );
+        let taken = match taken {
+            Ok(taken) => taken,
+            Err(e) => {
+                if !was_paused {
+                    self.pause.resume();
+                }
+                return Err(ControlError::Snapshot(Box::new(e)));
+            }
+        };
+        // With `stop` the rings stay stopped: the backends see the VMM go, and a restored VM
+        // starts them where they stopped.
+        let (state, then_end) = match then {
+            AfterSnapshot::Stop => (
+                VmState::Stopping,
+                Some(VmEnd::Snapshotted {
+                    dir: dir.display().to_string(),
+                }),
+            ),
+            AfterSnapshot::Resume => {
+                take::resume_devices(&self.devices, &taken.stopped);
+                self.pause.resume();
+                (self.state(), None)
+            }
+        };
+        log::info!(
+            "control: snapshot of {} MiB written to {} in {} ms, then {}",
+            taken.memory_bytes >> 20,
+            dir.display(),
+            taken.elapsed.as_millis(),
+            then.as_str()
+        );
+        let report = SnapshotReport {
+            dir: dir.display().to_string(),
+            memory_bytes: taken.memory_bytes,
+            vcpus: taken.vcpus,
+            elapsed_ms: taken.elapsed.as_millis() as u64,
+            state,
+        };
+        Ok((report, then_end))
+    }
+
+    /// Ends the VM as a request asked, after its answer was written.
+    pub fn end_after_request(&self, why: VmEnd) {
+        self.end.end(why);
+        self.pause.resume();
+    }
+
+    /// What a snapshot captures, if this VM has only what a snapshot can save.
+    fn snapshot_source(&self) -> Result<&SnapshotSource, ControlError> {
+        let unsupported = |what: &str| Err(ControlError::SnapshotUnsupported(what.to_string()));
+        if self.end.is_stopping() {
+            return Err(ControlError::Stopping);
+        }
+        if self.guest.kind == "linux" {
+            return unsupported("snapshots of Linux guests are not supported yet (the in-kernel PIT and the ACPI power ports are not saved)");
+        }
+        match &self.snapshot {
+            Some(source) => Ok(source),
+            None => unsupported("this host's KVM did not list its MSRs (KVM_GET_MSR_INDEX_LIST failed at start, see the log)"),
         }
     }
 

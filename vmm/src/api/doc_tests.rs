@@ -241,6 +241,20 @@ fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
         (("PUT", "/vm/resume"), states.clone()),
         (("PUT", "/vm/shutdown"), states),
         (("PUT", "/devices/{id}/backend"), vec![json!(swap)]),
+        (
+            ("PUT", "/vm/snapshot"),
+            [VmState::Running, VmState::Stopping]
+                .map(|state| {
+                    json!(SnapshotReport {
+                        dir: "/s".into(),
+                        memory_bytes: 256 << 20,
+                        vcpus: 2,
+                        elapsed_ms: 40,
+                        state,
+                    })
+                })
+                .to_vec(),
+        ),
         (("GET", "/version"), vec![json!(VersionReport::current())]),
         (
             ("GET", "/ping"),

@@ -138,20 +138,31 @@ fn accept_loop(listener: UnixListener, control: Arc<VmControl>, stopping: Arc<At
 }
 
 fn serve_one(stream: &UnixStream, control: &VmControl, slot: Slot) {
+    let mut response = answer(stream, control, slot);
+    let then_end = response.as_mut().and_then(|r| r.then_end.take());
+    if let Some(response) = response {
+        respond(stream, response);
+    }
+    if let Some(why) = then_end {
+        control.end_after_request(why);
+    }
+}
+
+/// The response to the request on `stream`, if it sent one.
+fn answer(stream: &UnixStream, control: &VmControl, slot: Slot) -> Option<Response> {
     let reader = DeadlineReader {
         stream,
         deadline: Instant::now() + REQUEST_DEADLINE,
     };
-    let response = match http::read_request(reader) {
+    match http::read_request(reader) {
         Ok(Some(request)) => {
             slot.handling();
             debug!("api: {} {}", request.method, request.path);
-            routes::handle(control, &request)
+            Some(routes::handle(control, &request))
         }
-        Ok(None) => return,
-        Err(e) => Response::error(e.status, e.message),
-    };
-    respond(stream, response);
+        Ok(None) => None,
+        Err(e) => Some(Response::error(e.status, e.message)),
+    }
 }
 
 /// Reads from a client until a deadline for the whole request, not per read: a client that

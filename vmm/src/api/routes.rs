@@ -6,15 +6,19 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use super::http::Request;
-use super::types::{ErrorReport, PingReport, VersionReport, API_PREFIX};
+use super::types::{ErrorReport, PingReport, SnapshotRequest, VersionReport, API_PREFIX};
 use crate::api::control::{ControlError, VmControl};
 use crate::vhost_user::manager::SwapError;
+use crate::vm_end::VmEnd;
 
 /// A response: status, extra headers, JSON body.
 pub struct Response {
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
     pub body: Value,
+    /// How the VM ends once this response is written (a snapshot with `then: stop`): ending
+    /// it before would let the VMM exit before the client has its answer.
+    pub then_end: Option<VmEnd>,
 }
 
 impl Response {
@@ -23,6 +27,7 @@ impl Response {
             status: 200,
             headers: Vec::new(),
             body,
+            then_end: None,
         }
     }
 
@@ -33,6 +38,7 @@ impl Response {
             body: json!(ErrorReport {
                 error: message.into()
             }),
+            then_end: None,
         }
     }
 }
@@ -46,6 +52,7 @@ pub const ROUTES: &[Route] = &[
     Route::new("PUT", "/vm/pause", true),
     Route::new("PUT", "/vm/resume", true),
     Route::new("PUT", "/vm/shutdown", true),
+    Route::new("PUT", "/vm/snapshot", true),
     Route::new("PUT", "/devices/{id}/backend", true),
     Route::new("GET", "/version", false),
     Route::new("GET", "/ping", false),
@@ -121,7 +128,7 @@ pub fn handle(control: &VmControl, request: &Request) -> Response {
         return Response::error(
             404,
             format!(
-                "no endpoint {}; see docs/api.yaml (under {API_PREFIX}: GET /vm, GET /metrics, PUT /vm/pause, PUT /vm/resume, PUT /vm/shutdown, PUT /devices/{{id}}/backend, GET /version, GET /ping)",
+                "no endpoint {}; see docs/api.yaml (under {API_PREFIX}: GET /vm, GET /metrics, PUT /vm/pause, PUT /vm/resume, PUT /vm/shutdown, PUT /vm/snapshot, PUT /devices/{{id}}/backend, GET /version, GET /ping)",
                 request.path
             ),
         );
@@ -151,6 +158,17 @@ pub fn handle(control: &VmControl, request: &Request) -> Response {
             ok: true,
             pid: std::process::id(),
         })),
+        "/vm/snapshot" => match snapshot_request(&request.body) {
+            Ok(r) => match control.snapshot(std::path::Path::new(&r.dir), r.then) {
+                Ok((report, then_end)) => {
+                    let mut response = Response::ok(json!(report));
+                    response.then_end = then_end;
+                    return response;
+                }
+                Err(e) => Err(e),
+            },
+            Err(message) => return Response::error(400, message),
+        },
         "/devices/{id}/backend" => match swap_target(&request.body) {
             Ok(socket) => control.swap(id, &socket).map(|r| json!(r)),
             Err(message) => return Response::error(400, message),
@@ -182,8 +200,20 @@ fn swap_target(body: &[u8]) -> Result<PathBuf, String> {
     }
 }
 
+/// The body of `PUT /vm/snapshot`: `{"dir": PATH, "then": "resume"|"stop"}`.
+fn snapshot_request(body: &[u8]) -> Result<SnapshotRequest, String> {
+    let request: SnapshotRequest = serde_json::from_slice(body)
+        .map_err(|e| format!("{e}; send {{\"dir\": PATH, \"then\": \"resume\" or \"stop\"}}"))?;
+    if request.dir.is_empty() {
+        return Err("\"dir\" must be a non-empty path (the snapshot directory)".into());
+    }
+    Ok(request)
+}
+
 fn status_of(error: &ControlError) -> u16 {
     match error {
+        ControlError::SnapshotUnsupported(_) => 409,
+        ControlError::Snapshot(_) => 500,
         ControlError::Stopping => 409,
         ControlError::PauseTimeout => 500,
         ControlError::UnknownDevice(_) => 404,
@@ -213,6 +243,27 @@ mod tests {
         assert!(!serves("GET", "/ping"), "new endpoints are versioned only");
         assert!(!serves("GET", "/api/v1"));
         assert!(!serves("GET", "/api/v1vm"));
+    }
+
+    #[test]
+    fn snapshot_bodies_are_checked() {
+        let r = snapshot_request(br#"{"dir": "/s", "then": "stop"}"#).unwrap();
+        assert_eq!((r.dir.as_str(), r.then.as_str()), ("/s", "stop"));
+        let r = snapshot_request(br#"{"dir": "/s"}"#).unwrap();
+        assert_eq!(r.then.as_str(), "resume", "resume is the default");
+        for (body, expect) in [
+            (&b"{"[..], "EOF"),
+            (br#"{"then": "stop"}"#, "missing field `dir`"),
+            (br#"{"dir": ""}"#, "non-empty"),
+            (
+                br#"{"dir": "/s", "then": "pause"}"#,
+                "unknown variant `pause`",
+            ),
+            (br#"{"dir": "/s", "x": 1}"#, "unknown field `x`"),
+        ] {
+            let err = snapshot_request(body).unwrap_err();
+            assert!(err.contains(expect), "{err}");
+        }
     }
 
     #[test]

@@ -39,6 +39,47 @@ pub struct StateReport {
     pub state: VmState,
 }
 
+/// What the VM does once a snapshot is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterSnapshot {
+    /// The vCPUs run again (even if the VM was paused before the snapshot).
+    #[default]
+    Resume,
+    /// The VMM ends, exit status 0; `splitvisor run --restore DIR` continues the VM.
+    Stop,
+}
+
+impl AfterSnapshot {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AfterSnapshot::Resume => "resume",
+            AfterSnapshot::Stop => "stop",
+        }
+    }
+}
+
+/// `PUT /vm/snapshot`'s request body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The directory to write (created if needed; an earlier snapshot in it is replaced).
+    pub dir: String,
+    #[serde(default)]
+    pub then: AfterSnapshot,
+}
+
+/// `PUT /vm/snapshot`'s answer: what was written and the VM's state after it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    pub dir: String,
+    pub memory_bytes: u64,
+    pub vcpus: usize,
+    /// From the vCPUs parked to the manifest written.
+    pub elapsed_ms: u64,
+    pub state: VmState,
+}
+
 /// What the VM boots.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GuestReport {

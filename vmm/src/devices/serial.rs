@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{self, LineWriter, Write};
 
 use log::warn;
-use vm_superio::serial::SerialEvents;
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -18,6 +18,8 @@ pub enum SerialError {
     CreateFile(String, #[source] io::Error),
     #[error("cannot create the serial interrupt eventfd")]
     EventFd(#[source] io::Error),
+    #[error("the snapshot's serial port state is unusable: its receive FIFO holds {0} bytes, more than the UART's 64")]
+    RestoreState(usize),
 }
 
 /// Raises the serial IRQ by writing the eventfd KVM routes to GSI 4.
@@ -58,6 +60,14 @@ pub struct SerialConsole {
 impl SerialConsole {
     /// Builds the console; returns it with the eventfd to register as its irqfd.
     pub fn new(config: &SerialConfig) -> Result<(Self, EventFd), SerialError> {
+        Self::with_state(config, &SerialState::default())
+    }
+
+    /// Builds the console with the UART's registers and receive FIFO as saved in a snapshot.
+    pub fn with_state(
+        config: &SerialConfig,
+        state: &SerialState,
+    ) -> Result<(Self, EventFd), SerialError> {
         let out: Output = match config {
             SerialConfig::Stdio => Box::new(LineWriter::new(io::stdout())),
             SerialConfig::File(path) => {
@@ -74,11 +84,17 @@ impl SerialConsole {
         };
         Ok((
             Self {
-                uart: Serial::with_events(trigger, events, out),
+                uart: Serial::from_state(state, trigger, events, out)
+                    .map_err(|_| SerialError::RestoreState(state.in_buffer.len()))?,
                 reads_stdin: matches!(config, SerialConfig::Stdio),
             },
             irq,
         ))
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
     }
 
     /// True for `--serial stdio`, where stdin is the guest's keyboard.

@@ -37,6 +37,7 @@ fn device(id: &str, kind: &str) -> DeviceState {
     DeviceState {
         id: id.into(),
         kind: kind.into(),
+        state: Default::default(),
     }
 }
 
@@ -210,4 +211,40 @@ fn truncated_or_missing_memory_file_and_other_size_are_refused() {
     std::fs::remove_file(&path).unwrap();
     let err = memory_file::restore(&dir, &layout, &fresh).unwrap_err();
     assert!(matches!(err, SnapshotError::Missing { .. }), "{err}");
+}
+
+#[test]
+fn device_states_keep_their_documented_tags_and_round_trip() {
+    use super::format::{AtaState, DeviceData, VhostUserState, VirtioMmioState};
+    let states = [
+        ("stateless", DeviceData::Stateless),
+        (
+            "virtio-mmio",
+            DeviceData::VirtioMmio(VirtioMmioState {
+                mmio_base: 0xd000_0000,
+                status: 0xf,
+                vhost_user: Some(VhostUserState {
+                    socket: "/run/blk.sock".into(),
+                    vring_bases: vec![(0, 3198)],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        ),
+        ("ata", DeviceData::Ata(AtaState::default())),
+    ];
+    for (tag, state) in states {
+        let device = DeviceState {
+            id: "d".into(),
+            kind: "k".into(),
+            state,
+        };
+        let json = serde_json::to_value(&device).unwrap();
+        let shown = json["state"].to_string();
+        assert!(
+            shown.starts_with(&format!("\"{tag}")) || shown.starts_with(&format!("{{\"{tag}\"")),
+            "{shown}"
+        );
+        assert_eq!(serde_json::from_value::<DeviceState>(json).unwrap(), device);
+    }
 }

@@ -7,6 +7,7 @@ pub mod blob;
 pub mod format;
 pub mod irqchip;
 pub mod memory_file;
+pub mod take;
 pub mod vcpu_state;
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod connection;
 pub mod deadline;
 pub mod manager;
 pub mod rings;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};

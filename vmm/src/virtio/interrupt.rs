@@ -78,6 +78,15 @@ impl Interrupt {
         self.config_generation.load(Ordering::SeqCst)
     }
 
+    /// Puts back the status bits, config generation and needs-reset flag of a snapshot; the
+    /// interrupt itself is pending in the restored interrupt controller, not raised again.
+    pub fn restore(&self, status: u32, config_generation: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.config_generation
+            .store(config_generation, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {

@@ -15,8 +15,9 @@ use virtio_bindings::virtio_mmio::*;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::interrupt::Interrupt;
-use super::{Activation, QueueConfig, VirtioDevice};
+use super::{ActivateError, Activation, QueueConfig, VirtioDevice};
 use crate::bus::BusDevice;
+use crate::snapshot::format::{QueueState, VirtioMmioState};
 
 const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;
@@ -86,6 +87,86 @@ impl<D: VirtioDevice> VirtioMmio<D> {
 
     pub fn device_mut(&mut self) -> &mut D {
         &mut self.device
+    }
+
+    /// The registers and queues the driver programmed, for a snapshot (`mmio_base` and
+    /// `vhost_user` are the caller's).
+    pub fn save(&self) -> VirtioMmioState {
+        VirtioMmioState {
+            mmio_base: 0,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueState {
+                    size: q.size,
+                    ready: q.ready,
+                    desc_table: q.desc_table,
+                    avail_ring: q.avail_ring,
+                    used_ring: q.used_ring,
+                })
+                .collect(),
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+            needs_reset: self.interrupt.needs_reset(),
+            vhost_user: None,
+        }
+    }
+
+    /// Puts a snapshot's registers and queues back and, if the driver had activated the
+    /// device, has `resume` start it on them (instead of a fresh activation).
+    pub fn restore(
+        &mut self,
+        state: &VirtioMmioState,
+        resume: impl FnOnce(&mut D, Activation<'_>) -> Result<(), ActivateError>,
+    ) -> Result<(), ActivateError> {
+        if state.queues.len() != self.queues.len() {
+            return Err(ActivateError(format!(
+                "the snapshot's device has {} queue(s), this one {}",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        for (q, saved) in self.queues.iter_mut().zip(&state.queues) {
+            if saved.size > q.max_size {
+                return Err(ActivateError(format!(
+                    "a saved queue has {} entries, more than the device's {}",
+                    saved.size, q.max_size
+                )));
+            }
+            q.size = saved.size;
+            q.ready = saved.ready;
+            q.desc_table = saved.desc_table;
+            q.avail_ring = saved.avail_ring;
+            q.used_ring = saved.used_ring;
+        }
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.interrupt.restore(
+            state.interrupt_status,
+            state.config_generation,
+            state.needs_reset,
+        );
+        let active = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && self.status & VIRTIO_CONFIG_S_FAILED == 0
+            && !state.needs_reset;
+        if !active {
+            return Ok(());
+        }
+        let activation = Activation {
+            driver_features: self.driver_features,
+            queues: &self.queues,
+            kicks: &self.kicks,
+            calls: &self.calls,
+        };
+        resume(&mut self.device, activation)
     }
 
     fn selected_queue(&mut self) -> Option<&mut QueueConfig> {

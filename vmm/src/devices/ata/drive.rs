@@ -4,6 +4,10 @@
 //! sector at a time as the guest drains the previous one, a WRITE stores each sector when its
 //! last byte arrives.
 
+#[path = "drive_state.rs"]
+mod state;
+pub use state::DriveStateError;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{BusDevice, SharedDevice};
 use drive::Drive;
+pub use drive::DriveStateError;
 // The same image lock as splitvisor-blk takes.
 use splitvisor_wire::host::imagelock::{lock_image, ImageLockError, LockMode};
 
@@ -146,6 +147,19 @@ impl AtaDisk {
 
     /// Sets the eventfd written (value 1) whenever the drive asserts INTRQ with nIEN clear;
     /// register it as the irqfd of [`IRQ`].
+    /// The drive's registers and data phase, for a snapshot.
+    pub fn save(&self) -> crate::snapshot::format::AtaState {
+        lock(&self.drive).save()
+    }
+
+    /// Puts a snapshot's registers and data phase back.
+    pub fn restore(
+        &self,
+        state: &crate::snapshot::format::AtaState,
+    ) -> Result<(), DriveStateError> {
+        lock(&self.drive).restore(state)
+    }
+
     pub fn set_interrupt(&self, irq: EventFd) {
         lock(&self.drive).set_interrupt(irq);
     }

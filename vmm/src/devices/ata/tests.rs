@@ -465,3 +465,35 @@ fn random_register_traffic_never_panics() {
         assert!(stats.commands > 0 && stats.errors > 0);
     }
 }
+
+#[test]
+fn a_write_interrupted_mid_sector_finishes_on_the_restored_drive() {
+    let image = TempImage::new(64 * 512);
+    let data = pattern(1024, 9);
+    let saved = {
+        let guest = Guest::new(&image, false);
+        guest.command28(0x30, 4, 2);
+        guest.write_sector(&data[..512]);
+        // Half of the second sector is in the drive's buffer when the snapshot is taken.
+        for word in data[512..768].chunks_exact(2) {
+            guest.outw(DATA, u16::from_le_bytes([word[0], word[1]]));
+        }
+        guest.disk.save()
+    };
+    assert_eq!(image.read_at(5 * 512, 512), vec![0; 512], "not written yet");
+    let guest = Guest::new(&image, false);
+    guest.disk.restore(&saved).unwrap();
+    for word in data[768..].chunks_exact(2) {
+        guest.outw(DATA, u16::from_le_bytes([word[0], word[1]]));
+    }
+    assert_eq!(guest.inb(STATUS) & (DRQ | ERR), 0);
+    assert_eq!(image.read_at(4 * 512, 1024), data);
+    assert_eq!(
+        guest.disk.save().transfer,
+        crate::snapshot::format::AtaTransfer::Idle
+    );
+
+    let other = TempImage::new(32 * 512);
+    let err = Guest::new(&other, false).disk.restore(&saved).unwrap_err();
+    assert!(err.to_string().contains("64 sectors"), "{err}");
+}

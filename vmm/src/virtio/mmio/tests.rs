@@ -254,3 +254,49 @@ fn invalid_queue_sizes_are_refused_not_truncated() {
     h.write(VIRTIO_MMIO_STATUS, 0xf);
     assert_eq!(h.recorded.lock().unwrap().activations[0].1[0].size, 1);
 }
+
+#[test]
+fn a_saved_transport_is_restored_and_resumed_not_activated_afresh() {
+    let mut h = harness(false);
+    let features = 1 << VIRTIO_F_VERSION_1 | 1 << 9;
+    h.negotiate(features);
+    h.setup_queue(0, 64, 0x1_0000_0000);
+    h.write(VIRTIO_MMIO_STATUS, 0xf);
+    h.interrupt.signal_used_buffers();
+    let saved = h.mmio.save();
+    assert_eq!((saved.status, saved.driver_features), (0xf, features));
+    assert_eq!(saved.interrupt_status, VIRTIO_MMIO_INT_VRING);
+
+    let mut fresh = harness(false);
+    let mut resumed = Vec::new();
+    fresh
+        .mmio
+        .restore(&saved, |_, activation| {
+            resumed.push((activation.driver_features, activation.queues.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+    assert!(fresh.recorded.lock().unwrap().activations.is_empty());
+    assert_eq!(resumed.len(), 1, "the device is resumed once");
+    assert_eq!(resumed[0].0, features);
+    assert_eq!(
+        (resumed[0].1[0].size, resumed[0].1[0].used_ring),
+        (64, 0x1_0000_2000)
+    );
+    assert_eq!(fresh.read(VIRTIO_MMIO_STATUS), 0xf);
+    assert_eq!(
+        fresh.read(VIRTIO_MMIO_INTERRUPT_STATUS),
+        VIRTIO_MMIO_INT_VRING
+    );
+    assert_eq!(fresh.mmio.save(), saved);
+
+    // Another device layout is refused, and an inactive transport is not resumed.
+    let mut other = saved.clone();
+    other.queues.pop();
+    assert!(harness(false).mmio.restore(&other, |_, _| Ok(())).is_err());
+    let idle = harness(false).mmio.save();
+    harness(false)
+        .mmio
+        .restore(&idle, |_, _| panic!("an idle transport was resumed"))
+        .unwrap();
+}
