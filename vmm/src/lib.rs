@@ -9,6 +9,7 @@ pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod console;
+pub mod device_state;
 pub mod devices;
 pub mod event_loop;
 #[cfg(any(test, feature = "fuzzing"))]

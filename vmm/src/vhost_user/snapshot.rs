@@ -13,7 +13,7 @@ use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 use super::deadline::ExchangeError;
 use super::rings::{self, Resume, Rings};
 use super::{DeviceKind, LinkState, VhostUserDevice, HANDOVER_DRAIN_TIMEOUT};
-use crate::snapshot::format::VhostUserState;
+use crate::device_state::VhostUserState;
 use crate::virtio::{ActivateError, Activation};
 
 #[derive(Debug, thiserror::Error)]

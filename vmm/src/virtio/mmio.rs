@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::interrupt::Interrupt;
 use super::{ActivateError, Activation, QueueConfig, VirtioDevice};
 use crate::bus::BusDevice;
-use crate::snapshot::format::{QueueState, VirtioMmioState};
+use crate::device_state::{QueueState, VirtioMmioState};
 
 const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;

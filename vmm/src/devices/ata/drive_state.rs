@@ -1,9 +1,9 @@
-//! The drive's state in a snapshot (`snapshot::format::AtaState`): every register, the PIO
+//! The drive's state in a snapshot (`device_state::AtaState`): every register, the PIO
 //! data phase in progress and its sector buffer, put back into a drive opened on the same
 //! image.
 
 use super::{Drive, Fifo, Transfer, SECTOR};
-use crate::snapshot::format::{AtaState, AtaTransfer};
+use crate::device_state::{AtaState, AtaTransfer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriveStateError {

@@ -148,15 +148,12 @@ impl AtaDisk {
     /// Sets the eventfd written (value 1) whenever the drive asserts INTRQ with nIEN clear;
     /// register it as the irqfd of [`IRQ`].
     /// The drive's registers and data phase, for a snapshot.
-    pub fn save(&self) -> crate::snapshot::format::AtaState {
+    pub fn save(&self) -> crate::device_state::AtaState {
         lock(&self.drive).save()
     }
 
     /// Puts a snapshot's registers and data phase back.
-    pub fn restore(
-        &self,
-        state: &crate::snapshot::format::AtaState,
-    ) -> Result<(), DriveStateError> {
+    pub fn restore(&self, state: &crate::device_state::AtaState) -> Result<(), DriveStateError> {
         lock(&self.drive).restore(state)
     }
 

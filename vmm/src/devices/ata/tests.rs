@@ -490,7 +490,7 @@ fn a_write_interrupted_mid_sector_finishes_on_the_restored_drive() {
     assert_eq!(image.read_at(4 * 512, 1024), data);
     assert_eq!(
         guest.disk.save().transfer,
-        crate::snapshot::format::AtaTransfer::Idle
+        crate::device_state::AtaTransfer::Idle
     );
 
     let other = TempImage::new(32 * 512);
