@@ -5,6 +5,7 @@ pub mod disk;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod iovec;
 pub mod live;
 pub mod request;
 pub mod seccomp;

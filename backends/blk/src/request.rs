@@ -11,9 +11,11 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
 use crate::disk::Disk;
+use crate::iovec::IoVecs;
 
 /// Bytes per virtio-blk sector (the unit of `sector` fields and of the capacity).
 pub const SECTOR_SIZE: u64 = 512;
@@ -128,23 +130,23 @@ pub struct Completion {
     pub error: Option<RequestError>,
 }
 
-/// A page-aligned bounce buffer, reused across requests (O_DIRECT friendly).
+/// Per-queue scratch space reused across requests: the scatter-gather list of a zero-copy
+/// transfer, and a page-aligned bounce buffer for the transfers that cannot be zero-copy
+/// (O_DIRECT with a misaligned guest buffer), allocated on first use.
+#[derive(Default)]
 pub struct IoBuffer {
+    iov: IoVecs,
     raw: Vec<u8>,
     start: usize,
-}
-
-impl Default for IoBuffer {
-    fn default() -> Self {
-        let raw = vec![0u8; CHUNK_SIZE + CHUNK_ALIGN];
-        let start = (CHUNK_ALIGN - raw.as_ptr() as usize % CHUNK_ALIGN) % CHUNK_ALIGN;
-        IoBuffer { raw, start }
-    }
 }
 
 impl IoBuffer {
     /// The first `len` (at most `CHUNK_SIZE`) bytes of the aligned buffer.
     fn chunk(&mut self, len: usize) -> &mut [u8] {
+        if self.raw.is_empty() {
+            self.raw = vec![0u8; CHUNK_SIZE + CHUNK_ALIGN];
+            self.start = (CHUNK_ALIGN - self.raw.as_ptr() as usize % CHUNK_ALIGN) % CHUNK_ALIGN;
+        }
         &mut self.raw[self.start..self.start + len.min(CHUNK_SIZE)]
     }
 }
@@ -445,6 +447,43 @@ impl<G: GuestMemory + ?Sized> DataStream<'_, G> {
         self.pieces(pos, len, |addr, r| self.mem.read_slice(&mut bytes[r], addr))
     }
 
+    /// Build `iov` from the data descriptors; `false` when the disk needs aligned buffers
+    /// (O_DIRECT) and some guest buffer is not, so the transfer must bounce.
+    fn guest_iovecs(
+        &self,
+        iov: &mut IoVecs,
+        disk: &dyn Disk,
+        to_guest: bool,
+    ) -> Result<bool, RequestError> {
+        iov.clear();
+        let access = if to_guest {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        for d in self.descs {
+            // A descriptor that straddles memory regions yields one slice per region.
+            let slices = self
+                .mem
+                .get_slices(d.addr(), d.len() as usize, access)
+                .map_err(RequestError::Memory)?;
+            for slice in slices {
+                let slice = slice.map_err(RequestError::Memory)?;
+                if to_guest {
+                    // Written behind vm-memory's back: keep dirty tracking (if any) right.
+                    slice.bitmap().mark_dirty(0, slice.len());
+                }
+                // SAFETY: the slice lies in guest memory mapped for as long as `self.mem` is
+                // borrowed, which outlives the transfer; the device holds no Rust reference
+                // into it (the guest may touch it concurrently, as with any DMA).
+                unsafe { iov.push(slice.ptr_guard_mut().as_ptr(), slice.len()) };
+            }
+        }
+        Ok(disk
+            .direct_alignment()
+            .is_none_or(|align| iov.aligned(align)))
+    }
+
     fn disk_to_guest(
         &mut self,
         disk: &dyn Disk,
@@ -452,13 +491,20 @@ impl<G: GuestMemory + ?Sized> DataStream<'_, G> {
         len: u64,
         buf: &mut IoBuffer,
     ) -> Result<Outcome, RequestError> {
-        let mut pos = 0;
-        while pos < len {
-            let chunk = buf.chunk((len - pos).min(CHUNK_SIZE as u64) as usize);
-            disk.read_at(chunk, offset + pos)
-                .map_err(|source| RequestError::Io { op: "read", source })?;
-            self.scatter(pos, chunk)?;
-            pos += chunk.len() as u64;
+        let io_err = |source| RequestError::Io { op: "read", source };
+        if self.guest_iovecs(&mut buf.iov, disk, true)? {
+            let done = disk.read_vectored_at(&buf.iov, offset).map_err(io_err);
+            buf.iov.clear();
+            done?;
+        } else {
+            buf.iov.clear();
+            let mut pos = 0;
+            while pos < len {
+                let chunk = buf.chunk((len - pos).min(CHUNK_SIZE as u64) as usize);
+                disk.read_at(chunk, offset + pos).map_err(io_err)?;
+                self.scatter(pos, chunk)?;
+                pos += chunk.len() as u64;
+            }
         }
         Ok(Outcome {
             // The used length is a u32; a transfer beyond 4 GiB reports the maximum.
@@ -475,16 +521,23 @@ impl<G: GuestMemory + ?Sized> DataStream<'_, G> {
         len: u64,
         buf: &mut IoBuffer,
     ) -> Result<Outcome, RequestError> {
-        let mut pos = 0;
-        while pos < len {
-            let chunk = buf.chunk((len - pos).min(CHUNK_SIZE as u64) as usize);
-            self.gather(pos, chunk)?;
-            disk.write_at(chunk, offset + pos)
-                .map_err(|source| RequestError::Io {
-                    op: "write",
-                    source,
-                })?;
-            pos += chunk.len() as u64;
+        let io_err = |source| RequestError::Io {
+            op: "write",
+            source,
+        };
+        if self.guest_iovecs(&mut buf.iov, disk, false)? {
+            let done = disk.write_vectored_at(&buf.iov, offset).map_err(io_err);
+            buf.iov.clear();
+            done?;
+        } else {
+            buf.iov.clear();
+            let mut pos = 0;
+            while pos < len {
+                let chunk = buf.chunk((len - pos).min(CHUNK_SIZE as u64) as usize);
+                self.gather(pos, chunk)?;
+                disk.write_at(chunk, offset + pos).map_err(io_err)?;
+                pos += chunk.len() as u64;
+            }
         }
         Ok(Outcome {
             written: 0,
