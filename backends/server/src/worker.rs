@@ -10,6 +10,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
@@ -303,6 +304,9 @@ impl<D: VhostUserDevice> Worker<D> {
             if self.stop.load(Ordering::SeqCst) || !event_idx {
                 return Ok(());
             }
+            if served > 0 && self.poll_for_work(&memory) {
+                continue;
+            }
             match self.setup.queue.enable_notification(&*memory) {
                 Ok(true) => continue,
                 Ok(false) => return Ok(()),
@@ -314,6 +318,30 @@ impl<D: VhostUserDevice> Worker<D> {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// After a batch, watch the avail ring (notifications still suppressed) for up to the
+    /// device's poll window: a driver that submits again soon is served without a kick and
+    /// a wake-up. True when new work arrived; false after the window (or on a stop).
+    fn poll_for_work(&self, memory: &GuestMemoryMmap) -> bool {
+        let window = self.device.poll_window();
+        if window.is_zero() {
+            return false;
+        }
+        let queue = &self.setup.queue;
+        let deadline = Instant::now() + window;
+        loop {
+            match queue.avail_idx(memory, Ordering::Acquire) {
+                Ok(avail) if avail.0 != queue.next_avail() => return true,
+                Ok(_) => {}
+                // Unreadable: popping fails the same way; sleep on the kick fd instead.
+                Err(_) => return false,
+            }
+            if self.stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
