@@ -76,7 +76,12 @@ fn memory_past_the_end_of_its_file_or_unsealed_is_refused() {
 fn get_vring_base_within(fe: vhost::vhost_user::Frontend, q: usize) -> u32 {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(fe.get_vring_base(q).map_err(|e| e.to_string()));
+        let base = fe.get_vring_base(q).map_err(|e| e.to_string());
+        // Hung up before the answer is passed on, as a frontend does before it reconnects:
+        // the next frontend must not find this one still connected (it would be turned away
+        // as a second frontend).
+        drop(fe);
+        let _ = tx.send(base);
     });
     rx.recv_timeout(TIMEOUT)
         .expect("GET_VRING_BASE answered in time")

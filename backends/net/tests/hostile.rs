@@ -161,8 +161,11 @@ fn avail_index_far_ahead_stops_the_queue_once_and_the_daemon_answers() {
     // GET_VRING_BASE needs the ring the worker would be spinning on.
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(fe.fe.get_vring_base(TX).map_err(|e| e.to_string()));
+        let base = fe.fe.get_vring_base(TX).map_err(|e| e.to_string());
+        // Hung up before the answer is passed on: the next frontend must not find this one
+        // still connected (it would be turned away as a second frontend).
         drop(fe);
+        let _ = tx.send(base);
     });
     let base = rx.recv_timeout(TIMEOUT).expect("GET_VRING_BASE answered");
     assert_eq!(base, Ok(0));

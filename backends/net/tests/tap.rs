@@ -138,6 +138,8 @@ fn tap_avail_index_far_ahead_stops_the_queue_once_and_the_daemon_answers() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let bases = [RX, TX].map(|q| fe.fe.get_vring_base(q).map_err(|e| e.to_string()));
+        // Hung up before the answer is passed on (a next frontend would be turned away).
+        drop(fe);
         let _ = tx.send(bases);
     });
     let bases = rx
