@@ -262,15 +262,18 @@ fn ctl_metrics_under_launch_shows_every_daemon_s_counters() {
         let sock = launch.runtime_dir().join(format!("{name}.api.sock"));
         assert_eq!(mode(&sock), 0o600, "{}", sock.display());
     }
+    // Both sides count on their own schedule (the daemon when it serves a request, the VMM
+    // when it sees the used ring move): wait until both have counted.
     let metrics = poll_until(
-        "the disk daemon to count requests in ctl metrics",
+        "the disk daemon and the VMM to count requests in ctl metrics",
         PROGRESS,
         || {
             let (code, out, _) = ctl(&vm_api, &["--json", "metrics"]);
             let m: Value = serde_json::from_str(&out).ok()?;
             let requests =
                 m["backend_stats"]["disk0"]["stats"]["queues"][0]["requests"].as_u64()?;
-            (code == 0 && requests > 0).then_some(m)
+            let completed = m["devices"]["disk0"]["completed_requests"].as_u64()?;
+            (code == 0 && requests > 0 && completed > 0).then_some(m)
         },
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", ctl(&vm_api, &["--json", "metrics"]).1));
