@@ -126,11 +126,24 @@ impl NestedHost {
             .l1_qemu(&workdir, &image, options, timeout, bound)
             .unwrap_or_else(|e| panic!("nested: cannot build the L1 initramfs: {e}"));
         let prepared = started.elapsed();
-        let guest = {
+        let run_l1 = |name: &str| {
             let _serial = L1_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-            qemu.run(&workdir, "l1")
+            qemu.run(&workdir, name)
                 .unwrap_or_else(|e| panic!("nested: cannot start L1: {e}"))
         };
+        let mut guest = run_l1("l1");
+        if l1_kernel_crashed(&guest) {
+            // L1's own kernel (under QEMU TCG's emulated SVM) died before the script ended:
+            // the test environment failed, not what the script tests. Once more, on a fresh
+            // files image, and said loudly; a second crash fails the test as before.
+            eprintln!(
+                "nested: L1's kernel panicked before the script ended; running the case once more. Console tail:\n{}",
+                run::console_tail(&guest.serial, 30)
+            );
+            self.files_image(&workdir, script, files, options, &image)
+                .unwrap_or_else(|e| panic!("nested: cannot make the files image: {e}"));
+            guest = run_l1("l1-again");
+        }
         eprintln!(
             "nested: image and initramfs {prepared:?}, L1 (QEMU) {:?}",
             guest.elapsed
@@ -211,6 +224,12 @@ impl NestedHost {
         let _ = std::fs::remove_dir_all(workdir.join("root"));
         Ok(())
     }
+}
+
+/// Whether L1's kernel panicked before the script printed its exit status (L1 itself failed).
+fn l1_kernel_crashed(guest: &GuestRun) -> bool {
+    let parsed = run::parse_console(&guest.serial);
+    parsed.exit.is_none() && guest.serial.contains("Kernel panic - not syncing")
 }
 
 /// The script's output and exit status from L1's console; panics with the console's tail when
