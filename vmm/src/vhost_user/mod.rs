@@ -498,6 +498,7 @@ impl VhostUserDevice {
                             );
                         }
                         rings.kick_all();
+                        rings.call_all();
                     }
                     return Err(SwitchError::Start {
                         socket: candidate.socket,
@@ -506,6 +507,7 @@ impl VhostUserDevice {
                 }
             }
             rings.kick_all();
+            rings.call_all();
         }
         let stall = started.elapsed();
         let record = SwitchRecord {

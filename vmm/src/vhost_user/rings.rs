@@ -76,6 +76,17 @@ impl Rings {
             let _ = self.kicks[i].write(1);
         }
     }
+
+    /// Writes every call eventfd once, so the driver looks at each used ring. A backend that
+    /// died between publishing a used entry and signalling its call fd (or one stopped by a
+    /// swap that never signalled) leaves the driver waiting for an interrupt that never comes:
+    /// Linux's virtio-blk, its request done but unseen, waits forever. A spurious used-buffer
+    /// interrupt is harmless: the driver finds nothing new.
+    pub fn call_all(&self) {
+        for i in self.ready() {
+            let _ = self.calls[i].write(1);
+        }
+    }
 }
 
 /// The inflight-tracking region a backend handed out (GET_INFLIGHT_FD). The VMM keeps it across
