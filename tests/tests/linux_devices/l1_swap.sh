@@ -59,26 +59,36 @@ exec 4>/tmp/launch.in
 BLK='*splitvisor-blk *--image /dev/vdc*'
 n=0
 while [ $n -lt "$KILLS" ]; do
-    wait_for /tmp/launch.out "SV:round=$((n + 1)):" 120 || { echo SV:kill-stalled=$n; break; }
+    wait_for /tmp/launch.out "SV:round=$((n + 1)):" 120 || { echo SV:kill-stalled=$n; stalled=1; break; }
     pid=$(pid_of "$BLK")
     kill -9 "$pid"
     echo SV:blk-kill-rc=$?
     wait_new_pid "$BLK" "$pid" 30 || echo SV:blk-not-restarted=$n
     n=$((n + 1))
 done
-wait_for /tmp/launch.out "SV:round=$((n + 1)):" 120
-ups=$(grep -c 'SV:carrier=1' /tmp/launch.out)
-pid=$(pid_of '*splitvisor-net *')
-kill -9 "$pid"
-echo SV:net-kill-rc=$?
-wait_new_pid '*splitvisor-net *' "$pid" 30 || echo SV:net-not-restarted=1
-i=0
-while [ "$(grep -c 'SV:carrier=1' /tmp/launch.out)" -le "$ups" ] && [ $i -lt 300 ]; do
-    i=$((i + 1))
-    sleep 0.1
-done
-# Let the guest's pings run on for two more rounds before ending the loop.
-wait_for /tmp/launch.out "SV:round=$((n + 3)):" 120
+if [ -n "$stalled" ]; then
+    # The guest's loop stopped making progress: say what the VMM and the daemons think while
+    # they are still running, and skip the net daemon's kill (the time bound is shared).
+    api=$(sed -n 's/.*API socket \([^ ]*\) .*/\1/p' /tmp/launch.out /tmp/launch.err | head -n 1)
+    splitvisor ctl --api-socket "$api" --json status 2>&1 | tr -d '\n' | sed 's/^/SV:stalled-status=/'
+    echo
+    tail -n 40 /tmp/launch.err | show stalled-err -
+    for log in /run/splitvisor/*/*.log; do tail -n 20 "$log" | show "stalled-log-${log##*/}" -; done
+else
+    wait_for /tmp/launch.out "SV:round=$((n + 1)):" 120
+    ups=$(grep -c 'SV:carrier=1' /tmp/launch.out)
+    pid=$(pid_of '*splitvisor-net *')
+    kill -9 "$pid"
+    echo SV:net-kill-rc=$?
+    wait_new_pid '*splitvisor-net *' "$pid" 30 || echo SV:net-not-restarted=1
+    i=0
+    while [ "$(grep -c 'SV:carrier=1' /tmp/launch.out)" -le "$ups" ] && [ $i -lt 300 ]; do
+        i=$((i + 1))
+        sleep 0.1
+    done
+    # Let the guest's pings run on for two more rounds before ending the loop.
+    wait_for /tmp/launch.out "SV:round=$((n + 3)):" 120
+fi
 echo stop >&4
 bounded_wait $vm 120 launch
 exec 4>&-
