@@ -65,6 +65,8 @@ pub struct BlkBackend {
     bad_request_log: Vec<Mutex<LogLimit>>,
     /// Test-only: sleep this long before executing each request (see `TEST_DELAY_ENV`).
     request_delay: Option<Duration>,
+    /// How long workers poll their queue after a batch (`--poll-us`).
+    poll_window: Duration,
 }
 
 impl BlkBackend {
@@ -87,6 +89,7 @@ impl BlkBackend {
             buffers: (0..num_queues).map(|_| Mutex::default()).collect(),
             bad_request_log: (0..num_queues).map(|_| Mutex::default()).collect(),
             request_delay: None,
+            poll_window: Duration::ZERO,
         }
     }
 
@@ -94,6 +97,12 @@ impl BlkBackend {
     /// while a request is fetched but not completed. Never used outside tests.
     pub fn with_request_delay(mut self, delay: Option<Duration>) -> Self {
         self.request_delay = delay;
+        self
+    }
+
+    /// Poll each queue this long after a batch before sleeping (see `--poll-us`).
+    pub fn with_poll_window(mut self, window: Duration) -> Self {
+        self.poll_window = window;
         self
     }
 
@@ -221,6 +230,10 @@ impl VhostUserDevice for BlkBackend {
         );
         self.account(queue, &done);
         done.used_len
+    }
+
+    fn poll_window(&self) -> Duration {
+        self.poll_window
     }
 
     fn queue_kicked(&self, queue: usize) {

@@ -3,12 +3,14 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use log::warn;
 
+use crate::iovec::{transfer_all, Direction, IoVecs};
 use splitvisor_wire::host::imagelock::{lock_image, ImageLockError, LockMode};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
@@ -28,6 +30,34 @@ pub trait Disk: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Write all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Fill the buffers of `iov`, in order, from `offset` (zero-copy into guest memory).
+    fn read_vectored_at(&self, iov: &IoVecs, offset: u64) -> io::Result<()> {
+        let mut pos = offset;
+        iov.for_each(|ptr, len| {
+            // SAFETY: `IoVecs::push`'s contract: valid, unaliased memory of `len` bytes.
+            let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+            self.read_at(buf, pos)?;
+            pos += len as u64;
+            Ok(())
+        })
+    }
+    /// Write the buffers of `iov`, in order, at `offset` (zero-copy from guest memory).
+    fn write_vectored_at(&self, iov: &IoVecs, offset: u64) -> io::Result<()> {
+        let mut pos = offset;
+        iov.for_each(|ptr, len| {
+            // SAFETY: `IoVecs::push`'s contract: valid, unaliased memory of `len` bytes.
+            let buf = unsafe { std::slice::from_raw_parts(ptr.cast_const(), len) };
+            self.write_at(buf, pos)?;
+            pos += len as u64;
+            Ok(())
+        })
+    }
+    /// The alignment of buffers, offsets and lengths the disk needs for direct I/O, if it
+    /// does direct I/O: vectored transfers of misaligned guest buffers go through an aligned
+    /// bounce buffer instead.
+    fn direct_alignment(&self) -> Option<usize> {
+        None
+    }
     /// Make completed writes durable.
     fn flush(&self) -> io::Result<()>;
     /// Tell the storage a range is no longer needed (its contents become unspecified).
@@ -154,6 +184,21 @@ impl FileDisk {
         self.direct.as_ref().filter(|_| aligned)
     }
 
+    /// A vectored transfer: through the O_DIRECT file when every buffer is aligned for it.
+    fn vectored(&self, dir: Direction, iov: &IoVecs, offset: u64) -> io::Result<()> {
+        let direct = self
+            .direct
+            .as_ref()
+            .filter(|_| iov.aligned(DIRECT_ALIGN) && offset.is_multiple_of(DIRECT_ALIGN as u64));
+        if let Some(f) = direct {
+            match transfer_all(f.as_raw_fd(), dir, iov, offset) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.warn_fallback(&e),
+                other => return other,
+            }
+        }
+        transfer_all(self.file.as_raw_fd(), dir, iov, offset)
+    }
+
     fn warn_fallback(&self, err: &io::Error) {
         if !self.direct_fallback_warned.swap(true, Ordering::Relaxed) {
             warn!("O_DIRECT transfer failed ({err}); using buffered I/O for such transfers");
@@ -234,6 +279,18 @@ impl Disk for FileDisk {
             }
         }
         self.file.write_all_at(buf, offset)
+    }
+
+    fn read_vectored_at(&self, iov: &IoVecs, offset: u64) -> io::Result<()> {
+        self.vectored(Direction::Read, iov, offset)
+    }
+
+    fn write_vectored_at(&self, iov: &IoVecs, offset: u64) -> io::Result<()> {
+        self.vectored(Direction::Write, iov, offset)
+    }
+
+    fn direct_alignment(&self) -> Option<usize> {
+        self.direct.as_ref().map(|_| DIRECT_ALIGN)
     }
 
     fn flush(&self) -> io::Result<()> {

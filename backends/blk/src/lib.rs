@@ -5,6 +5,7 @@ pub mod disk;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod iovec;
 pub mod live;
 pub mod request;
 pub mod seccomp;
@@ -53,6 +54,10 @@ pub const MAX_RANGE_SECTORS: u32 = 1 << 25;
 /// Ranges one discard/write-zeroes request may carry.
 pub const MAX_RANGES: u32 = 32;
 
+/// Default of `--poll-us`: long enough to catch a driver that submits again right after its
+/// completions, short enough that a queue that went idle sleeps within 50 us.
+pub const DEFAULT_POLL_US: u64 = 50;
+
 /// Everything the daemon needs, parsed from the command line by `main`.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -62,6 +67,8 @@ pub struct Config {
     pub queues: usize,
     pub queue_size: usize,
     pub direct: bool,
+    /// Microseconds a worker keeps polling its queue after a batch (`--poll-us`; 0: never).
+    pub poll_us: u64,
     /// Take a shared image lock even when writing (`--share`): for two daemons that take
     /// turns on one image.
     pub share: bool,
@@ -178,7 +185,8 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let queue_size = u16::try_from(config.queue_size).unwrap_or(u16::MAX);
     let device = Arc::new(Tracked {
         device: BlkBackend::new(disk, info, config.queues, queue_size, stats.clone())
-            .with_request_delay(test_request_delay()),
+            .with_request_delay(test_request_delay())
+            .with_poll_window(Duration::from_micros(config.poll_us)),
         live: live.clone(),
     });
     // Image open, socket bound, signal and stats threads started: nothing privileged is left

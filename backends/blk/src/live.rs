@@ -104,6 +104,10 @@ impl<D: VhostUserDevice> VhostUserDevice for Tracked<D> {
     fn queue_signalled(&self, queue: usize) {
         self.device.queue_signalled(queue)
     }
+
+    fn poll_window(&self) -> std::time::Duration {
+        self.device.poll_window()
+    }
 }
 
 #[cfg(test)]

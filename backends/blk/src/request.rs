@@ -14,6 +14,8 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
 use crate::disk::Disk;
+use crate::iovec::IoVecs;
+use stream::DataStream;
 
 /// Bytes per virtio-blk sector (the unit of `sector` fields and of the capacity).
 pub const SECTOR_SIZE: u64 = 512;
@@ -128,23 +130,23 @@ pub struct Completion {
     pub error: Option<RequestError>,
 }
 
-/// A page-aligned bounce buffer, reused across requests (O_DIRECT friendly).
+/// Per-queue scratch space reused across requests: the scatter-gather list of a zero-copy
+/// transfer, and a page-aligned bounce buffer for the transfers that cannot be zero-copy
+/// (O_DIRECT with a misaligned guest buffer), allocated on first use.
+#[derive(Default)]
 pub struct IoBuffer {
+    iov: IoVecs,
     raw: Vec<u8>,
     start: usize,
-}
-
-impl Default for IoBuffer {
-    fn default() -> Self {
-        let raw = vec![0u8; CHUNK_SIZE + CHUNK_ALIGN];
-        let start = (CHUNK_ALIGN - raw.as_ptr() as usize % CHUNK_ALIGN) % CHUNK_ALIGN;
-        IoBuffer { raw, start }
-    }
 }
 
 impl IoBuffer {
     /// The first `len` (at most `CHUNK_SIZE`) bytes of the aligned buffer.
     fn chunk(&mut self, len: usize) -> &mut [u8] {
+        if self.raw.is_empty() {
+            self.raw = vec![0u8; CHUNK_SIZE + CHUNK_ALIGN];
+            self.start = (CHUNK_ALIGN - self.raw.as_ptr() as usize % CHUNK_ALIGN) % CHUNK_ALIGN;
+        }
         &mut self.raw[self.start..self.start + len.min(CHUNK_SIZE)]
     }
 }
@@ -404,96 +406,6 @@ fn check_sectors(sector: u64, sectors: u64, capacity: u64) -> Result<(), Request
     }
 }
 
-/// The data descriptors seen as one contiguous byte stream.
-struct DataStream<'a, G: ?Sized> {
-    mem: &'a G,
-    descs: &'a [Descriptor],
-}
-
-impl<G: GuestMemory + ?Sized> DataStream<'_, G> {
-    /// Call `f(guest_addr, start..end)` for every piece of stream range `pos..pos+len`.
-    fn pieces(
-        &self,
-        pos: u64,
-        len: usize,
-        mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), GuestMemoryError>,
-    ) -> Result<(), RequestError> {
-        let end = pos + len as u64;
-        let mut desc_start = 0u64;
-        for d in self.descs {
-            let desc_end = desc_start + u64::from(d.len());
-            let lo = pos.max(desc_start);
-            let hi = end.min(desc_end);
-            if lo < hi {
-                // lo - desc_start < d.len() and the range was checked to lie in guest memory.
-                let addr = GuestAddress(d.addr().0 + (lo - desc_start));
-                f(addr, (lo - pos) as usize..(hi - pos) as usize).map_err(RequestError::Memory)?;
-            }
-            desc_start = desc_end;
-        }
-        Ok(())
-    }
-
-    fn scatter(&self, pos: u64, bytes: &[u8]) -> Result<(), RequestError> {
-        self.pieces(pos, bytes.len(), |addr, r| {
-            self.mem.write_slice(&bytes[r], addr)
-        })
-    }
-
-    fn gather(&self, pos: u64, bytes: &mut [u8]) -> Result<(), RequestError> {
-        let len = bytes.len();
-        self.pieces(pos, len, |addr, r| self.mem.read_slice(&mut bytes[r], addr))
-    }
-
-    fn disk_to_guest(
-        &mut self,
-        disk: &dyn Disk,
-        offset: u64,
-        len: u64,
-        buf: &mut IoBuffer,
-    ) -> Result<Outcome, RequestError> {
-        let mut pos = 0;
-        while pos < len {
-            let chunk = buf.chunk((len - pos).min(CHUNK_SIZE as u64) as usize);
-            disk.read_at(chunk, offset + pos)
-                .map_err(|source| RequestError::Io { op: "read", source })?;
-            self.scatter(pos, chunk)?;
-            pos += chunk.len() as u64;
-        }
-        Ok(Outcome {
-            // The used length is a u32; a transfer beyond 4 GiB reports the maximum.
-            written: u32::try_from(len).unwrap_or(u32::MAX),
-            read_bytes: len,
-            write_bytes: 0,
-        })
-    }
-
-    fn guest_to_disk(
-        &mut self,
-        disk: &dyn Disk,
-        offset: u64,
-        len: u64,
-        buf: &mut IoBuffer,
-    ) -> Result<Outcome, RequestError> {
-        let mut pos = 0;
-        while pos < len {
-            let chunk = buf.chunk((len - pos).min(CHUNK_SIZE as u64) as usize);
-            self.gather(pos, chunk)?;
-            disk.write_at(chunk, offset + pos)
-                .map_err(|source| RequestError::Io {
-                    op: "write",
-                    source,
-                })?;
-            pos += chunk.len() as u64;
-        }
-        Ok(Outcome {
-            written: 0,
-            read_bytes: 0,
-            write_bytes: len,
-        })
-    }
-}
-
 struct Range {
     sector: u64,
     sectors: u32,
@@ -582,6 +494,8 @@ fn apply_ranges(
     }
     Ok(())
 }
+
+mod stream;
 
 #[cfg(test)]
 mod tests;

@@ -24,7 +24,7 @@ use vhost::vhost_user::{Error, GpuBackend, Result, VhostUserBackendReqHandlerMut
 use vhost::VhostUserMemoryRegionBase;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
 
 use super::chain::DescriptorTable;
 use super::fdcheck::is_eventfd;
@@ -225,7 +225,16 @@ impl<D: VhostUserDevice> FrontendHandler<D> {
                     next_avail: Some(used_idx),
                 }
             }
-            Some(t) => t.recover(index, size, used_idx),
+            Some(t) => {
+                // The worker publishes batches: the used ring says which heads are done.
+                let ring = GuestAddress(queue.used_ring());
+                let used_head_at = |i: u16| {
+                    let elem = ring.checked_add(4 + 8 * u64::from(i % size))?;
+                    let id: u32 = mem.read_obj(elem).ok()?;
+                    u16::try_from(u32::from_le(id)).ok()
+                };
+                t.recover_with(index, size, used_idx, used_head_at)
+            }
             // A driven queue takes the ring over at the guest's used index, region or not.
             None if driven => Recovery {
                 resubmit: Vec::new(),

@@ -240,7 +240,9 @@ impl InflightQueue {
         }
     }
 
-    /// Second half of a completion, once the used ring shows `head` at index `used_idx - 1`.
+    /// Second half of a completion, once the used ring shows `head` at index `used_idx - 1`
+    /// (one completion at a time; the worker publishes batches with `cleared`/`published`).
+    #[cfg(test)]
     pub fn completed(&self, head: u16, used_idx: u16) {
         if head >= self.capacity {
             return;
@@ -282,7 +284,22 @@ impl InflightQueue {
     /// Start a queue of `ring_size` entries whose used ring shows `ring_used_idx`: initialise
     /// an unused area, or work out what a previous backend left in flight. Corrupt entries are
     /// logged and dropped, never trusted.
+    #[cfg(test)]
     pub fn recover(&mut self, queue: usize, ring_size: u16, ring_used_idx: u16) -> Recovery {
+        self.recover_with(queue, ring_size, ring_used_idx, |_| None)
+    }
+
+    /// `recover` for a backend that publishes batches: `used_head_at(i)` is the head the used
+    /// ring holds at used index `i` (`None` if unreadable). Every head published after the
+    /// region's used index - a whole batch whose flags a crash left set - is cleared, not
+    /// resubmitted (which would complete it twice).
+    pub fn recover_with(
+        &mut self,
+        queue: usize,
+        ring_size: u16,
+        ring_used_idx: u16,
+        used_head_at: impl Fn(u16) -> Option<u16>,
+    ) -> Recovery {
         let version: u16 = self.load(VERSION_AT);
         let desc_num: u16 = self.load(DESC_NUM_AT);
         if version == 0 {
@@ -305,6 +322,17 @@ impl InflightQueue {
             let last: u16 = self.load(LAST_BATCH_HEAD_AT);
             if last < self.capacity {
                 self.store(Self::desc_at(last) + DESC_INFLIGHT_AT, 0u8);
+            }
+            let published = ring_used_idx.wrapping_sub(used_idx);
+            if published <= ring_size {
+                for i in 0..published {
+                    match used_head_at(used_idx.wrapping_add(i)) {
+                        Some(head) if head < self.capacity => {
+                            self.store(Self::desc_at(head) + DESC_INFLIGHT_AT, 0u8)
+                        }
+                        _ => {}
+                    }
+                }
             }
             fence(Ordering::SeqCst);
             self.store(USED_IDX_AT, ring_used_idx);
@@ -415,6 +443,28 @@ mod tests {
         again.fetched(3);
         let counter = |h| again.load::<u64>(InflightQueue::desc_at(h) + DESC_COUNTER_AT);
         assert!(counter(3) > counter(5));
+    }
+
+    #[test]
+    fn a_batch_published_before_a_crash_is_cleared_not_resubmitted() {
+        let mut q = InflightQueue::new(region(1), 0).unwrap();
+        q.recover(0, QS, 6);
+        for head in [3, 1, 6, 4] {
+            q.fetched(head);
+        }
+        // Heads 3, 1 and 6 are published at used indices 6..9; the backend dies before it
+        // clears their flags (and head 4 was never completed).
+        q.completing(6);
+        let used = |i: u16| [3u16, 1, 6].get(usize::from(i.wrapping_sub(6))).copied();
+        let mut again = InflightQueue::new(q.region.clone(), 0).unwrap();
+        let r = again.recover_with(0, QS, 9, used);
+        assert_eq!(r.resubmit, [4]);
+        assert_eq!(r.next_avail, Some(10));
+        assert_eq!(
+            (flag(&again, 3), flag(&again, 1), flag(&again, 6)),
+            (0, 0, 0)
+        );
+        assert_eq!(header(&again).3, 9);
     }
 
     #[test]

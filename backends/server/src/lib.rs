@@ -41,6 +41,7 @@ mod inflight;
 mod relay;
 // Per-queue rate limiting of guest-caused log lines, as the daemons' devices do.
 use splitvisor_wire::host::loglimit;
+use std::time::Duration;
 pub mod framing;
 mod memory;
 mod worker;
@@ -99,6 +100,13 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// `DrivenQueue::wait` answers `Wake::Stop`; pop with `DeviceRing::pop`, complete with
     /// `DeviceRing::publish` and `DeviceRing::signal`, which keep the inflight region right.
     fn serve_queue(&self, _queue: DrivenQueue) {}
+    /// How long a queue's worker keeps polling the avail ring after a batch, notifications
+    /// still suppressed (EVENT_IDX), before it re-enables them and sleeps on the kick
+    /// eventfd; zero never polls. Polling spends CPU to save the driver's kicks and the
+    /// worker's wake-ups; an idle queue sleeps once the window has passed.
+    fn poll_window(&self) -> Duration {
+        Duration::ZERO
+    }
     /// A frontend connected, before its first message.
     fn frontend_connected(&self) {}
     /// The driver kicked `queue`.

@@ -1,17 +1,23 @@
-//! One thread per started queue: waits on the kick eventfd (and an exit eventfd), pops chains,
-//! hands them to the device, completes them in the used ring with inflight tracking, and
-//! signals the call eventfd as EVENT_IDX allows.
+//! One thread per started queue: waits on the kick eventfd (and an exit eventfd), drains the
+//! avail ring, hands each chain to the device, publishes the batch's used entries with one
+//! used-index store (inflight tracking kept right) and signals the call eventfd at most once
+//! per batch as EVENT_IDX allows.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::num::Wrapping;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryError,
+    GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -23,6 +29,15 @@ use crate::loglimit::{burst_note, LogLimit, INTERVAL};
 
 const KICK_TOKEN: u64 = 0;
 const EXIT_TOKEN: u64 = 1;
+/// Bytes of a used-ring header (`flags`, `idx`), of one used element (`id`, `len`), and where
+/// `used.idx` is; where the avail ring's entries start.
+const USED_HEADER: u64 = 4;
+const USED_ELEM: u64 = 8;
+const USED_IDX_AT: u64 = 2;
+const AVAIL_HEADER: u64 = 4;
+/// Most completions held back before they are published mid-drain, so a long drain of a big
+/// ring still lets the driver see progress.
+const MAX_BATCH: usize = 64;
 
 /// Why a worker stopped serving its queue before it was asked to.
 #[derive(Debug, thiserror::Error)]
@@ -108,9 +123,11 @@ impl RunningQueue {
         let worker = Worker {
             exit: exit.try_clone()?,
             stop: stop.clone(),
+            signalled_at: Wrapping(setup.queue.next_used()),
             setup,
             device,
             bad_chain_log: LogLimit::default(),
+            batch: Vec::with_capacity(MAX_BATCH),
         };
         let thread = std::thread::Builder::new()
             .name(format!("queue-{index}"))
@@ -184,6 +201,10 @@ struct Worker<D> {
     stop: Arc<AtomicBool>,
     /// Rate limit of the bad-chain warnings the guest can cause on this queue.
     bad_chain_log: LogLimit,
+    /// Served chains (head, used length) whose used entries are not published yet.
+    batch: Vec<(u16, u32)>,
+    /// The used index when the driver was last considered for a call (EVENT_IDX's "old").
+    signalled_at: Wrapping<u16>,
 }
 
 impl<D: VhostUserDevice> Worker<D> {
@@ -255,6 +276,7 @@ impl<D: VhostUserDevice> Worker<D> {
         for head in heads {
             self.execute(&memory, head);
         }
+        self.publish(&memory);
         self.notify(&memory);
     }
 
@@ -282,6 +304,9 @@ impl<D: VhostUserDevice> Worker<D> {
             if self.stop.load(Ordering::SeqCst) || !event_idx {
                 return Ok(());
             }
+            if served > 0 && self.poll_for_work(&memory) {
+                continue;
+            }
             match self.setup.queue.enable_notification(&*memory) {
                 Ok(true) => continue,
                 Ok(false) => return Ok(()),
@@ -293,6 +318,30 @@ impl<D: VhostUserDevice> Worker<D> {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// After a batch, watch the avail ring (notifications still suppressed) for up to the
+    /// device's poll window: a driver that submits again soon is served without a kick and
+    /// a wake-up. True when new work arrived; false after the window (or on a stop).
+    fn poll_for_work(&self, memory: &GuestMemoryMmap) -> bool {
+        let window = self.device.poll_window();
+        if window.is_zero() {
+            return false;
+        }
+        let queue = &self.setup.queue;
+        let deadline = Instant::now() + window;
+        loop {
+            match queue.avail_idx(memory, Ordering::Acquire) {
+                Ok(avail) if avail.0 != queue.next_avail() => return true,
+                Ok(_) => {}
+                // Unreadable: popping fails the same way; sleep on the kick fd instead.
+                Err(_) => return false,
+            }
+            if self.stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -327,11 +376,15 @@ impl<D: VhostUserDevice> Worker<D> {
             }
             self.execute(memory, head);
             served += 1;
+            if self.batch.len() >= MAX_BATCH {
+                self.publish(memory);
+            }
         }
+        self.publish(memory);
         served
     }
 
-    /// Serve the chain at `head` and put it in the used ring.
+    /// Serve the chain at `head`; its used entry joins the batch.
     fn execute(&mut self, memory: &GuestMemoryMmap, head: u16) {
         let used_len = match self.setup.table.chain(memory, head) {
             Ok(chain) => self.device.process(self.setup.index, head, &chain, memory),
@@ -340,23 +393,77 @@ impl<D: VhostUserDevice> Worker<D> {
                 0
             }
         };
-        if let Some(inflight) = &self.setup.inflight {
-            inflight.completing(head);
-        }
-        if let Err(e) = self.setup.queue.add_used(memory, head, used_len) {
+        self.batch.push((head, used_len));
+    }
+
+    /// Write the batch's used entries and make them visible with one release store of
+    /// `used.idx`; only then are their inflight flags cleared (a crash in between leaves
+    /// them in flight with `last_batch_head` telling the next backend where the batch ended).
+    fn publish(&mut self, memory: &GuestMemoryMmap) {
+        let Some(&(last, _)) = self.batch.last() else {
+            return;
+        };
+        let queue = &mut self.setup.queue;
+        let size = queue.size().max(1);
+        let ring = GuestAddress(queue.used_ring());
+        let mut next = Wrapping(queue.next_used());
+        let written = self.batch.iter().try_for_each(|&(head, len)| {
+            let elem = ring.unchecked_add(USED_HEADER + u64::from(next.0 % size) * USED_ELEM);
+            memory.write_obj(u32::from(head).to_le(), elem)?;
+            memory.write_obj(len.to_le(), elem.unchecked_add(4))?;
+            next += Wrapping(1);
+            Ok::<_, GuestMemoryError>(())
+        });
+        let published = written.and_then(|()| {
+            if let Some(inflight) = &self.setup.inflight {
+                inflight.completing(last);
+            }
+            memory.store(
+                next.0.to_le(),
+                ring.unchecked_add(USED_IDX_AT),
+                Ordering::Release,
+            )
+        });
+        if let Err(e) = published {
+            // The rings were checked at start; only a frontend that remapped memory under a
+            // running queue gets here. Like a lost completion: the entries stay in flight.
             warn!(
-                "queue {}: cannot complete head {head}: {e}",
-                self.setup.index
+                "queue {}: cannot publish {} used entries: {e}",
+                self.setup.index,
+                self.batch.len()
             );
+            self.batch.clear();
             return;
         }
+        queue.set_next_used(next.0);
         if let Some(inflight) = &self.setup.inflight {
-            inflight.completed(head, self.setup.queue.next_used());
+            for &(head, _) in &self.batch {
+                inflight.cleared(head);
+            }
+            inflight.published(next.0);
         }
+        self.batch.clear();
+    }
+
+    /// EVENT_IDX's rule (the driver wants a call once `used_event` is passed) over everything
+    /// published since the last decision; always true without EVENT_IDX.
+    fn driver_wants_call(&mut self, memory: &GuestMemoryMmap) -> Result<bool, GuestMemoryError> {
+        let queue = &self.setup.queue;
+        let new = Wrapping(queue.next_used());
+        let old = std::mem::replace(&mut self.signalled_at, new);
+        if !queue.event_idx_enabled() {
+            return Ok(new != old);
+        }
+        // The used index store must be visible before used_event is read (virtio 2.7.10).
+        fence(Ordering::SeqCst);
+        let at = GuestAddress(queue.avail_ring())
+            .unchecked_add(AVAIL_HEADER + 2 * u64::from(queue.size()));
+        let used_event = Wrapping(u16::from_le(memory.load(at, Ordering::Acquire)?));
+        Ok(new - used_event - Wrapping(1) < new - old)
     }
 
     fn notify(&mut self, memory: &GuestMemoryMmap) {
-        match self.setup.queue.needs_notification(memory) {
+        match self.driver_wants_call(memory) {
             Ok(false) => return,
             Ok(true) => {}
             Err(e) => warn!(

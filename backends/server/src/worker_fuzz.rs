@@ -155,11 +155,13 @@ pub fn queue_worker<D: VhostUserDevice>(
         resubmit,
     };
     let mut worker = Worker {
+        signalled_at: std::num::Wrapping(setup.queue.next_used()),
         setup,
         device,
         exit: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
         stop,
         bad_chain_log: crate::loglimit::LogLimit::default(),
+        batch: Vec::new(),
     };
     // What the worker thread does before it first waits for a kick, on a thread of its own
     // so that a spinning worker can be stopped and reported.
