@@ -132,12 +132,12 @@ impl NestedHost {
                 .unwrap_or_else(|e| panic!("nested: cannot start L1: {e}"))
         };
         let mut guest = run_l1("l1");
-        if l1_kernel_crashed(&guest) {
-            // L1's own kernel (under QEMU TCG's emulated SVM) died before the script ended:
-            // the test environment failed, not what the script tests. Once more, on a fresh
-            // files image, and said loudly; a second crash fails the test as before.
+        if let Some(why) = environment_failure(&guest) {
+            // The nested environment (QEMU TCG's emulated SVM) failed before what the script
+            // tests could run. Once more, on a fresh files image, and said loudly; a second
+            // failure is judged by the test as any other run.
             eprintln!(
-                "nested: L1's kernel panicked before the script ended; running the case once more. Console tail:\n{}",
+                "nested: {why}; running the case once more. Console tail:\n{}",
                 run::console_tail(&guest.serial, 30)
             );
             self.files_image(&workdir, script, files, options, &image)
@@ -226,10 +226,31 @@ impl NestedHost {
     }
 }
 
-/// Whether L1's kernel panicked before the script printed its exit status (L1 itself failed).
-fn l1_kernel_crashed(guest: &GuestRun) -> bool {
+/// Why the run says nothing about splitvisor, if it does not: L1's kernel panicked before the
+/// script printed its exit status, or an L2 Linux triple-faulted before its init ran (before
+/// it touched any splitvisor device: the virtio drivers are modules its init loads).
+fn environment_failure(guest: &GuestRun) -> Option<&'static str> {
     let parsed = run::parse_console(&guest.serial);
-    parsed.exit.is_none() && guest.serial.contains("Kernel panic - not syncing")
+    if parsed.exit.is_none() && guest.serial.contains("Kernel panic - not syncing") {
+        return Some("L1's kernel panicked before the script ended");
+    }
+    if l2_crashed_before_init(&parsed.lines) {
+        return Some("an L2 kernel triple-faulted during early boot, before its init ran");
+    }
+    None
+}
+
+/// Whether a VMM reported a triple fault while fewer L2 guests reached their init
+/// (`SV:init=ready`) than VMs were started (distinct names in `splitvisor: VM NAME, ...`; a
+/// script may show a VMM's log twice).
+fn l2_crashed_before_init(lines: &[String]) -> bool {
+    let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
+    let vms: std::collections::HashSet<&str> = lines
+        .iter()
+        .filter_map(|l| l.split_once("splitvisor: VM ")?.1.split(',').next())
+        .collect();
+    count("the guest shut down unexpectedly (triple fault") > 0
+        && count("SV:init=ready") < vms.len()
 }
 
 /// The script's output and exit status from L1's console; panics with the console's tail when
@@ -281,4 +302,32 @@ fn disk_args(image: &Path, disks: &[ExtraDisk]) -> Vec<String> {
         ]);
     }
     args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::l2_crashed_before_init;
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn only_a_triple_fault_before_init_is_the_environments() {
+        let started = "a| splitvisor: VM vm-1, API socket /run/x (`...`)\na| SV:init=ready\n\
+                       b| splitvisor: VM vm-2, API socket /run/y (`...`)\n";
+        let crash =
+            "b| splitvisor: the guest shut down unexpectedly (triple fault or reset) on vCPU 0\n";
+        assert!(l2_crashed_before_init(&lines(&format!("{started}{crash}"))));
+        // A VMM's log shown twice names its VM twice; it is still one VM.
+        let twice = format!("{started}{crash}b-err| splitvisor: VM vm-2, API socket /run/y\n");
+        assert!(l2_crashed_before_init(&lines(&twice)));
+        let twice_late = format!("{twice}b| SV:init=ready\n");
+        assert!(!l2_crashed_before_init(&lines(&twice_late)));
+        // The crashed guest had reached its init: a failure of what the test checks.
+        let late = format!("{started}b| SV:init=ready\n{crash}");
+        assert!(!l2_crashed_before_init(&lines(&late)));
+        // No crash: a guest still booting when the script ended is not rerun.
+        assert!(!l2_crashed_before_init(&lines(started)));
+    }
 }
