@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::daemon::{last_stats_line, sibling, Backend};
 use super::netns::Netns;
-use super::table::{cell, round3};
+use super::table::{cell, figure, round3};
 use super::{BenchArgs, BenchError};
 
 /// Addresses of the stream's two ends (the TAP side is the receiver at .1).
@@ -422,13 +422,13 @@ pub fn print_table(paths: &serde_json::Map<String, Value>) {
                 "{:<16} {:>6} {:>11} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9}",
                 name,
                 cell(&p["size"]),
-                cell(&p["tx_packets_per_s"]),
-                cell(&p["tx_gbit_per_s"]),
+                figure(p, "tx_packets_per_s"),
+                figure(p, "tx_gbit_per_s"),
                 cell(&p["guest_kicks_per_packet"]),
                 cell(&p["backend_kicks_per_packet"]),
-                cell(&p["rx_packets_per_s"]),
-                cell(&p["rx_gbit_per_s"]),
-                cell(&p["delivered"]),
+                figure(p, "rx_packets_per_s"),
+                figure(p, "rx_gbit_per_s"),
+                figure(p, "delivered"),
             );
         }
         println!("(bytes: UDP payload per datagram; Gb/s: UDP payload bits; rx of net-tap: see tap_rx_packets)");
