@@ -51,6 +51,11 @@ pub enum Command {
     /// With `--paths net-switch,net-tap`: a guest UDP stream through splitvisor-net, VM to VM
     /// through its switch and guest to a TAP (as root, in a private network namespace), with
     /// packets/s, Gbit/s and kicks per packet, and Linux ping's round trip to the guest.
+    /// Each configuration runs `--repeat` times (default 3; figures are medians, shown as
+    /// `median (min-max)`), at each queue depth of `--qd` (e.g. `--qd 1,4,16,32`); paths are
+    /// compared only at equal queue depth. `--output` writes every result as JSON or CSV,
+    /// `--plot` draws them into an SVG. Flags are checked before anything starts; the exit
+    /// status is 1 when a flag is refused or any run failed.
     Bench(BenchArgs),
     /// Start the backend daemons (splitvisor-blk, splitvisor-net) and the VMM from one
     /// description (flags or a TOML file) and supervise them until the guest exits; the exit

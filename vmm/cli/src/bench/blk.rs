@@ -257,18 +257,25 @@ fn is_vm_blk(path: &str) -> bool {
 }
 
 fn print_blk_table(rows: &[&Value]) {
-    println!(
+    for line in blk_lines(rows) {
+        println!("{line}");
+    }
+}
+
+/// The table's lines: a failed run's reason from the guest takes the place of its figures.
+fn blk_lines(rows: &[&Value]) -> Vec<String> {
+    let mut lines = vec![format!(
         "{:<8} {:>4} {:>22} {:>18} {:>16} {:>16} {:>10} {:>10}",
         "path", "qd", "IOPS", "MB/s", "p50 us", "p99 us", "exits/req", "kicks/req"
-    );
+    )];
     for p in rows {
         let (name, qd) = (cell(&p["path"]), cell(&p["qd"]));
+        let failed = format!("failed: {}", cell(&p["error"]));
         if p["status"] != "pass" && p["iops"].is_null() {
-            // A failed run has no figures: its reason is the row.
-            println!("{name:<8} {qd:>4} failed: {}", cell(&p["error"]));
+            lines.push(format!("{name:<8} {qd:>4} {failed}"));
             continue;
         }
-        println!(
+        lines.push(format!(
             "{name:<8} {qd:>4} {:>22} {:>18} {:>16} {:>16} {:>10} {:>10}",
             figure(p, "iops"),
             figure(p, "mb_per_s"),
@@ -276,9 +283,30 @@ fn print_blk_table(rows: &[&Value]) {
             figure(p, "lat_p99_us"),
             figure(p, "vmm_exits_per_request"),
             figure(p, "kicks_per_request")
-        );
+        ));
         if p["status"] != "pass" {
-            println!("{:<13} failed: {}", "", cell(&p["error"]));
+            lines.push(format!("{:<13} {failed}", ""));
         }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_run_shows_the_guests_reason() {
+        let failed = json!({"path": "ata", "qd": 1, "status": "fail", "iops": null,
+                            "error": "region smaller than bs, or bs too big"});
+        let partly = json!({"path": "virtio", "qd": 4, "status": "fail", "iops": 10,
+                            "error": "1 request(s) failed", "runs": 2,
+                            "min": {"iops": 9}, "max": {"iops": 12}});
+        let lines = blk_lines(&[&failed, &partly]);
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert!(lines[1].ends_with("failed: region smaller than bs, or bs too big"));
+        assert!(lines[2].contains("10 (9-12)"), "{}", lines[2]);
+        assert!(lines[3].ends_with("failed: 1 request(s) failed"));
+        assert!(blk_lines(&[]).len() == 1);
     }
 }

@@ -1,15 +1,18 @@
-//! `splitvisor bench`: its flags, and the paths it measures one after the other into one
-//! summary (`BENCH {json}`) and table. The block paths (`virtio`, `ata`) are in `blk`, the
-//! network paths (`net-switch`, `net-tap`) in `net`; both start their daemons with `daemon`,
+//! `splitvisor bench`: its flags (checked up front by `check`), and the paths it measures one
+//! after the other, `--repeat` times at each `--qd` (folded by `stats`), into one summary
+//! (`BENCH {json}`), a table, and on request a file (`output`) and a chart (`plot`). The
+//! block paths (`virtio`, `ata`) are in `blk`, the network paths (`net-switch`, `net-tap`)
+//! in `net`; both start their daemons with `daemon`,
 //! `net-tap` works in a namespace of its own (`netns`), and both render with `table`.
 //! `blk-host` (`blk_host`) measures a vhost-user-blk backend without a VM, from a frontend in
-//! this process (`frontend`, `load`).
+//! this process (`frontend`, `load`), shown by `host_table`.
 
 mod blk;
 mod blk_host;
 mod check;
 mod daemon;
 mod frontend;
+mod host_table;
 mod load;
 mod net;
 mod netns;
@@ -37,7 +40,7 @@ pub struct BenchArgs {
     /// Access pattern: read, write, randread, randwrite.
     #[arg(long, default_value = "randread", value_parser = ["read", "write", "randread", "randwrite"])]
     pub rw: String,
-    /// Request size (4k to 1M).
+    /// Request size: a multiple of 512 bytes, at most 1M.
     #[arg(long, default_value = "4k")]
     pub bs: String,
     /// Requests in flight, or a comma list to sweep (e.g. 1,4,16,32): the virtio and blk-host
@@ -283,7 +286,7 @@ fn summarize(args: &BenchArgs, results: Vec<Value>, host_compare: Value) -> Valu
 /// The summary as a table for people: the block paths, then the network paths.
 pub fn print_table(summary: &Value) {
     blk::print_table(summary);
-    blk_host::print_table(summary);
+    host_table::print_table(summary);
     if let Some(paths) = summary["paths"].as_object() {
         net::print_table(paths);
     }

@@ -1,10 +1,11 @@
 //! `bench --plot FILE.svg`: the block paths' throughput (MB/s) and latency (p50, p99) over the
-//! queue depths they ran at, one line per path, the min-max of the runs as error bars; drawn
+//! queue depths they ran at, one colour per path, the min-max of the runs as error bars; drawn
 //! with `plotters`' SVG backend (no fonts needed: the text stays SVG text).
 
 use std::path::Path;
 
-use plotters::coord::ranged1d::SegmentValue;
+use plotters::coord::ranged1d::{SegmentValue, SegmentedCoord, ValueFormatter};
+use plotters::coord::types::RangedCoordusize;
 use plotters::prelude::*;
 use serde_json::Value;
 
@@ -39,7 +40,7 @@ const COLORS: [RGBColor; 6] = [
 struct Series {
     path: String,
     name: String,
-    /// A secondary figure (p99 beside p50): a thin line in the path's colour.
+    /// A secondary figure (p99 beside p50): a dashed line in the path's colour.
     thin: bool,
     points: Vec<(usize, f64, f64, f64)>,
 }
@@ -108,35 +109,75 @@ pub fn draw(path: &Path, summary: &Value) -> Result<(), PlotError> {
     let (left, right) = root.split_horizontally(SIZE.0 / 2);
     let throughput = series(&results, &qds, "mb_per_s", "");
     let paths: Vec<String> = throughput.iter().map(|s| s.path.clone()).collect();
-    panel(&left, &qds, "throughput", "MB/s", &throughput, &paths)?;
+    let spec = Panel {
+        caption: "throughput",
+        unit: "MB/s",
+        log: false,
+    };
+    panel(&left, &qds, &spec, &throughput, &paths)?;
     let mut latency = series(&results, &qds, "lat_p50_us", " p50");
     latency.extend(series(&results, &qds, "lat_p99_us", " p99"));
-    panel(&right, &qds, "latency", "microseconds", &latency, &paths)?;
+    let spec = Panel {
+        caption: "latency (p99 dashed)",
+        unit: "microseconds (log scale)",
+        log: true,
+    };
+    panel(&right, &qds, &spec, &latency, &paths)?;
     root.present()?;
     Ok(())
 }
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 
-/// One chart: a line per series over the queue depths, with error bars.
+/// The x axis: one segment per queue depth, labelled with it.
+type Depths = SegmentedCoord<RangedCoordusize>;
+type Chart<'a, 'b, Y> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<Depths, Y>>;
+
+/// One panel: throughput on a linear axis from 0, or latency on a logarithmic one (p99 is
+/// often ten times p50 and would flatten it).
+struct Panel<'a> {
+    caption: &'a str,
+    unit: &'a str,
+    log: bool,
+}
+
 fn panel(
     area: &Area,
     qds: &[u64],
-    caption: &str,
-    unit: &str,
+    spec: &Panel,
     all: &[Series],
     paths: &[String],
 ) -> Result<(), PlotError> {
-    let top = all
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.3))
-        .fold(0.0f64, f64::max);
-    let mut chart = ChartBuilder::on(area)
-        .caption(caption, ("sans-serif", 20))
+    let values = || all.iter().flat_map(|s| s.points.iter());
+    let top = values().map(|p| p.3).fold(0.0f64, f64::max) * 1.1 + 1e-9;
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(spec.caption, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d((0..qds.len() - 1).into_segmented(), 0.0..top * 1.1 + 1e-9)?;
+        .y_label_area_size(70);
+    let x = (0..qds.len() - 1).into_segmented();
+    if spec.log {
+        let bottom = values().map(|p| p.2).fold(top, f64::min).max(1e-3) / 1.5;
+        let mut chart = builder.build_cartesian_2d(x, (bottom..top).log_scale())?;
+        lines(&mut chart, qds, spec, all, paths)
+    } else {
+        let mut chart = builder.build_cartesian_2d(x, 0.0..top)?;
+        lines(&mut chart, qds, spec, all, paths)
+    }
+}
+
+/// The mesh, a line per series (p99 dashed) with error bars, and the legend.
+fn lines<'b, Y>(
+    chart: &mut Chart<'b, 'b, Y>,
+    qds: &[u64],
+    spec: &Panel,
+    all: &[Series],
+    paths: &[String],
+) -> Result<(), PlotError>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
     let label = |v: &SegmentValue<usize>| match v {
         SegmentValue::CenterOf(i) => qds.get(*i).map(|q| q.to_string()).unwrap_or_default(),
         _ => String::new(),
@@ -144,20 +185,21 @@ fn panel(
     chart
         .configure_mesh()
         .x_desc("queue depth")
-        .y_desc(unit)
+        .y_desc(spec.unit)
         .x_label_formatter(&label)
         .draw()?;
     for (i, s) in all.iter().enumerate() {
         // One colour per path across both panels.
         let i = paths.iter().position(|p| *p == s.path).unwrap_or(i);
         let color = COLORS[i % COLORS.len()];
-        let width = if s.thin { 1 } else { 2 };
         let at = |p: &(usize, f64, f64, f64)| SegmentValue::CenterOf(p.0);
-        chart
-            .draw_series(LineSeries::new(
-                s.points.iter().map(|p| (at(p), p.1)),
-                color.stroke_width(width),
-            ))?
+        let points = s.points.iter().map(|p| (at(p), p.1));
+        let drawn = if s.thin {
+            chart.draw_series(DashedLineSeries::new(points, 8, 5, color.stroke_width(2)))?
+        } else {
+            chart.draw_series(LineSeries::new(points, color.stroke_width(2)))?
+        };
+        drawn
             .label(s.name.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         chart.draw_series(
