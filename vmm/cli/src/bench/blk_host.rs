@@ -428,6 +428,14 @@ fn run_checked(args: &BenchArgs) -> Result<HostRows, BlkHostError> {
             image
         }
     };
+    let ours = our_target(args)?;
+    let results = sweep(args, &params, &ours, &dir.0, &image)?;
+    let compare = compare(&args.qd, &results, params.workload.bs);
+    Ok((results, compare))
+}
+
+/// The backend measured: --backend-cmd, --backend, or the splitvisor-blk next to this binary.
+fn our_target(args: &BenchArgs) -> Result<Target, BlkHostError> {
     let ours = match (&args.backend_cmd, &args.backend) {
         (Some(cmd), _) => Target::Cmd(cmd.clone()),
         (None, Some(bin)) => Target::Own(bin.clone()),
@@ -441,6 +449,17 @@ fn run_checked(args: &BenchArgs) -> Result<HostRows, BlkHostError> {
             });
         }
     }
+    Ok(ours)
+}
+
+/// Every `--qd`, `--repeat` runs each, of ours and (with `--compare qsd`) the reference.
+fn sweep(
+    args: &BenchArgs,
+    params: &Params,
+    ours: &Target,
+    dir: &Path,
+    image: &Path,
+) -> Result<Vec<Value>, BlkHostError> {
     let qsd = args.compare.iter().any(|c| c == "qsd");
     let mut results = Vec::new();
     for &qd in &args.qd {
@@ -449,22 +468,21 @@ fn run_checked(args: &BenchArgs) -> Result<HostRows, BlkHostError> {
                 qd,
                 ..params.workload
             },
-            ..params
+            ..*params
         };
         // Ours and the reference take turns run by run, so that a slow phase of the host
         // does not fall on one of them only.
         let once = || -> Result<Vec<(String, Value)>, BlkHostError> {
-            let mut rows = vec![(PATH.to_string(), measure(args, &p, &ours, &dir.0, &image)?)];
+            let mut rows = vec![(PATH.to_string(), measure(args, &p, ours, dir, image)?)];
             if qsd {
-                let theirs = measure(args, &p, &Target::Qsd("io_uring"), &dir.0, &image)?;
+                let theirs = measure(args, &p, &Target::Qsd("io_uring"), dir, image)?;
                 rows.push((format!("{PATH}-qsd"), theirs));
             }
             Ok(rows)
         };
         results.extend(super::repeat_runs(args, PATH, Some(qd), once)?);
     }
-    let compare = compare(&args.qd, &results, params.workload.bs);
-    Ok((results, compare))
+    Ok(results)
 }
 
 /// `blk_host_compare`: the ratios to qemu-storage-daemon at the headline (last) queue depth,

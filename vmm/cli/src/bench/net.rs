@@ -406,7 +406,7 @@ pub fn print_table(paths: &serde_json::Map<String, Value>) {
         .collect();
     if !rows.is_empty() {
         println!(
-            "{:<16} {:>6} {:>11} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9}",
+            "{:<16} {:>6} {:>21} {:>19} {:>11} {:>11} {:>21} {:>19} {:>19}",
             "net path",
             "bytes",
             "tx pkt/s",
@@ -419,7 +419,7 @@ pub fn print_table(paths: &serde_json::Map<String, Value>) {
         );
         for (name, p) in rows {
             println!(
-                "{:<16} {:>6} {:>11} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9}",
+                "{:<16} {:>6} {:>21} {:>19} {:>11} {:>11} {:>21} {:>19} {:>19}",
                 name,
                 cell(&p["size"]),
                 figure(p, "tx_packets_per_s"),
@@ -437,11 +437,11 @@ pub fn print_table(paths: &serde_json::Map<String, Value>) {
         println!(
             "host -> guest ping ({}): {}/{} replies, RTT min {} us, p50 {} us, max {} us",
             cell(&p["command"]),
-            cell(&p["received"]),
+            figure(p, "received"),
             cell(&p["sent"]),
-            cell(&p["rtt_min_us"]),
-            cell(&p["rtt_p50_us"]),
-            cell(&p["rtt_max_us"]),
+            figure(p, "rtt_min_us"),
+            figure(p, "rtt_p50_us"),
+            figure(p, "rtt_max_us"),
         );
     }
 }
