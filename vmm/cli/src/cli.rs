@@ -51,6 +51,11 @@ pub enum Command {
     /// With `--paths net-switch,net-tap`: a guest UDP stream through splitvisor-net, VM to VM
     /// through its switch and guest to a TAP (as root, in a private network namespace), with
     /// packets/s, Gbit/s and kicks per packet, and Linux ping's round trip to the guest.
+    /// Each configuration runs `--repeat` times (default 3; figures are medians, shown as
+    /// `median (min-max)`), at each queue depth of `--qd` (e.g. `--qd 1,4,16,32`); paths are
+    /// compared only at equal queue depth. `--output` writes every result as JSON or CSV,
+    /// `--plot` draws them into an SVG. Flags are checked before anything starts; the exit
+    /// status is 1 when a flag is refused or any run failed.
     Bench(BenchArgs),
     /// Start the backend daemons (splitvisor-blk, splitvisor-net) and the VMM from one
     /// description (flags or a TOML file) and supervise them until the guest exits; the exit
@@ -241,9 +246,10 @@ mod tests {
         };
         assert_eq!(args.paths, ["virtio", "ata"]);
         assert_eq!(
-            (args.rw.as_str(), args.bs.as_str(), args.qd),
-            ("randread", "4k", 32)
+            (args.rw.as_str(), args.bs.as_str(), args.qd.as_slice()),
+            ("randread", "4k", [32].as_slice())
         );
+        assert_eq!(args.repeat, 3);
         assert!(Cli::try_parse_from(["splitvisor", "bench", "--paths", "nvme"]).is_err());
         assert_eq!(args.net_sizes, [64, 1500]);
     }

@@ -56,8 +56,9 @@ fn bench(args: &BenchArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let summary = crate::bench::run(args)?;
     crate::bench::print_table(&summary);
     println!("BENCH {summary}");
-    let all_passed = summary["paths"]
-        .as_object()
-        .is_some_and(|paths| paths.values().all(|p| p["status"] == "pass"));
+    // Every path at every queue depth, not only the headline rows of `paths`.
+    let all_passed = summary["results"]
+        .as_array()
+        .is_some_and(|results| results.iter().all(|r| r["status"] == "pass"));
     Ok(if all_passed { 0 } else { 1 })
 }

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use splitvisor_vmm::api::stats::STATS_PREFIX;
 
 use super::daemon::{last_stats_line, sibling, Backend};
-use super::table::{cell, round3};
+use super::table::{cell, figure, round3};
 use super::{BenchArgs, BenchError};
 
 /// One benchmark path's outcome.
@@ -23,27 +23,44 @@ pub struct PathResult {
     backend: Option<Value>,
 }
 
-/// Runs one block path (`virtio` or `ata`) on `image`.
+/// The queue depths a block path runs at: the emulated ATA disk takes one request at a time,
+/// so it runs once, at 1, whatever `--qd` lists.
+pub fn depths(path: &str, qds: &[u32]) -> Vec<u32> {
+    match path {
+        "ata" => vec![1],
+        _ => qds.to_vec(),
+    }
+}
+
+/// Runs one block path (`virtio` or `ata`) on `image` at queue depth `qd`: its BENCH row.
 pub fn run(
     args: &BenchArgs,
     path: &str,
+    qd: u32,
     image: &Path,
     dir: &Path,
-) -> Result<PathResult, BenchError> {
+) -> Result<Value, BenchError> {
     eprintln!(
-        "bench: {path}: {} bs={} qd={} for {} s ...",
-        args.rw, args.bs, args.qd, args.seconds
+        "bench: {path}: {} bs={} qd={qd} for {} s ...",
+        args.rw, args.bs, args.seconds
     );
     let started = Instant::now();
+    let run = Run { args, qd };
     let outcome = match path {
-        "virtio" => run_virtio(args, image, dir)?,
-        _ => run_ata(args, image)?,
+        "virtio" => run_virtio(&run, image, dir)?,
+        _ => run_ata(&run, image)?,
     };
     eprintln!(
         "bench: {path}: done in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    Ok(outcome)
+    Ok(row(&outcome))
+}
+
+/// One run's flags: the command line's, at one queue depth of the sweep.
+struct Run<'a> {
+    args: &'a BenchArgs,
+    qd: u32,
 }
 
 /// A sparse image on tmpfs when there is one, so the host disk is not what gets measured.
@@ -60,14 +77,16 @@ pub fn default_image(size: u64) -> Result<PathBuf, BenchError> {
     Ok(path)
 }
 
-fn guest_cmdline(args: &BenchArgs, dev: &str) -> String {
+fn guest_cmdline(run: &Run, dev: &str) -> String {
+    let args = run.args;
     format!(
         "bench=blk,dev={dev},rw={},bs={},qd={},queues={},size={},seconds={}",
-        args.rw, args.bs, args.qd, args.queues, args.size, args.seconds
+        args.rw, args.bs, run.qd, args.queues, args.size, args.seconds
     )
 }
 
-fn run_virtio(args: &BenchArgs, image: &Path, dir: &Path) -> Result<PathResult, BenchError> {
+fn run_virtio(run: &Run, image: &Path, dir: &Path) -> Result<PathResult, BenchError> {
+    let args = run.args;
     let backend_bin = match &args.backend {
         Some(path) => path.clone(),
         None => sibling("splitvisor-blk"),
@@ -86,7 +105,7 @@ fn run_virtio(args: &BenchArgs, image: &Path, dir: &Path) -> Result<PathResult, 
     let mut backend = Backend::start(cmd, &log, &backend_bin)?;
     backend.wait_ready(|| socket.exists(), &socket)?;
     let disk = format!("socket={}", socket.display());
-    let outcome = run_guest(args, "virtio", &["--disk", &disk]);
+    let outcome = run_guest(run, "virtio", &["--disk", &disk]);
     // Stopped before its log is read: it prints its STATS line on the way out.
     backend.stop();
     let (result, vmm) = outcome?;
@@ -98,9 +117,9 @@ fn run_virtio(args: &BenchArgs, image: &Path, dir: &Path) -> Result<PathResult, 
     })
 }
 
-fn run_ata(args: &BenchArgs, image: &Path) -> Result<PathResult, BenchError> {
+fn run_ata(run: &Run, image: &Path) -> Result<PathResult, BenchError> {
     let disk = format!("path={},emulated=ata", image.display());
-    let (result, vmm) = run_guest(args, "ata", &["--disk", &disk])?;
+    let (result, vmm) = run_guest(run, "ata", &["--disk", &disk])?;
     Ok(PathResult {
         path: "ata",
         result,
@@ -110,7 +129,8 @@ fn run_ata(args: &BenchArgs, image: &Path) -> Result<PathResult, BenchError> {
 }
 
 /// Runs `splitvisor run` for one path and returns the guest's RESULT and the VMM's stats.
-fn run_guest(args: &BenchArgs, dev: &str, extra: &[&str]) -> Result<(Value, Value), BenchError> {
+fn run_guest(run: &Run, dev: &str, extra: &[&str]) -> Result<(Value, Value), BenchError> {
+    let args = run.args;
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("splitvisor"));
     let mut child = Command::new(&exe)
         .args([
@@ -120,7 +140,7 @@ fn run_guest(args: &BenchArgs, dev: &str, extra: &[&str]) -> Result<(Value, Valu
             "--memory",
             &args.memory.to_string(),
         ])
-        .args(["--cmdline", &guest_cmdline(args, dev)])
+        .args(["--cmdline", &guest_cmdline(run, dev)])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -160,42 +180,25 @@ fn run_guest(args: &BenchArgs, dev: &str, extra: &[&str]) -> Result<(Value, Valu
     }
 }
 
-pub fn summarize(args: &BenchArgs, results: &[PathResult]) -> Value {
-    let mut paths = serde_json::Map::new();
-    for r in results {
-        let requests = r.result["requests"].as_f64().unwrap_or(0.0).max(1.0);
-        let device_exits = device_exits(r.path, &r.vmm);
-        let (kicks, interrupts) = backend_totals(r.backend.as_ref());
-        paths.insert(
-            r.path.to_string(),
-            json!({
-                "status": r.result["status"],
-                "iops": r.result["iops"],
-                "mb_per_s": r.result["mb_per_s"],
-                "lat_p50_us": r.result["lat_p50_us"],
-                "lat_p99_us": r.result["lat_p99_us"],
-                "requests": r.result["requests"],
-                "vmm_exits_per_request": round3(device_exits as f64 / requests),
-                "kicks_per_request": kicks.map(|k| round3(k as f64 / requests)),
-                "interrupts_per_request": interrupts.map(|i| round3(i as f64 / requests)),
-                "guest_kicks": r.result["kicks"],
-            }),
-        );
-    }
-    if paths.is_empty() {
-        return json!({ "seconds": args.seconds, "net_sizes": args.net_sizes, "paths": paths });
-    }
-    let speedup = match (paths.get("virtio"), paths.get("ata")) {
-        (Some(v), Some(a)) => match (v["mb_per_s"].as_f64(), a["mb_per_s"].as_f64()) {
-            (Some(v), Some(a)) if a > 0.0 => Some(round3(v / a)),
-            _ => None,
-        },
-        _ => None,
-    };
+/// One run's BENCH row: the guest's figures (and its reason when it failed) with the VM
+/// exits, kicks and interrupts per request.
+fn row(r: &PathResult) -> Value {
+    let requests = r.result["requests"].as_f64().unwrap_or(0.0).max(1.0);
+    let device_exits = device_exits(r.path, &r.vmm);
+    let (kicks, interrupts) = backend_totals(r.backend.as_ref());
     json!({
-        "rw": args.rw, "bs": args.bs, "qd": args.qd, "queues": args.queues, "seconds": args.seconds,
-        "paths": paths,
-        "virtio_over_ata_throughput": speedup,
+        "status": r.result["status"],
+        "error": r.result["error"],
+        "qd": r.result["qd"],
+        "iops": r.result["iops"],
+        "mb_per_s": r.result["mb_per_s"],
+        "lat_p50_us": r.result["lat_p50_us"],
+        "lat_p99_us": r.result["lat_p99_us"],
+        "requests": r.result["requests"],
+        "vmm_exits_per_request": round3(device_exits as f64 / requests),
+        "kicks_per_request": kicks.map(|k| round3(k as f64 / requests)),
+        "interrupts_per_request": interrupts.map(|i| round3(i as f64 / requests)),
+        "guest_kicks": r.result["kicks"],
     })
 }
 
@@ -220,16 +223,31 @@ fn backend_totals(stats: Option<&Value>) -> (Option<u64>, Option<u64>) {
     (Some(sum("kicks")), Some(sum("interrupts")))
 }
 
-/// The block rows as a table for people, and how the two paths compare.
+/// The block rows (every queue depth) as a table for people, and how the two paths compare.
 pub fn print_table(summary: &Value) {
-    let Some(paths) = summary["paths"].as_object() else {
+    let rows: Vec<&Value> = summary["results"]
+        .as_array()
+        .map(|r| r.iter().filter(|r| is_vm_blk(&cell(&r["path"]))).collect())
+        .unwrap_or_default();
+    if rows.is_empty() {
         return;
-    };
-    if paths.keys().any(|k| is_vm_blk(k)) {
-        print_blk_table(paths);
     }
-    if let Some(x) = summary["virtio_over_ata_throughput"].as_f64() {
-        println!("vhost-user-blk throughput is {x}x the emulated ATA path's");
+    print_blk_table(&rows);
+    let ratios = summary["ratios"].as_array().cloned().unwrap_or_default();
+    let matched: Vec<&Value> = ratios.iter().filter(|r| r["ours"] == "virtio").collect();
+    for r in &matched {
+        if let Some(x) = r["mb_per_s"].as_f64() {
+            let qd = cell(&r["qd"]);
+            println!("vhost-user-blk throughput is {x}x the emulated ATA path's (both at QD {qd})");
+        }
+    }
+    let both = ["virtio", "ata"]
+        .iter()
+        .all(|p| rows.iter().any(|r| r["path"] == *p));
+    if both && matched.is_empty() {
+        println!(
+            "virtio and ATA not compared: ATA runs at QD 1 only; add 1 to --qd (e.g. --qd 1,32)"
+        );
     }
 }
 
@@ -238,21 +256,57 @@ fn is_vm_blk(path: &str) -> bool {
     !path.starts_with("net-") && !path.starts_with(super::blk_host::PATH)
 }
 
-fn print_blk_table(paths: &serde_json::Map<String, Value>) {
-    println!(
-        "{:<8} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
-        "path", "IOPS", "MB/s", "p50 us", "p99 us", "exits/req", "kicks/req"
-    );
-    for (name, p) in paths.iter().filter(|(k, _)| is_vm_blk(k)) {
-        println!(
-            "{:<8} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
-            name,
-            cell(&p["iops"]),
-            cell(&p["mb_per_s"]),
-            cell(&p["lat_p50_us"]),
-            cell(&p["lat_p99_us"]),
-            cell(&p["vmm_exits_per_request"]),
-            cell(&p["kicks_per_request"])
-        );
+fn print_blk_table(rows: &[&Value]) {
+    for line in blk_lines(rows) {
+        println!("{line}");
+    }
+}
+
+/// The table's lines: a failed run's reason from the guest takes the place of its figures.
+fn blk_lines(rows: &[&Value]) -> Vec<String> {
+    let mut lines = vec![format!(
+        "{:<8} {:>4} {:>22} {:>18} {:>16} {:>16} {:>10} {:>10}",
+        "path", "qd", "IOPS", "MB/s", "p50 us", "p99 us", "exits/req", "kicks/req"
+    )];
+    for p in rows {
+        let (name, qd) = (cell(&p["path"]), cell(&p["qd"]));
+        let failed = format!("failed: {}", cell(&p["error"]));
+        if p["status"] != "pass" && p["iops"].is_null() {
+            lines.push(format!("{name:<8} {qd:>4} {failed}"));
+            continue;
+        }
+        lines.push(format!(
+            "{name:<8} {qd:>4} {:>22} {:>18} {:>16} {:>16} {:>10} {:>10}",
+            figure(p, "iops"),
+            figure(p, "mb_per_s"),
+            figure(p, "lat_p50_us"),
+            figure(p, "lat_p99_us"),
+            figure(p, "vmm_exits_per_request"),
+            figure(p, "kicks_per_request")
+        ));
+        if p["status"] != "pass" {
+            lines.push(format!("{:<13} {failed}", ""));
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_run_shows_the_guests_reason() {
+        let failed = json!({"path": "ata", "qd": 1, "status": "fail", "iops": null,
+                            "error": "region smaller than bs, or bs too big"});
+        let partly = json!({"path": "virtio", "qd": 4, "status": "fail", "iops": 10,
+                            "error": "1 request(s) failed", "runs": 2,
+                            "min": {"iops": 9}, "max": {"iops": 12}});
+        let lines = blk_lines(&[&failed, &partly]);
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert!(lines[1].ends_with("failed: region smaller than bs, or bs too big"));
+        assert!(lines[2].contains("10 (9-12)"), "{}", lines[2]);
+        assert!(lines[3].ends_with("failed: 1 request(s) failed"));
+        assert!(blk_lines(&[]).len() == 1);
     }
 }

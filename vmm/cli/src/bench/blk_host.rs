@@ -11,16 +11,16 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use splitvisor_vmm::config::ByteSize;
 
+use super::check::{MAX_BS, MAX_SECONDS};
 use super::daemon::{sibling, Backend};
 use super::frontend::{BlkFrontend, FrontendError, Layout, MAX_QD};
 use super::load::{self, fill_pattern, LoadError, Workload, FILL_TAG, SECTOR};
+use super::stats;
 use super::table::{cell, round3};
 use super::{BenchArgs, BenchError};
 
 /// The path's name in `--paths` and its row in BENCH; the comparison's rows get a suffix.
 pub const PATH: &str = "blk-host";
-const MAX_BS: u64 = 1 << 20;
-const MAX_SECONDS: u32 = 3600;
 const QSD: &str = "qemu-storage-daemon";
 /// How long the one-core memcpy reference runs.
 const MEMCPY_TIME: Duration = Duration::from_millis(500);
@@ -88,7 +88,8 @@ pub struct Params {
 }
 
 /// Checks `--bs`, `--qd`, `--seconds`, `--queues`, `--size` and `--verify` before anything
-/// starts; `image_len` is the size of `--image` if one is given.
+/// starts; `image_len` is the size of `--image` if one is given. The workload's queue depth
+/// is the first of `--qd`; a sweep sets each in turn.
 pub fn validate(args: &BenchArgs, image_len: Option<u64>) -> Result<Params, BlkHostError> {
     let bs = args
         .bs
@@ -102,11 +103,11 @@ pub fn validate(args: &BenchArgs, image_len: Option<u64>) -> Result<Params, BlkH
             "must be a multiple of 512 bytes, at most 1M",
         ));
     }
-    if args.qd == 0 || args.qd > MAX_QD {
+    if let Some(&qd) = args.qd.iter().find(|&&qd| qd == 0 || qd > MAX_QD) {
         let reason = format!(
             "must be 1 to {MAX_QD} (each request takes 3 descriptors of a ring of at most 1024)"
         );
-        return Err(invalid("--qd", args.qd, &reason));
+        return Err(invalid("--qd", qd, &reason));
     }
     if args.seconds == 0 || args.seconds > MAX_SECONDS {
         return Err(invalid("--seconds", args.seconds, "must be 1 to 3600"));
@@ -137,7 +138,7 @@ pub fn validate(args: &BenchArgs, image_len: Option<u64>) -> Result<Params, BlkH
             write: args.rw.contains("write"),
             random: args.rw.starts_with("rand"),
             bs,
-            qd: args.qd,
+            qd: args.qd.first().copied().unwrap_or(1),
             region,
             seconds: args.seconds,
             verify: args.verify,
@@ -277,19 +278,6 @@ fn log_tail(log: &Path) -> String {
     }
 }
 
-/// A backend's name for a table heading: a long --backend-cmd shortened to its program.
-fn short_name(backend: &Value, width: usize) -> String {
-    let name = cell(backend);
-    if name.len() <= width {
-        return name;
-    }
-    let program = name.split_whitespace().next().unwrap_or_default();
-    let base = Path::new(program)
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned());
-    format!("{} ...", base.unwrap_or_default())
-}
-
 /// Starts `target` and waits for its socket.
 fn start(
     target: &Target,
@@ -349,7 +337,7 @@ fn measure(
     let what = target.name();
     eprintln!(
         "bench: {PATH}: {what}: {} bs={} qd={} for {} s ...",
-        args.rw, args.bs, args.qd, args.seconds
+        args.rw, args.bs, p.workload.qd, args.seconds
     );
     let failed = |source| BlkHostError::Frontend {
         what: what.clone(),
@@ -404,10 +392,11 @@ fn row(what: &str, w: &Workload, o: &load::Outcome, event_idx: bool) -> Value {
     })
 }
 
-/// BENCH rows by path name, and the ratios to the compared backends.
-pub type HostRows = (Vec<(String, Value)>, Value);
+/// The folded results (`{path, qd, ...}`, see `super::repeat_runs`) and `blk_host_compare`.
+pub type HostRows = (Vec<Value>, Value);
 
-/// The blk-host rows (`blk-host`, and `blk-host-qsd` with `--compare qsd`) and how they compare.
+/// The blk-host results (`blk-host`, and `blk-host-qsd` with `--compare qsd`) at every
+/// `--qd`, `--repeat` runs each, and how they compare.
 pub fn run(args: &BenchArgs) -> Result<HostRows, BenchError> {
     run_checked(args).map_err(BenchError::BlkHost)
 }
@@ -439,6 +428,14 @@ fn run_checked(args: &BenchArgs) -> Result<HostRows, BlkHostError> {
             image
         }
     };
+    let ours = our_target(args)?;
+    let results = sweep(args, &params, &ours, &dir.0, &image)?;
+    let compare = compare(&args.qd, &results, params.workload.bs);
+    Ok((results, compare))
+}
+
+/// The backend measured: --backend-cmd, --backend, or the splitvisor-blk next to this binary.
+fn our_target(args: &BenchArgs) -> Result<Target, BlkHostError> {
     let ours = match (&args.backend_cmd, &args.backend) {
         (Some(cmd), _) => Target::Cmd(cmd.clone()),
         (None, Some(bin)) => Target::Own(bin.clone()),
@@ -452,88 +449,61 @@ fn run_checked(args: &BenchArgs) -> Result<HostRows, BlkHostError> {
             });
         }
     }
-    let mut rows = vec![(
-        PATH.to_string(),
-        measure(args, &params, &ours, &dir.0, &image)?,
-    )];
-    let mut compare = serde_json::Map::new();
-    if args.compare.iter().any(|c| c == "qsd") {
-        let qsd = measure(args, &params, &Target::Qsd("io_uring"), &dir.0, &image)?;
-        compare.insert("qsd".into(), ratios(&rows[0].1, &qsd));
-        rows.push((format!("{PATH}-qsd"), qsd));
+    Ok(ours)
+}
+
+/// Every `--qd`, `--repeat` runs each, of ours and (with `--compare qsd`) the reference.
+fn sweep(
+    args: &BenchArgs,
+    params: &Params,
+    ours: &Target,
+    dir: &Path,
+    image: &Path,
+) -> Result<Vec<Value>, BlkHostError> {
+    let qsd = args.compare.iter().any(|c| c == "qsd");
+    let mut results = Vec::new();
+    for &qd in &args.qd {
+        let p = Params {
+            workload: Workload {
+                qd,
+                ..params.workload
+            },
+            ..*params
+        };
+        // Ours and the reference take turns run by run, so that a slow phase of the host
+        // does not fall on one of them only.
+        let once = || -> Result<Vec<(String, Value)>, BlkHostError> {
+            let mut rows = vec![(PATH.to_string(), measure(args, &p, ours, dir, image)?)];
+            if qsd {
+                let theirs = measure(args, &p, &Target::Qsd("io_uring"), dir, image)?;
+                rows.push((format!("{PATH}-qsd"), theirs));
+            }
+            Ok(rows)
+        };
+        results.extend(super::repeat_runs(args, PATH, Some(qd), once)?);
     }
-    // The ceiling for a copying backend, measured in the same run with the same request size.
-    let memcpy = load::memcpy_mb_per_s(params.workload.bs as usize, MEMCPY_TIME);
+    Ok(results)
+}
+
+/// `blk_host_compare`: the ratios to qemu-storage-daemon at the headline (last) queue depth,
+/// and the ceiling for a copying backend, a one-core memcpy of the same request size.
+fn compare(qds: &[u32], results: &[Value], bs: u64) -> Value {
+    let headline = json!(qds.last().copied().unwrap_or_default());
+    let at = |path: &str| {
+        results
+            .iter()
+            .find(|r| r["path"] == path && r["qd"] == headline)
+    };
+    let mut compare = serde_json::Map::new();
+    if let (Some(ours), Some(theirs)) = (at(PATH), at(&format!("{PATH}-qsd"))) {
+        compare.insert("qsd".into(), Value::Object(stats::ratios(ours, theirs)));
+    }
+    let memcpy = load::memcpy_mb_per_s(bs as usize, MEMCPY_TIME);
     compare.insert("memcpy_mb_per_s".into(), json!(memcpy.round()));
-    if let Some(mb) = rows[0].1["mb_per_s"].as_f64() {
+    if let Some(mb) = at(PATH).and_then(|r| r["mb_per_s"].as_f64()) {
         compare.insert("of_memcpy".into(), json!(round3(mb / memcpy)));
     }
-    Ok((rows, Value::Object(compare)))
-}
-
-const FIGURES: [(&str, &str); 6] = [
-    ("IOPS", "iops"),
-    ("MB/s", "mb_per_s"),
-    ("lat mean us", "lat_mean_us"),
-    ("lat p50 us", "lat_p50_us"),
-    ("lat p99 us", "lat_p99_us"),
-    ("lat p99.9 us", "lat_p999_us"),
-];
-
-/// Ours over theirs for every figure (for latencies, lower is better: a ratio below 1 wins).
-fn ratios(ours: &Value, theirs: &Value) -> Value {
-    let mut out = serde_json::Map::new();
-    for (_, key) in FIGURES {
-        let r = match (ours[key].as_f64(), theirs[key].as_f64()) {
-            (Some(a), Some(b)) if b > 0.0 => Some(round3(a / b)),
-            _ => None,
-        };
-        out.insert(key.to_string(), json!(r));
-    }
-    Value::Object(out)
-}
-
-/// The blk-host rows side by side, with the ratio when there is a comparison.
-pub fn print_table(summary: &Value) {
-    let Some(ours) = summary["paths"].get(PATH) else {
-        return;
-    };
-    let qsd = summary["paths"].get(format!("{PATH}-qsd"));
-    println!(
-        "{PATH}: {} bs={} qd={} queues=1, {} s",
-        cell(&summary["rw"]),
-        cell(&summary["bs"]),
-        cell(&summary["qd"]),
-        cell(&summary["seconds"])
-    );
-    let head = |q: Option<&Value>| q.map(|v| short_name(&v["backend"], 34)).unwrap_or_default();
-    println!(
-        "{:<14} {:>20} {:>34} {:>8}",
-        "figure",
-        short_name(&ours["backend"], 20),
-        head(qsd),
-        if qsd.is_some() { "ratio" } else { "" }
-    );
-    for (label, key) in FIGURES {
-        let theirs = qsd.map(|q| cell(&q[key])).unwrap_or_default();
-        let ratio = summary["blk_host_compare"]["qsd"][key]
-            .as_f64()
-            .map(|r| format!("{r}x"))
-            .unwrap_or_default();
-        println!(
-            "{label:<14} {:>20} {theirs:>34} {ratio:>8}",
-            cell(&ours[key])
-        );
-    }
-    let compare = &summary["blk_host_compare"];
-    let memcpy = compare["memcpy_mb_per_s"].as_f64();
-    if let (Some(memcpy), Some(of)) = (memcpy, compare["of_memcpy"].as_f64()) {
-        println!(
-            "one-core memcpy of bs-sized blocks: {memcpy} MB/s; {} reaches {:.1}% of it",
-            short_name(&ours["backend"], 20),
-            of * 100.0
-        );
-    }
+    Value::Object(compare)
 }
 
 #[cfg(test)]
@@ -567,6 +537,7 @@ mod tests {
         refused(&["--bs", "x"], "--bs");
         refused(&["--qd", "0"], "--qd");
         refused(&["--qd", "342"], "--qd");
+        refused(&["--qd", "4,342"], "--qd");
         refused(&["--seconds", "0"], "--seconds");
         refused(&["--queues", "2"], "--queues");
         refused(&["--size", "1G"], "--size");
@@ -579,15 +550,5 @@ mod tests {
             validate(&args(&["--verify"]), Some(1 << 30)).is_err(),
             "no verify on --image"
         );
-    }
-
-    #[test]
-    fn ratios_divide_ours_by_theirs() {
-        let r = ratios(
-            &json!({"iops": 300.0, "lat_mean_us": 10.0}),
-            &json!({"iops": 100.0, "lat_mean_us": 0.0}),
-        );
-        assert_eq!(r["iops"], json!(3.0));
-        assert_eq!(r["lat_mean_us"], Value::Null);
     }
 }

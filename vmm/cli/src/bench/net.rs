@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::daemon::{last_stats_line, sibling, Backend};
 use super::netns::Netns;
-use super::table::{cell, round3};
+use super::table::{cell, figure, round3};
 use super::{BenchArgs, BenchError};
 
 /// Addresses of the stream's two ends (the TAP side is the receiver at .1).
@@ -406,7 +406,7 @@ pub fn print_table(paths: &serde_json::Map<String, Value>) {
         .collect();
     if !rows.is_empty() {
         println!(
-            "{:<16} {:>6} {:>11} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9}",
+            "{:<16} {:>6} {:>21} {:>19} {:>11} {:>11} {:>21} {:>19} {:>19}",
             "net path",
             "bytes",
             "tx pkt/s",
@@ -419,16 +419,16 @@ pub fn print_table(paths: &serde_json::Map<String, Value>) {
         );
         for (name, p) in rows {
             println!(
-                "{:<16} {:>6} {:>11} {:>9} {:>11} {:>11} {:>11} {:>9} {:>9}",
+                "{:<16} {:>6} {:>21} {:>19} {:>11} {:>11} {:>21} {:>19} {:>19}",
                 name,
                 cell(&p["size"]),
-                cell(&p["tx_packets_per_s"]),
-                cell(&p["tx_gbit_per_s"]),
+                figure(p, "tx_packets_per_s"),
+                figure(p, "tx_gbit_per_s"),
                 cell(&p["guest_kicks_per_packet"]),
                 cell(&p["backend_kicks_per_packet"]),
-                cell(&p["rx_packets_per_s"]),
-                cell(&p["rx_gbit_per_s"]),
-                cell(&p["delivered"]),
+                figure(p, "rx_packets_per_s"),
+                figure(p, "rx_gbit_per_s"),
+                figure(p, "delivered"),
             );
         }
         println!("(bytes: UDP payload per datagram; Gb/s: UDP payload bits; rx of net-tap: see tap_rx_packets)");
@@ -437,11 +437,11 @@ pub fn print_table(paths: &serde_json::Map<String, Value>) {
         println!(
             "host -> guest ping ({}): {}/{} replies, RTT min {} us, p50 {} us, max {} us",
             cell(&p["command"]),
-            cell(&p["received"]),
+            figure(p, "received"),
             cell(&p["sent"]),
-            cell(&p["rtt_min_us"]),
-            cell(&p["rtt_p50_us"]),
-            cell(&p["rtt_max_us"]),
+            figure(p, "rtt_min_us"),
+            figure(p, "rtt_p50_us"),
+            figure(p, "rtt_max_us"),
         );
     }
 }
