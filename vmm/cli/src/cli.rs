@@ -247,7 +247,7 @@ mod tests {
         assert_eq!(args.paths, ["virtio", "ata"]);
         assert_eq!(
             (args.rw.as_str(), args.bs.as_str(), args.qd.as_slice()),
-            ("randread", "4k", [32].as_slice())
+            ("randread", "4k", [1, 32].as_slice())
         );
         assert_eq!(args.repeat, 3);
         assert!(Cli::try_parse_from(["splitvisor", "bench", "--paths", "nvme"]).is_err());

@@ -45,8 +45,9 @@ pub struct BenchArgs {
     pub bs: String,
     /// Requests in flight, or a comma list to sweep (e.g. 1,4,16,32): the virtio and blk-host
     /// paths run at each; ATA always runs at 1 (once). Ratios between two paths are taken
-    /// only at a queue depth both ran at; the table's and `paths`' headline is the last.
-    #[arg(long, value_delimiter = ',', default_value = "32")]
+    /// only at a queue depth both ran at; the table's and `paths`' headline is the last. The
+    /// default sweeps 1 and 32, so that virtio is compared with ATA at the same depth.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
     pub qd: Vec<u32>,
     /// Runs of each configuration (1 to 100): each figure is their median, shown as
     /// `median (min-max)`; BENCH rows hold the median with `min`, `max` and `runs` beside.
