@@ -15,7 +15,8 @@ use crate::registry::{self, RegistryError};
 use splitvisor_vmm::api::http;
 use splitvisor_vmm::api::types::{
     AfterSnapshot, DeviceCounters, DeviceReport, ErrorReport, MetricsReport, SnapshotReport,
-    SnapshotRequest, StateReport, SwapReport, SwapRequest, VirtioCounters, VmReport, API_PREFIX,
+    SnapshotRequest, StateReport, SwapReport, SwapRequest, UpgradeReport, UpgradeRequest,
+    VirtioCounters, VmReport, API_PREFIX,
 };
 
 #[derive(Debug, Args)]
@@ -64,6 +65,22 @@ pub enum CtlVerb {
         /// What the VM does once the snapshot is written: resume or stop.
         #[arg(long, value_name = "resume|stop", default_value = "resume", value_parser = parse_then)]
         then: AfterSnapshot,
+    },
+    /// Live upgrade: replace the running VMM process by a new splitvisor binary without
+    /// stopping the guest (PUT /vm/upgrade). The VMM pauses the VM, captures its vCPUs,
+    /// interrupt controllers, clock and devices, and re-executes itself in place (same pid,
+    /// name, API socket, console); guest memory stays where it is, so the pause does not grow
+    /// with the VM's size. The backends reconnect and resume their rings. Prints the downtime
+    /// and the new version. If anything fails before the new binary starts (say, it is missing
+    /// or not executable), the VM continues untouched and ctl exits 1 naming the cause. If the
+    /// new binary starts but cannot take the VM over (e.g. an incompatible version), the guest
+    /// is lost: the VMM prints why and exits 1. The project's own guest only (Linux guests
+    /// cannot be snapshotted yet).
+    Upgrade {
+        /// The splitvisor binary to run; default: the one running now, by its path (so an
+        /// upgrade installed over it is picked up).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
     },
 }
 
@@ -139,6 +156,25 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
                     r.vcpus,
                     r.dir,
                     r.elapsed_ms,
+                    r.state.as_str()
+                )
+            })
+        }
+        CtlVerb::Upgrade { binary } => {
+            let body = UpgradeRequest {
+                binary: binary.as_deref().map(|b| absolute(b).display().to_string()),
+            };
+            let path = v1("/vm/upgrade");
+            let r: UpgradeReport = request(&socket, "PUT", &path, Some(&json!(body)))?;
+            show(json, &r, |r| {
+                format!(
+                    "upgraded: splitvisor {} -> {} ({}), pid {}, downtime {:.3} ms (upgrade {}); VM {}",
+                    r.previous_version,
+                    r.version,
+                    r.binary,
+                    r.pid,
+                    r.downtime_us as f64 / 1000.0,
+                    r.upgrades,
                     r.state.as_str()
                 )
             })
