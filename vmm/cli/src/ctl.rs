@@ -105,6 +105,10 @@ pub enum CtlError {
     },
     #[error("talking to the VMM on {} failed", .0.display())]
     Exchange(PathBuf, #[source] std::io::Error),
+    #[error("the upgrade got no answer on {}: the new VMM process failed before it could take the VM over, and the guest is lost; its stderr says why", .0.display())]
+    UpgradeLost(PathBuf, #[source] std::io::Error),
+    #[error("--binary {}: `--version` printed {said:?}, not `splitvisor VERSION`: not a splitvisor binary; the VM was not touched", .binary.display())]
+    NotSplitvisor { binary: PathBuf, said: String },
     #[error("the VMM's answer is not the JSON expected ({why}): {text}")]
     NotJson { why: String, text: String },
     #[error("{message} (HTTP {status})")]
@@ -161,11 +165,18 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
             })
         }
         CtlVerb::Upgrade { binary } => {
+            if let Some(binary) = binary {
+                check_is_splitvisor(&absolute(binary))?;
+            }
             let body = UpgradeRequest {
                 binary: binary.as_deref().map(|b| absolute(b).display().to_string()),
             };
             let path = v1("/vm/upgrade");
-            let r: UpgradeReport = request(&socket, "PUT", &path, Some(&json!(body)))?;
+            let r: UpgradeReport =
+                request(&socket, "PUT", &path, Some(&json!(body))).map_err(|e| match e {
+                    CtlError::Exchange(path, source) => CtlError::UpgradeLost(path, source),
+                    other => other,
+                })?;
             show(json, &r, |r| {
                 format!(
                     "upgraded: splitvisor {} -> {} ({}), pid {}, downtime {:.3} ms (upgrade {}); VM {}",
@@ -193,6 +204,51 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
             })
         }
     }
+}
+
+/// How long `BINARY --version` may take.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A binary that is not splitvisor would start in the VMM's place and lose the guest: when
+/// `binary` runs at all, it must say it is splitvisor. What does not run (missing, not
+/// executable) is left to the VMM, which refuses it naming the cause.
+fn check_is_splitvisor(binary: &Path) -> Result<(), CtlError> {
+    use std::process::{Command, Stdio};
+    let deadline = std::time::Instant::now() + VERSION_TIMEOUT;
+    let mut child = loop {
+        let spawned = Command::new(binary)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        match spawned {
+            Ok(child) => break child,
+            // Just written and still open for writing somewhere (a process forked meanwhile).
+            Err(e)
+                if e.raw_os_error() == Some(libc::ETXTBSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(_) => return Ok(()),
+        }
+    };
+    while child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let said = child
+        .wait_with_output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    if said.starts_with("splitvisor ") {
+        return Ok(());
+    }
+    Err(CtlError::NotSplitvisor {
+        binary: binary.to_path_buf(),
+        said,
+    })
 }
 
 /// The answer as JSON with `--json`, else readably.
