@@ -276,12 +276,19 @@ fn a_large_guest_is_upgraded_and_bad_binaries_are_refused() {
     vm.wait_stdout("console-echo: waiting", STEP_TIMEOUT);
     let api_socket = dir.join("big.sock");
     echo(&vm, &mut stdin, "line-0");
+    let uptime_before = api::get(&api_socket, "/vm")["uptime_ms"].as_u64();
     let mut downtimes = Vec::new();
     for round in 1..=2 {
         let report = upgrade(&api_socket, &vm, &[]);
         downtimes.push(report["downtime_us"].as_u64().unwrap_or(0));
         echo(&vm, &mut stdin, &format!("line-{round}"));
     }
+    // The VM's uptime counts from its start, not from the last process's.
+    let uptime_after = api::get(&api_socket, "/vm")["uptime_ms"].as_u64();
+    assert!(
+        uptime_before.is_some() && uptime_after >= uptime_before,
+        "uptime {uptime_before:?} ms before the upgrades, {uptime_after:?} ms after"
+    );
     for (round, us) in downtimes.iter().enumerate() {
         eprintln!(
             "FIGURE upgrade {}: 2 GiB guest, downtime {:.3} ms",

@@ -116,12 +116,14 @@ pub struct ControlParts {
     /// Device id and its backend daemon's `--api-socket` (the device's `stats=` key).
     pub backend_stats: Vec<(String, std::path::PathBuf)>,
     pub snapshot: Option<SnapshotSource>,
+    /// When the VM started (before any live upgrade): uptimes count from it.
+    pub started: Instant,
 }
 
 impl VmControl {
     pub fn new(parts: ControlParts) -> Self {
         Self {
-            epoch: Instant::now(),
+            epoch: parts.started,
             guest: parts.guest,
             vcpus: parts.vcpus,
             memory_bytes: parts.memory_bytes,
@@ -330,6 +332,8 @@ impl VmControl {
                 };
                 log::info!("control: upgrading to {}", binary.display());
                 let request = ExecRequest {
+                    started_at_ns: upgrade::monotonic_ns()
+                        .saturating_sub(self.epoch.elapsed().as_nanos() as u64),
                     binary,
                     manifest,
                     was_paused,

@@ -29,6 +29,8 @@ pub struct ExecRequest {
     pub manifest: Manifest,
     pub was_paused: bool,
     pub paused_at_ns: u64,
+    /// CLOCK_MONOTONIC when the VM started (its first process).
+    pub started_at_ns: u64,
     /// The connection of the request, which the new process answers.
     pub client: RawFd,
 }
@@ -119,6 +121,7 @@ impl ExecContext {
             client_fd: client.as_raw_fd(),
             keep_fds: self.keep_fds.clone(),
             paused_at_ns: request.paused_at_ns,
+            started_at_ns: request.started_at_ns,
             was_paused: request.was_paused,
             from_version: env!("CARGO_PKG_VERSION").to_string(),
             binary: request.binary.clone(),

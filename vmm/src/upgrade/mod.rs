@@ -99,6 +99,8 @@ pub struct UpgradeState {
     pub keep_fds: Vec<RawFd>,
     /// CLOCK_MONOTONIC (system-wide, so it spans the execve) when the pause was asked for.
     pub paused_at_ns: u64,
+    /// CLOCK_MONOTONIC when the VM started, in its first process (for its uptime).
+    pub started_at_ns: u64,
     /// The VM was paused before the upgrade: it stays paused after.
     pub was_paused: bool,
     /// The version of the splitvisor that wrote this state.
@@ -118,6 +120,15 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes only the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
+}
+
+/// The `Instant` that was CLOCK_MONOTONIC `ns` (both read the same clock).
+pub fn instant_of(ns: u64) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    now.checked_sub(std::time::Duration::from_nanos(
+        monotonic_ns().saturating_sub(ns),
+    ))
+    .unwrap_or(now)
 }
 
 /// Checks that `path` is an executable regular file, before anything is paused.

@@ -161,6 +161,7 @@ impl Vm {
         let start = Start::Upgrade {
             manifest: &handoff.state.manifest,
             memory: &handoff.memory,
+            started_at_ns: handoff.state.started_at_ns,
             api: handoff.api.as_ref(),
         };
         let mut vm = Self::build(config, start)?;
@@ -232,7 +233,13 @@ impl Vm {
         let vm_fd = Arc::new(vm_fd);
         let snapshot = snapshot_source(&kvm, &vm_fd, &memory, &ctx, &serial);
         sample_completions(&events, &attached.devices)?;
-        let control = control_of(config, &boot_entry, &ctx, attached, snapshot);
+        let control = control_of(
+            config,
+            &boot_entry,
+            &ctx,
+            attached,
+            (snapshot, start.started()),
+        );
 
         let mut vcpus = (0..config.vcpus)
             .map(|i| Vcpu::new(&kvm, &vm_fd, i, config.vcpus, &boot_entry))
@@ -466,7 +473,7 @@ fn control_of(
     boot_entry: &BootEntry,
     ctx: &VcpuContext,
     attached: Attached,
-    snapshot: Option<SnapshotSource>,
+    (snapshot, started): (Option<SnapshotSource>, std::time::Instant),
 ) -> Arc<VmControl> {
     Arc::new(VmControl::new(ControlParts {
         guest: guest_info(config, boot_entry),
@@ -481,6 +488,7 @@ fn control_of(
         mmio: ctx.mmio.clone(),
         backend_stats: config.backend_stats_sockets(),
         snapshot,
+        started,
     }))
 }
 

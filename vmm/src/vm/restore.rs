@@ -29,11 +29,21 @@ pub(crate) enum Start<'a> {
     Upgrade {
         manifest: &'a Manifest,
         memory: &'a File,
+        /// CLOCK_MONOTONIC when the VM started in its first process.
+        started_at_ns: u64,
         api: Option<&'a UnixListener>,
     },
 }
 
 impl Start<'_> {
+    /// When the VM started: now, or before the live upgrades it went through.
+    pub(crate) fn started(&self) -> std::time::Instant {
+        match self {
+            Start::Upgrade { started_at_ns, .. } => crate::upgrade::instant_of(*started_at_ns),
+            _ => std::time::Instant::now(),
+        }
+    }
+
     pub(crate) fn manifest(&self) -> Option<&Manifest> {
         match self {
             Start::Boot => None,
