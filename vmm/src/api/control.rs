@@ -52,6 +52,8 @@ pub enum ControlError {
     NotVhostUser(String),
     #[error(transparent)]
     Swap(#[from] Box<SwapError>),
+    #[error("another snapshot or upgrade of this VM is in progress; retry once it is done")]
+    Busy,
     #[error("this VM cannot be snapshotted: {0}")]
     SnapshotUnsupported(String),
     #[error("the snapshot failed; the VM continues as before")]
@@ -99,6 +101,9 @@ pub struct VmControl {
     snapshot: Option<SnapshotSource>,
     /// The upgrader thread and the binary running now, once the VM runs.
     upgrader: OnceLock<(Upgrader, PathBuf)>,
+    /// Held by a snapshot or an upgrade: both capture the vCPUs through one mailbox and stop
+    /// the rings, so one at a time.
+    capturing: Mutex<()>,
 }
 
 /// Everything `VmControl` reports on or acts upon.
@@ -139,6 +144,7 @@ impl VmControl {
             backend_stats: parts.backend_stats,
             snapshot: parts.snapshot,
             upgrader: OnceLock::new(),
+            capturing: Mutex::new(()),
         }
     }
 
@@ -243,6 +249,7 @@ impl VmControl {
         then: AfterSnapshot,
     ) -> Result<(SnapshotReport, Option<VmEnd>), ControlError> {
         let source = self.snapshot_source()?;
+        let _capturing = self.capturing.try_lock().map_err(|_| ControlError::Busy)?;
         let was_paused = self.pause.is_paused();
         if !was_paused {
             self.pause()?;
@@ -306,6 +313,10 @@ impl VmControl {
         };
         let Some((upgrader, running)) = self.upgrader.get() else {
             return ControlError::UpgradeRefused(Box::new(UpgradeError::NoUpgrader));
+        };
+        // Held until the execve replaces the process, or until the failure is answered.
+        let Ok(_capturing) = self.capturing.try_lock() else {
+            return ControlError::Busy;
         };
         let binary = binary.unwrap_or(running).to_path_buf();
         if let Err(e) = upgrade::check_binary(&binary) {

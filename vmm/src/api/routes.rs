@@ -247,6 +247,7 @@ pub fn upgrade_failed(error: &ControlError) -> Response {
 fn status_of(error: &ControlError) -> u16 {
     match error {
         ControlError::UpgradeRefused(_) => 400,
+        ControlError::Busy => 409,
         ControlError::Upgrade(_) => 500,
         ControlError::SnapshotUnsupported(_) => 409,
         ControlError::Snapshot(_) => 500,
