@@ -66,16 +66,21 @@ pub enum CtlVerb {
         #[arg(long, value_name = "resume|stop", default_value = "resume", value_parser = parse_then)]
         then: AfterSnapshot,
     },
-    /// Live upgrade: replace the running VMM process by a new splitvisor binary without
-    /// stopping the guest (PUT /vm/upgrade). The VMM pauses the VM, captures its vCPUs,
-    /// interrupt controllers, clock and devices, and re-executes itself in place (same pid,
-    /// name, API socket, console); guest memory stays where it is, so the pause does not grow
-    /// with the VM's size. The backends reconnect and resume their rings. Prints the downtime
-    /// and the new version. If anything fails before the new binary starts (say, it is missing
-    /// or not executable), the VM continues untouched and ctl exits 1 naming the cause. If the
-    /// new binary starts but cannot take the VM over (e.g. an incompatible version), the guest
-    /// is lost: the VMM prints why and exits 1. The project's own guest only (Linux guests
-    /// cannot be snapshotted yet).
+    /// Live upgrade: replace the VMM process by a (new) splitvisor binary while the guest
+    /// keeps its state (PUT /vm/upgrade).
+    ///
+    /// The VMM pauses the VM, captures its vCPUs, interrupt controllers, clock and devices
+    /// as a snapshot does, and re-executes itself in place: same pid, name, API socket,
+    /// console and stdio. Guest memory is not copied (it stays in its memfd), so the pause
+    /// does not grow with the VM's size; the backends see their frontend reconnect and resume
+    /// the rings where they stopped. Prints the downtime and the new version.
+    ///
+    /// If anything fails before the new binary starts (it is missing, not executable, its
+    /// `--version` is not splitvisor's, a capture fails, execve fails), the VM continues
+    /// untouched and ctl exits 1 naming the cause. If the new binary starts but cannot take
+    /// the VM over (e.g. an incompatible version), the GUEST IS LOST: the VMM prints why and
+    /// exits 1 (ctl too). The project's own guest only: Linux guests cannot be snapshotted
+    /// yet.
     Upgrade {
         /// The splitvisor binary to run; default: the one running now, by its path (so an
         /// upgrade installed over it is picked up).

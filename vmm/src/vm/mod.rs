@@ -2,6 +2,7 @@
 //! and the vCPUs - built from a `VmConfig`, run until it ends.
 
 use std::os::fd::RawFd;
+use std::os::unix::net::UnixListener;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -193,11 +194,7 @@ impl Vm {
             _ => (None, None),
         };
         let (kvm, vm_fd, memory) = create_kvm_vm(config, memory_file)?;
-        // Bound first: a socket in use is a configuration error worth failing on before boot.
-        let api = match (api, config.api_socket.as_deref()) {
-            (Some(listener), Some(path)) => Some(ApiListener::adopt(listener, path)?),
-            (_, path) => path.map(ApiListener::bind).transpose()?,
-        };
+        let api = api_listener(config, api)?;
         let events = EventLoop::new().map_err(VmError::EventLoop)?;
         let end = Arc::new(EndSignal::default());
         let (mut pio, mut mmio) = (Bus::new(), Bus::new());
@@ -315,17 +312,7 @@ impl Vm {
             .take()
             .map(|listener| listener.serve(self.control.clone()))
             .transpose()?;
-        if let Some(answer) = self.upgrade.answer.take() {
-            let report = answer.send(self.control.status().state);
-            crate::eprintln_whole!(
-                "splitvisor: live upgrade {} done: now splitvisor {} ({}), pid {}, {} us downtime",
-                report.upgrades,
-                report.version,
-                report.binary,
-                report.pid,
-                report.downtime_us
-            );
-        }
+        self.send_upgrade_answer();
         // Every thread is started: what is left here is waiting, stopping and reporting.
         crate::seccomp::confine(ThreadKind::Main);
         let end = self.ctx.end.wait();
@@ -344,6 +331,22 @@ impl Vm {
         let stats = self.stats();
         drop(console);
         Ok((end, stats))
+    }
+
+    /// After a live upgrade, once the vCPUs run: answers the upgrade request and says so.
+    fn send_upgrade_answer(&mut self) {
+        let Some(answer) = self.upgrade.answer.take() else {
+            return;
+        };
+        let report = answer.send(self.control.status().state);
+        crate::eprintln_whole!(
+            "splitvisor: live upgrade {} done: now splitvisor {} ({}), pid {}, {} us downtime",
+            report.upgrades,
+            report.version,
+            report.binary,
+            report.pid,
+            report.downtime_us
+        );
     }
 
     /// Starts the upgrader thread (unconfined, see `upgrade::exec`) if upgrades are enabled;
@@ -376,6 +379,18 @@ impl Vm {
         self.control.set_upgrader(upgrader, binary);
         Ok(())
     }
+}
+
+/// The API's socket, bound first (a socket in use is a configuration error worth failing on
+/// before boot), or after a live upgrade the listener the old process handed over.
+fn api_listener(
+    config: &VmConfig,
+    inherited: Option<&UnixListener>,
+) -> Result<Option<ApiListener>, VmError> {
+    Ok(match (inherited, config.api_socket.as_deref()) {
+        (Some(listener), Some(path)) => Some(ApiListener::adopt(listener, path)?),
+        (_, path) => path.map(ApiListener::bind).transpose()?,
+    })
 }
 
 /// Loads the kernel and writes the boot tables (ACPI describing the attached devices, for
