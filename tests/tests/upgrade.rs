@@ -4,7 +4,8 @@
 //! - The project's guest running `blk-verify` on a real splitvisor-blk goes through
 //!   `UPGRADES` live upgrades while its I/O runs: every verification passes with no I/O error,
 //!   the image holds exactly the guest's last round, the pid and the API socket stay the same,
-//!   no descriptor leaks, and nothing is left in the runtime directory.
+//!   a backend swapped to halfway stays the device's backend, no descriptor leaks, and nothing
+//!   is left in the runtime directory.
 //! - A guest serving ping on splitvisor-net's switch answers pingers before and after two
 //!   upgrades, its answer count (in guest memory) covering all of them.
 //! - A 2 GiB guest waiting for console input is upgraded (its downtime printed next to the
@@ -133,8 +134,13 @@ fn a_disk_verifying_guest_survives_live_upgrades() {
     let dir = Workdir::new("upgradeblk");
     let img = image::zeroed(dir.join("disk.img"), IMAGE_LEN);
     let socket = dir.join("blk.sock");
-    let daemon = Daemon::blk(&dir, "blk", &socket, &img, &[]);
+    let daemon = Daemon::blk(&dir, "blk", &socket, &img, &["--share"]);
     dir.log("splitvisor-blk", &daemon.log);
+    // Swapped to halfway: the upgrades after must keep the device on it, not go back to the
+    // socket of the command line.
+    let socket_b = dir.join("blk-b.sock");
+    let daemon_b = Daemon::blk(&dir, "blk-b", &socket_b, &img, &["--share"]);
+    dir.log("splitvisor-blk b", &daemon_b.log);
     let disk = format!("socket={}", socket.display());
     let task = format!("blk-verify,seconds={VERIFY_SECONDS}");
     let (vm, _stdin) = spawn(&dir, "vm0", &["--disk", &disk, "--cmdline", &task]);
@@ -154,6 +160,11 @@ fn a_disk_verifying_guest_survives_live_upgrades() {
             "the guest finished before upgrade {round}: make VERIFY_SECONDS longer\n{}",
             vm.stdout_so_far()
         );
+        if round == UPGRADES / 2 {
+            let target = socket_b.to_str().expect("utf-8 path");
+            let (code, out, err) = ctl(&api_socket, &["swap", "disk0", target]);
+            assert_eq!(code, 0, "ctl swap failed: {out}{err}");
+        }
         let report = upgrade(&api_socket, &vm, &[]);
         assert_eq!(report["upgrades"], round, "{report}");
         downtimes.push(report["downtime_us"].as_u64().unwrap_or(0));
@@ -163,6 +174,17 @@ fn a_disk_verifying_guest_survives_live_upgrades() {
         assert_eq!(ping["pid"], vm.pid(), "{ping}");
         completed_above(&api_socket, 0, &vm);
         assert_eq!(entry_files(&dir, "vm0"), ["vm.json"], "upgrade {round}");
+        let backend = &api::get(&api_socket, "/vm")["devices"][0]["backend"]["socket"];
+        let expected = if round < UPGRADES / 2 {
+            &socket
+        } else {
+            &socket_b
+        };
+        assert_eq!(
+            backend.as_str(),
+            expected.to_str(),
+            "upgrade {round} keeps the device's backend"
+        );
     }
     let fds_after = open_fds(vm.pid());
     assert!(

@@ -275,6 +275,34 @@ fn take_manifest_shape(config: &mut VmConfig, manifest: &Manifest) {
     }
 }
 
+/// A live upgrade keeps each vhost-user device on the backend it had: a swap may have moved
+/// it off the socket the command line names.
+fn follow_swaps(config: &mut VmConfig, manifest: &Manifest) {
+    let saved = |id: &str| {
+        manifest
+            .devices
+            .iter()
+            .filter(|d| d.id == id)
+            .find_map(|d| match &d.state {
+                DeviceData::VirtioMmio(state) => state.vhost_user.as_ref(),
+                _ => None,
+            })
+            .map(|backend| PathBuf::from(&backend.socket))
+    };
+    let disk_ids = config.disk_ids();
+    for (disk, id) in config.disks.iter_mut().zip(disk_ids) {
+        if let (DiskConfig::VhostUser { socket, .. }, Some(now)) = (disk, saved(&id)) {
+            *socket = now;
+        }
+    }
+    let net_ids = config.net_ids();
+    for (net, id) in config.nets.iter_mut().zip(net_ids) {
+        if let Some(now) = saved(&id) {
+            net.socket = now;
+        }
+    }
+}
+
 /// This command line again, for a live upgrade: without `argv[0]` and the resume flag of an
 /// earlier upgrade (the old process adds a fresh one).
 fn relaunch() -> Relaunch {
@@ -310,6 +338,7 @@ fn resume_upgrade(args: &RunArgs, fd: i32) -> Result<u8, Box<dyn std::error::Err
     let answer = PendingAnswer::for_handoff(&handoff).map_err(|e| lost(&e))?;
     let mut config = args.to_config();
     take_manifest_shape(&mut config, &handoff.state.manifest);
+    follow_swaps(&mut config, &handoff.state.manifest);
     let built = config
         .validate()
         .map_err(Box::<dyn std::error::Error>::from)
