@@ -285,6 +285,48 @@ fn echo(vm: &RunningVm, stdin: &mut ChildStdin, line: &str) {
     vm.wait_stdout(&format!("ECHO {line}\n"), STEP_TIMEOUT);
 }
 
+/// A new binary that starts but cannot take the VM over (here: KVM cannot be opened) loses
+/// the guest, and says so: the upgrade's answer, ctl's exit status 1 and the VMM's own exit
+/// status 1 with the cause on stderr; the API socket and the runtime entry are removed.
+#[test]
+fn a_new_process_that_cannot_take_over_says_the_guest_is_lost() {
+    if !require_kvm("a_new_process_that_cannot_take_over_says_the_guest_is_lost") {
+        return;
+    }
+    let dir = Workdir::new("upgradelost");
+    let (vm, _stdin) = spawn(&dir, "lost", &["--cmdline", "console-echo,seconds=600"]);
+    vm.wait_stdout("console-echo: waiting", STEP_TIMEOUT);
+    let api_socket = dir.join("lost.sock");
+    // splitvisor itself (its --version is splitvisor's), with a KVM device that is not there.
+    let wrapper = dir.join("splitvisor-without-kvm");
+    let script = format!(
+        "#!/bin/sh\nSPLITVISOR_KVM_DEVICE=/nonexistent/kvm exec {} \"$@\"\n",
+        splitvisor_tests::vm::splitvisor().display()
+    );
+    std::fs::write(&wrapper, script).expect("write the wrapper");
+    std::fs::set_permissions(&wrapper, PermissionsExt::from_mode(0o755)).expect("chmod");
+    let wrapper = wrapper.to_str().expect("utf-8 path");
+    let (code, out, err) = ctl(&api_socket, &["upgrade", "--binary", wrapper]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("the guest is lost") && err.contains("/nonexistent/kvm"),
+        "{err}"
+    );
+    let run = vm.wait(STEP_TIMEOUT);
+    assert_eq!(run.code(), Some(1), "{run}");
+    assert!(
+        run.stderr
+            .contains("live upgrade: the new VMM could not take the VM over, the guest is lost")
+            && run.stderr.contains("/nonexistent/kvm"),
+        "{run}"
+    );
+    assert!(!api_socket.exists(), "the API socket is removed");
+    assert!(
+        entry_files(&dir, "lost").is_empty(),
+        "the runtime entry is removed"
+    );
+}
+
 /// A 2 GiB guest waiting for console input is upgraded (its console, stdin, carries on);
 /// bad `--binary` values are refused before anything is paused, and the guest keeps running.
 #[test]

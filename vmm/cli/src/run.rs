@@ -352,6 +352,10 @@ fn resume_upgrade(args: &RunArgs, fd: i32) -> Result<u8, Box<dyn std::error::Err
         Err(e) => {
             let message = lost(e.as_ref());
             answer.fail(&message);
+            // The inherited API socket is this process's, whether or not it got to serve it.
+            if let Some(path) = &config.api_socket {
+                let _ = std::fs::remove_file(path);
+            }
             return Err(message.into());
         }
     };
