@@ -166,6 +166,11 @@ pub struct Console {
 }
 
 impl Console {
+    /// The raw terminal's descriptor and its settings before, if the console made one raw.
+    pub fn terminal(&self) -> Option<(std::os::fd::RawFd, libc::termios)> {
+        self._raw.as_ref().map(RawTerminal::saved)
+    }
+
     fn idle() -> Self {
         Self {
             reader: None,

@@ -21,6 +21,7 @@ pub mod pause;
 pub mod seccomp;
 pub mod snapshot;
 pub mod terminal;
+pub mod upgrade;
 pub mod vcpu;
 pub mod vcpu_kick;
 pub mod vhost_user;

@@ -29,6 +29,26 @@ pub enum MemoryError {
 /// with `prefault`, every page is allocated up front.
 pub fn create_guest_memory(size: u64, prefault: bool) -> Result<GuestMemory, MemoryError> {
     let file = create_sealed_memfd(c"splitvisor-guest-ram", size)?;
+    let memory = map_guest_memory(&file, size)?;
+    if prefault {
+        populate(&memory)?;
+    }
+    Ok(memory)
+}
+
+/// Maps `file`, guest RAM of `size` bytes made by `create_guest_memory` (a live upgrade's
+/// inherited memfd), with the same layout; its pages are the guest's as they were.
+pub fn map_guest_memory(file: &File, size: u64) -> Result<GuestMemory, MemoryError> {
+    let length = file
+        .metadata()
+        .map_err(|e| MemoryError::SizeMemfd(size, e))?
+        .len();
+    if length != size {
+        return Err(MemoryError::SizeMemfd(
+            size,
+            std::io::Error::other(format!("the file has {length} bytes")),
+        ));
+    }
     let mut offset = 0;
     let mut ranges = Vec::new();
     for (start, len) in layout::ram_ranges(size) {
@@ -36,12 +56,7 @@ pub fn create_guest_memory(size: u64, prefault: bool) -> Result<GuestMemory, Mem
         ranges.push((start, len as usize, Some(FileOffset::new(handle, offset))));
         offset += len;
     }
-    let memory =
-        GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| MemoryError::Map(size, e))?;
-    if prefault {
-        populate(&memory)?;
-    }
-    Ok(memory)
+    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| MemoryError::Map(size, e))
 }
 
 /// Allocates every page now instead of at the guest's first touch, which on these hosts is a

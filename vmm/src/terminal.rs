@@ -79,6 +79,13 @@ impl RawTerminal {
     }
 }
 
+impl RawTerminal {
+    /// Its descriptor and the settings it restores.
+    pub fn saved(&self) -> (RawFd, libc::termios) {
+        (self.fd.as_raw_fd(), self.saved)
+    }
+}
+
 impl Drop for RawTerminal {
     fn drop(&mut self) {
         SAVED.lock().unwrap_or_else(PoisonError::into_inner).take();
@@ -125,7 +132,7 @@ pub fn get_attributes(fd: RawFd) -> std::io::Result<libc::termios> {
     Ok(t)
 }
 
-fn set_attributes(fd: RawFd, t: &libc::termios) -> std::io::Result<()> {
+pub fn set_attributes(fd: RawFd, t: &libc::termios) -> std::io::Result<()> {
     // SAFETY: `t` is a valid termios; a bad `fd` only makes the call fail.
     if unsafe { libc::tcsetattr(fd, libc::TCSANOW, t) } != 0 {
         return Err(std::io::Error::last_os_error());

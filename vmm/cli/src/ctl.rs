@@ -15,7 +15,8 @@ use crate::registry::{self, RegistryError};
 use splitvisor_vmm::api::http;
 use splitvisor_vmm::api::types::{
     AfterSnapshot, DeviceCounters, DeviceReport, ErrorReport, MetricsReport, SnapshotReport,
-    SnapshotRequest, StateReport, SwapReport, SwapRequest, VirtioCounters, VmReport, API_PREFIX,
+    SnapshotRequest, StateReport, SwapReport, SwapRequest, UpgradeReport, UpgradeRequest,
+    VirtioCounters, VmReport, API_PREFIX,
 };
 
 #[derive(Debug, Args)]
@@ -65,6 +66,27 @@ pub enum CtlVerb {
         #[arg(long, value_name = "resume|stop", default_value = "resume", value_parser = parse_then)]
         then: AfterSnapshot,
     },
+    /// Live upgrade: replace the VMM process by a (new) splitvisor binary while the guest
+    /// keeps its state (PUT /vm/upgrade).
+    ///
+    /// The VMM pauses the VM, captures its vCPUs, interrupt controllers, clock and devices
+    /// as a snapshot does, and re-executes itself in place: same pid, name, API socket,
+    /// console and stdio. Guest memory is not copied (it stays in its memfd), so the pause
+    /// does not grow with the VM's size; the backends see their frontend reconnect and resume
+    /// the rings where they stopped. Prints the downtime and the new version.
+    ///
+    /// If anything fails before the new binary starts (it is missing, not executable, its
+    /// `--version` is not splitvisor's, a capture fails, execve fails), the VM continues
+    /// untouched and ctl exits 1 naming the cause. If the new binary starts but cannot take
+    /// the VM over (e.g. an incompatible version), the GUEST IS LOST: the VMM prints why and
+    /// exits 1 (ctl too). The project's own guest only: Linux guests cannot be snapshotted
+    /// yet.
+    Upgrade {
+        /// The splitvisor binary to run; default: the one running now, by its path (so an
+        /// upgrade installed over it is picked up).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
 }
 
 fn parse_then(value: &str) -> Result<AfterSnapshot, String> {
@@ -88,6 +110,10 @@ pub enum CtlError {
     },
     #[error("talking to the VMM on {} failed", .0.display())]
     Exchange(PathBuf, #[source] std::io::Error),
+    #[error("the upgrade got no answer on {}: the new VMM process failed before it could take the VM over, and the guest is lost; its stderr says why", .0.display())]
+    UpgradeLost(PathBuf, #[source] std::io::Error),
+    #[error("--binary {}: `--version` printed {said:?}, not `splitvisor VERSION`: not a splitvisor binary; the VM was not touched", .binary.display())]
+    NotSplitvisor { binary: PathBuf, said: String },
     #[error("the VMM's answer is not the JSON expected ({why}): {text}")]
     NotJson { why: String, text: String },
     #[error("{message} (HTTP {status})")]
@@ -143,6 +169,32 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
                 )
             })
         }
+        CtlVerb::Upgrade { binary } => {
+            if let Some(binary) = binary {
+                check_is_splitvisor(&absolute(binary))?;
+            }
+            let body = UpgradeRequest {
+                binary: binary.as_deref().map(|b| absolute(b).display().to_string()),
+            };
+            let path = v1("/vm/upgrade");
+            let r: UpgradeReport =
+                request(&socket, "PUT", &path, Some(&json!(body))).map_err(|e| match e {
+                    CtlError::Exchange(path, source) => CtlError::UpgradeLost(path, source),
+                    other => other,
+                })?;
+            show(json, &r, |r| {
+                format!(
+                    "upgraded: splitvisor {} -> {} ({}), pid {}, downtime {:.3} ms (upgrade {}); VM {}",
+                    r.previous_version,
+                    r.version,
+                    r.binary,
+                    r.pid,
+                    r.downtime_us as f64 / 1000.0,
+                    r.upgrades,
+                    r.state.as_str()
+                )
+            })
+        }
         CtlVerb::Swap { id, socket: target } => {
             let body = SwapRequest {
                 socket: absolute(target).display().to_string(),
@@ -157,6 +209,51 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
             })
         }
     }
+}
+
+/// How long `BINARY --version` may take.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A binary that is not splitvisor would start in the VMM's place and lose the guest: when
+/// `binary` runs at all, it must say it is splitvisor. What does not run (missing, not
+/// executable) is left to the VMM, which refuses it naming the cause.
+fn check_is_splitvisor(binary: &Path) -> Result<(), CtlError> {
+    use std::process::{Command, Stdio};
+    let deadline = std::time::Instant::now() + VERSION_TIMEOUT;
+    let mut child = loop {
+        let spawned = Command::new(binary)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        match spawned {
+            Ok(child) => break child,
+            // Just written and still open for writing somewhere (a process forked meanwhile).
+            Err(e)
+                if e.raw_os_error() == Some(libc::ETXTBSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(_) => return Ok(()),
+        }
+    };
+    while child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let said = child
+        .wait_with_output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    if said.starts_with("splitvisor ") {
+        return Ok(());
+    }
+    Err(CtlError::NotSplitvisor {
+        binary: binary.to_path_buf(),
+        said,
+    })
 }
 
 /// The answer as JSON with `--json`, else readably.

@@ -21,8 +21,8 @@ const SOCKET_FILE: &str = "api.sock";
 /// The longest VM name (it is a directory name and part of the socket path).
 const MAX_NAME_LEN: usize = 48;
 /// `splitvisor ctl`'s verbs: `ctl NAME VERB` could not tell a VM of that name from the verb.
-const RESERVED_NAMES: [&str; 7] = [
-    "status", "pause", "resume", "shutdown", "swap", "metrics", "help",
+const RESERVED_NAMES: [&str; 9] = [
+    "status", "pause", "resume", "shutdown", "swap", "metrics", "snapshot", "upgrade", "help",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +170,8 @@ pub fn register(name: &str, api_socket: Option<&Path>) -> Result<Registration, R
             return Err(register_error(e));
         }
         match read_entry(&dir) {
+            // This very process, before a live upgrade's execve: the entry is ours still.
+            Some(old) if old.pid == std::process::id() && old.is_alive() => {}
             Some(old) if old.is_alive() => {
                 return Err(RegistryError::NameTaken {
                     name: name.to_string(),

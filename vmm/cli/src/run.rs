@@ -6,11 +6,14 @@ use std::path::PathBuf;
 
 use clap::{Args, FromArgMatches};
 use splitvisor_confine::SeccompMode;
+use splitvisor_vmm::api::upgrade_answer::PendingAnswer;
 use splitvisor_vmm::config::{
     ByteSize, DiskConfig, KernelSource, NetConfig, SerialConfig, VmConfig,
 };
 use splitvisor_vmm::snapshot::format::DeviceData;
 use splitvisor_vmm::snapshot::Manifest;
+use splitvisor_vmm::upgrade::resume::Handoff;
+use splitvisor_vmm::upgrade::Relaunch;
 use splitvisor_vmm::vm::{RestoreFrom, Vm};
 
 use crate::registry::{self, Registration, RegistryError};
@@ -182,7 +185,17 @@ pub struct RunArgs {
     /// order. Each backend resumes the rings where the snapshot stopped them.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initramfs", "cmdline"])]
     pub restore: Option<PathBuf>,
+
+    /// Internal, hidden: this process is a live upgrade's new VMM (`ctl NAME upgrade`), exec'd
+    /// by the old one with the rest of its command line; FD is the memfd holding the state it
+    /// left (see `splitvisor_vmm::upgrade`). Not for users: without the old process's
+    /// descriptors it fails.
+    #[arg(long, value_name = "FD", hide = true)]
+    pub resume_upgrade: Option<i32>,
 }
+
+/// The hidden flag of `RunArgs::resume_upgrade`, as the old process adds it.
+const RESUME_FLAG: &str = "--resume-upgrade";
 
 impl RunArgs {
     pub fn to_config(&self) -> VmConfig {
@@ -210,18 +223,17 @@ impl RunArgs {
 
 /// `splitvisor run`: boots the VM and runs it until it ends; the exit status is the guest's.
 pub fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    if let Some(fd) = args.resume_upgrade {
+        return resume_upgrade(args, fd);
+    }
     let mut config = args.to_config();
     let manifest = args.restore.as_deref().map(Manifest::read).transpose()?;
     if let Some(manifest) = &manifest {
-        config.memory = ByteSize(manifest.memory.size);
-        config.vcpus = u8::try_from(manifest.vcpus.len()).unwrap_or(u8::MAX);
-        if config.disks.is_empty() && config.nets.is_empty() {
-            (config.disks, config.nets) = snapshot_backends(manifest);
-        }
+        take_manifest_shape(&mut config, manifest);
     }
     config.validate()?;
     // Dropped after the VM ends: removes the VM's entry (and its API socket with it).
-    let _registration = register(args, &mut config)?;
+    let _registration = register(args, &mut config, true)?;
     splitvisor_vmm::seccomp::set_mode(args.vm.seccomp);
     let vm = match (&args.restore, &manifest) {
         (Some(dir), Some(manifest)) => {
@@ -238,6 +250,12 @@ pub fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }
         _ => Vm::new(&config)?,
     };
+    finish(args, vm)
+}
+
+/// Runs the VM, upgradable, to its end; the exit status is the guest's.
+fn finish(args: &RunArgs, mut vm: Vm) -> Result<u8, Box<dyn std::error::Error>> {
+    vm.enable_upgrade(relaunch());
     let (end, stats) = vm.run()?;
     if let Some(message) = end.describe() {
         splitvisor_vmm::eprintln_whole!("splitvisor: {message}");
@@ -246,6 +264,111 @@ pub fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         println!("{}{stats}", splitvisor_vmm::api::stats::STATS_PREFIX);
     }
     Ok(end.exit_status())
+}
+
+/// Memory size, vCPU count and (unless --disk/--net gave them) devices are the snapshot's.
+fn take_manifest_shape(config: &mut VmConfig, manifest: &Manifest) {
+    config.memory = ByteSize(manifest.memory.size);
+    config.vcpus = u8::try_from(manifest.vcpus.len()).unwrap_or(u8::MAX);
+    if config.disks.is_empty() && config.nets.is_empty() {
+        (config.disks, config.nets) = snapshot_backends(manifest);
+    }
+}
+
+/// A live upgrade keeps each vhost-user device on the backend it had: a swap may have moved
+/// it off the socket the command line names.
+fn follow_swaps(config: &mut VmConfig, manifest: &Manifest) {
+    let saved = |id: &str| {
+        manifest
+            .devices
+            .iter()
+            .filter(|d| d.id == id)
+            .find_map(|d| match &d.state {
+                DeviceData::VirtioMmio(state) => state.vhost_user.as_ref(),
+                _ => None,
+            })
+            .map(|backend| PathBuf::from(&backend.socket))
+    };
+    let disk_ids = config.disk_ids();
+    for (disk, id) in config.disks.iter_mut().zip(disk_ids) {
+        if let (DiskConfig::VhostUser { socket, .. }, Some(now)) = (disk, saved(&id)) {
+            *socket = now;
+        }
+    }
+    let net_ids = config.net_ids();
+    for (net, id) in config.nets.iter_mut().zip(net_ids) {
+        if let Some(now) = saved(&id) {
+            net.socket = now;
+        }
+    }
+}
+
+/// This command line again, for a live upgrade: without `argv[0]` and the resume flag of an
+/// earlier upgrade (the old process adds a fresh one).
+fn relaunch() -> Relaunch {
+    let mut args = Vec::new();
+    let mut skip_value = false;
+    for arg in std::env::args_os().skip(1) {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        if arg == RESUME_FLAG {
+            skip_value = true;
+            continue;
+        }
+        if arg
+            .to_str()
+            .is_some_and(|a| a.starts_with("--resume-upgrade="))
+        {
+            continue;
+        }
+        args.push(arg);
+    }
+    Relaunch {
+        args,
+        resume_flag: RESUME_FLAG,
+    }
+}
+
+/// `run --resume-upgrade FD`: takes the VM over from the process this one replaced and runs
+/// it. A failure here loses the guest: the old process is gone. It is said on stderr and to
+/// the client waiting for the upgrade's answer, and the exit status is 1.
+fn resume_upgrade(args: &RunArgs, fd: i32) -> Result<u8, Box<dyn std::error::Error>> {
+    let handoff = Handoff::take(fd).map_err(|e| lost(&e))?;
+    let answer = PendingAnswer::for_handoff(&handoff).map_err(|e| lost(&e))?;
+    let mut config = args.to_config();
+    take_manifest_shape(&mut config, &handoff.state.manifest);
+    follow_swaps(&mut config, &handoff.state.manifest);
+    let built = config
+        .validate()
+        .map_err(Box::<dyn std::error::Error>::from)
+        .and_then(|()| Ok(register(args, &mut config, false)?))
+        .and_then(|registration| {
+            splitvisor_vmm::seccomp::set_mode(args.vm.seccomp);
+            Ok((registration, Vm::resume_upgrade(&config, handoff)?))
+        });
+    let (_registration, mut vm) = match built {
+        Ok(built) => built,
+        Err(e) => {
+            let message = lost(e.as_ref());
+            answer.fail(&message);
+            // The inherited API socket is this process's, whether or not it got to serve it.
+            if let Some(path) = &config.api_socket {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(message.into());
+        }
+    };
+    vm.answer_upgrade(answer);
+    finish(args, vm)
+}
+
+/// A failure of the new process in a live upgrade, said as what it costs.
+fn lost(error: &dyn std::error::Error) -> String {
+    format!(
+        "live upgrade: the new VMM could not take the VM over, the guest is lost: {}",
+        splitvisor_vmm::error_chain(error)
+    )
 }
 
 /// The vhost-user backends a snapshot's devices had, as --disk and --net would give them
@@ -289,14 +412,21 @@ fn snapshot_backends(manifest: &Manifest) -> (Vec<DiskConfig>, Vec<NetConfig>) {
 /// Registers the VM under its name and points the API socket into its entry unless
 /// --api-socket chose one. Without --name, a VM that cannot be registered (no usable runtime
 /// directory) still runs, as before names existed, without an API unless --api-socket.
-fn register(args: &RunArgs, config: &mut VmConfig) -> Result<Option<Registration>, RegistryError> {
+/// `announce`: say the name and socket on stderr (not again after a live upgrade).
+fn register(
+    args: &RunArgs,
+    config: &mut VmConfig,
+    announce: bool,
+) -> Result<Option<Registration>, RegistryError> {
     let name = args.name.clone().unwrap_or_else(registry::generated_name);
     match registry::register(&name, config.api_socket.as_deref()) {
         Ok(registration) => {
-            splitvisor_vmm::eprintln_whole!(
-                "splitvisor: VM {name}, API socket {} (`splitvisor ctl {name} status`)",
-                registration.api_socket().display()
-            );
+            if announce {
+                splitvisor_vmm::eprintln_whole!(
+                    "splitvisor: VM {name}, API socket {} (`splitvisor ctl {name} status`)",
+                    registration.api_socket().display()
+                );
+            }
             config.api_socket = Some(registration.api_socket().to_path_buf());
             Ok(Some(registration))
         }

@@ -1,9 +1,10 @@
 //! What the control API can do to a running VM: report it, pause and resume its vCPUs, stop it,
 //! swap a device's backend, and read its counters. Transport-free: `api` maps HTTP onto this.
 
-use std::path::Path;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
@@ -17,7 +18,11 @@ use crate::attach::AttachedDevice;
 use crate::bus::Bus;
 use crate::devices::ata::AtaDisk;
 use crate::pause::PauseGate;
+use crate::snapshot::memory_file;
 use crate::snapshot::take::{self, SnapshotSource, TakeError};
+use crate::snapshot::{Manifest, FORMAT_VERSION};
+use crate::upgrade::exec::{ExecRequest, Upgrader};
+use crate::upgrade::{self, UpgradeError};
 use crate::vcpu::ExitCounters;
 use crate::vhost_user::manager::SwapError;
 use crate::vhost_user::{SwitchRecord, VhostUserDevice};
@@ -47,10 +52,16 @@ pub enum ControlError {
     NotVhostUser(String),
     #[error(transparent)]
     Swap(#[from] Box<SwapError>),
+    #[error("another snapshot or upgrade of this VM is in progress; retry once it is done")]
+    Busy,
     #[error("this VM cannot be snapshotted: {0}")]
     SnapshotUnsupported(String),
     #[error("the snapshot failed; the VM continues as before")]
     Snapshot(#[source] Box<TakeError>),
+    #[error("the upgrade failed before the new process started; the VM continues as before")]
+    Upgrade(#[source] Box<UpgradeError>),
+    #[error("{0}; the VM continues as before")]
+    UpgradeRefused(#[source] Box<UpgradeError>),
 }
 
 /// The emulated ATA disk, for reporting.
@@ -88,6 +99,11 @@ pub struct VmControl {
     backend_stats: Vec<(String, std::path::PathBuf)>,
     /// What `snapshot` captures; `None` if this host's KVM could not say what it can capture.
     snapshot: Option<SnapshotSource>,
+    /// The upgrader thread and the binary running now, once the VM runs.
+    upgrader: OnceLock<(Upgrader, PathBuf)>,
+    /// Held by a snapshot or an upgrade: both capture the vCPUs through one mailbox and stop
+    /// the rings, so one at a time.
+    capturing: Mutex<()>,
 }
 
 /// Everything `VmControl` reports on or acts upon.
@@ -105,12 +121,14 @@ pub struct ControlParts {
     /// Device id and its backend daemon's `--api-socket` (the device's `stats=` key).
     pub backend_stats: Vec<(String, std::path::PathBuf)>,
     pub snapshot: Option<SnapshotSource>,
+    /// When the VM started (before any live upgrade): uptimes count from it.
+    pub started: Instant,
 }
 
 impl VmControl {
     pub fn new(parts: ControlParts) -> Self {
         Self {
-            epoch: Instant::now(),
+            epoch: parts.started,
             guest: parts.guest,
             vcpus: parts.vcpus,
             memory_bytes: parts.memory_bytes,
@@ -125,7 +143,14 @@ impl VmControl {
             last_reports: Mutex::new(Vec::new()),
             backend_stats: parts.backend_stats,
             snapshot: parts.snapshot,
+            upgrader: OnceLock::new(),
+            capturing: Mutex::new(()),
         }
+    }
+
+    /// Lets `upgrade` exec through `upgrader`; `binary` is the default to run.
+    pub fn set_upgrader(&self, upgrader: Upgrader, binary: PathBuf) {
+        let _ = self.upgrader.set((upgrader, binary));
     }
 
     pub fn devices(&self) -> &[AttachedDevice] {
@@ -224,6 +249,7 @@ impl VmControl {
         then: AfterSnapshot,
     ) -> Result<(SnapshotReport, Option<VmEnd>), ControlError> {
         let source = self.snapshot_source()?;
+        let _capturing = self.capturing.try_lock().map_err(|_| ControlError::Busy)?;
         let was_paused = self.pause.is_paused();
         if !was_paused {
             self.pause()?;
@@ -274,6 +300,67 @@ impl VmControl {
             state,
         };
         Ok((report, then_end))
+    }
+
+    /// Live upgrade (see `crate::upgrade`): checks `binary` (default: the running one), pauses
+    /// the VM, captures its state but memory, and re-executes the VMM with it; the new process
+    /// answers the request on `client`. Returns only on failure, the VM then running (or
+    /// paused) as before.
+    pub fn upgrade(&self, binary: Option<&Path>, client: RawFd) -> ControlError {
+        let source = match self.snapshot_source() {
+            Ok(source) => source,
+            Err(e) => return e,
+        };
+        let Some((upgrader, running)) = self.upgrader.get() else {
+            return ControlError::UpgradeRefused(Box::new(UpgradeError::NoUpgrader));
+        };
+        // Held until the execve replaces the process, or until the failure is answered.
+        let Ok(_capturing) = self.capturing.try_lock() else {
+            return ControlError::Busy;
+        };
+        let binary = binary.unwrap_or(running).to_path_buf();
+        if let Err(e) = upgrade::check_binary(&binary) {
+            return ControlError::UpgradeRefused(Box::new(e));
+        }
+        let paused_at_ns = upgrade::monotonic_ns();
+        let was_paused = self.pause.is_paused();
+        if !was_paused {
+            if let Err(e) = self.pause() {
+                return e;
+            }
+        }
+        let ata = self.ata.as_ref().map(|a| (a.id.as_str(), &a.disk));
+        let captured = source.capture(&self.pause, usize::from(self.vcpus), (&self.devices, ata));
+        let error = match captured {
+            Ok(captured) => {
+                let manifest = Manifest {
+                    format_version: FORMAT_VERSION,
+                    created_by: concat!("splitvisor ", env!("CARGO_PKG_VERSION")).to_string(),
+                    memory: memory_file::layout_of(&source.memory),
+                    vcpus: captured.vcpus,
+                    vm: captured.vm,
+                    devices: captured.devices,
+                };
+                log::info!("control: upgrading to {}", binary.display());
+                let request = ExecRequest {
+                    started_at_ns: upgrade::monotonic_ns()
+                        .saturating_sub(self.epoch.elapsed().as_nanos() as u64),
+                    binary,
+                    manifest,
+                    was_paused,
+                    paused_at_ns,
+                    client,
+                };
+                let error = upgrader.exec(request);
+                take::resume_devices(&self.devices, &captured.stopped);
+                error
+            }
+            Err(e) => UpgradeError::Capture(e),
+        };
+        if !was_paused {
+            self.pause.resume();
+        }
+        ControlError::Upgrade(Box::new(error))
     }
 
     /// Ends the VM as a request asked, after its answer was written.

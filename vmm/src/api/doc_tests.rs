@@ -255,6 +255,22 @@ fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
                 })
                 .to_vec(),
         ),
+        (
+            ("PUT", "/vm/upgrade"),
+            [VmState::Running, VmState::Paused]
+                .map(|state| {
+                    json!(UpgradeReport {
+                        pid: 7,
+                        version: "0.2.0".into(),
+                        previous_version: "0.1.0".into(),
+                        binary: "/usr/bin/splitvisor".into(),
+                        downtime_us: 4200,
+                        upgrades: 1,
+                        state,
+                    })
+                })
+                .to_vec(),
+        ),
         (("GET", "/version"), vec![json!(VersionReport::current())]),
         (
             ("GET", "/ping"),

@@ -10,6 +10,7 @@ pub mod control;
 pub mod routes;
 pub mod stats;
 pub mod types;
+pub mod upgrade_answer;
 
 #[cfg(test)]
 mod doc_tests;
@@ -47,6 +48,8 @@ pub enum ApiError {
     Bind(#[from] SocketError),
     #[error("could not start the API thread")]
     Spawn(#[source] std::io::Error),
+    #[error("could not take over the API socket from the process this one replaced")]
+    Adopt(#[source] std::io::Error),
 }
 
 /// A bound API socket, not yet serving.
@@ -64,6 +67,21 @@ impl ApiListener {
             guard: socket::guard(path),
             listener,
         })
+    }
+
+    /// Serves on `listener`, bound to `path` by the process this one replaced (a live
+    /// upgrade); a duplicate is kept, the socket removed when the server is dropped.
+    pub fn adopt(listener: &UnixListener, path: &Path) -> Result<Self, ApiError> {
+        let listener = listener.try_clone().map_err(ApiError::Adopt)?;
+        Ok(Self {
+            guard: socket::adopt(path),
+            listener,
+        })
+    }
+
+    /// The listening socket's descriptor (handed over by a live upgrade).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.listener)
     }
 
     /// Serves requests on a thread of its own until the returned server is dropped.
@@ -139,6 +157,12 @@ fn accept_loop(listener: UnixListener, control: Arc<VmControl>, stopping: Arc<At
 
 fn serve_one(stream: &UnixStream, control: &VmControl, slot: Slot) {
     let mut response = answer(stream, control, slot);
+    if let Some(upgrade) = response.as_mut().and_then(|r| r.then_upgrade.take()) {
+        // Returns only if the upgrade failed: the new process answers on this connection.
+        let binary = upgrade.binary.as_deref().map(Path::new);
+        let error = control.upgrade(binary, std::os::fd::AsRawFd::as_raw_fd(stream));
+        response = Some(routes::upgrade_failed(&error));
+    }
     let then_end = response.as_mut().and_then(|r| r.then_end.take());
     if let Some(response) = response {
         respond(stream, response);

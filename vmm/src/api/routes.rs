@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use super::http::Request;
-use super::types::{ErrorReport, PingReport, SnapshotRequest, VersionReport, API_PREFIX};
+use super::types::{
+    ErrorReport, PingReport, SnapshotRequest, UpgradeRequest, VersionReport, API_PREFIX,
+};
 use crate::api::control::{ControlError, VmControl};
 use crate::vhost_user::manager::SwapError;
 use crate::vm_end::VmEnd;
@@ -19,6 +21,9 @@ pub struct Response {
     /// How the VM ends once this response is written (a snapshot with `then: stop`): ending
     /// it before would let the VMM exit before the client has its answer.
     pub then_end: Option<VmEnd>,
+    /// A live upgrade to carry out on the request's connection (`PUT /vm/upgrade`): the
+    /// new process answers, or on failure this response is replaced by the error.
+    pub then_upgrade: Option<UpgradeRequest>,
 }
 
 impl Response {
@@ -28,6 +33,7 @@ impl Response {
             headers: Vec::new(),
             body,
             then_end: None,
+            then_upgrade: None,
         }
     }
 
@@ -39,6 +45,7 @@ impl Response {
                 error: message.into()
             }),
             then_end: None,
+            then_upgrade: None,
         }
     }
 }
@@ -53,6 +60,7 @@ pub const ROUTES: &[Route] = &[
     Route::new("PUT", "/vm/resume", true),
     Route::new("PUT", "/vm/shutdown", true),
     Route::new("PUT", "/vm/snapshot", true),
+    Route::new("PUT", "/vm/upgrade", true),
     Route::new("PUT", "/devices/{id}/backend", true),
     Route::new("GET", "/version", false),
     Route::new("GET", "/ping", false),
@@ -128,7 +136,7 @@ pub fn handle(control: &VmControl, request: &Request) -> Response {
         return Response::error(
             404,
             format!(
-                "no endpoint {}; see docs/api.yaml (under {API_PREFIX}: GET /vm, GET /metrics, PUT /vm/pause, PUT /vm/resume, PUT /vm/shutdown, PUT /vm/snapshot, PUT /devices/{{id}}/backend, GET /version, GET /ping)",
+                "no endpoint {}; see docs/api.yaml (under {API_PREFIX}: GET /vm, GET /metrics, PUT /vm/pause, PUT /vm/resume, PUT /vm/shutdown, PUT /vm/snapshot, PUT /vm/upgrade, PUT /devices/{{id}}/backend, GET /version, GET /ping)",
                 request.path
             ),
         );
@@ -167,6 +175,14 @@ pub fn handle(control: &VmControl, request: &Request) -> Response {
                 }
                 Err(e) => Err(e),
             },
+            Err(message) => return Response::error(400, message),
+        },
+        "/vm/upgrade" => match upgrade_request(&request.body) {
+            Ok(upgrade) => {
+                let mut response = Response::ok(Value::Null);
+                response.then_upgrade = Some(upgrade);
+                return response;
+            }
             Err(message) => return Response::error(400, message),
         },
         "/devices/{id}/backend" => match swap_target(&request.body) {
@@ -210,8 +226,29 @@ fn snapshot_request(body: &[u8]) -> Result<SnapshotRequest, String> {
     Ok(request)
 }
 
+/// The body of `PUT /vm/upgrade`: empty, `{}` or `{"binary": PATH}`.
+fn upgrade_request(body: &[u8]) -> Result<UpgradeRequest, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(UpgradeRequest::default());
+    }
+    let request: UpgradeRequest = serde_json::from_slice(body)
+        .map_err(|e| format!("{e}; send {{}} or {{\"binary\": PATH}}"))?;
+    if request.binary.as_deref() == Some("") {
+        return Err("\"binary\" must be a non-empty path (a splitvisor binary)".into());
+    }
+    Ok(request)
+}
+
+/// The answer to a failed `PUT /vm/upgrade`.
+pub fn upgrade_failed(error: &ControlError) -> Response {
+    Response::error(status_of(error), crate::error_chain(error))
+}
+
 fn status_of(error: &ControlError) -> u16 {
     match error {
+        ControlError::UpgradeRefused(_) => 400,
+        ControlError::Busy => 409,
+        ControlError::Upgrade(_) => 500,
         ControlError::SnapshotUnsupported(_) => 409,
         ControlError::Snapshot(_) => 500,
         ControlError::Stopping => 409,
@@ -264,6 +301,23 @@ mod tests {
             let err = snapshot_request(body).unwrap_err();
             assert!(err.contains(expect), "{err}");
         }
+    }
+
+    #[test]
+    fn upgrade_bodies_are_checked() {
+        assert_eq!(upgrade_request(b"").unwrap().binary, None);
+        assert_eq!(upgrade_request(b"{}").unwrap().binary, None);
+        let r = upgrade_request(br#"{"binary": "/usr/bin/splitvisor"}"#).unwrap();
+        assert_eq!(r.binary.as_deref(), Some("/usr/bin/splitvisor"));
+        for (body, expect) in [
+            (&br#"{"binary": ""}"#[..], "non-empty"),
+            (br#"{"bin": "/x"}"#, "unknown field `bin`"),
+            (b"[", "EOF"),
+        ] {
+            let err = upgrade_request(body).unwrap_err();
+            assert!(err.contains(expect), "{err}");
+        }
+        assert!(serves("PUT", "/vm/upgrade") && serves("PUT", "/api/v1/vm/upgrade"));
     }
 
     #[test]

@@ -80,6 +80,33 @@ pub struct SnapshotReport {
     pub state: VmState,
 }
 
+/// `PUT /vm/upgrade`'s request body (may be empty).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeRequest {
+    /// The splitvisor binary to run; default: the one running now (`/proc/self/exe`'s path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<String>,
+}
+
+/// `PUT /vm/upgrade`'s answer, given by the new VMM process once the vCPUs run again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeReport {
+    /// The VMM's pid: the same before and after.
+    pub pid: u32,
+    /// The version of the splitvisor now running.
+    pub version: String,
+    /// The version that ran before.
+    pub previous_version: String,
+    /// The binary now running.
+    pub binary: String,
+    /// From the pause to the vCPUs running again in the new process, in microseconds.
+    pub downtime_us: u64,
+    /// How many live upgrades this VM has gone through.
+    pub upgrades: u64,
+    pub state: VmState,
+}
+
 /// What the VM boots.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GuestReport {

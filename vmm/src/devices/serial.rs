@@ -1,7 +1,6 @@
 //! The console: vm-superio's 8250 UART on COM1, its output to stdout, a file or nowhere, its
 //! interrupt through an irqfd, and the receive side that `console` feeds from stdin.
 
-use std::fs::File;
 use std::io::{self, LineWriter, Write};
 
 use log::warn;
@@ -60,20 +59,27 @@ pub struct SerialConsole {
 impl SerialConsole {
     /// Builds the console; returns it with the eventfd to register as its irqfd.
     pub fn new(config: &SerialConfig) -> Result<(Self, EventFd), SerialError> {
-        Self::with_state(config, &SerialState::default())
+        Self::with_state(config, &SerialState::default(), false)
     }
 
-    /// Builds the console with the UART's registers and receive FIFO as saved in a snapshot.
+    /// Builds the console with the UART's registers and receive FIFO as saved in a snapshot;
+    /// with `append`, a `file=` output is continued instead of started anew.
     pub fn with_state(
         config: &SerialConfig,
         state: &SerialState,
+        append: bool,
     ) -> Result<(Self, EventFd), SerialError> {
         let out: Output = match config {
             SerialConfig::Stdio => Box::new(LineWriter::new(io::stdout())),
             SerialConfig::File(path) => {
-                Box::new(LineWriter::new(File::create(path).map_err(|e| {
-                    SerialError::CreateFile(path.display().to_string(), e)
-                })?))
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .append(append)
+                    .truncate(!append)
+                    .open(path)
+                    .map_err(|e| SerialError::CreateFile(path.display().to_string(), e))?;
+                Box::new(LineWriter::new(file))
             }
             SerialConfig::None => Box::new(io::sink()),
         };

@@ -220,6 +220,15 @@ pub fn resume_devices(devices: &[AttachedDevice], stopped: &[StoppedRings]) {
     }
 }
 
+/// The VM's state as a snapshot captures it, memory aside: the manifest's other sections.
+pub struct Captured {
+    pub vcpus: Vec<VcpuState>,
+    pub vm: irqchip::IrqchipState,
+    pub devices: Vec<DeviceState>,
+    /// Each vhost-user device's rings, stopped for the capture: where to restart them.
+    pub stopped: Vec<StoppedRings>,
+}
+
 impl SnapshotSource {
     /// Writes the snapshot of the paused VM with `vcpus` parked vCPUs and `devices` into
     /// `dir`. The devices' rings are left stopped (`Taken::stopped`) for the caller to
@@ -228,12 +237,45 @@ impl SnapshotSource {
         &self,
         pause: &PauseGate,
         vcpus: usize,
-        (devices, ata): (&[AttachedDevice], Option<(&str, &AtaDisk)>),
+        devices: (&[AttachedDevice], Option<(&str, &AtaDisk)>),
         dir: &Path,
     ) -> Result<Taken, TakeError> {
         let start = Instant::now();
+        let captured = self.capture(pause, vcpus, devices)?;
+        let stopped = captured.stopped;
+        let written = super::write(
+            dir,
+            &self.memory,
+            captured.vcpus,
+            captured.vm,
+            captured.devices,
+        );
+        let manifest = match written {
+            Ok(manifest) => manifest,
+            Err(e) => {
+                resume_devices(devices.0, &stopped);
+                return Err(e.into());
+            }
+        };
+        Ok(Taken {
+            memory_bytes: manifest.memory.size,
+            vcpus,
+            elapsed: start.elapsed(),
+            stopped,
+        })
+    }
+
+    /// Captures the paused VM's vCPUs, interrupt controllers, clock and devices (stopping the
+    /// vhost-user devices' rings, see `Captured::stopped`), but not its memory: what a
+    /// snapshot writes besides `memory.bin`, and what a live upgrade hands over.
+    pub fn capture(
+        &self,
+        pause: &PauseGate,
+        vcpus: usize,
+        (devices, ata): (&[AttachedDevice], Option<(&str, &AtaDisk)>),
+    ) -> Result<Captured, TakeError> {
         let states = self.captures.collect(pause, vcpus, &self.support)?;
-        // Before memory: the backends' last writes into it must be in the snapshot.
+        // Before memory is read or handed over: the backends' last writes must be in it.
         let (virtio, stopped) = pause_devices(devices)?;
         let vm_state = irqchip::capture(&self.vm);
         let serial = self
@@ -254,17 +296,10 @@ impl SnapshotSource {
             state: DeviceData::Ata(disk.save()),
         }));
         saved.extend(virtio);
-        let manifest = match super::write(dir, &self.memory, states, vm_state, saved) {
-            Ok(manifest) => manifest,
-            Err(e) => {
-                resume_devices(devices, &stopped);
-                return Err(e.into());
-            }
-        };
-        Ok(Taken {
-            memory_bytes: manifest.memory.size,
-            vcpus,
-            elapsed: start.elapsed(),
+        Ok(Captured {
+            vcpus: states,
+            vm: vm_state,
+            devices: saved,
             stopped,
         })
     }
@@ -299,6 +334,12 @@ pub fn restore(
     vcpus: &[&VcpuFd],
 ) -> Result<(), RestoreError> {
     memory_file::restore(dir, &manifest.memory, memory)?;
+    restore_cpus(manifest, vm, vcpus)
+}
+
+/// Puts the interrupt controllers, clock and every vCPU back; guest memory must already hold
+/// the snapshot's (restored from `memory.bin`, or the very memfd of a live upgrade).
+pub fn restore_cpus(manifest: &Manifest, vm: &VmFd, vcpus: &[&VcpuFd]) -> Result<(), RestoreError> {
     irqchip::restore(vm, &manifest.vm)?;
     for (index, vcpu) in vcpus.iter().enumerate() {
         let state = manifest

@@ -183,6 +183,13 @@ pub fn guard(path: &Path) -> SocketGuard {
     }
 }
 
+/// A guard for a socket bound by the process this one replaced with execve (the VMM's live
+/// upgrade), its listener inherited: it is this process's to remove now.
+pub fn adopt(path: &Path) -> SocketGuard {
+    register(path);
+    guard(path)
+}
+
 /// Removes every socket and lock file this process bound and has not removed yet: for a
 /// signal thread about to exit the process.
 pub fn cleanup_all() {

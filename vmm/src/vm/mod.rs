@@ -1,22 +1,25 @@
 //! A VM: KVM, its memfd-backed memory, the in-kernel irqchip, the buses and their devices,
 //! and the vCPUs - built from a `VmConfig`, run until it ends.
 
+use std::os::fd::RawFd;
+use std::os::unix::net::UnixListener;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use log::{debug, info, warn};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::VmFd;
+use log::{debug, info};
 use splitvisor_wire::host::signals;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::api::control::{AtaInfo, ControlParts, GuestInfo, VmControl};
+use crate::api::upgrade_answer::PendingAnswer;
 use crate::api::{ApiError, ApiListener};
 use crate::attach::{AttachError, Attached, AttachedDevice, Attacher};
 use crate::boot::acpi::{AcpiPlatform, MmioWindow};
-use crate::boot::{self, vcpu_regs, BootEntry, BootError, BootProtocol, BootRequest, KernelFormat};
+use crate::boot::{self, vcpu_regs, BootEntry, BootError, BootRequest};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::config::{KernelSource, VmConfig};
 use crate::devices::debug_exit::DebugExit;
@@ -24,15 +27,21 @@ use crate::devices::serial::{SerialConsole, SerialError};
 use crate::devices::{acpi_power, i8042};
 use crate::event_loop::EventLoop;
 use crate::layout;
-use crate::memory::{self, GuestMemory, MemoryError};
+use crate::memory::{GuestMemory, MemoryError};
 use crate::pause::PauseGate;
 use crate::seccomp::ThreadKind;
-use crate::snapshot::format::{DeviceState, Manifest};
-use crate::snapshot::memory_file;
+use crate::snapshot::format::Manifest;
 use crate::snapshot::take::{self, RestoreError, SnapshotSource, VcpuCaptures};
-use crate::snapshot::vcpu_state::CaptureSupport;
+use crate::upgrade::exec::{ExecContext, Upgrader};
+use crate::upgrade::resume::Handoff;
+use crate::upgrade::Relaunch;
 use crate::vcpu::{self, ExitCounters, Vcpu, VcpuContext, VcpuError};
 use crate::vm_end::{EndSignal, VmEnd};
+
+mod kvm;
+mod restore;
+use kvm::{create_kvm_vm, warn_if_pvm};
+use restore::{prepare_restore, restore_state, snapshot_source, Start};
 use vm_superio::serial::SerialState;
 
 /// xAPIC IDs are 8 bits and 0xff is the broadcast ID.
@@ -93,6 +102,8 @@ pub enum VmError {
     Console(#[from] crate::console::ConsoleError),
     #[error("could not restore the snapshot")]
     Snapshot(#[source] Box<RestoreError>),
+    #[error("could not start the upgrade thread")]
+    Upgrader(#[source] std::io::Error),
 }
 
 /// How often the used rings are sampled to count completed requests (see
@@ -106,6 +117,19 @@ pub struct RestoreFrom<'a> {
     pub manifest: &'a Manifest,
 }
 
+/// What a live upgrade of this VM needs (see `upgrade`), and the answer a just-upgraded VMM
+/// owes.
+#[derive(Default)]
+struct UpgradeSetup {
+    /// How to start the VMM again; `None`: upgrades are refused.
+    relaunch: Option<Relaunch>,
+    /// Descriptors inherited from the VMM's parent.
+    keep_fds: Vec<RawFd>,
+    upgrades: u64,
+    was_paused: bool,
+    answer: Option<PendingAnswer>,
+}
+
 pub struct Vm {
     _vm_fd: Arc<VmFd>,
     _memory: GuestMemory,
@@ -115,29 +139,62 @@ pub struct Vm {
     events: Arc<EventLoop>,
     control: Arc<VmControl>,
     api: Option<ApiListener>,
+    upgrade: UpgradeSetup,
 }
 
 impl Vm {
     /// Creates the VM and everything in it; the vCPUs are ready at the entry point.
     pub fn new(config: &VmConfig) -> Result<Self, VmError> {
-        Self::build(config, None)
+        Self::build(config, Start::Boot)
     }
 
     /// Creates the VM as `config` says (its memory and vCPU count must be the snapshot's) and
     /// puts the snapshot's memory, interrupt controllers, clock, vCPUs and devices back: it
     /// continues where the snapshot was taken.
     pub fn restore(config: &VmConfig, from: &RestoreFrom) -> Result<Self, VmError> {
-        Self::build(config, Some(from))
+        Self::build(config, Start::Snapshot(from))
     }
 
-    fn build(config: &VmConfig, restore: Option<&RestoreFrom>) -> Result<Self, VmError> {
-        let (kvm, vm_fd, memory) = create_kvm_vm(config)?;
-        // Bound first: a socket in use is a configuration error worth failing on before boot.
-        let api = config
-            .api_socket
-            .as_deref()
-            .map(ApiListener::bind)
-            .transpose()?;
+    /// Takes the VM over from the process this one replaced (`upgrade`): its memory is the
+    /// handed-over memfd, its state the captured one, its API the same listener. The upgrade
+    /// request is answered once the vCPUs run (`answer_upgrade`).
+    pub fn resume_upgrade(config: &VmConfig, handoff: Handoff) -> Result<Self, VmError> {
+        let start = Start::Upgrade {
+            manifest: &handoff.state.manifest,
+            memory: &handoff.memory,
+            started_at_ns: handoff.state.started_at_ns,
+            api: handoff.api.as_ref(),
+        };
+        let mut vm = Self::build(config, start)?;
+        info!(
+            "upgrade: VM rebuilt {} us after the pause",
+            crate::upgrade::monotonic_ns().saturating_sub(handoff.state.paused_at_ns) / 1000
+        );
+        vm.upgrade.keep_fds = handoff.state.keep_fds;
+        vm.upgrade.upgrades = handoff.state.upgrades;
+        vm.upgrade.was_paused = handoff.state.was_paused;
+        Ok(vm)
+    }
+
+    /// Lets `PUT /vm/upgrade` re-execute the VMM as `relaunch` says.
+    pub fn enable_upgrade(&mut self, relaunch: Relaunch) {
+        self.upgrade.relaunch = Some(relaunch);
+    }
+
+    /// Sends `answer` to the upgrade request once the vCPUs run.
+    pub fn answer_upgrade(&mut self, answer: PendingAnswer) {
+        self.upgrade.answer = Some(answer);
+    }
+
+    fn build(config: &VmConfig, start: Start) -> Result<Self, VmError> {
+        // Before the VMM opens anything: what it inherited, to keep across upgrades.
+        let keep_fds = crate::upgrade::exec::open_descriptors();
+        let (memory_file, api) = match start {
+            Start::Upgrade { memory, api, .. } => (Some(memory), api),
+            _ => (None, None),
+        };
+        let (kvm, vm_fd, memory) = create_kvm_vm(config, memory_file)?;
+        let api = api_listener(config, api)?;
         let events = EventLoop::new().map_err(VmError::EventLoop)?;
         let end = Arc::new(EndSignal::default());
         let (mut pio, mut mmio) = (Bus::new(), Bus::new());
@@ -150,16 +207,16 @@ impl Vm {
             end: &end,
         }
         .attach_all(config)?;
-        let boot_entry = match restore {
-            Some(from) => prepare_restore(from.manifest, config, &memory, &attached)?,
+        let boot_entry = match start.manifest() {
+            Some(manifest) => prepare_restore(manifest, config, &memory, &attached)?,
             None => boot_guest(&vm_fd, &memory, config, &attached)?,
         };
-        let serial_state = restore.and_then(|from| take::saved_serial(from.manifest));
+        let serial_state = start.manifest().and_then(take::saved_serial);
         let serial = attach_platform_ports(
             &vm_fd,
             config,
             (&boot_entry, serial_state.as_ref()),
-            &end,
+            (&end, matches!(start, Start::Upgrade { .. })),
             &mut pio,
         )?;
         let ctx = VcpuContext {
@@ -173,14 +230,18 @@ impl Vm {
         let vm_fd = Arc::new(vm_fd);
         let snapshot = snapshot_source(&kvm, &vm_fd, &memory, &ctx, &serial);
         sample_completions(&events, &attached.devices)?;
-        let control = control_of(config, &boot_entry, &ctx, attached, snapshot);
+        let control = control_of(
+            config,
+            &boot_entry,
+            &ctx,
+            attached,
+            (snapshot, start.started()),
+        );
 
         let mut vcpus = (0..config.vcpus)
             .map(|i| Vcpu::new(&kvm, &vm_fd, i, config.vcpus, &boot_entry))
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(from) = restore {
-            restore_state(from, &vm_fd, &memory, &mut vcpus, control.devices())?;
-        }
+        restore_state(&start, &vm_fd, &memory, &mut vcpus, control.devices())?;
         info!(
             "VM ready: {} vCPU(s), {} MiB",
             config.vcpus,
@@ -195,6 +256,10 @@ impl Vm {
             events,
             control,
             api,
+            upgrade: UpgradeSetup {
+                keep_fds,
+                ..Default::default()
+            },
         })
     }
 
@@ -220,7 +285,12 @@ impl Vm {
         watch_termination_signals(self.ctx.end.clone())?;
         // After the signal watcher: SIGINT/SIGTERM end the VM in order, and this guard (dropped
         // when `run` returns, any way) restores the terminal after everything stopped.
-        let _console = crate::console::start(&self.serial, &self.ctx.end)?;
+        let console = crate::console::start(&self.serial, &self.ctx.end)?;
+        self.start_upgrader(&console)?;
+        if self.upgrade.was_paused {
+            // Paused before the upgrade: the vCPUs park before their first KVM_RUN.
+            self.ctx.pause.request_pause();
+        }
         let event_thread = self.events.spawn().map_err(VmError::EventLoop)?;
         let mut threads = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
@@ -242,6 +312,7 @@ impl Vm {
             .take()
             .map(|listener| listener.serve(self.control.clone()))
             .transpose()?;
+        self.send_upgrade_answer();
         // Every thread is started: what is left here is waiting, stopping and reporting.
         crate::seccomp::confine(ThreadKind::Main);
         let end = self.ctx.end.wait();
@@ -258,28 +329,68 @@ impl Vm {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .flush();
         let stats = self.stats();
+        drop(console);
         Ok((end, stats))
+    }
+
+    /// After a live upgrade, once the vCPUs run: answers the upgrade request and says so.
+    fn send_upgrade_answer(&mut self) {
+        let Some(answer) = self.upgrade.answer.take() else {
+            return;
+        };
+        let report = answer.send(self.control.status().state);
+        crate::eprintln_whole!(
+            "splitvisor: live upgrade {} done: now splitvisor {} ({}), pid {}, {} us downtime",
+            report.upgrades,
+            report.version,
+            report.binary,
+            report.pid,
+            report.downtime_us
+        );
+    }
+
+    /// Starts the upgrader thread (unconfined, see `upgrade::exec`) if upgrades are enabled;
+    /// before the main thread confines itself, whose filter every thread it starts inherits.
+    fn start_upgrader(&mut self, console: &crate::console::Console) -> Result<(), VmError> {
+        let Some(relaunch) = self.upgrade.relaunch.take() else {
+            return Ok(());
+        };
+        let memory = self
+            ._memory
+            .iter()
+            .next()
+            .and_then(|region| region.file_offset())
+            .map(|fo| fo.file().try_clone())
+            .transpose()
+            .map_err(VmError::Upgrader)?
+            .ok_or_else(|| VmError::Upgrader(std::io::Error::other("guest memory has no file")))?;
+        // Resolved now, while the binary is surely where it was started from.
+        let binary = std::env::current_exe().map_err(VmError::Upgrader)?;
+        let upgrader = Upgrader::spawn(ExecContext {
+            memory,
+            api: self.api.as_ref().map(ApiListener::raw_fd),
+            relaunch,
+            keep_fds: self.upgrade.keep_fds.clone(),
+            terminal: console.terminal(),
+            serial: self.serial.clone(),
+            upgrades: self.upgrade.upgrades,
+        })
+        .map_err(VmError::Upgrader)?;
+        self.control.set_upgrader(upgrader, binary);
+        Ok(())
     }
 }
 
-/// KVM, the VM with its memory registered, and the in-kernel interrupt controllers.
-fn create_kvm_vm(config: &VmConfig) -> Result<(Kvm, VmFd, GuestMemory), VmError> {
-    let kvm = open_kvm()?;
-    let max = kvm.get_max_vcpus().min(MAX_XAPIC_VCPUS);
-    if usize::from(config.vcpus) > max {
-        return Err(VmError::TooManyVcpus {
-            requested: config.vcpus,
-            max,
-        });
-    }
-    let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-    let memory = memory::create_guest_memory(config.memory.0, config.prefault)?;
-    register_memory(&vm_fd, &memory)?;
-    vm_fd
-        .set_tss_address(layout::RAM_HOLE_END as usize - 0x3000)
-        .map_err(VmError::TssAddress)?;
-    vm_fd.create_irq_chip().map_err(VmError::Irqchip)?;
-    Ok((kvm, vm_fd, memory))
+/// The API's socket, bound first (a socket in use is a configuration error worth failing on
+/// before boot), or after a live upgrade the listener the old process handed over.
+fn api_listener(
+    config: &VmConfig,
+    inherited: Option<&UnixListener>,
+) -> Result<Option<ApiListener>, VmError> {
+    Ok(match (inherited, config.api_socket.as_deref()) {
+        (Some(listener), Some(path)) => Some(ApiListener::adopt(listener, path)?),
+        (_, path) => path.map(ApiListener::bind).transpose()?,
+    })
 }
 
 /// Loads the kernel and writes the boot tables (ACPI describing the attached devices, for
@@ -338,11 +449,12 @@ fn attach_platform_ports(
     vm_fd: &VmFd,
     config: &VmConfig,
     (boot_entry, serial_state): (&BootEntry, Option<&SerialState>),
-    end: &Arc<EndSignal>,
+    (end, upgraded): (&Arc<EndSignal>, bool),
     pio: &mut Bus,
 ) -> Result<Arc<Mutex<SerialConsole>>, VmError> {
+    // After a live upgrade, a --serial file goes on where the old process left it.
     let (console, serial_irq) = match serial_state {
-        Some(state) => SerialConsole::with_state(&config.serial, state)?,
+        Some(state) => SerialConsole::with_state(&config.serial, state, upgraded)?,
         None => SerialConsole::new(&config.serial)?,
     };
     vm_fd
@@ -376,7 +488,7 @@ fn control_of(
     boot_entry: &BootEntry,
     ctx: &VcpuContext,
     attached: Attached,
-    snapshot: Option<SnapshotSource>,
+    (snapshot, started): (Option<SnapshotSource>, std::time::Instant),
 ) -> Arc<VmControl> {
     Arc::new(VmControl::new(ControlParts {
         guest: guest_info(config, boot_entry),
@@ -391,104 +503,8 @@ fn control_of(
         mmio: ctx.mmio.clone(),
         backend_stats: config.backend_stats_sockets(),
         snapshot,
+        started,
     }))
-}
-
-/// Guest memory, interrupt controllers, clock and vCPUs from the snapshot, then the
-/// vhost-user devices' rings on their backends (which read them from the restored memory).
-fn restore_state(
-    from: &RestoreFrom,
-    vm_fd: &VmFd,
-    memory: &GuestMemory,
-    vcpus: &mut [Vcpu],
-    devices: &[AttachedDevice],
-) -> Result<(), VmError> {
-    let fds: Vec<&VcpuFd> = vcpus.iter_mut().map(|v| &*v.fd_mut()).collect();
-    take::restore(from.dir, from.manifest, vm_fd, memory, &fds)
-        .and_then(|()| take::restore_devices(from.manifest, devices))
-        .map_err(|e| VmError::Snapshot(Box::new(e)))?;
-    info!("VM restored from {}", from.dir.display());
-    Ok(())
-}
-
-/// What `PUT /vm/snapshot` captures; `None` (snapshots refused) if KVM cannot say which MSRs
-/// it has.
-fn snapshot_source(
-    kvm: &Kvm,
-    vm_fd: &Arc<VmFd>,
-    memory: &GuestMemory,
-    ctx: &VcpuContext,
-    serial: &Arc<Mutex<SerialConsole>>,
-) -> Option<SnapshotSource> {
-    match CaptureSupport::probe(kvm, vm_fd) {
-        Ok(support) => Some(SnapshotSource {
-            vm: vm_fd.clone(),
-            memory: memory.clone(),
-            support,
-            captures: ctx.capture.clone(),
-            serial: serial.clone(),
-        }),
-        Err(e) => {
-            warn!("snapshots will be refused: {}", crate::error_chain(&e));
-            None
-        }
-    }
-}
-
-/// Instead of booting: checks that the VM can take the snapshot, puts the ATA disk's state
-/// back, and returns the entry its vCPUs are created with (their state is restored later).
-fn prepare_restore(
-    manifest: &Manifest,
-    config: &VmConfig,
-    memory: &GuestMemory,
-    attached: &Attached,
-) -> Result<BootEntry, VmError> {
-    check_restore_target(manifest, config, memory, attached)?;
-    if let Some((id, disk)) = &attached.ata {
-        take::restore_ata(manifest, id, disk).map_err(|e| VmError::Snapshot(Box::new(e)))?;
-    }
-    Ok(restored_guest_entry())
-}
-
-/// A restored VM runs the project's guest (snapshots of Linux guests are refused when taken):
-/// the entry and boot tables are in the restored memory and registers, so only the protocol
-/// matters here, for the vCPUs' creation.
-fn restored_guest_entry() -> BootEntry {
-    BootEntry {
-        entry: 0,
-        protocol: BootProtocol::SplitvisorGuest {
-            start_info: layout::START_INFO,
-        },
-        format: KernelFormat::SplitvisorGuest,
-    }
-}
-
-/// Whether the VM built from `config` can take the snapshot: same memory, vCPU count and
-/// devices (the platform ones a snapshot saves, and any --disk/--net, which it cannot).
-fn check_restore_target(
-    manifest: &Manifest,
-    config: &VmConfig,
-    memory: &GuestMemory,
-    attached: &Attached,
-) -> Result<(), VmError> {
-    let mut devices = take::platform_devices();
-    devices.extend(attached.devices.iter().map(|d| DeviceState {
-        id: d.id.clone(),
-        kind: d.kind.name().into(),
-        state: Default::default(),
-    }));
-    devices.extend(attached.ata.iter().map(|(id, _)| DeviceState {
-        id: id.clone(),
-        kind: take::ATA_KIND.into(),
-        state: Default::default(),
-    }));
-    manifest
-        .check_target(
-            &memory_file::layout_of(memory),
-            usize::from(config.vcpus),
-            &devices,
-        )
-        .map_err(|e| VmError::Snapshot(Box::new(e.into())))
 }
 
 /// What `GET /vm` says the VM boots.
@@ -500,59 +516,6 @@ fn guest_info(config: &VmConfig, boot_entry: &BootEntry) -> GuestInfo {
             KernelSource::File(path) => path.display().to_string(),
         },
     }
-}
-
-fn open_kvm() -> Result<Kvm, VmError> {
-    let path = std::env::var_os("SPLITVISOR_KVM_DEVICE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_KVM_DEVICE));
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
-        VmError::OpenKvm {
-            path: path.clone(),
-            source: kvm_ioctls::Error::new(libc::EINVAL),
-            hint: "the path contains a NUL byte",
-        }
-    })?;
-    Kvm::new_with_path(&c_path).map_err(|source| {
-        let hint = match source.errno() {
-            libc::ENOENT => "splitvisor needs KVM: load the kvm module for this CPU (kvm_intel, kvm_amd or kvm_pvm) or run on a host with hardware virtualization",
-            libc::EACCES | libc::EPERM => "add your user to the group that owns it (usually 'kvm') or run as root",
-            _ => "splitvisor needs a working KVM device",
-        };
-        VmError::OpenKvm { path, source, hint }
-    })
-}
-
-/// Whether this host's KVM is PVM (pagetable-based virtualization): it runs guest user mode
-/// natively but emulates guest kernel mode instruction by instruction.
-fn host_kvm_is_pvm() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
-}
-
-/// Linux spends its boot in kernel mode; on PVM that is ~1000x slower than on VMX/SVM.
-fn warn_if_pvm() {
-    if host_kvm_is_pvm() {
-        warn!(
-            "this host's KVM is PVM (module kvm_pvm), which emulates guest kernel-mode code: a Linux guest will not boot in useful time here; use a host with VMX or SVM"
-        );
-    }
-}
-
-fn register_memory(vm: &VmFd, memory: &GuestMemory) -> Result<(), VmError> {
-    for (slot, region) in memory.iter().enumerate() {
-        let start = region.start_addr().0;
-        let mapping = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: start,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-        };
-        // SAFETY: the mapping belongs to `memory`, which the `Vm` keeps alive as long as the
-        // VM fd (and so the memslot) exists; the slots do not overlap.
-        unsafe { vm.set_user_memory_region(mapping) }.map_err(|e| VmError::MapMemory(start, e))?;
-    }
-    Ok(())
 }
 
 /// Counts completed requests of every vhost-user device from its used rings, periodically.
