@@ -397,3 +397,52 @@ fn a_large_guest_is_upgraded_and_bad_binaries_are_refused() {
         "the VMM says each upgrade\n{run}"
     );
 }
+
+/// `--live-upgrade off`: no thread runs outside the seccomp filter, and an upgrade is refused
+/// (exit 1, naming the flag) with the guest untouched.
+#[test]
+fn live_upgrade_off_filters_every_thread_and_refuses_upgrades() {
+    if !require_kvm("live_upgrade_off_filters_every_thread_and_refuses_upgrades") {
+        return;
+    }
+    let dir = Workdir::new("upgradeoff");
+    let task = "console-echo,lines=1,seconds=600";
+    let (vm, mut stdin) = spawn(&dir, "off", &["--live-upgrade", "off", "--cmdline", task]);
+    vm.wait_stdout("console-echo: waiting", STEP_TIMEOUT);
+    let api_socket = dir.join("off.sock");
+    let threads = |pid: u32| -> Vec<(String, String)> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Vec::new();
+        };
+        tasks
+            .filter_map(|t| {
+                let status = std::fs::read_to_string(t.ok()?.path().join("status")).ok()?;
+                let field = |key: &str| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(key))
+                        .map(|v| v.trim().to_string())
+                };
+                Some((field("Name:")?, field("Seccomp:")?))
+            })
+            .collect()
+    };
+    // The main thread confines itself last, once the others are started.
+    let seen = poll_until("every VMM thread to be filtered", STEP_TIMEOUT, || {
+        let all = threads(vm.pid());
+        (!all.is_empty() && all.iter().all(|(_, s)| s == "2")).then_some(all)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", threads(vm.pid()), vm.stderr_so_far()));
+    assert!(
+        seen.iter().all(|(name, _)| name != "upgrader"),
+        "no upgrader thread: {seen:?}"
+    );
+    let (code, out, err) = ctl(&api_socket, &["upgrade"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("--live-upgrade off"), "{err}");
+    assert_eq!(api::get(&api_socket, "/vm")["state"], "running");
+    echo(&vm, &mut stdin, "line-0");
+    let run = vm.wait(STEP_TIMEOUT);
+    drop(stdin);
+    run.assert_passed();
+}

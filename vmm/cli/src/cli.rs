@@ -149,6 +149,8 @@ mod tests {
             "/run/api.sock",
             "--seccomp",
             "log",
+            "--live-upgrade",
+            "off",
         ])
         .unwrap();
         let Command::Run(original) = cli.command else {

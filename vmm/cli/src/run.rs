@@ -81,6 +81,13 @@ pub struct VmArgs {
     /// through but logs it in the kernel log (dmesg, type=1326), `off` does not filter.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompMode::On)]
     pub seccomp: SeccompMode,
+
+    /// Live upgrades (`splitvisor ctl NAME upgrade`): on or off. On keeps one thread,
+    /// "upgrader", outside the seccomp filter - a filter survives execve and would confine the
+    /// new VMM - so a compromised VMM thread could ask it to run another program. Off starts
+    /// no such thread (every thread filtered) and refuses upgrades with 409.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub live_upgrade: bool,
 }
 
 impl VmArgs {
@@ -110,6 +117,9 @@ impl VmArgs {
         }
         if !self.acpi {
             flags.extend(["--acpi".into(), "off".into()]);
+        }
+        if !self.live_upgrade {
+            flags.extend(["--live-upgrade".into(), "off".into()]);
         }
         if self.prefault {
             flags.push("--prefault".into());
@@ -255,7 +265,9 @@ pub fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
 
 /// Runs the VM, upgradable, to its end; the exit status is the guest's.
 fn finish(args: &RunArgs, mut vm: Vm) -> Result<u8, Box<dyn std::error::Error>> {
-    vm.enable_upgrade(relaunch());
+    if args.vm.live_upgrade {
+        vm.enable_upgrade(relaunch());
+    }
     let (end, stats) = vm.run()?;
     if let Some(message) = end.describe() {
         splitvisor_vmm::eprintln_whole!("splitvisor: {message}");

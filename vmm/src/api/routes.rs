@@ -246,6 +246,12 @@ pub fn upgrade_failed(error: &ControlError) -> Response {
 
 fn status_of(error: &ControlError) -> u16 {
     match error {
+        // Started with --live-upgrade off: the VM's state, not the request, is the reason.
+        ControlError::UpgradeRefused(e)
+            if matches!(**e, crate::upgrade::UpgradeError::NoUpgrader) =>
+        {
+            409
+        }
         ControlError::UpgradeRefused(_) => 400,
         ControlError::Busy => 409,
         ControlError::Upgrade(_) => 500,

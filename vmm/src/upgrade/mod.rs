@@ -41,7 +41,7 @@ pub enum UpgradeError {
     NotAFile { path: PathBuf },
     #[error("--binary {}: not executable (mode {mode:o}); chmod +x it", .path.display())]
     NotExecutable { path: PathBuf, mode: u32 },
-    #[error("this VMM cannot upgrade: its upgrade thread is not running")]
+    #[error("this VMM cannot upgrade: it was started with --live-upgrade off (or its upgrade thread is not running)")]
     NoUpgrader,
     #[error("capturing the VM's state failed")]
     Capture(#[source] TakeError),
