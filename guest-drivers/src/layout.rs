@@ -27,9 +27,10 @@ pub const TSS_LIMIT: usize = TSS_IOMAP_BASE + TSS_IOMAP_BYTES - 1;
 /// Distance between the per-vCPU TSSs in the TSS array.
 pub const TSS_STRIDE: usize = 256;
 
-/// Port ranges `(first, count)` CPL-3 code may use: COM1, the debug-exit port, the primary ATA
-/// command block and the ATA control register. Everything else raises #GP.
-pub const GUEST_PORTS: [(u16, u16); 4] = [(0x3f8, 8), (0xf4, 1), (0x1f0, 8), (0x3f6, 1)];
+/// Port ranges `(first, count)` CPL-3 code may use: COM1, the debug-exit port, splitvisor's
+/// paravirtual console port, the primary ATA command block and the ATA control register.
+/// Everything else raises #GP.
+pub const GUEST_PORTS: [(u16, u16); 5] = [(0x3f8, 8), (0xf4, 1), (0xf8, 4), (0x1f0, 8), (0x3f6, 1)];
 
 /// CPU exception vectors; all of them are fatal for this guest.
 pub const EXCEPTION_VECTORS: usize = 32;

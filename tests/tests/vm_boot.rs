@@ -354,3 +354,36 @@ fn tiny_elf(code: &[u8]) -> Vec<u8> {
     elf.extend_from_slice(code);
     elf
 }
+
+/// The guest's console output goes a line per exit through the paravirtual console port: the
+/// banner and RESULT lines arrive whole, and `run --stats` counts a handful of port exits
+/// instead of one per character (about 300 for this run through the UART alone).
+#[test]
+fn console_lines_cost_one_exit_each() {
+    if !require_kvm("console_lines_cost_one_exit_each") {
+        return;
+    }
+    let run = run(&["run", "--cmdline", "exit=0", "--stats"]);
+    assert_eq!(run.code(), Some(0), "{run}");
+    assert!(
+        run.stdout
+            .contains("splitvisor-guest: running task `exit`\n"),
+        "{run}"
+    );
+    let stats_line = run
+        .stdout
+        .lines()
+        .chain(run.stderr.lines())
+        .find_map(|l| l.strip_prefix("VMM-STATS "))
+        .unwrap_or_else(|| panic!("no VMM-STATS line\n{run}"));
+    let stats: serde_json::Value = serde_json::from_str(stats_line).expect("VMM-STATS is JSON");
+    let by_device = &stats["exits"]["pio_by_device"];
+    let lines = run.stdout.lines().count() as u64;
+    let pv = by_device["pv-console"].as_u64().unwrap_or(0);
+    assert!(
+        pv > 0 && pv <= lines,
+        "{pv} pv-console exits for {lines} lines: {stats}"
+    );
+    let pio = stats["exits"]["pio"].as_u64().unwrap_or(u64::MAX);
+    assert!(pio < 50, "{pio} port exits: {stats}");
+}

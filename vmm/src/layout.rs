@@ -48,6 +48,10 @@ pub const SERIAL_GSI: u32 = 4;
 /// Writing a byte here ends the VM with that byte as the exit status (QEMU's isa-debug-exit
 /// uses the same port).
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// The project's guest's paravirtual console (`devices::pv_console`): a 32-bit write of a line
+/// buffer's address prints the line in one exit. Not offered to Linux guests.
+pub const PV_CONSOLE_PORT: u16 = 0xf8;
+pub const PV_CONSOLE_PORT_LEN: u64 = 4;
 /// The i8042 keyboard controller's command port: writing 0xfe pulses the CPU reset line, which
 /// is how Linux reboots with `reboot=k`.
 pub const I8042_DATA_PORT: u16 = 0x60;

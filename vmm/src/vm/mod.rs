@@ -23,6 +23,7 @@ use crate::boot::{self, vcpu_regs, BootEntry, BootError, BootRequest};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::config::{KernelSource, VmConfig};
 use crate::devices::debug_exit::DebugExit;
+use crate::devices::pv_console::PvConsole;
 use crate::devices::serial::{SerialConsole, SerialError};
 use crate::devices::{acpi_power, i8042};
 use crate::event_loop::EventLoop;
@@ -217,7 +218,7 @@ impl Vm {
             config,
             (&boot_entry, serial_state.as_ref()),
             (&end, matches!(start, Start::Upgrade { .. })),
-            &mut pio,
+            (&memory, &mut pio),
         )?;
         let ctx = VcpuContext {
             pio: Arc::new(pio),
@@ -450,7 +451,7 @@ fn attach_platform_ports(
     config: &VmConfig,
     (boot_entry, serial_state): (&BootEntry, Option<&SerialState>),
     (end, upgraded): (&Arc<EndSignal>, bool),
-    pio: &mut Bus,
+    (memory, pio): (&GuestMemory, &mut Bus),
 ) -> Result<Arc<Mutex<SerialConsole>>, VmError> {
     // After a live upgrade, a --serial file goes on where the old process left it.
     let (console, serial_irq) = match serial_state {
@@ -472,6 +473,13 @@ fn attach_platform_ports(
         // controller's reset pulse with reboot=k).
         acpi_power::attach(pio, end.clone())?;
         i8042::attach(pio, end.clone())?;
+    } else {
+        pio.insert(
+            layout::PV_CONSOLE_PORT.into(),
+            layout::PV_CONSOLE_PORT_LEN,
+            "pv-console",
+            Arc::new(Mutex::new(PvConsole::new(memory.clone(), serial.clone()))),
+        )?;
     }
     pio.insert(
         layout::DEBUG_EXIT_PORT.into(),
