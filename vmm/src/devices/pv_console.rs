@@ -10,8 +10,9 @@
 //! u16 len (little endian, at most MAX_LINE); u8 bytes[len]
 //! ```
 //!
-//! and the VMM passes the bytes to the UART's transmit register in order, so they reach stdout,
-//! the `--serial` file or nowhere exactly as if the guest had written them one by one. A 32-bit
+//! and the VMM passes the bytes to the UART's output in order (one write, one flush), so they
+//! reach stdout, the `--serial` file or nowhere exactly as if the guest had written them one by
+//! one. A 32-bit
 //! read answers `MAGIC`: the guest uses the port only when it reads that (anything else, e.g.
 //! the all-ones of an unhandled port under another VMM, means: use the UART).
 
@@ -94,11 +95,9 @@ impl BusDevice for PvConsole {
         };
         match self.line(u64::from(u32::from_le_bytes(gpa))) {
             Ok(bytes) => {
+                // The UART's output: where the guest's own `out`s to it would go.
                 let mut serial = self.serial.lock().unwrap_or_else(PoisonError::into_inner);
-                for byte in bytes {
-                    // The UART's transmit register: same output path as the guest's own `out`.
-                    serial.write(0, &[byte]);
-                }
+                serial.transmit(&bytes);
             }
             Err(why) => self.refuse(&why),
         }

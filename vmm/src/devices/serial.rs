@@ -136,6 +136,23 @@ impl SerialConsole {
         }
     }
 
+    /// Transmits `bytes` as the UART would one by one, with one write to the output and one
+    /// flush (the UART flushes after every byte, a system call each). In loopback mode (MCR
+    /// bit 4) the bytes go through the UART, which loops them back to the receive side.
+    pub fn transmit(&mut self, bytes: &[u8]) {
+        const MCR_LOOP: u8 = 0x10;
+        if self.uart.state().modem_control & MCR_LOOP != 0 {
+            for byte in bytes {
+                BusDevice::write(self, 0, &[*byte]);
+            }
+            return;
+        }
+        let out = self.uart.writer_mut();
+        if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
+            warn!("serial console write failed: {e}");
+        }
+    }
+
     pub fn flush(&mut self) {
         if let Err(e) = self.uart.writer_mut().flush() {
             warn!("flushing the serial console output failed: {e}");
