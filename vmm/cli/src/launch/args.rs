@@ -29,8 +29,8 @@ Runtime directory:
 Backends:
   --disk image=PATH       splitvisor-blk --socket RUNDIR/ID.sock --image PATH
                           --api-socket RUNDIR/ID.api.sock [--readonly] [--queues N] [--direct]
-                          [--queue-size N] [--serial DISK_ID] [--share] (share: another daemon
-                          may serve the image too, for swaps)
+                          [--queue-size N] [--serial DISK_ID] [--share] [--poll-us N] (share:
+                          another daemon may serve the image too, for swaps)
   --net tap=NAME          splitvisor-net --tap NAME --socket RUNDIR/ID.sock
                           --api-socket RUNDIR/ID.api.sock [--mtu N] [--queues N]
   --net switch=NAME       one splitvisor-net --switch --api-socket RUNDIR/switch-NAME.api.sock
@@ -84,6 +84,7 @@ pub struct LaunchArgs {
 
     /// A disk served by its own splitvisor-blk (repeatable; ids default to disk0, disk1, ...):
     /// `image=PATH[,readonly][,queues=N][,id=NAME][,direct][,queue_size=N][,disk_id=ID][,share]`
+    /// `[,poll_us=N]`
     /// (aliases: path= for image=, ro for readonly, serial= for disk_id=); `share` lets another
     /// splitvisor-blk open the image too (the target of a planned swap; splitvisor-blk --share).
     #[arg(long, value_name = "SPEC")]

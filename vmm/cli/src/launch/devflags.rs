@@ -7,7 +7,7 @@ use std::str::FromStr;
 use super::spec::{DiskOptions, NetOptions};
 use splitvisor_vmm::config::{parse_bool, parse_key_values, ConfigError};
 
-/// `--disk image=PATH[,readonly][,queues=N][,direct][,queue_size=N][,disk_id=ID][,share][,id=NAME]`.
+/// `--disk image=PATH[,readonly][,queues=N][,direct][,queue_size=N][,disk_id=ID][,share][,poll_us=N][,id=NAME]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskFlag {
     pub(super) id: Option<String>,
@@ -45,7 +45,7 @@ impl FromStr for DiskFlag {
     type Err = ConfigError;
 
     fn from_str(value: &str) -> Result<Self, Self::Err> {
-        let keys = "image, readonly, queues, direct, queue_size, disk_id, share, id";
+        let keys = "image, readonly, queues, direct, queue_size, disk_id, share, poll_us, id";
         let pairs = parse_key_values("disk", value, keys, &["readonly", "direct", "share"])?;
         let mut disk = DiskFlag {
             id: None,
@@ -63,6 +63,11 @@ impl FromStr for DiskFlag {
                 "queue_size" => disk.options.queue_size = Some(number("disk", value, &key, &val)?),
                 "disk_id" => disk.options.disk_id = Some(val),
                 "share" => disk.options.share = parse_bool("disk", value, &key, &val)?,
+                "poll_us" => {
+                    disk.options.poll_us = Some(val.parse().map_err(|_| {
+                        bad("disk", value, format!("{key}={val}: expected microseconds"))
+                    })?)
+                }
                 _ => disk.id = Some(val),
             }
         }

@@ -63,18 +63,19 @@ fn run_takes_the_disk_keys_and_their_aliases() {
 #[test]
 fn launch_and_toml_take_every_disk_key_and_pass_it_to_the_daemon() {
     let image = image();
-    let flag = format!("path={image},ro,queues=2,direct,queue_size=512,serial=boot-1,id=root");
+    let flag =
+        format!("path={image},ro,queues=2,direct,queue_size=512,serial=boot-1,poll_us=0,id=root");
     let from_flag = launch(&["--disk", &flag]).unwrap();
     let from_file = toml(
         "disk",
         "[[disk]]\nid = \"root\"\npath = \"disk.img\"\nro = true\nqueues = 2\ndirect = true\n\
-         queue_size = 512\nserial = \"boot-1\"\n",
+         queue_size = 512\nserial = \"boot-1\"\npoll_us = 0\n",
     )
     .unwrap();
     let canonical = toml(
         "disk-canonical",
         "[[disk]]\nid = \"root\"\nimage = \"disk.img\"\nreadonly = true\nqueues = 2\n\
-         direct = true\nqueue_size = 512\ndisk_id = \"boot-1\"\n",
+         direct = true\nqueue_size = 512\ndisk_id = \"boot-1\"\npoll_us = 0\n",
     )
     .unwrap();
     let options = DiskOptions {
@@ -82,6 +83,7 @@ fn launch_and_toml_take_every_disk_key_and_pass_it_to_the_daemon() {
         queue_size: Some(512),
         disk_id: Some("boot-1".into()),
         share: false,
+        poll_us: Some(0),
     };
     for spec in [&from_flag, &from_file, &canonical] {
         let disk = &spec.disks[0];
@@ -220,7 +222,7 @@ fn an_unknown_key_error_lists_the_aliases() {
     let err = launch(&["--disk", "image=/i,colour=red"]).unwrap_err();
     assert!(
         err.contains("unknown key 'colour'; expected one of: image, readonly, queues, direct, \
-             queue_size, disk_id, share, id (aliases: path for image, ro for readonly, serial for disk_id)"),
+             queue_size, disk_id, share, poll_us, id (aliases: path for image, ro for readonly, serial for disk_id)"),
         "{err}"
     );
     let err = run(&["--net", "socket=/n,colour=red"]).unwrap_err();

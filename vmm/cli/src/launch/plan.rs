@@ -145,7 +145,7 @@ fn api_socket(rundir: &RuntimeDir, name: &str) -> Result<PathBuf, PlanError> {
 }
 
 /// `splitvisor-blk --socket SOCKET --image IMAGE --api-socket STATS [--readonly] [--queues N]
-/// [--direct] [--queue-size N] [--serial ID] [--share]`.
+/// [--direct] [--queue-size N] [--serial ID] [--share] [--poll-us N]`.
 fn blk_daemon(
     disk: &DiskSpec,
     socket: &Path,
@@ -178,6 +178,9 @@ fn blk_daemon(
     }
     if disk.options.share {
         args.push("--share".into());
+    }
+    if let Some(poll_us) = disk.options.poll_us {
+        args.extend(["--poll-us".into(), poll_us.to_string().into()]);
     }
     Ok(DaemonSpec {
         name: disk.id.clone(),

@@ -250,6 +250,7 @@ fn daemon_options_reach_the_daemons_command_lines() {
             queue_size: Some(128),
             disk_id: Some("boot".into()),
             share: false,
+            poll_us: Some(200),
         },
     };
     let mut tap = net("net0", NetBackend::Tap("tap0".into()), None);
@@ -272,7 +273,7 @@ fn daemon_options_reach_the_daemons_command_lines() {
         .map(|d| strings(&d.args).join(" "))
         .collect();
     assert!(
-        args[0].ends_with("--direct --queue-size 128 --serial boot"),
+        args[0].ends_with("--direct --queue-size 128 --serial boot --poll-us 200"),
         "{args:?}"
     );
     assert!(args[1].ends_with("--mtu 9000 --queues 2"), "{args:?}");

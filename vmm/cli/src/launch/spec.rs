@@ -88,6 +88,8 @@ pub struct DiskOptions {
     /// `--share`: the image may be opened by another splitvisor-blk too (the target of a
     /// planned swap), so the daemon takes a shared lock.
     pub share: bool,
+    /// `--poll-us N`: how long a queue's worker keeps polling after a batch.
+    pub poll_us: Option<u64>,
 }
 
 /// splitvisor-net options of a card (None: the daemon's default).
@@ -181,6 +183,7 @@ struct FileDisk {
     disk_id: Option<String>,
     #[serde(default)]
     share: bool,
+    poll_us: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -279,6 +282,7 @@ impl FileDisk {
                 queue_size: self.queue_size,
                 disk_id: self.disk_id,
                 share: self.share,
+                poll_us: self.poll_us,
             },
         })
     }
