@@ -282,6 +282,18 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// `splitvisor-net --switch` with one port per socket (the workspace's binary), waited for
+    /// until every socket is there; its log is shown if the test fails.
+    pub fn switch(workdir: &Workdir, sockets: &[&Path]) -> Daemon {
+        let mut args: Vec<&OsStr> = vec!["--switch".as_ref()];
+        for socket in sockets {
+            args.push("--socket".as_ref());
+            args.push(socket.as_os_str());
+        }
+        Daemon::start_all(workdir, "switch", &bin("splitvisor-net"), &args, sockets)
+            .unwrap_or_else(|e| panic!("start the splitvisor-net switch: {e}"))
+    }
+
     /// [`Daemon::start_all`] with one socket.
     pub fn start(
         workdir: &Workdir,

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use splitvisor_tests::api;
-use splitvisor_tests::daemon::{self, Daemon};
+use splitvisor_tests::daemon::Daemon;
 use splitvisor_tests::image;
 use splitvisor_tests::pattern::{self, BLK_VERIFY_REGION};
 use splitvisor_tests::vm::{ctl, require_kvm, RunningVm, VM_TIMEOUT};
@@ -239,22 +239,8 @@ fn a_serving_guest_answers_pings_across_live_upgrades() {
     }
     let dir = Workdir::new("upgradenet");
     let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
-    let args: Vec<&std::ffi::OsStr> = vec![
-        "--switch".as_ref(),
-        "--socket".as_ref(),
-        a.as_os_str(),
-        "--socket".as_ref(),
-        b.as_os_str(),
-    ];
-    let switch = Daemon::start_all(
-        &dir,
-        "switch",
-        &daemon::bin("splitvisor-net"),
-        &args,
-        &[&a, &b],
-    )
-    .expect("start the splitvisor-net switch");
-    dir.log("switch", &switch.log);
+    // Kept to the end of the test: dropping it stops the switch.
+    let _switch = Daemon::switch(&dir, &[&a, &b]);
     let net = format!("socket={}", b.display());
     let (server, _stdin) = spawn(
         &dir,

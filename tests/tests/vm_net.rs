@@ -14,16 +14,6 @@ use splitvisor_tests::workdir::Workdir;
 
 const GUEST_READY: Duration = Duration::from_secs(30);
 
-/// Starts `splitvisor-net --switch` with one port per socket and waits for all of them.
-fn start_switch(dir: &Workdir, sockets: &[&Path]) -> Daemon {
-    let mut args: Vec<&OsStr> = vec!["--switch".as_ref()];
-    for socket in sockets {
-        args.push("--socket".as_ref());
-        args.push(socket.as_os_str());
-    }
-    Daemon::start_all(dir, "switch", &bin("splitvisor-net"), &args, sockets).expect("switch")
-}
-
 #[test]
 fn two_vms_ping_each_other_through_the_switch() {
     if !require_kvm("two_vms_ping_each_other_through_the_switch") {
@@ -31,7 +21,7 @@ fn two_vms_ping_each_other_through_the_switch() {
     }
     let dir = Workdir::new("net-sw");
     let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
-    let mut switch = start_switch(&dir, &[&a, &b]);
+    let mut switch = Daemon::switch(&dir, &[&a, &b]);
     let net_b = format!("socket={}", b.display());
     let server = serving_guest(dir.path(), "vm-b", &net_b, "10.0.0.2", 20, GUEST_READY);
 
@@ -298,7 +288,7 @@ fn killed_backend_shows_as_link_down_in_the_guest() {
     }
     let dir = Workdir::new("net-kill");
     let socket = dir.join("net.sock");
-    let mut switch = start_switch(&dir, &[&socket]);
+    let mut switch = Daemon::switch(&dir, &[&socket]);
     let net = format!("socket={}", socket.display());
     let guest = serving_guest(dir.path(), "vm", &net, "10.0.0.2", 60, GUEST_READY);
     switch.kill().expect("kill the backend");
@@ -330,7 +320,7 @@ fn udp_stream_between_two_vms_through_the_switch() {
     }
     let dir = Workdir::new("net-stream-sw");
     let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
-    let mut switch = start_switch(&dir, &[&a, &b]);
+    let mut switch = Daemon::switch(&dir, &[&a, &b]);
     let net_b = format!("socket={}", b.display());
     let receiver = RunningVm::spawn(
         [
