@@ -17,13 +17,15 @@ use crate::live::Live;
 use crate::ring::{check_avail, Mem};
 use crate::rxtx::{process_rx, process_tx, Batch, RxState, RxStop, RxTxError, TxScratch};
 use crate::stats::{PortStats, QueueStats};
-use crate::switch::{RxTarget, Switch, SwitchScratch};
+use crate::switch::{RxTarget, Switch, SwitchScratch, BACKPRESSURE_WAIT, MAX_PORTS};
 use crate::tap::TapQueue;
 
 /// Largest queue size offered.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Token of the TAP fd in an RX queue's wait.
 const TAP_TOKEN: u64 = 0;
+/// Tokens of the other switch ports' RX-room eventfds in a switch TX queue's wait (+ port).
+const ROOM_TOKEN: u64 = 1;
 
 /// One TAP queue pair, kept across frontend connections.
 pub struct TapPair {
@@ -107,27 +109,32 @@ impl NetBackend {
     }
 
     /// Drain a TX queue with notifications off, re-enabling them only when it is empty.
+    /// Returns true when the switch held a chain back (notifications stay off: the queue
+    /// waits for room at the destination, not for a kick).
     fn run_tx(
         &self,
         q: &DrivenQueue,
         stats: &QueueStats,
         mut process: impl FnMut(&mut DeviceRing, &Mem) -> Result<Batch, RxTxError>,
-    ) -> Result<(), RxTxError> {
+    ) -> Result<bool, RxTxError> {
         let mem = q.memory.memory();
         let mut ring = DeviceRing::lock(&q.ring);
         ring.follow_guest_used(&mem);
         let index = ring.index();
         loop {
             if !self.ring_usable(index, ring.queue(), &mem) {
-                return Ok(());
+                return Ok(false);
             }
             let _ = ring.queue_mut().disable_notification(&*mem);
             let batch = process(&mut ring, &mem)?;
             if batch.interrupt {
                 signal(&ring, &stats.tx_interrupts);
             }
+            if batch.held {
+                return Ok(true);
+            }
             if !ring.queue_mut().enable_notification(&*mem).unwrap_or(false) {
-                return Ok(());
+                return Ok(false);
             }
         }
     }
@@ -178,11 +185,14 @@ impl NetBackend {
                 let mut tx = pair.tx.lock().unwrap_or_else(PoisonError::into_inner);
                 process_tx(ring, mem, &pair.tap, &mut tx, stats)
             })
+            .map(|_| ())
         });
     }
 
     /// Switch RX: the other ports deliver into the ring while it runs; nothing is queued, so a
     /// kick (new buffers) only counts.
+    /// Switch RX: the other ports deliver into the ring while it runs; a kick means new
+    /// buffers, which wakes senders held back for this port.
     fn serve_switch_rx(&self, q: &DrivenQueue, switch: &Switch, port: usize, stats: &QueueStats) {
         let target = RxTarget::new(q.ring.clone(), q.memory.clone(), self.mrg_rxbuf());
         switch.attach(port, target);
@@ -190,13 +200,29 @@ impl NetBackend {
             if wake == Wake::Kick {
                 QueueStats::bump(&stats.rx_kicks);
             }
+            switch.rx_refilled(port);
             Ok(())
         });
         switch.detach(port);
+        // Senders held back for this port stop waiting for it.
+        switch.rx_refilled(port);
     }
 
+    /// Switch TX: forward on kicks; while the switch holds a chain back for a destination
+    /// without RX buffers, wait for room at any other port (bounded, see
+    /// `switch::BACKPRESSURE_WAIT`) instead of for a kick.
     fn serve_switch_tx(&self, q: &DrivenQueue, switch: &Switch, port: usize, stats: &QueueStats) {
-        serve_events(q, |wake| {
+        for (other, fd) in (0..MAX_PORTS)
+            .filter(|&p| p != port)
+            .filter_map(|p| Some((p, switch.room_fd(p)?)))
+        {
+            if let Err(e) = q.add_source(fd, ROOM_TOKEN + other as u64) {
+                log::warn!("switch port {port}: cannot watch port {other}'s RX room: {e}");
+            }
+        }
+        let index = DeviceRing::lock(&q.ring).index();
+        let mut wake = Wake::Source(TAP_TOKEN);
+        loop {
             if wake == Wake::Kick {
                 QueueStats::bump(&stats.tx_kicks);
             }
@@ -204,10 +230,28 @@ impl NetBackend {
                 .switch_scratch
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            self.run_tx(q, stats, |ring, mem| {
-                switch.process_tx(port, ring, mem, &mut scratch)
-            })
-        });
+            let held = self
+                .run_tx(q, stats, |ring, mem| {
+                    switch.process_tx(port, ring, mem, &mut scratch)
+                })
+                .unwrap_or_else(|e| {
+                    log::warn!("queue {index}: {}", error_chain(&e));
+                    false
+                });
+            drop(scratch);
+            let next = match held {
+                true => q.wait_for(BACKPRESSURE_WAIT),
+                false => q.wait(),
+            };
+            wake = match next {
+                Ok(Wake::Stop) => return,
+                Ok(wake) => wake,
+                Err(e) => {
+                    log::warn!("queue {index}: cannot wait for events, the queue stops: {e}");
+                    return;
+                }
+            };
+        }
     }
 }
 

@@ -40,6 +40,9 @@ pub struct Batch {
     pub used: usize,
     /// Whether the driver asked for an interrupt.
     pub interrupt: bool,
+    /// The switch held the next chain back for a destination without RX buffers: the queue
+    /// waits for room (or `switch::BACKPRESSURE_WAIT`) rather than for a kick.
+    pub held: bool,
 }
 
 /// Reusable per-queue scratch state, so the data path does not allocate per frame.
@@ -142,7 +145,11 @@ pub fn process_tx<T: Tap + ?Sized>(
         }
     }
     let interrupt = needs_interrupt(ring.queue(), mem, old_used)?;
-    Ok(Batch { used, interrupt })
+    Ok(Batch {
+        used,
+        interrupt,
+        held: false,
+    })
 }
 
 /// Copy the frame of a TX chain into `frame` (cleared first); returns its length.
@@ -254,7 +261,14 @@ pub fn process_rx<T: Tap + ?Sized>(
     };
     let used = rx.used.publish(ring, mem)?;
     let interrupt = needs_interrupt(ring.queue(), mem, old_used)?;
-    Ok((Batch { used, interrupt }, stop))
+    Ok((
+        Batch {
+            used,
+            interrupt,
+            held: false,
+        },
+        stop,
+    ))
 }
 
 /// An in-memory TAP for tests: frames written are recorded, frames to read are queued.

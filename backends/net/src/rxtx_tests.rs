@@ -167,7 +167,8 @@ fn interrupt_honours_no_interrupt_flag() {
         batch,
         Batch {
             used: 1,
-            interrupt: false
+            interrupt: false,
+            held: false,
         }
     );
 }

@@ -1,12 +1,25 @@
 //! The learning L2 switch between VM NICs: MAC learning and forwarding decisions (pure), and
 //! copying frames straight from one guest's TX chain into other guests' RX chains.
+//!
+//! Unicast holds back instead of dropping: when the one destination is connected but has no
+//! RX buffer free, the sender's TX chain is given back to its ring and the sender's TX queue
+//! waits until that port's driver adds buffers (its RX kick) - a receiver that keeps up on
+//! average then loses nothing, and a faster sender is slowed to its pace, the way a NIC's
+//! full TX ring slows a host. The wait is bounded (`BACKPRESSURE_WAIT`): after it the frame is
+//! dropped as `no_rx_buffers` and the port counts as stalled (frames to it drop at once, so
+//! a receiver that stopped reading cannot hold its senders) until its driver adds buffers.
+//! Flooded frames never wait.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use splitvisor_vhost_server::{DeviceRing, SharedRing};
 use virtio_queue::QueueT;
 use vm_memory::{Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::ring::{
     needs_interrupt, write_rx_frame, FrameSource, Mem, RxOutcome, Slice, UsedBatch, VNET_HDR_LEN,
@@ -19,6 +32,8 @@ pub const MAX_PORTS: usize = 64;
 /// Most learned MACs; beyond that, unknown destinations are simply flooded.
 const MAX_MACS: usize = 4096;
 const ETH_ADDR_LEN: usize = 6;
+/// Longest a unicast frame waits for its destination's RX buffers (see the module comment).
+pub const BACKPRESSURE_WAIT: Duration = Duration::from_millis(100);
 
 pub type MacAddr = [u8; ETH_ADDR_LEN];
 
@@ -99,6 +114,11 @@ impl RxTarget {
 struct Port {
     target: Mutex<Option<RxTarget>>,
     stats: Arc<PortStats>,
+    /// Written when the port's driver adds RX buffers: wakes senders held back for it.
+    room: Option<EventFd>,
+    /// A frame waited `BACKPRESSURE_WAIT` for this port in vain: drop without waiting until
+    /// its driver adds buffers.
+    stalled: AtomicBool,
 }
 
 /// All ports of one switch.
@@ -172,6 +192,16 @@ impl FrameSource for ChainFrame<'_> {
 pub struct SwitchScratch {
     segments: Vec<(GuestAddress, usize)>,
     used: UsedBatch,
+    /// Since when the TX queue's first chain waits for its destination's RX buffers.
+    held_since: Option<Instant>,
+}
+
+/// What became of a frame offered to the switch.
+enum Forwarded {
+    /// Copied (or dropped and counted at its destinations); the frame's length.
+    Done(usize),
+    /// Its one destination has no RX buffer yet: give it back and wait.
+    HeldBack,
 }
 
 impl Switch {
@@ -184,6 +214,10 @@ impl Switch {
                 .map(|stats| Port {
                     target: Mutex::new(None),
                     stats,
+                    room: EventFd::new(EFD_NONBLOCK)
+                        .map_err(|e| log::warn!("no backpressure on a switch port: {e}"))
+                        .ok(),
+                    stalled: AtomicBool::new(false),
                 })
                 .collect(),
             table: RwLock::new(MacTable::default()),
@@ -199,6 +233,53 @@ impl Switch {
         if let Some(p) = self.ports.get(port) {
             *p.target.lock().unwrap_or_else(PoisonError::into_inner) = Some(target);
         }
+    }
+
+    /// The eventfd written when `port`'s driver adds RX buffers (a sender's TX queue waits on
+    /// the other ports').
+    pub fn room_fd(&self, port: usize) -> Option<RawFd> {
+        self.ports.get(port)?.room.as_ref().map(|r| r.as_raw_fd())
+    }
+
+    /// `port`'s driver added RX buffers (or its RX queue started): wake the held-back senders.
+    pub fn rx_refilled(&self, port: usize) {
+        let Some(p) = self.ports.get(port) else {
+            return;
+        };
+        p.stalled.store(false, Ordering::Relaxed);
+        if let Some(room) = &p.room {
+            // Only fails with the counter at its maximum, which still wakes the waiters.
+            let _ = room.write(1);
+        }
+    }
+
+    /// Whether a frame for `to` may wait: the port is connected with its RX ring running
+    /// and not stalled. If so, asks its driver to kick when it adds buffers (with EVENT_IDX
+    /// a driver kicks only when told to), and wakes the waiters at once if it already did.
+    fn hold_for(&self, to: usize) -> bool {
+        let Some(port) = self.ports.get(to) else {
+            return false;
+        };
+        if port.room.is_none() || port.stalled.load(Ordering::Relaxed) {
+            return false;
+        }
+        let slot = port.target.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(target) = slot.as_ref() else {
+            return false;
+        };
+        let mem = target.mem.memory();
+        let mut ring = DeviceRing::lock(&target.ring);
+        if !ring.is_running() {
+            return false;
+        }
+        // True: buffers arrived since the delivery failed; the kick for them may be gone.
+        let arrived = ring.queue_mut().enable_notification(&*mem).unwrap_or(true);
+        drop(ring);
+        drop(slot);
+        if arrived {
+            self.rx_refilled(to);
+        }
+        true
     }
 
     /// `port`'s frontend went away: stop delivering to it and forget its MACs.
@@ -223,8 +304,13 @@ impl Switch {
         let old_used = ring.queue().next_used();
         let mut dirty: u64 = 0;
         let mut used = 0;
+        let mut held = false;
         // At most a ring's worth per call (see rxtx::process_tx).
         for _ in 0..ring.queue().size() {
+            let may_wait = scratch
+                .held_since
+                .is_none_or(|since| since.elapsed() < BACKPRESSURE_WAIT);
+            let avail_before = ring.queue().next_avail();
             let Some(chain) = ring.pop(mem) else { break };
             let head = chain.head_index();
             scratch.segments.clear();
@@ -242,11 +328,20 @@ impl Switch {
                     segments: &scratch.segments,
                     len,
                 };
-                self.forward(port, &frame, &mut dirty)
+                self.forward(port, &frame, &mut dirty, may_wait)
             });
+            if let Ok(Forwarded::HeldBack) = result {
+                // Popped again once the destination has buffers (or the wait is over).
+                ring.rewind(avail_before, [head]);
+                scratch.held_since.get_or_insert_with(Instant::now);
+                held = true;
+                break;
+            }
+            scratch.held_since = None;
             if let Some(stats) = self.stats(port) {
                 match result {
-                    Ok(len) => stats.count_tx(len - VNET_HDR_LEN),
+                    Ok(Forwarded::Done(len)) => stats.count_tx(len - VNET_HDR_LEN),
+                    Ok(Forwarded::HeldBack) => {}
                     Err(reason) => stats.count_drop(reason),
                 }
             }
@@ -256,16 +351,22 @@ impl Switch {
         }
         self.signal_dirty(dirty);
         let interrupt = needs_interrupt(ring.queue(), mem, old_used)?;
-        Ok(Batch { used, interrupt })
+        Ok(Batch {
+            used,
+            interrupt,
+            held,
+        })
     }
 
-    /// Learn the source, pick destinations, copy. Returns the frame length on success.
+    /// Learn the source, pick destinations, copy; a unicast frame whose destination has no
+    /// RX buffer yet is held back when `may_wait`.
     fn forward(
         &self,
         port: usize,
         frame: &ChainFrame,
         dirty: &mut u64,
-    ) -> Result<usize, DropReason> {
+        may_wait: bool,
+    ) -> Result<Forwarded, DropReason> {
         let mut eth = [0u8; 2 * ETH_ADDR_LEN];
         let got = frame.copy_payload(VNET_HDR_LEN, &Slice::from(&mut eth[..]))?;
         if got < eth.len() {
@@ -295,15 +396,27 @@ impl Switch {
             Forward::Flood => &self.flood_order[..],
             Forward::Drop => return Err(DropReason::Filtered),
         };
+        let unicast = matches!(decision, Forward::Port(_));
         // The frame counts as sent once offered; each destination counts its own drops.
         for &to in destinations.iter().filter(|&&p| p != port) {
-            if let Err(reason) = self.deliver(to, frame, dirty) {
-                if let Some(stats) = self.stats(to) {
-                    stats.count_drop(reason);
+            match self.deliver(to, frame, dirty) {
+                Ok(()) => {}
+                Err(DropReason::NoRxBuffers) if unicast && may_wait && self.hold_for(to) => {
+                    return Ok(Forwarded::HeldBack);
+                }
+                Err(reason) => {
+                    if unicast && reason == DropReason::NoRxBuffers {
+                        if let Some(p) = self.ports.get(to) {
+                            p.stalled.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    if let Some(stats) = self.stats(to) {
+                        stats.count_drop(reason);
+                    }
                 }
             }
         }
-        Ok(frame.len)
+        Ok(Forwarded::Done(frame.len))
     }
 
     fn deliver(&self, to: usize, frame: &ChainFrame, dirty: &mut u64) -> Result<(), DropReason> {

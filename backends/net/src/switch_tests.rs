@@ -144,3 +144,82 @@ fn runt_frames_are_filtered() {
     assert_eq!(port_stats[0].queues[0].drops(DropReason::Filtered), 1);
     assert_eq!(tx_a.used_idx(), 1);
 }
+
+/// Unicast to a connected port without RX buffers holds the sender's chain back (nothing
+/// consumed, nothing dropped) until buffers come; a wait longer than `BACKPRESSURE_WAIT`
+/// drops the frame and marks the port stalled (later frames drop at once) until its driver
+/// adds buffers again.
+#[test]
+fn unicast_waits_for_rx_buffers_then_gives_up() {
+    let (ga, gb) = (Guest::new(), Guest::new());
+    let (mem_a, mem_b) = (ga.mem.memory(), gb.mem.memory());
+    let port_stats = stats(2);
+    let sw = Switch::new(port_stats.clone());
+    let mut rx_b = Ring::new(&mem_b, RX_BASE);
+    sw.attach(1, gb.rx_target(&rx_b));
+    // B announces itself (a broadcast from port 1), so frames to B go to port 1 only.
+    let mut tx_b = Ring::new(&mem_b, 0);
+    let hello = eth_frame(BCAST, B, 10);
+    mem_b.write_slice(&hello, GuestAddress(BUF_BASE)).unwrap();
+    tx_b.add_chain(&[(BUF_BASE, hello.len() as u32, false)]);
+    let mut qb = tx_b.queue();
+    sw.process_tx(1, &mut qb, &mem_b, &mut SwitchScratch::default())
+        .unwrap();
+
+    let mut tx_a = Ring::new(&mem_a, 0);
+    let mut qa = tx_a.queue();
+    let mut scratch = SwitchScratch::default();
+    let send = |tx: &mut Ring, at: u64| {
+        let f = eth_frame(B, A, 40);
+        mem_a.write_slice(&f, GuestAddress(at)).unwrap();
+        tx.add_chain(&[(at, f.len() as u32, false)]);
+    };
+    send(&mut tx_a, BUF_BASE);
+    let batch = sw.process_tx(0, &mut qa, &mem_a, &mut scratch).unwrap();
+    assert!(batch.held, "{batch:?}");
+    assert_eq!((batch.used, tx_a.used_idx()), (0, 0), "nothing consumed");
+    let drops = |port: usize| port_stats[port].queues[0].drops(DropReason::NoRxBuffers);
+    assert_eq!(drops(1), 0);
+
+    // B's driver adds a buffer: the held frame goes through on the next pass.
+    rx_b.add_chain(&[(BUF_BASE, 2048, true)]);
+    sw.rx_refilled(1);
+    let batch = sw.process_tx(0, &mut qa, &mem_a, &mut scratch).unwrap();
+    assert!(!batch.held);
+    assert_eq!((tx_a.used_idx(), rx_b.used_idx()), (1, 1));
+    assert_eq!(scratch.held_since, None);
+
+    // No buffer again, and the wait is over: dropped, and the port is stalled.
+    send(&mut tx_a, BUF_BASE + 0x1000);
+    assert!(
+        sw.process_tx(0, &mut qa, &mem_a, &mut scratch)
+            .unwrap()
+            .held
+    );
+    scratch.held_since = Some(Instant::now() - BACKPRESSURE_WAIT * 2);
+    assert!(
+        !sw.process_tx(0, &mut qa, &mem_a, &mut scratch)
+            .unwrap()
+            .held
+    );
+    assert_eq!((tx_a.used_idx(), drops(1)), (2, 1));
+    send(&mut tx_a, BUF_BASE + 0x2000);
+    assert!(
+        !sw.process_tx(0, &mut qa, &mem_a, &mut scratch)
+            .unwrap()
+            .held
+    );
+    assert_eq!(
+        (tx_a.used_idx(), drops(1)),
+        (3, 2),
+        "a stalled port drops at once"
+    );
+    // Buffers again: waiting is allowed again.
+    sw.rx_refilled(1);
+    send(&mut tx_a, BUF_BASE + 0x3000);
+    assert!(
+        sw.process_tx(0, &mut qa, &mem_a, &mut scratch)
+            .unwrap()
+            .held
+    );
+}

@@ -14,6 +14,7 @@ use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{
@@ -223,6 +224,8 @@ pub enum Wake {
     Kick,
     /// The device's own source with this token became readable.
     Source(u64),
+    /// `DrivenQueue::wait_for`'s time passed without an event.
+    Timeout,
 }
 
 const KICK_TOKEN: u64 = u64::MAX;
@@ -278,12 +281,23 @@ impl DrivenQueue {
 
     /// Wait for the next event; a stop wins over everything else.
     pub fn wait(&self) -> io::Result<Wake> {
+        self.wait_ms(-1)
+    }
+
+    /// `wait`, for at most `timeout` (then `Wake::Timeout`).
+    pub fn wait_for(&self, timeout: Duration) -> io::Result<Wake> {
+        let ms = i32::try_from(timeout.as_millis().max(1)).unwrap_or(i32::MAX);
+        self.wait_ms(ms)
+    }
+
+    fn wait_ms(&self, timeout_ms: i32) -> io::Result<Wake> {
         let mut events = [EpollEvent::default(); 4];
         loop {
             if self.stopping() {
                 return Ok(Wake::Stop);
             }
-            let n = match self.epoll.wait(-1, &mut events) {
+            let n = match self.epoll.wait(timeout_ms, &mut events) {
+                Ok(0) if timeout_ms >= 0 => return Ok(Wake::Timeout),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
