@@ -57,7 +57,14 @@ impl ThreadKind {
             Self::Vcpu => (&[VHOST_MESSAGES, DISK_IO, ENDING], KVM_IOCTLS),
             Self::EventLoop => (&[EVENT_LOOP, VHOST_MESSAGES, VHOST_CONNECT, SPAWN], &[]),
             Self::Api => (
-                &[API, VHOST_MESSAGES, VHOST_CONNECT, SPAWN, SNAPSHOT_FILES],
+                &[
+                    API,
+                    VHOST_MESSAGES,
+                    VHOST_CONNECT,
+                    SPAWN,
+                    SNAPSHOT_FILES,
+                    MIGRATION,
+                ],
                 SNAPSHOT_IOCTLS,
             ),
             Self::Signals => (&[SIGNALS, ENDING], &[]),
@@ -158,6 +165,10 @@ const SNAPSHOT_FILES: &[libc::c_long] = &[
     libc::SYS_renameat,
     libc::SYS_renameat2,
 ];
+
+/// `PUT /vm/migrate` streams the VM from the API thread, to a Unix or TCP socket (the
+/// connect, timeouts and reads are in the lists above).
+const MIGRATION: &[libc::c_long] = &[libc::SYS_write, libc::SYS_writev, libc::SYS_getsockname];
 
 /// `_IOC(dir, KVMIO, nr, size)` of a KVM request, as the kernel's ioctl.h builds it.
 const fn kvm_request(dir: u64, nr: u64, size: usize) -> u64 {

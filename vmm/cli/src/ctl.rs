@@ -65,6 +65,13 @@ pub enum CtlVerb {
         #[arg(long, value_name = "resume|stop", default_value = "resume", value_parser = parse_then)]
         then: AfterSnapshot,
     },
+    /// Move the running VM to the destination waiting at ADDR (`splitvisor run --incoming
+    /// ADDR`): unix:PATH or tcp:HOST:PORT. On success this VM's `run` exits with status 0 and
+    /// the destination continues it; on failure it runs on here (PUT /vm/migrate).
+    Migrate {
+        /// unix:PATH or tcp:HOST:PORT.
+        to: String,
+    },
 }
 
 fn parse_then(value: &str) -> Result<AfterSnapshot, String> {
@@ -143,6 +150,7 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
                 )
             })
         }
+        CtlVerb::Migrate { to } => crate::migrate::ctl_migrate(&socket, to, json),
         CtlVerb::Swap { id, socket: target } => {
             let body = SwapRequest {
                 socket: absolute(target).display().to_string(),
@@ -160,7 +168,7 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
 }
 
 /// The answer as JSON with `--json`, else readably.
-fn show<T: Serialize>(
+pub fn show<T: Serialize>(
     json: bool,
     value: &T,
     describe: impl Fn(&T) -> String,

@@ -182,6 +182,12 @@ pub struct RunArgs {
     /// order. Each backend resumes the rings where the snapshot stopped them.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initramfs", "cmdline"])]
     pub restore: Option<PathBuf>,
+
+    /// Wait on unix:PATH or tcp:HOST:PORT for a VM that `splitvisor ctl NAME migrate ADDR`
+    /// sends, then continue it here. --memory and --vcpus must be the VM's (a mismatch is
+    /// refused and the source keeps running); --disk/--net as for --restore.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["kernel", "initramfs", "cmdline", "restore"])]
+    pub incoming: Option<String>,
 }
 
 impl RunArgs {
@@ -223,7 +229,12 @@ pub fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     // Dropped after the VM ends: removes the VM's entry (and its API socket with it).
     let _registration = register(args, &mut config)?;
     splitvisor_vmm::seccomp::set_mode(args.vm.seccomp);
+    let explicit_devices = !(config.disks.is_empty() && config.nets.is_empty());
     let vm = match (&args.restore, &manifest) {
+        _ if args.incoming.is_some() => {
+            let address = args.incoming.as_deref().unwrap_or_default();
+            crate::migrate::receive_vm(address, &mut config, explicit_devices)?
+        }
         (Some(dir), Some(manifest)) => {
             let start = std::time::Instant::now();
             let vm = Vm::restore(&config, &RestoreFrom { dir, manifest })?;
@@ -250,7 +261,7 @@ pub fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
 
 /// The vhost-user backends a snapshot's devices had, as --disk and --net would give them
 /// (same ids, sockets and MAC), in the snapshot's order.
-fn snapshot_backends(manifest: &Manifest) -> (Vec<DiskConfig>, Vec<NetConfig>) {
+pub fn snapshot_backends(manifest: &Manifest) -> (Vec<DiskConfig>, Vec<NetConfig>) {
     let (mut disks, mut nets) = (Vec::new(), Vec::new());
     for device in &manifest.devices {
         let state = match &device.state {

@@ -23,6 +23,9 @@ use crate::vhost_user::manager::SwapError;
 use crate::vhost_user::{SwitchRecord, VhostUserDevice};
 use crate::vm_end::{EndSignal, VmEnd};
 
+mod migrate;
+pub use migrate::MigrateError;
+
 /// How long `pause` waits for every vCPU to leave `KVM_RUN`.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A swap's new backend is expected to be listening already; this covers a daemon that is
@@ -51,6 +54,8 @@ pub enum ControlError {
     SnapshotUnsupported(String),
     #[error("the snapshot failed; the VM continues as before")]
     Snapshot(#[source] Box<TakeError>),
+    #[error("the migration failed; the VM continues here as before")]
+    Migrate(#[source] Box<MigrateError>),
 }
 
 /// The emulated ATA disk, for reporting.

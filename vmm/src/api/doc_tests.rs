@@ -255,6 +255,17 @@ fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
                 })
                 .to_vec(),
         ),
+        (
+            ("PUT", "/vm/migrate"),
+            vec![json!(MigrateReport {
+                to: "unix:/m.sock".into(),
+                memory_bytes: 256 << 20,
+                sent_bytes: 3 << 20,
+                elapsed_ms: 90,
+                downtime_ms: 60,
+                rate_mib_s: 400,
+            })],
+        ),
         (("GET", "/version"), vec![json!(VersionReport::current())]),
         (
             ("GET", "/ping"),

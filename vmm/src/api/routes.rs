@@ -6,8 +6,12 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use super::http::Request;
-use super::types::{ErrorReport, PingReport, SnapshotRequest, VersionReport, API_PREFIX};
-use crate::api::control::{ControlError, VmControl};
+use super::types::{
+    ErrorReport, MigrateRequest, PingReport, SnapshotRequest, VersionReport, API_PREFIX,
+};
+use crate::api::control::{ControlError, MigrateError, VmControl};
+use crate::migration::send::SendError;
+use crate::migration::wire::WireError;
 use crate::vhost_user::manager::SwapError;
 use crate::vm_end::VmEnd;
 
@@ -53,6 +57,7 @@ pub const ROUTES: &[Route] = &[
     Route::new("PUT", "/vm/resume", true),
     Route::new("PUT", "/vm/shutdown", true),
     Route::new("PUT", "/vm/snapshot", true),
+    Route::new("PUT", "/vm/migrate", true),
     Route::new("PUT", "/devices/{id}/backend", true),
     Route::new("GET", "/version", false),
     Route::new("GET", "/ping", false),
@@ -128,7 +133,7 @@ pub fn handle(control: &VmControl, request: &Request) -> Response {
         return Response::error(
             404,
             format!(
-                "no endpoint {}; see docs/api.yaml (under {API_PREFIX}: GET /vm, GET /metrics, PUT /vm/pause, PUT /vm/resume, PUT /vm/shutdown, PUT /vm/snapshot, PUT /devices/{{id}}/backend, GET /version, GET /ping)",
+                "no endpoint {}; see docs/api.yaml (under {API_PREFIX}: GET /vm, GET /metrics, PUT /vm/pause, PUT /vm/resume, PUT /vm/shutdown, PUT /vm/snapshot, PUT /vm/migrate, PUT /devices/{{id}}/backend, GET /version, GET /ping)",
                 request.path
             ),
         );
@@ -168,6 +173,22 @@ pub fn handle(control: &VmControl, request: &Request) -> Response {
                 Err(e) => Err(e),
             },
             Err(message) => return Response::error(400, message),
+        },
+        "/vm/migrate" => match serde_json::from_slice::<MigrateRequest>(&request.body) {
+            Ok(r) => match control.migrate(&r.to) {
+                Ok((report, end)) => {
+                    let mut response = Response::ok(json!(report));
+                    response.then_end = Some(end);
+                    return response;
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => {
+                return Response::error(
+                    400,
+                    format!("{e}; send {{\"to\": \"unix:PATH\" or \"tcp:HOST:PORT\"}}"),
+                )
+            }
         },
         "/devices/{id}/backend" => match swap_target(&request.body) {
             Ok(socket) => control.swap(id, &socket).map(|r| json!(r)),
@@ -214,6 +235,11 @@ fn status_of(error: &ControlError) -> u16 {
     match error {
         ControlError::SnapshotUnsupported(_) => 409,
         ControlError::Snapshot(_) => 500,
+        ControlError::Migrate(e) => match **e {
+            MigrateError::Wire(WireError::ParseAddress(_)) => 400,
+            MigrateError::Send(SendError::Refused(_)) => 409,
+            _ => 502,
+        },
         ControlError::Stopping => 409,
         ControlError::PauseTimeout => 500,
         ControlError::UnknownDevice(_) => 404,

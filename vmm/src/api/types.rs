@@ -80,6 +80,30 @@ pub struct SnapshotReport {
     pub state: VmState,
 }
 
+/// `PUT /vm/migrate`'s request body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// Where the destination (`splitvisor run --incoming ADDR`) waits: `unix:PATH` or
+    /// `tcp:HOST:PORT`.
+    pub to: String,
+}
+
+/// `PUT /vm/migrate`'s answer: the VM runs at the destination now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrateReport {
+    pub to: String,
+    pub memory_bytes: u64,
+    /// Guest memory sent (only pages holding data).
+    pub sent_bytes: u64,
+    /// From the request to the destination's confirmation.
+    pub elapsed_ms: u64,
+    /// From the vCPUs paused to the destination's confirmation.
+    pub downtime_ms: u64,
+    /// Guest memory sent per second of sending.
+    pub rate_mib_s: u64,
+}
+
 /// What the VM boots.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GuestReport {

@@ -220,6 +220,16 @@ pub fn resume_devices(devices: &[AttachedDevice], stopped: &[StoppedRings]) {
     }
 }
 
+/// The paused VM's state without its memory: what a snapshot's manifest and a migration carry.
+pub struct Captured {
+    pub vcpus: Vec<VcpuState>,
+    pub vm: irqchip::IrqchipState,
+    /// Platform devices, the ATA disk and the virtio devices, in attach order.
+    pub devices: Vec<DeviceState>,
+    /// Each vhost-user device's rings, stopped: where to restart them.
+    pub stopped: Vec<StoppedRings>,
+}
+
 impl SnapshotSource {
     /// Writes the snapshot of the paused VM with `vcpus` parked vCPUs and `devices` into
     /// `dir`. The devices' rings are left stopped (`Taken::stopped`) for the caller to
@@ -228,10 +238,41 @@ impl SnapshotSource {
         &self,
         pause: &PauseGate,
         vcpus: usize,
-        (devices, ata): (&[AttachedDevice], Option<(&str, &AtaDisk)>),
+        devices: (&[AttachedDevice], Option<(&str, &AtaDisk)>),
         dir: &Path,
     ) -> Result<Taken, TakeError> {
         let start = Instant::now();
+        let captured = self.capture(pause, vcpus, devices)?;
+        let stopped = captured.stopped;
+        let manifest = match super::write(
+            dir,
+            &self.memory,
+            captured.vcpus,
+            captured.vm,
+            captured.devices,
+        ) {
+            Ok(manifest) => manifest,
+            Err(e) => {
+                resume_devices(devices.0, &stopped);
+                return Err(e.into());
+            }
+        };
+        Ok(Taken {
+            memory_bytes: manifest.memory.size,
+            vcpus,
+            elapsed: start.elapsed(),
+            stopped,
+        })
+    }
+
+    /// Captures the paused VM's vCPUs, interrupt controllers, clock and devices, stopping the
+    /// vhost-user devices' rings (`Captured::stopped`; restarted on failure).
+    pub fn capture(
+        &self,
+        pause: &PauseGate,
+        vcpus: usize,
+        (devices, ata): (&[AttachedDevice], Option<(&str, &AtaDisk)>),
+    ) -> Result<Captured, TakeError> {
         let states = self.captures.collect(pause, vcpus, &self.support)?;
         // Before memory: the backends' last writes into it must be in the snapshot.
         let (virtio, stopped) = pause_devices(devices)?;
@@ -254,17 +295,10 @@ impl SnapshotSource {
             state: DeviceData::Ata(disk.save()),
         }));
         saved.extend(virtio);
-        let manifest = match super::write(dir, &self.memory, states, vm_state, saved) {
-            Ok(manifest) => manifest,
-            Err(e) => {
-                resume_devices(devices, &stopped);
-                return Err(e.into());
-            }
-        };
-        Ok(Taken {
-            memory_bytes: manifest.memory.size,
-            vcpus,
-            elapsed: start.elapsed(),
+        Ok(Captured {
+            vcpus: states,
+            vm: vm_state,
+            devices: saved,
             stopped,
         })
     }

@@ -9,6 +9,7 @@
 mod candidate;
 pub mod connection;
 pub mod deadline;
+pub mod handoff;
 pub mod manager;
 pub mod rings;
 pub mod snapshot;
