@@ -180,7 +180,9 @@ const IOC_READ_WRITE: u64 = 3;
 /// The VM-wide state a snapshot captures on the API thread (`snapshot::irqchip::capture`):
 /// KVM_GET_IRQCHIP, KVM_GET_PIT2, KVM_GET_CLOCK. The vCPUs capture themselves on their own
 /// threads, which may make any KVM ioctl.
+/// And FIONBIO: `PUT /vm/migrate`'s TCP connect with a deadline makes the socket non-blocking.
 const SNAPSHOT_IOCTLS: &[Ioctl] = &[
+    Ioctl::Request(libc::FIONBIO),
     Ioctl::Request(kvm_request(
         IOC_READ_WRITE,
         0x62,
