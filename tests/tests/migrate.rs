@@ -43,6 +43,16 @@ const LISTENING: &str = "waiting for a VM to migrate in on";
 /// `splitvisor run ARGS --api-socket DIR/NAME.sock` with a piped stdin (the guest's serial
 /// input) and its stdout in `DIR/NAME.stdout`.
 fn spawn(dir: &Workdir, name: &str, args: &[&str]) -> (RunningVm, ChildStdin) {
+    spawn_env(dir, name, args, &[])
+}
+
+/// `spawn` with environment variables.
+fn spawn_env(
+    dir: &Workdir,
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (RunningVm, ChildStdin) {
     let api = dir.join(&format!("{name}.sock"));
     let stdout = std::fs::File::create(dir.join(&format!("{name}.stdout"))).expect("stdout file");
     let mut argv = vec!["run", "--api-socket", api.to_str().expect("utf-8 path")];
@@ -53,7 +63,7 @@ fn spawn(dir: &Workdir, name: &str, args: &[&str]) -> (RunningVm, ChildStdin) {
         name,
         Stdio::piped(),
         Stdio::from(stdout),
-        &[],
+        env,
     );
     dir.log(
         &format!("{name} stderr"),
@@ -65,9 +75,20 @@ fn spawn(dir: &Workdir, name: &str, args: &[&str]) -> (RunningVm, ChildStdin) {
 
 /// A destination `run --incoming ADDR ARGS`, once it listens.
 fn destination(dir: &Workdir, name: &str, address: &str, args: &[&str]) -> (RunningVm, ChildStdin) {
+    destination_env(dir, name, address, args, &[])
+}
+
+/// `destination` with environment variables.
+fn destination_env(
+    dir: &Workdir,
+    name: &str,
+    address: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (RunningVm, ChildStdin) {
     let mut argv = vec!["--incoming", address];
     argv.extend(args);
-    let (vm, stdin) = spawn(dir, name, &argv);
+    let (vm, stdin) = spawn_env(dir, name, &argv, env);
     poll_until("the destination to listen", STEP_TIMEOUT, || {
         vm.stderr_so_far().contains(LISTENING).then_some(())
     })
@@ -172,6 +193,8 @@ fn a_disk_verifying_guest_survives_migrations_over_unix_and_tcp() {
         let name = format!("vm{step}");
         let (next, _stdin) = destination(&dir, &name, &to, &[]);
         let report = migrate_ok(&api_socket, &to, vm);
+        // The backend writes guest memory without a dirty log: no pre-copy.
+        assert_eq!(report["precopy_rounds"], 0, "{report}");
         figures.push((
             report["downtime_ms"].as_u64(),
             report["elapsed_ms"].as_u64(),
@@ -274,6 +297,64 @@ fn a_destination_that_disappears_leaves_the_source_running() {
         "{status}"
     );
     assert_verified(&vm.wait(VM_TIMEOUT), &img);
+}
+
+/// The digest `SPLITVISOR_MIGRATION_DIGEST` makes `side` print.
+fn digest(stderr: &str, side: &str) -> String {
+    let prefix = format!("migration digest ({side}) ");
+    stderr
+        .lines()
+        .find_map(|l| Some(l.split_once(&prefix)?.1.to_string()))
+        .unwrap_or_else(|| panic!("no {side} digest in:\n{stderr}"))
+}
+
+/// At the switch-over the destination's memory is the source's, page for page (a digest of
+/// every page holding data, printed by both with `SPLITVISOR_MIGRATION_DIGEST`): for a guest
+/// without backends, copied while it ran (pre-copy with KVM's dirty log, then the dirty rest),
+/// and for a guest reading and writing its disk hard, copied stopped (its backend writes guest
+/// memory where KVM's log cannot see it).
+#[test]
+fn the_destination_has_the_sources_memory_at_switch_over() {
+    if !require_kvm("the_destination_has_the_sources_memory_at_switch_over") {
+        return;
+    }
+    let env = [("SPLITVISOR_MIGRATION_DIGEST", "1")];
+    let dir = Workdir::new("migdigest");
+    let args = ["--cmdline", "console-echo,lines=2,seconds=100"];
+    let (echo, mut stdin) = spawn_env(&dir, "echo0", &args, &env);
+    writeln!(stdin, "before").expect("write the guest's input");
+    echo.wait_stdout("ECHO before\n", STEP_TIMEOUT);
+    let to = format!("unix:{}", dir.join("echo.sock").display());
+    let (next, mut next_stdin) = destination_env(&dir, "echo1", &to, &[], &env);
+    let source_err = dir.join("echo0.stderr");
+    let report = migrate_ok(&dir.join("echo0.sock"), &to, echo);
+    assert!(report["precopy_rounds"].as_u64() >= Some(1), "{report}");
+    let source = std::fs::read_to_string(&source_err).expect("the source's stderr");
+    assert_eq!(
+        digest(&source, "source"),
+        digest(&next.stderr_so_far(), "destination")
+    );
+    writeln!(next_stdin, "after").expect("write the guest's input");
+    assert_eq!(next.wait(STEP_TIMEOUT).assert_passed()["lines"], 2);
+
+    let img = image::zeroed(dir.join("disk.img"), IMAGE_LEN);
+    let socket = dir.join("blk.sock");
+    let daemon = Daemon::blk(&dir, "blk", &socket, &img, &[]);
+    dir.log("splitvisor-blk", &daemon.log);
+    let disk = format!("socket={}", socket.display());
+    let task = format!("blk-verify,seconds={VERIFY_SECONDS}");
+    let (busy, _stdin) = spawn_env(&dir, "busy0", &["--disk", &disk, "--cmdline", &task], &env);
+    completed_above(&dir.join("busy0.sock"), 0, &busy);
+    let to = format!("unix:{}", dir.join("busy.sock").display());
+    let (next, _stdin) = destination_env(&dir, "busy1", &to, &[], &env);
+    let report = migrate_ok(&dir.join("busy0.sock"), &to, busy);
+    assert_eq!(report["precopy_rounds"], 0, "{report}");
+    let source = std::fs::read_to_string(dir.join("busy0.stderr")).expect("the source's stderr");
+    assert_eq!(
+        digest(&source, "source"),
+        digest(&next.stderr_so_far(), "destination")
+    );
+    assert_verified(&next.wait(VM_TIMEOUT), &img);
 }
 
 /// Downtime and total time of one migration of a 1 GiB guest over a Unix socket, idle

@@ -174,6 +174,7 @@ const MIGRATION: &[libc::c_long] = &[libc::SYS_write, libc::SYS_writev, libc::SY
 const fn kvm_request(dir: u64, nr: u64, size: usize) -> u64 {
     (dir << 30) | ((size as u64) << 16) | ((kvm_bindings::KVMIO as u64) << 8) | nr
 }
+const IOC_WRITE: u64 = 1;
 const IOC_READ: u64 = 2;
 const IOC_READ_WRITE: u64 = 3;
 
@@ -181,8 +182,19 @@ const IOC_READ_WRITE: u64 = 3;
 /// KVM_GET_IRQCHIP, KVM_GET_PIT2, KVM_GET_CLOCK. The vCPUs capture themselves on their own
 /// threads, which may make any KVM ioctl.
 /// And FIONBIO: `PUT /vm/migrate`'s TCP connect with a deadline makes the socket non-blocking.
+/// And pre-copy's KVM_SET_USER_MEMORY_REGION (dirty logging on and off) and KVM_GET_DIRTY_LOG.
 const SNAPSHOT_IOCTLS: &[Ioctl] = &[
     Ioctl::Request(libc::FIONBIO),
+    Ioctl::Request(kvm_request(
+        IOC_WRITE,
+        0x46,
+        std::mem::size_of::<kvm_bindings::kvm_userspace_memory_region>(),
+    )),
+    Ioctl::Request(kvm_request(
+        IOC_WRITE,
+        0x42,
+        std::mem::size_of::<kvm_bindings::kvm_dirty_log>(),
+    )),
     Ioctl::Request(kvm_request(
         IOC_READ_WRITE,
         0x62,

@@ -261,6 +261,7 @@ fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
                 to: "unix:/m.sock".into(),
                 memory_bytes: 256 << 20,
                 sent_bytes: 3 << 20,
+                precopy_rounds: 2,
                 elapsed_ms: 90,
                 downtime_ms: 60,
                 rate_mib_s: 400,

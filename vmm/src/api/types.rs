@@ -94,8 +94,11 @@ pub struct MigrateRequest {
 pub struct MigrateReport {
     pub to: String,
     pub memory_bytes: u64,
-    /// Guest memory sent (only pages holding data).
+    /// Guest memory sent (only pages holding data), pre-copy rounds included.
     pub sent_bytes: u64,
+    /// Rounds of copying while the VM ran (0: stop-and-copy, because a vhost-user backend
+    /// writes guest memory without a dirty log).
+    pub precopy_rounds: u32,
     /// From the request to the destination's confirmation.
     pub elapsed_ms: u64,
     /// From the vCPUs paused to the destination's confirmation.

@@ -16,6 +16,7 @@
 //! (exits 0)                                   (runs the VM)
 //! ```
 
+pub mod dirty;
 pub mod receive;
 pub mod send;
 pub mod wire;

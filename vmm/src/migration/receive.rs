@@ -98,7 +98,9 @@ pub fn receive(
     }
     let stage_error = |e| ReceiveError::Stage(staging.to_path_buf(), e);
     std::fs::create_dir_all(staging).map_err(stage_error)?;
+    // Readable too: the digest hook reads it back.
     let file = OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(true)
@@ -107,6 +109,7 @@ pub fn receive(
     file.set_len(memory.size).map_err(stage_error)?;
     stream.send_json(Kind::Verdict, &Verdict::Accept)?;
     let (manifest, bytes) = receive_body(&mut stream, &memory, &file, staging)?;
+    super::dirty::digest_hook("destination", || super::dirty::digest_file(&file, &memory));
     if manifest.memory != hello.memory || manifest.vcpus.len() != hello.vcpus {
         return Err(ReceiveError::State(format!(
             "{} bytes and {} vCPU(s) announced, {} and {} sent",

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::dirty::Bitmaps;
 use super::wire::{Kind, Stream, Verdict, WireError};
 use super::Hello;
 use crate::memory::GuestMemory;
@@ -144,4 +145,38 @@ pub fn hand_off(stream: &mut Stream, wait: Duration) -> Result<(), SendError> {
         Verdict::Accept => Ok(()),
         Verdict::Refuse(why) => Err(SendError::Failed(why)),
     }
+}
+
+/// Sends the pages set in `bitmaps` (one per region, in order), zero or not: a page the guest
+/// cleared must reach the destination too. Runs of dirty pages go in one frame each, at most
+/// `CHUNK` bytes.
+pub fn dirty_pages(
+    stream: &mut Stream,
+    memory: &GuestMemory,
+    bitmaps: &Bitmaps,
+) -> Result<u64, SendError> {
+    let mut sent = 0;
+    let mut buffer = vec![0u8; CHUNK];
+    let max_pages = (CHUNK as u64) / PAGE_SIZE;
+    for (region, bitmap) in memory.iter().zip(bitmaps) {
+        let pages = region.len() / PAGE_SIZE;
+        let dirty = |page: u64| bitmap[(page / 64) as usize] & (1 << (page % 64)) != 0;
+        let mut page = 0;
+        while page < pages {
+            if !dirty(page) {
+                page += 1;
+                continue;
+            }
+            let first = page;
+            while page < pages && dirty(page) && page - first < max_pages {
+                page += 1;
+            }
+            let (offset, len) = (first * PAGE_SIZE, ((page - first) * PAGE_SIZE) as usize);
+            let addr = region.start_addr().0 + offset;
+            read(memory, region, offset, &mut buffer[..len], addr)?;
+            stream.send(Kind::Pages, &[&addr.to_le_bytes(), &buffer[..len]])?;
+            sent += len as u64;
+        }
+    }
+    Ok(sent)
 }

@@ -47,6 +47,18 @@ impl VhostUserDevice {
     }
 }
 
+/// Whether the device's backend may write guest memory (the driver set up its rings), which
+/// KVM's dirty log does not see.
+pub fn backend_may_write(manager: &BackendManager) -> bool {
+    manager
+        .device()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .device()
+        .rings
+        .is_some()
+}
+
 /// Closes the device's backend connection, its rings stopped, without the manager taking it
 /// for a crash.
 pub fn release(manager: &BackendManager) {

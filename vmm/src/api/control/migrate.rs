@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{ControlError, VmControl};
 use crate::api::types::MigrateReport;
+use crate::migration::dirty::{self, DirtyLog};
 use crate::migration::send::{self, SendError};
 use crate::migration::wire::{Address, Stream};
 use crate::migration::Hello;
@@ -30,6 +31,8 @@ pub enum MigrateError {
     Send(#[from] SendError),
     #[error("capturing the VM's state failed")]
     Capture(#[source] take::TakeError),
+    #[error("pre-copy failed")]
+    DirtyLog(#[from] dirty::DirtyLogError),
 }
 
 impl VmControl {
@@ -52,6 +55,21 @@ impl VmControl {
         let layout = memory_file::layout_of(&source.memory);
         let hello = Hello::new(layout.clone(), vcpus, &self.device_keys());
         send::propose(&mut stream, &hello).map_err(migrate_error)?;
+        let blockers = self.precopy_blockers();
+        let log = match blockers.is_empty() {
+            true => Some(DirtyLog::start(&source.vm, &source.memory).map_err(migrate_error)?),
+            false => {
+                log::info!(
+                    "control: no pre-copy: the backends of {} write guest memory without a dirty log; stop-and-copy",
+                    blockers.join(", ")
+                );
+                None
+            }
+        };
+        let precopy = match &log {
+            Some(log) => self.precopy(&mut stream, log).map_err(migrate_error)?,
+            None => Precopy::default(),
+        };
         let was_paused = self.pause.is_paused();
         if !was_paused {
             self.pause()?;
@@ -85,8 +103,13 @@ impl VmControl {
             vm,
             devices,
         };
-        let sent = send::memory(&mut stream, &source.memory)
-            .and_then(|sent| send::state(&mut stream, &manifest).map(|()| sent));
+        let sent = self
+            .final_copy(&mut stream, log.as_ref(), precopy.left)
+            .and_then(|sent| {
+                dirty::digest_hook("source", || dirty::digest(&source.memory));
+                send::state(&mut stream, &manifest).map(|()| sent)
+            });
+        drop(log);
         let sent = match sent {
             Ok(sent) => sent,
             Err(e) => {
@@ -109,10 +132,14 @@ impl VmControl {
         let report = MigrateReport {
             to: address.to_string(),
             memory_bytes: manifest.memory.size,
-            sent_bytes: sent.bytes,
+            sent_bytes: precopy.sent.bytes + sent.bytes,
+            precopy_rounds: precopy.rounds,
             elapsed_ms: start.elapsed().as_millis() as u64,
             downtime_ms: paused_at.elapsed().as_millis() as u64,
-            rate_mib_s: rate_mib_s(sent.bytes, sent.elapsed),
+            rate_mib_s: rate_mib_s(
+                precopy.sent.bytes + sent.bytes,
+                precopy.sent.elapsed + sent.elapsed,
+            ),
         };
         log::info!(
             "control: migrated to {}: {} MiB sent in {} ms, downtime {} ms",
@@ -127,6 +154,79 @@ impl VmControl {
                 to: address.to_string(),
             },
         ))
+    }
+
+    /// The devices whose backends may write guest memory now (their rings run), which KVM's
+    /// dirty log does not see: pre-copy would miss their writes.
+    fn precopy_blockers(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .filter(|d| handoff::backend_may_write(&d.manager))
+            .map(|d| d.id.clone())
+            .collect()
+    }
+
+    /// Copies guest memory while the VM runs: everything once, then the pages written
+    /// meanwhile, round after round, until few are left (`PRECOPY_DONE`) or `PRECOPY_ROUNDS`.
+    fn precopy(&self, stream: &mut Stream, log: &DirtyLog) -> Result<Precopy, MigrateError> {
+        let memory = &log_memory(self)?;
+        let start = Instant::now();
+        let mut bytes = send::memory(stream, memory)?.bytes;
+        let mut rounds = 1;
+        let left = loop {
+            let dirty = log.take()?;
+            if dirty::count(&dirty) < PRECOPY_DONE || rounds == PRECOPY_ROUNDS {
+                break dirty;
+            }
+            bytes += send::dirty_pages(stream, memory, &dirty)?;
+            rounds += 1;
+        };
+        log::info!(
+            "control: pre-copy: {rounds} round(s), {} MiB, {} page(s) left for the stop",
+            bytes >> 20,
+            dirty::count(&left)
+        );
+        Ok(Precopy {
+            rounds,
+            sent: send::Sent {
+                bytes,
+                elapsed: start.elapsed(),
+            },
+            left: Some(left),
+        })
+    }
+
+    /// The VM paused: the pages pre-copy left and those written since, or all of memory
+    /// without pre-copy (or if a device started writing guest memory meanwhile).
+    fn final_copy(
+        &self,
+        stream: &mut Stream,
+        log: Option<&DirtyLog>,
+        left: Option<dirty::Bitmaps>,
+    ) -> Result<send::Sent, SendError> {
+        let memory = match &self.snapshot {
+            Some(source) => &source.memory,
+            None => return Err(SendError::Refused("no snapshot source".into())),
+        };
+        let start = Instant::now();
+        let precopied = match (log, left) {
+            (Some(log), Some(mut left)) if self.precopy_blockers().is_empty() => {
+                let last = log
+                    .take()
+                    .map_err(|e| SendError::Failed(crate::error_chain(&e)))?;
+                dirty::merge(&mut left, &last);
+                Some(left)
+            }
+            _ => None,
+        };
+        let bytes = match precopied {
+            Some(dirty) => send::dirty_pages(stream, memory, &dirty)?,
+            None => send::memory(stream, memory)?.bytes,
+        };
+        Ok(send::Sent {
+            bytes,
+            elapsed: start.elapsed(),
+        })
     }
 
     /// The devices as a migration header names them, in attach order.
@@ -162,6 +262,27 @@ impl VmControl {
             }
         }
     }
+}
+
+/// Rounds of pre-copy at most, and the dirty pages below which the VM is stopped.
+const PRECOPY_ROUNDS: u32 = 30;
+const PRECOPY_DONE: u64 = 256;
+
+/// What pre-copy did.
+#[derive(Default)]
+struct Precopy {
+    rounds: u32,
+    sent: send::Sent,
+    /// The pages dirty at its end, for the stop.
+    left: Option<dirty::Bitmaps>,
+}
+
+fn log_memory(control: &VmControl) -> Result<crate::memory::GuestMemory, MigrateError> {
+    control
+        .snapshot
+        .as_ref()
+        .map(|s| s.memory.clone())
+        .ok_or_else(|| MigrateError::Send(SendError::Refused("no snapshot source".into())))
 }
 
 fn migrate_error(e: impl Into<MigrateError>) -> ControlError {
