@@ -11,7 +11,7 @@ use crate::migration::send::{self, SendError};
 use crate::migration::wire::{Address, Stream};
 use crate::migration::Hello;
 use crate::snapshot::format::{DeviceState, Manifest};
-use crate::snapshot::take::{self, Captured, StoppedRings};
+use crate::snapshot::take::{self, Captured, SnapshotSource, StoppedRings};
 use crate::snapshot::{memory_file, FORMAT_VERSION};
 use crate::vhost_user::handoff;
 use crate::vm_end::VmEnd;
@@ -41,105 +41,26 @@ impl VmControl {
     /// for the caller to apply once the client has its answer; on failure it runs (or stays
     /// paused) as before.
     pub fn migrate(&self, to: &str) -> Result<(MigrateReport, VmEnd), ControlError> {
-        let address: Address = to.parse().map_err(migrate_error)?;
-        let source = self.snapshot_source()?;
-        if let Some(ata) = &self.ata {
-            return Err(ControlError::SnapshotUnsupported(format!(
-                "the emulated ATA disk {} cannot be migrated (its image stays open here); use a vhost-user disk",
-                ata.id
-            )));
-        }
         let start = Instant::now();
-        let mut stream = Stream::connect(&address, CONNECT_WAIT).map_err(migrate_error)?;
-        let vcpus = usize::from(self.vcpus);
-        let layout = memory_file::layout_of(&source.memory);
-        let hello = Hello::new(layout.clone(), vcpus, &self.device_keys());
-        send::propose(&mut stream, &hello).map_err(migrate_error)?;
-        let blockers = self.precopy_blockers();
-        let log = match blockers.is_empty() {
-            true => Some(DirtyLog::start(&source.vm, &source.memory).map_err(migrate_error)?),
-            false => {
-                log::info!(
-                    "control: no pre-copy: the backends of {} write guest memory without a dirty log; stop-and-copy",
-                    blockers.join(", ")
-                );
-                None
-            }
-        };
-        let precopy = match &log {
-            Some(log) => self.precopy(&mut stream, log).map_err(migrate_error)?,
-            None => Precopy::default(),
-        };
+        let (address, mut stream, source) = self.propose(to)?;
+        let (log, precopy) = self.precopy_phase(&mut stream, source)?;
         let was_paused = self.pause.is_paused();
         if !was_paused {
             self.pause()?;
         }
         let paused_at = Instant::now();
-        let resume = |stopped: &[StoppedRings]| {
-            take::resume_devices(&self.devices, stopped);
-            if !was_paused {
-                self.pause.resume();
-            }
-        };
-        let captured = source
-            .capture(&self.pause, vcpus, (&self.devices, None))
-            .map_err(|e| {
-                if !was_paused {
-                    self.pause.resume();
-                }
-                migrate_error(MigrateError::Capture(e))
-            })?;
-        let Captured {
-            vcpus: vcpu_states,
-            vm,
-            devices,
-            stopped,
-        } = captured;
-        let manifest = Manifest {
-            format_version: FORMAT_VERSION,
-            created_by: concat!("splitvisor ", env!("CARGO_PKG_VERSION")).to_string(),
-            memory: layout,
-            vcpus: vcpu_states,
-            vm,
-            devices,
-        };
-        let sent = self
-            .final_copy(&mut stream, log.as_ref(), precopy.left)
-            .and_then(|sent| {
-                dirty::digest_hook("source", || dirty::digest(&source.memory));
-                send::state(&mut stream, &manifest).map(|()| sent)
-            });
-        drop(log);
-        let sent = match sent {
-            Ok(sent) => sent,
-            Err(e) => {
-                resume(&stopped);
-                return Err(migrate_error(e));
-            }
-        };
-        // The daemons serve one frontend per socket: ours must be closed before the
-        // destination connects, which it does only once it has the handoff.
-        for d in &self.devices {
-            handoff::release(&d.manager);
-        }
-        if let Err(e) = send::hand_off(&mut stream, RESTORE_WAIT) {
-            self.reclaim(&stopped);
-            if !was_paused {
-                self.pause.resume();
-            }
-            return Err(migrate_error(e));
-        }
+        let stopped = self.stop_and_copy(&mut stream, source, log, precopy.left, was_paused);
+        let (memory_bytes, sent, stopped) = stopped?;
+        self.switch_over(&mut stream, &stopped, was_paused)?;
+        let bytes = precopy.sent.bytes + sent.bytes;
         let report = MigrateReport {
             to: address.to_string(),
-            memory_bytes: manifest.memory.size,
-            sent_bytes: precopy.sent.bytes + sent.bytes,
+            memory_bytes,
+            sent_bytes: bytes,
             precopy_rounds: precopy.rounds,
             elapsed_ms: start.elapsed().as_millis() as u64,
             downtime_ms: paused_at.elapsed().as_millis() as u64,
-            rate_mib_s: rate_mib_s(
-                precopy.sent.bytes + sent.bytes,
-                precopy.sent.elapsed + sent.elapsed,
-            ),
+            rate_mib_s: rate_mib_s(bytes, precopy.sent.elapsed + sent.elapsed),
         };
         log::info!(
             "control: migrated to {}: {} MiB sent in {} ms, downtime {} ms",
@@ -148,12 +69,122 @@ impl VmControl {
             report.elapsed_ms,
             report.downtime_ms
         );
-        Ok((
-            report,
-            VmEnd::Migrated {
-                to: address.to_string(),
-            },
-        ))
+        let end = VmEnd::Migrated {
+            to: report.to.clone(),
+        };
+        Ok((report, end))
+    }
+
+    /// Checks that the VM can be migrated, connects to the destination and has it check the
+    /// header; nothing of the VM is touched yet.
+    fn propose(&self, to: &str) -> Result<(Address, Stream, &SnapshotSource), ControlError> {
+        let address: Address = to.parse().map_err(migrate_error)?;
+        let source = self.snapshot_source()?;
+        if let Some(ata) = &self.ata {
+            return Err(ControlError::SnapshotUnsupported(format!(
+                "the emulated ATA disk {} cannot be migrated (its image stays open here); use a vhost-user disk",
+                ata.id
+            )));
+        }
+        let mut stream = Stream::connect(&address, CONNECT_WAIT).map_err(migrate_error)?;
+        let layout = memory_file::layout_of(&source.memory);
+        let hello = Hello::new(layout, usize::from(self.vcpus), &self.device_keys());
+        send::propose(&mut stream, &hello).map_err(migrate_error)?;
+        Ok((address, stream, source))
+    }
+
+    /// Pre-copy while the VM runs, unless a backend writes guest memory without a dirty log;
+    /// the log stays on for the stop.
+    fn precopy_phase<'s>(
+        &self,
+        stream: &mut Stream,
+        source: &'s SnapshotSource,
+    ) -> Result<(Option<DirtyLog<'s>>, Precopy), ControlError> {
+        let blockers = self.precopy_blockers();
+        if !blockers.is_empty() {
+            log::info!(
+                "control: no pre-copy: the backends of {} write guest memory without a dirty log; stop-and-copy",
+                blockers.join(", ")
+            );
+            return Ok((None, Precopy::default()));
+        }
+        let log = DirtyLog::start(&source.vm, &source.memory).map_err(migrate_error)?;
+        let precopy = self.precopy(stream, &log).map_err(migrate_error)?;
+        Ok((Some(log), precopy))
+    }
+
+    /// The VM paused: captures it (its rings stopped), sends the memory left and the state.
+    /// Returns the memory size, what was sent and where the rings stopped; on failure the
+    /// rings and (unless `was_paused`) the vCPUs run again.
+    fn stop_and_copy(
+        &self,
+        stream: &mut Stream,
+        source: &SnapshotSource,
+        log: Option<DirtyLog>,
+        left: Option<dirty::Bitmaps>,
+        was_paused: bool,
+    ) -> Result<(u64, send::Sent, Vec<StoppedRings>), ControlError> {
+        let vcpus = usize::from(self.vcpus);
+        let captured = source.capture(&self.pause, vcpus, (&self.devices, None));
+        let Captured {
+            vcpus,
+            vm,
+            devices,
+            stopped,
+        } = captured.map_err(|e| {
+            if !was_paused {
+                self.pause.resume();
+            }
+            migrate_error(MigrateError::Capture(e))
+        })?;
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            created_by: concat!("splitvisor ", env!("CARGO_PKG_VERSION")).to_string(),
+            memory: memory_file::layout_of(&source.memory),
+            vcpus,
+            vm,
+            devices,
+        };
+        let sent = self
+            .final_copy(stream, log.as_ref(), left)
+            .and_then(|sent| {
+                dirty::digest_hook("source", || dirty::digest(&source.memory));
+                send::state(stream, &manifest).map(|()| sent)
+            });
+        drop(log);
+        match sent {
+            Ok(sent) => Ok((manifest.memory.size, sent, stopped)),
+            Err(e) => {
+                take::resume_devices(&self.devices, &stopped);
+                if !was_paused {
+                    self.pause.resume();
+                }
+                Err(migrate_error(e))
+            }
+        }
+    }
+
+    /// Hands the backends over and waits for the destination to run the VM; if it does not,
+    /// takes them back and runs the VM here again (unless `was_paused`).
+    fn switch_over(
+        &self,
+        stream: &mut Stream,
+        stopped: &[StoppedRings],
+        was_paused: bool,
+    ) -> Result<(), ControlError> {
+        // The daemons serve one frontend per socket: ours must be closed before the
+        // destination connects, which it does only once it has the handoff.
+        for d in &self.devices {
+            handoff::release(&d.manager);
+        }
+        if let Err(e) = send::hand_off(stream, RESTORE_WAIT) {
+            self.reclaim(stopped);
+            if !was_paused {
+                self.pause.resume();
+            }
+            return Err(migrate_error(e));
+        }
+        Ok(())
     }
 
     /// The devices whose backends may write guest memory now (their rings run), which KVM's
