@@ -1,14 +1,17 @@
-//! Live migration of the project's guest between two VMMs over a stream (issue 15, part 2),
-//! stop-and-copy: the source pauses the VM, sends its memory and the snapshot's state (the
-//! manifest types of `snapshot::format`), hands its vhost-user backends over by closing its
-//! connections, and ends once the destination says the VM runs there. The conversation:
+//! Live migration of the project's guest between two VMMs over a stream (issue 15, part 2):
+//! the source copies memory while the VM runs (pre-copy with KVM's dirty log, `dirty`; only
+//! when no vhost-user backend can write guest memory, since the backends keep no dirty log
+//! yet), pauses the VM, sends the memory left and the snapshot's state (the manifest types of
+//! `snapshot::format`), hands its vhost-user backends over by closing its connections, and
+//! ends once the destination says the VM runs there. The conversation:
 //!
 //! ```text
 //! source                                   destination (`splitvisor run --incoming ADDR`)
 //! Hello {versions, memory, vCPUs, devices} ->
 //!                                         <- Verdict (refused: the source goes on unharmed)
+//! Pages* (pre-copy rounds, VM running)    ->  written into a staging snapshot directory
 //! (pause, capture, stop the rings)
-//! Pages* [guest address][data pages]      ->  written into a staging snapshot directory
+//! Pages* [guest address][pages]           ->  (later pages overwrite earlier ones)
 //! State  (the snapshot manifest)          ->
 //! (close the vhost-user connections)
 //! Handoff                                 ->  restores the VM, connects to the same backends
