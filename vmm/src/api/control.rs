@@ -93,6 +93,8 @@ pub struct VmControl {
     backend_stats: Vec<(String, std::path::PathBuf)>,
     /// What `snapshot` captures; `None` if this host's KVM could not say what it can capture.
     snapshot: Option<SnapshotSource>,
+    /// Held by a migration in progress.
+    migrating: Mutex<()>,
 }
 
 /// Everything `VmControl` reports on or acts upon.
@@ -130,6 +132,7 @@ impl VmControl {
             last_reports: Mutex::new(Vec::new()),
             backend_stats: parts.backend_stats,
             snapshot: parts.snapshot,
+            migrating: Mutex::new(()),
         }
     }
 

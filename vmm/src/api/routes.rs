@@ -237,7 +237,9 @@ fn status_of(error: &ControlError) -> u16 {
         ControlError::Snapshot(_) => 500,
         ControlError::Migrate(e) => match **e {
             MigrateError::Wire(WireError::ParseAddress(_)) => 400,
-            MigrateError::Send(SendError::Refused(_)) => 409,
+            MigrateError::Send(SendError::Refused(_))
+            | MigrateError::Unsupported(_)
+            | MigrateError::Busy => 409,
             _ => 502,
         },
         ControlError::Stopping => 409,

@@ -31,6 +31,10 @@ pub enum MigrateError {
     Send(#[from] SendError),
     #[error("capturing the VM's state failed")]
     Capture(#[source] take::TakeError),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("another migration of this VM is in progress")]
+    Busy,
     #[error("pre-copy failed")]
     DirtyLog(#[from] dirty::DirtyLogError),
 }
@@ -41,6 +45,9 @@ impl VmControl {
     /// for the caller to apply once the client has its answer; on failure it runs (or stays
     /// paused) as before.
     pub fn migrate(&self, to: &str) -> Result<(MigrateReport, VmEnd), ControlError> {
+        let Ok(_migrating) = self.migrating.try_lock() else {
+            return Err(migrate_error(MigrateError::Busy));
+        };
         let start = Instant::now();
         let (address, mut stream, source) = self.propose(to)?;
         let (log, precopy) = self.precopy_phase(&mut stream, source)?;
@@ -81,10 +88,10 @@ impl VmControl {
         let address: Address = to.parse().map_err(migrate_error)?;
         let source = self.snapshot_source()?;
         if let Some(ata) = &self.ata {
-            return Err(ControlError::SnapshotUnsupported(format!(
+            return Err(migrate_error(MigrateError::Unsupported(format!(
                 "the emulated ATA disk {} cannot be migrated (its image stays open here); use a vhost-user disk",
                 ata.id
-            )));
+            ))));
         }
         let mut stream = Stream::connect(&address, CONNECT_WAIT).map_err(migrate_error)?;
         let layout = memory_file::layout_of(&source.memory);
