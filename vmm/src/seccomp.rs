@@ -168,7 +168,15 @@ const SNAPSHOT_FILES: &[libc::c_long] = &[
 
 /// `PUT /vm/migrate` streams the VM from the API thread, to a Unix or TCP socket (the
 /// connect, timeouts and reads are in the lists above).
-const MIGRATION: &[libc::c_long] = &[libc::SYS_write, libc::SYS_writev, libc::SYS_getsockname];
+const MIGRATION: &[libc::c_long] = &[
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_getsockname,
+    // The backends' dirty log: a memfd the VMM maps too.
+    libc::SYS_memfd_create,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+];
 
 /// `_IOC(dir, KVMIO, nr, size)` of a KVM request, as the kernel's ioctl.h builds it.
 const fn kvm_request(dir: u64, nr: u64, size: usize) -> u64 {

@@ -1,9 +1,13 @@
-//! KVM's dirty page log over guest RAM, for pre-copy: while it is on, `KVM_GET_DIRTY_LOG`
-//! returns (and clears) the pages the vCPUs wrote since the last call. It sees vCPU writes
-//! only: a vhost-user backend writes guest memory through its own mapping, which KVM does not
-//! track (see `send::precopy_blockers`).
+//! The dirty page logs pre-copy reads: KVM's over guest RAM (while it is on,
+//! `KVM_GET_DIRTY_LOG` returns and clears the pages the vCPUs wrote since the last call) and
+//! the vhost-user backends' (`BackendLog`): a backend writes guest memory through its own
+//! mapping, which KVM does not see, so it logs its writes itself. A backend that cannot
+//! keeps pre-copy off (`VmControl::precopy_blockers`).
 
+use std::fs::File;
 use std::hash::Hasher;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
@@ -21,12 +25,115 @@ pub enum DirtyLogError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("could not create the backends' dirty log")]
+    BackendLog(#[source] std::io::Error),
     #[error("KVM_GET_DIRTY_LOG for guest RAM at {addr:#x} failed")]
     Read {
         addr: u64,
         #[source]
         source: kvm_ioctls::Error,
     },
+}
+
+/// The vhost-user dirty log the backends write into (VHOST_USER_PROTOCOL_F_LOG_SHMFD): a
+/// shared memfd, one bit per 4 KiB page of guest physical memory, which the VMM reads and
+/// clears byte by byte with atomic swaps while the backends set bits.
+pub struct BackendLog {
+    file: File,
+    bytes: *const AtomicU8,
+    len: usize,
+}
+
+// SAFETY: the mapping is only accessed with atomic byte operations and lives until drop.
+unsafe impl Send for BackendLog {}
+// SAFETY: as above.
+unsafe impl Sync for BackendLog {}
+
+impl BackendLog {
+    /// A zeroed log covering guest physical memory up to the end of `memory`'s last region.
+    pub fn new(memory: &GuestMemory) -> Result<Self, DirtyLogError> {
+        let end = memory
+            .iter()
+            .map(|r| r.start_addr().0 + r.len())
+            .max()
+            .unwrap_or(0);
+        let pages = end.div_ceil(PAGE_SIZE);
+        let len = usize::try_from(pages.div_ceil(8).max(1)).map_err(|_| {
+            DirtyLogError::BackendLog(std::io::Error::from_raw_os_error(libc::EINVAL))
+        })?;
+        // SAFETY: a constant NUL-terminated name and plain flags.
+        let fd = unsafe { libc::memfd_create(c"splitvisor-dirty-log".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(DirtyLogError::BackendLog(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len as u64)
+            .map_err(DirtyLogError::BackendLog)?;
+        // SAFETY: a fresh shared mapping of the whole file, unmapped only in `drop`.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DirtyLogError::BackendLog(std::io::Error::last_os_error()));
+        }
+        Ok(Self {
+            file,
+            bytes: ptr.cast(),
+            len,
+        })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn size(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// Moves the pages logged since the last call into `bitmaps` (one per region of `memory`).
+    pub fn take_into(&self, memory: &GuestMemory, bitmaps: &mut Bitmaps) {
+        let regions: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        for index in 0..self.len {
+            // SAFETY: `index` is inside the mapping of `len` bytes.
+            let byte = unsafe { &*self.bytes.add(index) };
+            if byte.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let bits = byte.swap(0, Ordering::Relaxed);
+            for bit in (0..8).filter(|b| bits & (1 << b) != 0) {
+                let addr = (index as u64 * 8 + bit) * PAGE_SIZE;
+                let found = regions
+                    .iter()
+                    .enumerate()
+                    .find(|(_, (start, len))| addr >= *start && addr < start + len);
+                if let Some((r, (start, _))) = found {
+                    let page = (addr - start) / PAGE_SIZE;
+                    if let Some(word) = bitmaps
+                        .get_mut(r)
+                        .and_then(|b| b.get_mut((page / 64) as usize))
+                    {
+                        *word |= 1 << (page % 64);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for BackendLog {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, not used after this.
+        unsafe { libc::munmap(self.bytes as *mut libc::c_void, self.len) };
+    }
 }
 
 /// Each region's dirty pages: one bit per page, in region order.
@@ -37,17 +144,31 @@ pub type Bitmaps = Vec<Vec<u64>>;
 pub struct DirtyLog<'a> {
     vm: &'a VmFd,
     memory: &'a GuestMemory,
+    /// The backends' log, merged into every `take`.
+    pub backend: Option<BackendLog>,
 }
 
 impl<'a> DirtyLog<'a> {
     /// Turns dirty logging on; the first `take` then returns what was written since.
     pub fn start(vm: &'a VmFd, memory: &'a GuestMemory) -> Result<Self, DirtyLogError> {
         switch(vm, memory, true)?;
-        Ok(Self { vm, memory })
+        Ok(Self {
+            vm,
+            memory,
+            backend: None,
+        })
     }
 
     /// The pages written since the last call (or `start`), and clears them.
     pub fn take(&self) -> Result<Bitmaps, DirtyLogError> {
+        let mut bitmaps = self.take_kvm()?;
+        if let Some(backend) = &self.backend {
+            backend.take_into(self.memory, &mut bitmaps);
+        }
+        Ok(bitmaps)
+    }
+
+    fn take_kvm(&self) -> Result<Bitmaps, DirtyLogError> {
         self.memory
             .iter()
             .enumerate()

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{ControlError, VmControl};
 use crate::api::types::MigrateReport;
-use crate::migration::dirty::{self, DirtyLog};
+use crate::migration::dirty::{self, BackendLog, DirtyLog};
 use crate::migration::send::{self, SendError};
 use crate::migration::wire::{Address, Stream};
 use crate::migration::Hello;
@@ -37,6 +37,8 @@ pub enum MigrateError {
     Busy,
     #[error("pre-copy failed")]
     DirtyLog(#[from] dirty::DirtyLogError),
+    #[error("pre-copy failed")]
+    BackendLog(#[from] crate::vhost_user::handoff::HandoffError),
 }
 
 impl VmControl {
@@ -107,6 +109,13 @@ impl VmControl {
         stream: &mut Stream,
         source: &'s SnapshotSource,
     ) -> Result<(Option<DirtyLog<'s>>, Precopy), ControlError> {
+        // Every backend serving rings logs its writes from now on, if it can; those that
+        // cannot keep pre-copy off. (A new log each time: an earlier one may be stale.)
+        let backend_log = BackendLog::new(&source.memory).map_err(migrate_error)?;
+        for d in &self.devices {
+            handoff::start_logging(&d.manager, backend_log.file(), backend_log.size())
+                .map_err(migrate_error)?;
+        }
         let blockers = self.precopy_blockers();
         if !blockers.is_empty() {
             log::info!(
@@ -115,7 +124,8 @@ impl VmControl {
             );
             return Ok((None, Precopy::default()));
         }
-        let log = DirtyLog::start(&source.vm, &source.memory).map_err(migrate_error)?;
+        let mut log = DirtyLog::start(&source.vm, &source.memory).map_err(migrate_error)?;
+        log.backend = Some(backend_log);
         let precopy = self.precopy(stream, &log).map_err(migrate_error)?;
         Ok((Some(log), precopy))
     }
@@ -199,7 +209,7 @@ impl VmControl {
     fn precopy_blockers(&self) -> Vec<String> {
         self.devices
             .iter()
-            .filter(|d| handoff::backend_may_write(&d.manager))
+            .filter(|d| handoff::backend_writes_unlogged(&d.manager))
             .map(|d| d.id.clone())
             .collect()
     }
