@@ -97,7 +97,7 @@ pub struct MigrateReport {
     /// Guest memory sent (only pages holding data), pre-copy rounds included.
     pub sent_bytes: u64,
     /// Rounds of copying while the VM ran (0: stop-and-copy, because a vhost-user backend
-    /// writes guest memory without a dirty log).
+    /// serving rings cannot log its writes).
     pub precopy_rounds: u32,
     /// From the request to the destination's confirmation.
     pub elapsed_ms: u64,

@@ -1,7 +1,7 @@
 //! Live migration of the project's guest between two VMMs over a stream (issue 15, part 2):
-//! the source copies memory while the VM runs (pre-copy with KVM's dirty log, `dirty`; only
-//! when no vhost-user backend can write guest memory, since the backends keep no dirty log
-//! yet), pauses the VM, sends the memory left and the snapshot's state (the manifest types of
+//! the source copies memory while the VM runs (pre-copy with KVM's dirty log and the
+//! vhost-user backends', `dirty`; only when every backend serving rings can log its writes),
+//! pauses the VM, sends the memory left and the snapshot's state (the manifest types of
 //! `snapshot::format`), hands its vhost-user backends over by closing its connections, and
 //! ends once the destination says the VM runs there. The conversation:
 //!

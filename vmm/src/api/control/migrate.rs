@@ -204,8 +204,8 @@ impl VmControl {
         Ok(())
     }
 
-    /// The devices whose backends may write guest memory now (their rings run), which KVM's
-    /// dirty log does not see: pre-copy would miss their writes.
+    /// The devices whose backends may write guest memory now (their rings run) without
+    /// logging it, which KVM's dirty log does not see: pre-copy would miss their writes.
     fn precopy_blockers(&self) -> Vec<String> {
         self.devices
             .iter()
