@@ -1,10 +1,11 @@
-//! Live migration (stop-and-copy) end to end under real KVM.
+//! Live migration end to end under real KVM: pre-copy with KVM's and splitvisor-blk's dirty
+//! logs, then the rest with the VM paused.
 //!
 //! - The project's guest running `blk-verify` (write-then-verify rounds) on a real
 //!   splitvisor-blk is migrated `UNIX_MIGRATIONS` times over Unix sockets (alternating between
 //!   two listening addresses, a new destination process each time) and `TCP_MIGRATIONS` times
-//!   over TCP on 127.0.0.1 while its I/O runs: each source must exit 0 saying where the VM
-//!   went, each destination's device must complete requests on the same daemon, and at the
+//!   over TCP on 127.0.0.1 while its I/O runs: each must pre-copy, each source must exit 0
+//!   saying where the VM went, each destination's device must complete requests on the same daemon, and at the
 //!   end every verification must have passed with no I/O error and the image must hold
 //!   exactly the guest's last round.
 //! - A destination started with another `--memory` refuses the VM with the flag to change; the
@@ -12,6 +13,8 @@
 //! - A destination that disappears in the middle of the memory, and one that disappears after
 //!   the source let its backends go (the source must reconnect to them): the source keeps
 //!   running, and the guest still passes.
+//! - At the switch-over, the destination's memory is the source's (a digest of both), for a
+//!   guest without devices and for one reading and writing its disk hard during pre-copy.
 //! - Figures (printed, not asserted): downtime and total time of an idle and a disk-busy
 //!   1 GiB guest over a Unix socket.
 
@@ -310,9 +313,8 @@ fn digest(stderr: &str, side: &str) -> String {
 
 /// At the switch-over the destination's memory is the source's, page for page (a digest of
 /// every page holding data, printed by both with `SPLITVISOR_MIGRATION_DIGEST`): for a guest
-/// without backends, copied while it ran (pre-copy with KVM's dirty log, then the dirty rest),
-/// and for a guest reading and writing its disk hard, copied stopped (its backend writes guest
-/// memory where KVM's log cannot see it).
+/// without backends, pre-copied with KVM's dirty log, and for a guest reading and writing its
+/// disk hard, pre-copied with KVM's log and splitvisor-blk's (the pages it writes).
 #[test]
 fn the_destination_has_the_sources_memory_at_switch_over() {
     if !require_kvm("the_destination_has_the_sources_memory_at_switch_over") {
