@@ -159,6 +159,11 @@ impl<'a> DirtyLog<'a> {
         })
     }
 
+    /// The guest memory whose writes are logged.
+    pub fn memory(&self) -> &'a GuestMemory {
+        self.memory
+    }
+
     /// The pages written since the last call (or `start`), and clears them.
     pub fn take(&self) -> Result<Bitmaps, DirtyLogError> {
         let mut bitmaps = self.take_kvm()?;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{ControlError, VmControl};
 use crate::api::types::MigrateReport;
+use crate::memory::GuestMemory;
 use crate::migration::dirty::{self, BackendLog, DirtyLog};
 use crate::migration::send::{self, SendError};
 use crate::migration::wire::{Address, Stream};
@@ -163,10 +164,11 @@ impl VmControl {
             devices,
         };
         let sent = self
-            .final_copy(stream, log.as_ref(), left)
+            .final_copy(stream, &source.memory, (log.as_ref(), left))
             .and_then(|sent| {
                 dirty::digest_hook("source", || dirty::digest(&source.memory));
-                send::state(stream, &manifest).map(|()| sent)
+                send::state(stream, &manifest)?;
+                Ok(sent)
             });
         drop(log);
         match sent {
@@ -217,7 +219,7 @@ impl VmControl {
     /// Copies guest memory while the VM runs: everything once, then the pages written
     /// meanwhile, round after round, until few are left (`PRECOPY_DONE`) or `PRECOPY_ROUNDS`.
     fn precopy(&self, stream: &mut Stream, log: &DirtyLog) -> Result<Precopy, MigrateError> {
-        let memory = &log_memory(self)?;
+        let memory = log.memory();
         let start = Instant::now();
         let mut bytes = send::memory(stream, memory)?.bytes;
         let mut rounds = 1;
@@ -249,19 +251,13 @@ impl VmControl {
     fn final_copy(
         &self,
         stream: &mut Stream,
-        log: Option<&DirtyLog>,
-        left: Option<dirty::Bitmaps>,
-    ) -> Result<send::Sent, SendError> {
-        let memory = match &self.snapshot {
-            Some(source) => &source.memory,
-            None => return Err(SendError::Refused("no snapshot source".into())),
-        };
+        memory: &GuestMemory,
+        (log, left): (Option<&DirtyLog>, Option<dirty::Bitmaps>),
+    ) -> Result<send::Sent, MigrateError> {
         let start = Instant::now();
         let precopied = match (log, left) {
             (Some(log), Some(mut left)) if self.precopy_blockers().is_empty() => {
-                let last = log
-                    .take()
-                    .map_err(|e| SendError::Failed(crate::error_chain(&e)))?;
+                let last = log.take()?;
                 dirty::merge(&mut left, &last);
                 Some(left)
             }
@@ -323,14 +319,6 @@ struct Precopy {
     sent: send::Sent,
     /// The pages dirty at its end, for the stop.
     left: Option<dirty::Bitmaps>,
-}
-
-fn log_memory(control: &VmControl) -> Result<crate::memory::GuestMemory, MigrateError> {
-    control
-        .snapshot
-        .as_ref()
-        .map(|s| s.memory.clone())
-        .ok_or_else(|| MigrateError::Send(SendError::Refused("no snapshot source".into())))
 }
 
 fn migrate_error(e: impl Into<MigrateError>) -> ControlError {
