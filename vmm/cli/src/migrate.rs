@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use splitvisor_vmm::api::types::{MigrateReport, MigrateRequest, API_PREFIX};
+use splitvisor_vmm::api::types::{MigrateReport, MigrateRequest, MigrationStatus, API_PREFIX};
 
 use splitvisor_vmm::config::{DiskConfig, VmConfig};
 use splitvisor_vmm::migration::receive::{self, Expect, Incoming};
@@ -91,6 +91,27 @@ fn finish(
     })
 }
 
+/// Prints `GET /vm/migrate` on one stderr line every 250 ms until `done`.
+fn show_progress(socket: &Path, done: &AtomicBool) {
+    let path = format!("{API_PREFIX}/vm/migrate");
+    while !done.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(250));
+        let status: Result<MigrationStatus, _> =
+            ctl::request_within(socket, "GET", &path, None, Duration::from_secs(2));
+        if let (Ok(s), false) = (status, done.load(Ordering::Relaxed)) {
+            if s.migrating {
+                eprint!(
+                    "\rmigrating to {}: {}, {} MiB sent, {} MiB/s ",
+                    s.to.unwrap_or_default(),
+                    s.phase.unwrap_or_default(),
+                    s.sent_bytes >> 20,
+                    s.rate_mib_s
+                );
+            }
+        }
+    }
+}
+
 /// The devices `config` gives the VM, as a migration header names them.
 fn device_keys(config: &VmConfig) -> Vec<String> {
     let mut keys: Vec<String> = take::platform_devices().iter().map(|d| d.key()).collect();
@@ -120,20 +141,8 @@ pub fn ctl_migrate(socket: &Path, to: &str, json: bool) -> Result<String, CtlErr
     };
     let done = Arc::new(AtomicBool::new(false));
     let ticker = {
-        let done = done.clone();
-        let to = to.clone();
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
-                if start.elapsed() >= Duration::from_secs(1) && !done.load(Ordering::Relaxed) {
-                    eprint!(
-                        "\rmigrating to {to}: {:.1} s",
-                        start.elapsed().as_secs_f64()
-                    );
-                }
-            }
-        })
+        let (done, socket) = (done.clone(), socket.to_path_buf());
+        std::thread::spawn(move || show_progress(&socket, &done))
     };
     let body = json!(MigrateRequest { to });
     let answer: Result<MigrateReport, CtlError> = ctl::request(

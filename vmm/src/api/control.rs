@@ -95,6 +95,8 @@ pub struct VmControl {
     snapshot: Option<SnapshotSource>,
     /// Held by a migration in progress.
     migrating: Mutex<()>,
+    /// What `GET /vm/migrate` reports of it.
+    progress: Mutex<Option<migrate::Progress>>,
 }
 
 /// Everything `VmControl` reports on or acts upon.
@@ -133,6 +135,7 @@ impl VmControl {
             backend_stats: parts.backend_stats,
             snapshot: parts.snapshot,
             migrating: Mutex::new(()),
+            progress: Mutex::new(None),
         }
     }
 

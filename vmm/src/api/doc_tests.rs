@@ -256,6 +256,27 @@ fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
                 .to_vec(),
         ),
         (
+            ("GET", "/vm/migrate"),
+            vec![
+                json!(MigrationStatus {
+                    migrating: true,
+                    to: Some("tcp:10.0.0.2:4444".into()),
+                    phase: Some("pre-copy".into()),
+                    sent_bytes: 5 << 20,
+                    elapsed_ms: 30,
+                    rate_mib_s: 166,
+                }),
+                json!(MigrationStatus {
+                    migrating: false,
+                    to: None,
+                    phase: None,
+                    sent_bytes: 0,
+                    elapsed_ms: 0,
+                    rate_mib_s: 0,
+                }),
+            ],
+        ),
+        (
             ("PUT", "/vm/migrate"),
             vec![json!(MigrateReport {
                 to: "unix:/m.sock".into(),

@@ -58,6 +58,7 @@ pub const ROUTES: &[Route] = &[
     Route::new("PUT", "/vm/shutdown", true),
     Route::new("PUT", "/vm/snapshot", true),
     Route::new("PUT", "/vm/migrate", true),
+    Route::new("GET", "/vm/migrate", true),
     Route::new("PUT", "/devices/{id}/backend", true),
     Route::new("GET", "/version", false),
     Route::new("GET", "/ping", false),
@@ -133,7 +134,7 @@ pub fn handle(control: &VmControl, request: &Request) -> Response {
         return Response::error(
             404,
             format!(
-                "no endpoint {}; see docs/api.yaml (under {API_PREFIX}: GET /vm, GET /metrics, PUT /vm/pause, PUT /vm/resume, PUT /vm/shutdown, PUT /vm/snapshot, PUT /vm/migrate, PUT /devices/{{id}}/backend, GET /version, GET /ping)",
+                "no endpoint {}; see docs/api.yaml (under {API_PREFIX}: GET /vm, GET /metrics, PUT /vm/pause, PUT /vm/resume, PUT /vm/shutdown, PUT /vm/snapshot, PUT /vm/migrate, GET /vm/migrate, PUT /devices/{{id}}/backend, GET /version, GET /ping)",
                 request.path
             ),
         );
@@ -174,6 +175,7 @@ pub fn handle(control: &VmControl, request: &Request) -> Response {
             },
             Err(message) => return Response::error(400, message),
         },
+        "/vm/migrate" if method == "GET" => Ok(json!(control.migration_status())),
         "/vm/migrate" => match serde_json::from_slice::<MigrateRequest>(&request.body) {
             Ok(r) => match control.migrate(&r.to) {
                 Ok((report, end)) => {

@@ -107,6 +107,20 @@ pub struct MigrateReport {
     pub rate_mib_s: u64,
 }
 
+/// `GET /vm/migrate`: the migration in progress, if any.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    pub migrating: bool,
+    /// Where to; null when not migrating.
+    pub to: Option<String>,
+    /// "connecting", "pre-copy", "stop-and-copy" or "handoff"; null when not migrating.
+    pub phase: Option<String>,
+    /// Bytes sent to the destination so far (pages and framing).
+    pub sent_bytes: u64,
+    pub elapsed_ms: u64,
+    pub rate_mib_s: u64,
+}
+
 /// What the VM boots.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GuestReport {

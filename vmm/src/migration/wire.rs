@@ -8,6 +8,8 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -127,13 +129,30 @@ impl std::fmt::Display for Address {
     }
 }
 
-/// A connected migration stream.
-pub enum Stream {
+/// A connected migration stream, counting the bytes it sent (for progress reports).
+pub struct Stream {
+    conn: Conn,
+    sent: Arc<AtomicU64>,
+}
+
+enum Conn {
     Unix(UnixStream),
     Tcp(TcpStream),
 }
 
 impl Stream {
+    fn new(conn: Conn) -> Self {
+        Self {
+            conn,
+            sent: Arc::default(),
+        }
+    }
+
+    /// The bytes sent so far, readable from another thread.
+    pub fn sent(&self) -> Arc<AtomicU64> {
+        self.sent.clone()
+    }
+
     /// Connects to `address`, trying for up to `wait` while nothing listens there yet.
     pub fn connect(address: &Address, wait: Duration) -> Result<Self, WireError> {
         let deadline = Instant::now() + wait;
@@ -143,8 +162,12 @@ impl Stream {
         };
         loop {
             let attempt = match address {
-                Address::Unix(path) => UnixStream::connect(path).map(Stream::Unix),
-                Address::Tcp(host_port) => tcp_connect(host_port, wait).map(Stream::Tcp),
+                Address::Unix(path) => {
+                    UnixStream::connect(path).map(|s| Stream::new(Conn::Unix(s)))
+                }
+                Address::Tcp(host_port) => {
+                    tcp_connect(host_port, wait).map(|s| Stream::new(Conn::Tcp(s)))
+                }
             };
             match attempt {
                 Ok(stream) => return stream.with_timeouts().map_err(connect_error),
@@ -157,12 +180,12 @@ impl Stream {
     }
 
     fn with_timeouts(self) -> std::io::Result<Self> {
-        match &self {
-            Stream::Unix(s) => {
+        match &self.conn {
+            Conn::Unix(s) => {
                 s.set_read_timeout(Some(IO_TIMEOUT))?;
                 s.set_write_timeout(Some(IO_TIMEOUT))?;
             }
-            Stream::Tcp(s) => {
+            Conn::Tcp(s) => {
                 s.set_read_timeout(Some(IO_TIMEOUT))?;
                 s.set_write_timeout(Some(IO_TIMEOUT))?;
                 s.set_nodelay(true)?;
@@ -173,24 +196,24 @@ impl Stream {
 
     /// Sets how long a read may wait (longer than `IO_TIMEOUT` while the peer restores).
     pub fn set_read_timeout(&self, timeout: Duration) -> Result<(), WireError> {
-        match self {
-            Stream::Unix(s) => s.set_read_timeout(Some(timeout)),
-            Stream::Tcp(s) => s.set_read_timeout(Some(timeout)),
+        match &self.conn {
+            Conn::Unix(s) => s.set_read_timeout(Some(timeout)),
+            Conn::Tcp(s) => s.set_read_timeout(Some(timeout)),
         }
         .map_err(WireError::Io)
     }
 
     fn writer(&mut self) -> &mut dyn Write {
-        match self {
-            Stream::Unix(s) => s,
-            Stream::Tcp(s) => s,
+        match &mut self.conn {
+            Conn::Unix(s) => s,
+            Conn::Tcp(s) => s,
         }
     }
 
     fn reader(&mut self) -> &mut dyn Read {
-        match self {
-            Stream::Unix(s) => s,
-            Stream::Tcp(s) => s,
+        match &mut self.conn {
+            Conn::Unix(s) => s,
+            Conn::Tcp(s) => s,
         }
     }
 
@@ -205,6 +228,8 @@ impl Stream {
         for part in parts {
             out.write_all(part).map_err(io_error)?;
         }
+        self.sent
+            .fetch_add((head.len() + length) as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -293,8 +318,8 @@ impl Listener {
     /// owner migrates it).
     pub fn accept(&self) -> Result<Stream, WireError> {
         let stream = match self {
-            Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
-            Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::new(Conn::Unix(s))),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::new(Conn::Tcp(s))),
         };
         stream
             .and_then(Stream::with_timeouts)
@@ -346,11 +371,13 @@ mod tests {
     #[test]
     fn frames_round_trip_and_lengths_are_bounded() {
         let (a, b) = UnixStream::pair().unwrap();
-        let (mut a, mut b) = (Stream::Unix(a), Stream::Unix(b));
+        let (mut a, mut b) = (Stream::new(Conn::Unix(a)), Stream::new(Conn::Unix(b)));
         a.send_json(Kind::Verdict, &Verdict::Refuse("no".into()))
             .unwrap();
         a.send(Kind::Pages, &[&1u64.to_le_bytes(), &[7u8; 4096]])
             .unwrap();
+        // Two heads, `{"refuse":"no"}`, an address and a page.
+        assert_eq!(a.sent().load(Ordering::Relaxed), 9 + 15 + 9 + 8 + 4096);
         let verdict: Verdict = b.receive_json(Kind::Verdict).unwrap();
         assert_eq!(verdict, Verdict::Refuse("no".into()));
         let mut buffer = Vec::new();

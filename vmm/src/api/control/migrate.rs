@@ -1,11 +1,12 @@
 //! `PUT /vm/migrate`: the source's side of a live migration (see `crate::migration`). The VM
 //! goes on as before unless the destination confirmed it runs the VM there.
 
-use std::sync::PoisonError;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{ControlError, VmControl};
-use crate::api::types::MigrateReport;
+use crate::api::types::{MigrateReport, MigrationStatus};
 use crate::memory::GuestMemory;
 use crate::migration::dirty::{self, BackendLog, DirtyLog};
 use crate::migration::send::{self, SendError};
@@ -52,8 +53,11 @@ impl VmControl {
             return Err(migrate_error(MigrateError::Busy));
         };
         let start = Instant::now();
+        let _progress = self.track(to, start);
         let (address, mut stream, source) = self.propose(to)?;
+        self.set_progress(&stream, "pre-copy");
         let (log, precopy) = self.precopy_phase(&mut stream, source)?;
+        self.set_progress(&stream, "stop-and-copy");
         let was_paused = self.pause.is_paused();
         if !was_paused {
             self.pause()?;
@@ -61,6 +65,7 @@ impl VmControl {
         let paused_at = Instant::now();
         let stopped = self.stop_and_copy(&mut stream, source, log, precopy.left, was_paused);
         let (memory_bytes, sent, stopped) = stopped?;
+        self.set_progress(&stream, "handoff");
         self.switch_over(&mut stream, &stopped, was_paused)?;
         let bytes = precopy.sent.bytes + sent.bytes;
         let report = MigrateReport {
@@ -206,6 +211,53 @@ impl VmControl {
         Ok(())
     }
 
+    /// Reports a migration to `to` from now until the returned guard is dropped.
+    fn track(&self, to: &str, started: Instant) -> ProgressGuard<'_> {
+        *self.lock_progress() = Some(Progress {
+            to: to.to_string(),
+            started,
+            phase: "connecting",
+            sent: None,
+        });
+        ProgressGuard(self)
+    }
+
+    fn lock_progress(&self) -> std::sync::MutexGuard<'_, Option<Progress>> {
+        self.progress.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_progress(&self, stream: &Stream, phase: &'static str) {
+        if let Some(p) = self.lock_progress().as_mut() {
+            p.phase = phase;
+            p.sent = Some(stream.sent());
+        }
+    }
+
+    /// `GET /vm/migrate`.
+    pub fn migration_status(&self) -> MigrationStatus {
+        match self.lock_progress().as_ref() {
+            Some(p) => {
+                let sent = p.sent.as_ref().map_or(0, |s| s.load(Ordering::Relaxed));
+                MigrationStatus {
+                    migrating: true,
+                    to: Some(p.to.clone()),
+                    phase: Some(p.phase.to_string()),
+                    sent_bytes: sent,
+                    elapsed_ms: p.started.elapsed().as_millis() as u64,
+                    rate_mib_s: rate_mib_s(sent, p.started.elapsed()),
+                }
+            }
+            None => MigrationStatus {
+                migrating: false,
+                to: None,
+                phase: None,
+                sent_bytes: 0,
+                elapsed_ms: 0,
+                rate_mib_s: 0,
+            },
+        }
+    }
+
     /// The devices whose backends may write guest memory now (their rings run) without
     /// logging it, which KVM's dirty log does not see: pre-copy would miss their writes.
     fn precopy_blockers(&self) -> Vec<String> {
@@ -305,6 +357,24 @@ impl VmControl {
                 d.interrupt.set_needs_reset();
             }
         }
+    }
+}
+
+/// The migration in progress, for `GET /vm/migrate`.
+pub struct Progress {
+    to: String,
+    started: Instant,
+    phase: &'static str,
+    /// The stream's byte count, once connected.
+    sent: Option<Arc<AtomicU64>>,
+}
+
+/// Clears the progress report when the migration ends, however it ends.
+struct ProgressGuard<'a>(&'a VmControl);
+
+impl Drop for ProgressGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.lock_progress() = None;
     }
 }
 
