@@ -17,6 +17,7 @@ pub mod event_loop;
 pub mod fuzzing;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod pause;
 pub mod seccomp;
 pub mod snapshot;

@@ -57,7 +57,14 @@ impl ThreadKind {
             Self::Vcpu => (&[VHOST_MESSAGES, DISK_IO, ENDING], KVM_IOCTLS),
             Self::EventLoop => (&[EVENT_LOOP, VHOST_MESSAGES, VHOST_CONNECT, SPAWN], &[]),
             Self::Api => (
-                &[API, VHOST_MESSAGES, VHOST_CONNECT, SPAWN, SNAPSHOT_FILES],
+                &[
+                    API,
+                    VHOST_MESSAGES,
+                    VHOST_CONNECT,
+                    SPAWN,
+                    SNAPSHOT_FILES,
+                    MIGRATION,
+                ],
                 SNAPSHOT_IOCTLS,
             ),
             Self::Signals => (&[SIGNALS, ENDING], &[]),
@@ -159,17 +166,43 @@ const SNAPSHOT_FILES: &[libc::c_long] = &[
     libc::SYS_renameat2,
 ];
 
+/// `PUT /vm/migrate` streams the VM from the API thread, to a Unix or TCP socket (the
+/// connect, timeouts and reads are in the lists above).
+const MIGRATION: &[libc::c_long] = &[
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_getsockname,
+    // The backends' dirty log: a memfd the VMM maps too.
+    libc::SYS_memfd_create,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+];
+
 /// `_IOC(dir, KVMIO, nr, size)` of a KVM request, as the kernel's ioctl.h builds it.
 const fn kvm_request(dir: u64, nr: u64, size: usize) -> u64 {
     (dir << 30) | ((size as u64) << 16) | ((kvm_bindings::KVMIO as u64) << 8) | nr
 }
+const IOC_WRITE: u64 = 1;
 const IOC_READ: u64 = 2;
 const IOC_READ_WRITE: u64 = 3;
 
 /// The VM-wide state a snapshot captures on the API thread (`snapshot::irqchip::capture`):
 /// KVM_GET_IRQCHIP, KVM_GET_PIT2, KVM_GET_CLOCK. The vCPUs capture themselves on their own
 /// threads, which may make any KVM ioctl.
+/// And FIONBIO: `PUT /vm/migrate`'s TCP connect with a deadline makes the socket non-blocking.
+/// And pre-copy's KVM_SET_USER_MEMORY_REGION (dirty logging on and off) and KVM_GET_DIRTY_LOG.
 const SNAPSHOT_IOCTLS: &[Ioctl] = &[
+    Ioctl::Request(libc::FIONBIO),
+    Ioctl::Request(kvm_request(
+        IOC_WRITE,
+        0x46,
+        std::mem::size_of::<kvm_bindings::kvm_userspace_memory_region>(),
+    )),
+    Ioctl::Request(kvm_request(
+        IOC_WRITE,
+        0x42,
+        std::mem::size_of::<kvm_bindings::kvm_dirty_log>(),
+    )),
     Ioctl::Request(kvm_request(
         IOC_READ_WRITE,
         0x62,

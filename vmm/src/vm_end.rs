@@ -52,6 +52,11 @@ pub enum VmEnd {
     Snapshotted {
         dir: String,
     },
+    /// The VM was migrated (`ctl NAME migrate ADDR`) and runs in the destination VMM now:
+    /// exit status 0.
+    Migrated {
+        to: String,
+    },
 }
 
 impl VmEnd {
@@ -62,7 +67,7 @@ impl VmEnd {
             VmEnd::InternalError { .. } => STATUS_INTERNAL_ERROR,
             VmEnd::VcpuFailed { .. } => STATUS_VCPU_FAILED,
             VmEnd::Interrupted | VmEnd::StopRequested | VmEnd::ConsoleQuit => STATUS_INTERRUPTED,
-            VmEnd::PowerOff | VmEnd::Snapshotted { .. } => 0,
+            VmEnd::PowerOff | VmEnd::Snapshotted { .. } | VmEnd::Migrated { .. } => 0,
             VmEnd::Reboot { .. } => STATUS_REBOOT,
         }
     }
@@ -90,6 +95,7 @@ impl VmEnd {
             VmEnd::Snapshotted { dir } => Some(format!(
                 "stopped after a snapshot to {dir}; `splitvisor run --restore {dir}` continues the VM"
             )),
+            VmEnd::Migrated { to } => Some(format!("the VM was migrated to {to} and runs there now")),
         }
     }
 }

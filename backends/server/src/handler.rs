@@ -27,6 +27,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
 
 use super::chain::DescriptorTable;
+use super::dirty_log::DirtyLog;
 use super::fdcheck::is_eventfd;
 use super::inflight::{self, InflightQueue, InflightRegion, Recovery};
 use super::memory::{MemoryTable, MAX_MEM_SLOTS};
@@ -112,6 +113,8 @@ pub struct FrontendHandler<D: VhostUserDevice> {
     memory: MemoryTable,
     vrings: Vec<Vring>,
     inflight: Option<Arc<InflightRegion>>,
+    /// The frontend's dirty page log (SET_LOG_BASE), used while it negotiates LOG_ALL.
+    log: Option<Arc<DirtyLog>>,
 }
 
 impl<D: VhostUserDevice> FrontendHandler<D> {
@@ -124,7 +127,14 @@ impl<D: VhostUserDevice> FrontendHandler<D> {
             memory: MemoryTable::default(),
             vrings,
             inflight: None,
+            log: None,
         }
+    }
+
+    /// Whether the server can log the device's writes: it sees them only for the queues it
+    /// serves itself (a device that drives a queue writes guest memory on its own).
+    fn can_log(&self) -> bool {
+        (0..self.device.num_queues()).all(|q| !self.device.drives_queue(q))
     }
 
     pub fn acked_features(&self) -> u64 {
@@ -139,13 +149,20 @@ impl<D: VhostUserDevice> FrontendHandler<D> {
     }
 
     fn offered_features(&self) -> u64 {
-        self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        let log = match self.can_log() {
+            true => VhostUserVirtioFeatures::LOG_ALL.bits(),
+            false => 0,
+        };
+        self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | log
     }
 
     fn offered_protocol(&self) -> VhostUserProtocolFeatures {
         let mut p = splitvisor_wire::protocol::SERVER_OFFERS;
         if self.device.config_space().is_some() {
             p |= VhostUserProtocolFeatures::CONFIG;
+        }
+        if self.can_log() {
+            p |= VhostUserProtocolFeatures::LOG_SHMFD;
         }
         p
     }
@@ -169,6 +186,10 @@ impl<D: VhostUserDevice> FrontendHandler<D> {
         let event_idx = self.has_feature(VIRTIO_RING_F_EVENT_IDX);
         let indirect = self.has_feature(VIRTIO_RING_F_INDIRECT_DESC);
         let region = self.inflight.clone();
+        let log = match self.acked_features & VhostUserVirtioFeatures::LOG_ALL.bits() {
+            0 => None,
+            _ => self.log.clone(),
+        };
         let memory = self.memory.atomic();
         let device = self.device.clone();
         let vring = &mut self.vrings[index];
@@ -274,6 +295,7 @@ impl<D: VhostUserDevice> FrontendHandler<D> {
             memory,
             inflight: tracking,
             resubmit: recovery.resubmit,
+            log,
         };
         let start = match driven {
             true => RunningQueue::start_driven,
@@ -595,7 +617,13 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for FrontendHandler<D> {
         Err(unanswerable("GET_SHMEM_CONFIG is not supported"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
-        Err(unanswerable("SET_LOG_BASE is not supported (no LOG_SHMFD)"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
+        // Running queues keep the log they started with: the frontend restarts them (as
+        // QEMU's does) to log into a new one.
+        let mapped = DirtyLog::map(&file, log.mmap_size, log.mmap_offset)
+            .map_err(|e| unanswerable(format!("SET_LOG_BASE: {}", error_chain(&e))))?;
+        info!("dirty log of {} bytes set", log.mmap_size);
+        self.log = Some(Arc::new(mapped));
+        Ok(())
     }
 }

@@ -33,6 +33,7 @@
 //! only with a fresh region or none.
 
 mod chain;
+pub mod dirty_log;
 mod doorman;
 mod driven;
 mod fdcheck;

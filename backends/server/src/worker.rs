@@ -22,6 +22,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::chain::DescriptorTable;
+use super::dirty_log::DirtyLog;
 use super::driven::{DeviceRing, DrivenQueue};
 use super::inflight::InflightQueue;
 use super::VhostUserDevice;
@@ -105,6 +106,8 @@ pub struct QueueSetup {
     pub inflight: Option<InflightQueue>,
     /// Heads a previous backend left in flight, in the order they were fetched.
     pub resubmit: Vec<u16>,
+    /// Where the pages written are logged, while the frontend migrates (VHOST_F_LOG_ALL).
+    pub log: Option<Arc<DirtyLog>>,
 }
 
 /// A queue being served by its worker thread.
@@ -387,7 +390,16 @@ impl<D: VhostUserDevice> Worker<D> {
     /// Serve the chain at `head`; its used entry joins the batch.
     fn execute(&mut self, memory: &GuestMemoryMmap, head: u16) {
         let used_len = match self.setup.table.chain(memory, head) {
-            Ok(chain) => self.device.process(self.setup.index, head, &chain, memory),
+            Ok(chain) => {
+                let used_len = self.device.process(self.setup.index, head, &chain, memory);
+                if let Some(log) = &self.setup.log {
+                    // What the device may have written: every device-writable buffer.
+                    for d in chain.iter().filter(|d| d.is_write_only()) {
+                        log.mark(d.addr().0, u64::from(d.len()));
+                    }
+                }
+                used_len
+            }
             Err(e) => {
                 self.warn_bad_chain(head, &e);
                 0
@@ -436,6 +448,9 @@ impl<D: VhostUserDevice> Worker<D> {
             return;
         }
         queue.set_next_used(next.0);
+        if let Some(log) = &self.setup.log {
+            log.mark(ring.0, USED_HEADER + u64::from(size) * USED_ELEM + 2);
+        }
         if let Some(inflight) = &self.setup.inflight {
             for &(head, _) in &self.batch {
                 inflight.cleared(head);

@@ -153,6 +153,7 @@ pub fn queue_worker<D: VhostUserDevice>(
         memory: GuestMemoryAtomic::new(memory.clone()),
         inflight: None,
         resubmit,
+        log: None,
     };
     let mut worker = Worker {
         signalled_at: std::num::Wrapping(setup.queue.next_used()),

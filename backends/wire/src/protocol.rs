@@ -15,10 +15,13 @@ pub const FRONTEND_WANTS: VhostUserProtocolFeatures = VhostUserProtocolFeatures:
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::CONFIG)
     .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
-    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    // For live migration's pre-copy, from a backend whose server can log its writes.
+    .union(VhostUserProtocolFeatures::LOG_SHMFD);
 
 /// What the vhost-user server both daemons are built on (splitvisor-vhost-server) offers,
-/// plus CONFIG for a device with a config space (both have one).
+/// plus CONFIG for a device with a config space (both have one) and LOG_SHMFD for one whose
+/// queues it serves itself (splitvisor-blk).
 pub const SERVER_OFFERS: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
@@ -30,7 +33,9 @@ mod tests {
 
     #[test]
     fn every_offer_is_something_the_vmm_wants() {
-        let with_config = SERVER_OFFERS | VhostUserProtocolFeatures::CONFIG;
+        let with_config = SERVER_OFFERS
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         assert_eq!(
             FRONTEND_WANTS, with_config,
             "the VMM uses all the daemons offer"

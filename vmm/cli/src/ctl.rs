@@ -87,6 +87,13 @@ pub enum CtlVerb {
         #[arg(long, value_name = "PATH")]
         binary: Option<PathBuf>,
     },
+    /// Move the running VM to the destination waiting at ADDR (`splitvisor run --incoming
+    /// ADDR`): unix:PATH or tcp:HOST:PORT. On success this VM's `run` exits with status 0 and
+    /// the destination continues it; on failure it runs on here (PUT /vm/migrate).
+    Migrate {
+        /// unix:PATH or tcp:HOST:PORT.
+        to: String,
+    },
 }
 
 fn parse_then(value: &str) -> Result<AfterSnapshot, String> {
@@ -195,6 +202,7 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
                 )
             })
         }
+        CtlVerb::Migrate { to } => crate::migrate::ctl_migrate(&socket, to, json),
         CtlVerb::Swap { id, socket: target } => {
             let body = SwapRequest {
                 socket: absolute(target).display().to_string(),
@@ -257,7 +265,7 @@ fn check_is_splitvisor(binary: &Path) -> Result<(), CtlError> {
 }
 
 /// The answer as JSON with `--json`, else readably.
-fn show<T: Serialize>(
+pub fn show<T: Serialize>(
     json: bool,
     value: &T,
     describe: impl Fn(&T) -> String,

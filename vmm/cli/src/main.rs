@@ -7,6 +7,7 @@ mod ctl;
 mod ctl_backends;
 mod launch;
 mod list;
+mod migrate;
 mod registry;
 mod run;
 

@@ -202,6 +202,11 @@ pub struct RunArgs {
     /// descriptors it fails.
     #[arg(long, value_name = "FD", hide = true)]
     pub resume_upgrade: Option<i32>,
+    /// Wait on unix:PATH or tcp:HOST:PORT for a VM that `splitvisor ctl NAME migrate ADDR`
+    /// sends, then continue it here. --memory and --vcpus must be the VM's (a mismatch is
+    /// refused and the source keeps running); --disk/--net as for --restore.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["kernel", "initramfs", "cmdline", "restore"])]
+    pub incoming: Option<String>,
 }
 
 /// The hidden flag of `RunArgs::resume_upgrade`, as the old process adds it.
@@ -245,7 +250,12 @@ pub fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     // Dropped after the VM ends: removes the VM's entry (and its API socket with it).
     let _registration = register(args, &mut config, true)?;
     splitvisor_vmm::seccomp::set_mode(args.vm.seccomp);
+    let explicit_devices = !(config.disks.is_empty() && config.nets.is_empty());
     let vm = match (&args.restore, &manifest) {
+        _ if args.incoming.is_some() => {
+            let address = args.incoming.as_deref().unwrap_or_default();
+            crate::migrate::receive_vm(address, &mut config, explicit_devices)?
+        }
         (Some(dir), Some(manifest)) => {
             let start = std::time::Instant::now();
             let vm = Vm::restore(&config, &RestoreFrom { dir, manifest })?;
@@ -385,7 +395,7 @@ fn lost(error: &dyn std::error::Error) -> String {
 
 /// The vhost-user backends a snapshot's devices had, as --disk and --net would give them
 /// (same ids, sockets and MAC), in the snapshot's order.
-fn snapshot_backends(manifest: &Manifest) -> (Vec<DiskConfig>, Vec<NetConfig>) {
+pub fn snapshot_backends(manifest: &Manifest) -> (Vec<DiskConfig>, Vec<NetConfig>) {
     let (mut disks, mut nets) = (Vec::new(), Vec::new());
     for device in &manifest.devices {
         let state = match &device.state {

@@ -28,6 +28,9 @@ use crate::vhost_user::manager::SwapError;
 use crate::vhost_user::{SwitchRecord, VhostUserDevice};
 use crate::vm_end::{EndSignal, VmEnd};
 
+mod migrate;
+pub use migrate::MigrateError;
+
 /// How long `pause` waits for every vCPU to leave `KVM_RUN`.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A swap's new backend is expected to be listening already; this covers a daemon that is
@@ -62,6 +65,8 @@ pub enum ControlError {
     Upgrade(#[source] Box<UpgradeError>),
     #[error("{0}; the VM continues as before")]
     UpgradeRefused(#[source] Box<UpgradeError>),
+    #[error("the migration failed; the VM continues here as before")]
+    Migrate(#[source] Box<MigrateError>),
 }
 
 /// The emulated ATA disk, for reporting.
@@ -104,6 +109,10 @@ pub struct VmControl {
     /// Held by a snapshot or an upgrade: both capture the vCPUs through one mailbox and stop
     /// the rings, so one at a time.
     capturing: Mutex<()>,
+    /// Held by a migration in progress.
+    migrating: Mutex<()>,
+    /// What `GET /vm/migrate` reports of it.
+    progress: Mutex<Option<migrate::Progress>>,
 }
 
 /// Everything `VmControl` reports on or acts upon.
@@ -145,6 +154,8 @@ impl VmControl {
             snapshot: parts.snapshot,
             upgrader: OnceLock::new(),
             capturing: Mutex::new(()),
+            migrating: Mutex::new(()),
+            progress: Mutex::new(None),
         }
     }
 

@@ -271,6 +271,39 @@ fn samples() -> BTreeMap<(&'static str, &'static str), Vec<Value>> {
                 })
                 .to_vec(),
         ),
+        (
+            ("GET", "/vm/migrate"),
+            vec![
+                json!(MigrationStatus {
+                    migrating: true,
+                    to: Some("tcp:10.0.0.2:4444".into()),
+                    phase: Some("pre-copy".into()),
+                    sent_bytes: 5 << 20,
+                    elapsed_ms: 30,
+                    rate_mib_s: 166,
+                }),
+                json!(MigrationStatus {
+                    migrating: false,
+                    to: None,
+                    phase: None,
+                    sent_bytes: 0,
+                    elapsed_ms: 0,
+                    rate_mib_s: 0,
+                }),
+            ],
+        ),
+        (
+            ("PUT", "/vm/migrate"),
+            vec![json!(MigrateReport {
+                to: "unix:/m.sock".into(),
+                memory_bytes: 256 << 20,
+                sent_bytes: 3 << 20,
+                precopy_rounds: 2,
+                elapsed_ms: 90,
+                downtime_ms: 60,
+                rate_mib_s: 400,
+            })],
+        ),
         (("GET", "/version"), vec![json!(VersionReport::current())]),
         (
             ("GET", "/ping"),

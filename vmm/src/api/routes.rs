@@ -7,9 +7,12 @@ use serde_json::{json, Value};
 
 use super::http::Request;
 use super::types::{
-    ErrorReport, PingReport, SnapshotRequest, UpgradeRequest, VersionReport, API_PREFIX,
+    ErrorReport, MigrateRequest, PingReport, SnapshotRequest, UpgradeRequest, VersionReport,
+    API_PREFIX,
 };
-use crate::api::control::{ControlError, VmControl};
+use crate::api::control::{ControlError, MigrateError, VmControl};
+use crate::migration::send::SendError;
+use crate::migration::wire::WireError;
 use crate::vhost_user::manager::SwapError;
 use crate::vm_end::VmEnd;
 
@@ -61,6 +64,8 @@ pub const ROUTES: &[Route] = &[
     Route::new("PUT", "/vm/shutdown", true),
     Route::new("PUT", "/vm/snapshot", true),
     Route::new("PUT", "/vm/upgrade", true),
+    Route::new("PUT", "/vm/migrate", true),
+    Route::new("GET", "/vm/migrate", true),
     Route::new("PUT", "/devices/{id}/backend", true),
     Route::new("GET", "/version", false),
     Route::new("GET", "/ping", false),
@@ -136,7 +141,7 @@ pub fn handle(control: &VmControl, request: &Request) -> Response {
         return Response::error(
             404,
             format!(
-                "no endpoint {}; see docs/api.yaml (under {API_PREFIX}: GET /vm, GET /metrics, PUT /vm/pause, PUT /vm/resume, PUT /vm/shutdown, PUT /vm/snapshot, PUT /vm/upgrade, PUT /devices/{{id}}/backend, GET /version, GET /ping)",
+                "no endpoint {}; see docs/api.yaml (under {API_PREFIX}: GET /vm, GET /metrics, PUT /vm/pause, PUT /vm/resume, PUT /vm/shutdown, PUT /vm/snapshot, PUT /vm/upgrade, PUT /vm/migrate, GET /vm/migrate, PUT /devices/{{id}}/backend, GET /version, GET /ping)",
                 request.path
             ),
         );
@@ -184,6 +189,23 @@ pub fn handle(control: &VmControl, request: &Request) -> Response {
                 return response;
             }
             Err(message) => return Response::error(400, message),
+        },
+        "/vm/migrate" if method == "GET" => Ok(json!(control.migration_status())),
+        "/vm/migrate" => match serde_json::from_slice::<MigrateRequest>(&request.body) {
+            Ok(r) => match control.migrate(&r.to) {
+                Ok((report, end)) => {
+                    let mut response = Response::ok(json!(report));
+                    response.then_end = Some(end);
+                    return response;
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => {
+                return Response::error(
+                    400,
+                    format!("{e}; send {{\"to\": \"unix:PATH\" or \"tcp:HOST:PORT\"}}"),
+                )
+            }
         },
         "/devices/{id}/backend" => match swap_target(&request.body) {
             Ok(socket) => control.swap(id, &socket).map(|r| json!(r)),
@@ -257,6 +279,13 @@ fn status_of(error: &ControlError) -> u16 {
         ControlError::Upgrade(_) => 500,
         ControlError::SnapshotUnsupported(_) => 409,
         ControlError::Snapshot(_) => 500,
+        ControlError::Migrate(e) => match **e {
+            MigrateError::Wire(WireError::ParseAddress(_)) => 400,
+            MigrateError::Send(SendError::Refused(_))
+            | MigrateError::Unsupported(_)
+            | MigrateError::Busy => 409,
+            _ => 502,
+        },
         ControlError::Stopping => 409,
         ControlError::PauseTimeout => 500,
         ControlError::UnknownDevice(_) => 404,

@@ -107,6 +107,47 @@ pub struct UpgradeReport {
     pub state: VmState,
 }
 
+/// `PUT /vm/migrate`'s request body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// Where the destination (`splitvisor run --incoming ADDR`) waits: `unix:PATH` or
+    /// `tcp:HOST:PORT`.
+    pub to: String,
+}
+
+/// `PUT /vm/migrate`'s answer: the VM runs at the destination now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrateReport {
+    pub to: String,
+    pub memory_bytes: u64,
+    /// Guest memory sent (only pages holding data), pre-copy rounds included.
+    pub sent_bytes: u64,
+    /// Rounds of copying while the VM ran (0: stop-and-copy, because a vhost-user backend
+    /// serving rings cannot log its writes).
+    pub precopy_rounds: u32,
+    /// From the request to the destination's confirmation.
+    pub elapsed_ms: u64,
+    /// From the vCPUs paused to the destination's confirmation.
+    pub downtime_ms: u64,
+    /// Guest memory sent per second of sending.
+    pub rate_mib_s: u64,
+}
+
+/// `GET /vm/migrate`: the migration in progress, if any.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    pub migrating: bool,
+    /// Where to; null when not migrating.
+    pub to: Option<String>,
+    /// "connecting", "pre-copy", "stop-and-copy" or "handoff"; null when not migrating.
+    pub phase: Option<String>,
+    /// Bytes sent to the destination so far (pages and framing).
+    pub sent_bytes: u64,
+    pub elapsed_ms: u64,
+    pub rate_mib_s: u64,
+}
+
 /// What the VM boots.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GuestReport {

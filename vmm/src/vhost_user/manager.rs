@@ -119,7 +119,8 @@ impl BackendManager {
         Ok(())
     }
 
-    fn unwatch(&self) {
+    /// Stops watching the backend's socket (before it is closed on purpose).
+    pub(super) fn unwatch(&self) {
         if let Some(token) = self
             .watch_token
             .lock()

@@ -9,6 +9,7 @@
 mod candidate;
 pub mod connection;
 pub mod deadline;
+pub mod handoff;
 pub mod manager;
 pub mod rings;
 pub mod snapshot;
@@ -679,6 +680,7 @@ impl VirtioDevice for VhostUserDevice {
             queues: activation.queues.to_vec(),
             kicks: clone_all(activation.kicks)?,
             calls: clone_all(activation.calls)?,
+            log: false,
         });
         // Without a backend right now, the rings start when one comes back.
         self.start_rings().map_err(|e| {

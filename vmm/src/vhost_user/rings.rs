@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use splitvisor_wire::ring;
 use vhost::vhost_user::message::{
-    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures, VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -25,6 +25,9 @@ pub struct Rings {
     pub queues: Vec<QueueConfig>,
     pub kicks: Vec<EventFd>,
     pub calls: Vec<EventFd>,
+    /// The backend logs the pages it writes (VHOST_F_LOG_ALL, after SET_LOG_BASE): the VM is
+    /// migrating (`handoff::start_logging`).
+    pub log: bool,
 }
 
 impl Rings {
@@ -156,17 +159,22 @@ pub fn start(
         None
     };
     let protocol_bit = backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    let log_bit = match rings.log {
+        true => VhostUserVirtioFeatures::LOG_ALL.bits(),
+        false => 0,
+    };
     exchange(frontend, "SET_FEATURES", |f| {
-        f.set_features(rings.driver_features | protocol_bit)
+        f.set_features(rings.driver_features | protocol_bit | log_bit)
     })?;
     let regions = memory_regions(memory);
     exchange(frontend, "SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
     for &(index, base) in bases {
         let queue = &rings.queues[index];
-        let addresses = vring_addresses(memory, queue).map_err(|source| ExchangeError::Failed {
-            message: "SET_VRING_ADDR",
-            source,
-        })?;
+        let addresses =
+            vring_addresses(memory, queue, rings.log).map_err(|source| ExchangeError::Failed {
+                message: "SET_VRING_ADDR",
+                source,
+            })?;
         exchange(frontend, "SET_VRING_NUM", |f| {
             f.set_vring_num(index, queue.size)
         })?;
@@ -224,7 +232,11 @@ fn memory_regions(memory: &GuestMemory) -> Vec<VhostUserMemoryRegionInfo> {
 
 /// Vring addresses in the VMM's address space (vhost-user translates them through the memory
 /// table), after checking each ring lies in guest RAM.
-fn vring_addresses(memory: &GuestMemory, q: &QueueConfig) -> Result<VringConfigData, vhost::Error> {
+fn vring_addresses(
+    memory: &GuestMemory,
+    q: &QueueConfig,
+    log: bool,
+) -> Result<VringConfigData, vhost::Error> {
     let host = |gpa: u64, len: u64| -> Result<u64, vhost::Error> {
         if !memory.check_range(GuestAddress(gpa), len as usize) {
             return Err(vhost::Error::InvalidGuestMemory);
@@ -237,10 +249,14 @@ fn vring_addresses(memory: &GuestMemory, q: &QueueConfig) -> Result<VringConfigD
     Ok(VringConfigData {
         queue_max_size: q.max_size,
         queue_size: q.size,
-        flags: 0,
+        // With the log: the backend logs its used ring writes at the ring's guest address.
+        flags: match log {
+            true => VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits(),
+            false => 0,
+        },
         desc_table_addr: host(q.desc_table, ring::desc_table_len(q.size))?,
         avail_ring_addr: host(q.avail_ring, ring::avail_ring_len(q.size))?,
         used_ring_addr: host(q.used_ring, ring::used_ring_len(q.size))?,
-        log_addr: None,
+        log_addr: log.then_some(q.used_ring),
     })
 }

@@ -142,6 +142,7 @@ impl VhostUserDevice {
             queues: activation.queues.to_vec(),
             kicks: clone_all(activation.kicks)?,
             calls: clone_all(activation.calls)?,
+            log: false,
         };
         // Requests completed before the snapshot are not this VMM's to count.
         self.last_used = rings.used_indices(&self.memory);

@@ -181,6 +181,7 @@ impl BlkFrontend {
             }],
             kicks: vec![eventfd()?],
             calls: vec![eventfd()?],
+            log: false,
         };
         rings::start(
             &mut conn.frontend,
