@@ -19,6 +19,9 @@ use splitvisor_vmm::api::types::{
     VirtioCounters, VmReport, API_PREFIX,
 };
 
+// The migrate verb: request and progress display.
+mod migrate;
+
 #[derive(Debug, Args)]
 #[command(subcommand_precedence_over_arg = true)]
 pub struct CtlArgs {
@@ -202,7 +205,7 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
                 )
             })
         }
-        CtlVerb::Migrate { to } => crate::migrate::ctl_migrate(&socket, to, json),
+        CtlVerb::Migrate { to } => migrate::ctl_migrate(&socket, to, json),
         CtlVerb::Swap { id, socket: target } => {
             let body = SwapRequest {
                 socket: absolute(target).display().to_string(),

@@ -7,7 +7,6 @@ mod ctl;
 mod ctl_backends;
 mod launch;
 mod list;
-mod migrate;
 mod registry;
 mod run;
 

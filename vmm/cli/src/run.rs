@@ -18,6 +18,9 @@ use splitvisor_vmm::vm::{RestoreFrom, Vm};
 
 use crate::registry::{self, Registration, RegistryError};
 
+// `run --incoming`: the destination of a live migration.
+mod incoming;
+
 /// What the VM is made of and how it runs, apart from its devices: shared by `run` and `launch`
 /// (flattened into both, so the flags are spelled and documented once).
 #[derive(Clone, Debug, Args, PartialEq)]
@@ -254,7 +257,7 @@ pub fn run(args: &RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let vm = match (&args.restore, &manifest) {
         _ if args.incoming.is_some() => {
             let address = args.incoming.as_deref().unwrap_or_default();
-            crate::migrate::receive_vm(address, &mut config, explicit_devices)?
+            incoming::receive_vm(address, &mut config, explicit_devices)?
         }
         (Some(dir), Some(manifest)) => {
             let start = std::time::Instant::now();
