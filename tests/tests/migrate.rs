@@ -400,3 +400,32 @@ fn figures_for_a_1g_guest() {
     eprintln!("FIGURE disk-busy 1 GiB guest: {report}");
     assert_verified(&next.wait(VM_TIMEOUT), &dir.join("disk.img"));
 }
+
+/// Ctrl-C (SIGINT) to a destination still waiting for its VM ends it with a message and
+/// leaves nothing behind: not the listening socket, not its API socket.
+#[test]
+fn an_interrupted_destination_leaves_nothing_behind() {
+    if !require_kvm("an_interrupted_destination_leaves_nothing_behind") {
+        return;
+    }
+    let dir = Workdir::new("migrate-int");
+    let socket = dir.join("in.sock");
+    let address = format!("unix:{}", socket.display());
+    let (vm, _stdin) = destination(&dir, "dest", &address, &[]);
+    assert!(
+        socket.exists(),
+        "the destination listens on {}",
+        socket.display()
+    );
+    assert!(vm.signal(libc::SIGINT), "SIGINT delivered");
+    let run = vm.wait(STEP_TIMEOUT);
+    assert_eq!(run.code(), Some(1), "{run}");
+    assert!(
+        run.stderr.contains(&format!(
+            "SIGINT while waiting for a VM to migrate in on {address}"
+        )),
+        "{run}"
+    );
+    assert!(!socket.exists(), "the listening socket is removed");
+    assert!(!dir.join("dest.sock").exists(), "the API socket is removed");
+}

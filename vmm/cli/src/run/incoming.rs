@@ -4,7 +4,10 @@
 //! `run --restore` would, connecting to the same backends once the source let them go.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use splitvisor_wire::host::signals::{signal_name, Blocked, STOP};
 
 use splitvisor_vmm::config::{DiskConfig, VmConfig};
 use splitvisor_vmm::migration::receive::{self, Expect, Incoming};
@@ -19,6 +22,54 @@ impl Drop for Staging {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// `receive::receive` on a thread of its own while this one takes SIGINT/SIGTERM: the wait
+/// for a source may last for ever, and Ctrl-C must leave no socket, staging directory or
+/// registry entry behind (returning the error drops the entry; the rest is removed here).
+fn receive_interruptibly(
+    listener: Listener,
+    address: &Address,
+    expect: Expect,
+    staging: &Staging,
+) -> Result<Incoming, Box<dyn std::error::Error>> {
+    // Blocked before the thread starts, so that it inherits the mask and only this thread
+    // takes the signals.
+    let blocked = Blocked::block(&STOP)?;
+    let (done, outcome) = mpsc::channel();
+    let dir = staging.0.clone();
+    let spawned = std::thread::Builder::new()
+        .name("incoming".into())
+        .spawn(move || {
+            let result = receive::receive(&listener, &expect, &dir);
+            drop(listener);
+            let _ = done.send(result);
+        });
+    let received = match spawned {
+        Err(e) => Err(e.into()),
+        Ok(_) => loop {
+            if let Some(signal) = blocked.wait_timeout(Duration::from_millis(50)) {
+                if let Address::Unix(path) = address {
+                    let _ = std::fs::remove_file(path);
+                }
+                let _ = std::fs::remove_dir_all(&staging.0);
+                break Err(format!(
+                    "{} while waiting for a VM to migrate in on {address}; nothing was started",
+                    signal_name(signal)
+                )
+                .into());
+            }
+            match outcome.try_recv() {
+                Ok(result) => break result.map_err(Into::into),
+                Err(mpsc::TryRecvError::Empty) => continue,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    break Err("the thread receiving the VM died".into())
+                }
+            }
+        },
+    };
+    blocked.restore();
+    received
 }
 
 /// Waits for the VM on `address` and restores it with `config` (its --memory and --vcpus must
@@ -39,8 +90,7 @@ pub fn receive_vm(
         vcpus: usize::from(config.vcpus),
         devices: explicit_devices.then(|| device_keys(config)),
     };
-    let incoming = receive::receive(&listener, &expect, &staging.0)?;
-    drop(listener);
+    let incoming = receive_interruptibly(listener, &address, expect, &staging)?;
     if !explicit_devices {
         (config.disks, config.nets) = crate::run::snapshot_backends(&incoming.manifest);
     }
