@@ -4,11 +4,12 @@
 use std::ffi::OsStr;
 use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::daemon::workspace_bin;
 use crate::wait::poll_until;
+use crate::workdir::Workdir;
 
 /// How long one VM may run in a test before it is killed and the test fails.
 pub const VM_TIMEOUT: Duration = Duration::from_secs(120);
@@ -317,4 +318,44 @@ impl Drop for RunningVm {
 /// Creates `path` for a child's output.
 fn create(path: &std::path::Path) -> std::fs::File {
     std::fs::File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `splitvisor run --api-socket DIR/NAME.sock ARGS` with `env`: its stdin piped (the guest's
+/// serial input, returned), its stdout in `DIR/NAME.stdout`, its stderr shown if the test
+/// fails.
+pub fn spawn_run(
+    dir: &Workdir,
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (RunningVm, ChildStdin) {
+    let api = dir.join(&format!("{name}.sock"));
+    let stdout = std::fs::File::create(dir.join(&format!("{name}.stdout"))).expect("stdout file");
+    let mut argv = vec!["run", "--api-socket", api.to_str().expect("utf-8 path")];
+    argv.extend(args);
+    let mut vm = RunningVm::spawn_with(
+        argv,
+        dir.path(),
+        name,
+        Stdio::piped(),
+        Stdio::from(stdout),
+        env,
+    );
+    dir.log(
+        &format!("{name} stderr"),
+        &dir.join(&format!("{name}.stderr")),
+    );
+    let stdin = vm.child().stdin.take().expect("piped stdin");
+    (vm, stdin)
+}
+
+/// `splitvisor run --net socket=SOCKET --cmdline "ping=10.0.0.2,count=N ip=10.0.0.1/24"` to
+/// its end (see `spawn_run`): every ping must be answered.
+pub fn ping_server(dir: &Workdir, name: &str, socket: &std::path::Path, count: u32) {
+    let net = format!("socket={}", socket.display());
+    let task = format!("ping=10.0.0.2,count={count} ip=10.0.0.1/24");
+    let (pinger, _stdin) = spawn_run(dir, name, &["--net", &net, "--cmdline", &task], &[]);
+    let run = pinger.wait(VM_TIMEOUT);
+    let result = run.assert_passed();
+    assert_eq!(result["received"], count, "{run}");
 }

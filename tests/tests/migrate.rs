@@ -21,7 +21,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{ChildStdin, Stdio};
+use std::process::ChildStdin;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -29,7 +29,7 @@ use splitvisor_tests::api;
 use splitvisor_tests::daemon::Daemon;
 use splitvisor_tests::image;
 use splitvisor_tests::pattern::{self, BLK_VERIFY_REGION};
-use splitvisor_tests::vm::{ctl, require_kvm, RunningVm, VmRun, VM_TIMEOUT};
+use splitvisor_tests::vm::{ctl, require_kvm, spawn_run, RunningVm, VmRun, VM_TIMEOUT};
 use splitvisor_tests::wait::poll_until;
 use splitvisor_tests::workdir::Workdir;
 
@@ -46,34 +46,7 @@ const LISTENING: &str = "waiting for a VM to migrate in on";
 /// `splitvisor run ARGS --api-socket DIR/NAME.sock` with a piped stdin (the guest's serial
 /// input) and its stdout in `DIR/NAME.stdout`.
 fn spawn(dir: &Workdir, name: &str, args: &[&str]) -> (RunningVm, ChildStdin) {
-    spawn_env(dir, name, args, &[])
-}
-
-/// `spawn` with environment variables.
-fn spawn_env(
-    dir: &Workdir,
-    name: &str,
-    args: &[&str],
-    env: &[(&str, &str)],
-) -> (RunningVm, ChildStdin) {
-    let api = dir.join(&format!("{name}.sock"));
-    let stdout = std::fs::File::create(dir.join(&format!("{name}.stdout"))).expect("stdout file");
-    let mut argv = vec!["run", "--api-socket", api.to_str().expect("utf-8 path")];
-    argv.extend(args);
-    let mut vm = RunningVm::spawn_with(
-        argv,
-        dir.path(),
-        name,
-        Stdio::piped(),
-        Stdio::from(stdout),
-        env,
-    );
-    dir.log(
-        &format!("{name} stderr"),
-        &dir.join(&format!("{name}.stderr")),
-    );
-    let stdin = vm.child().stdin.take().expect("piped stdin");
-    (vm, stdin)
+    spawn_run(dir, name, args, &[])
 }
 
 /// A destination `run --incoming ADDR ARGS`, once it listens.
@@ -91,7 +64,7 @@ fn destination_env(
 ) -> (RunningVm, ChildStdin) {
     let mut argv = vec!["--incoming", address];
     argv.extend(args);
-    let (vm, stdin) = spawn_env(dir, name, &argv, env);
+    let (vm, stdin) = spawn_run(dir, name, &argv, env);
     poll_until("the destination to listen", STEP_TIMEOUT, || {
         vm.stderr_so_far().contains(LISTENING).then_some(())
     })
@@ -323,7 +296,7 @@ fn the_destination_has_the_sources_memory_at_switch_over() {
     let env = [("SPLITVISOR_MIGRATION_DIGEST", "1")];
     let dir = Workdir::new("migdigest");
     let args = ["--cmdline", "console-echo,lines=2,seconds=100"];
-    let (echo, mut stdin) = spawn_env(&dir, "echo0", &args, &env);
+    let (echo, mut stdin) = spawn_run(&dir, "echo0", &args, &env);
     writeln!(stdin, "before").expect("write the guest's input");
     echo.wait_stdout("ECHO before\n", STEP_TIMEOUT);
     let to = format!("unix:{}", dir.join("echo.sock").display());
@@ -345,7 +318,7 @@ fn the_destination_has_the_sources_memory_at_switch_over() {
     dir.log("splitvisor-blk", &daemon.log);
     let disk = format!("socket={}", socket.display());
     let task = format!("blk-verify,seconds={VERIFY_SECONDS}");
-    let (busy, _stdin) = spawn_env(&dir, "busy0", &["--disk", &disk, "--cmdline", &task], &env);
+    let (busy, _stdin) = spawn_run(&dir, "busy0", &["--disk", &disk, "--cmdline", &task], &env);
     completed_above(&dir.join("busy0.sock"), 0, &busy);
     let to = format!("unix:{}", dir.join("busy.sock").display());
     let (next, _stdin) = destination_env(&dir, "busy1", &to, &[], &env);

@@ -15,7 +15,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{ChildStdin, Stdio};
+use std::process::ChildStdin;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -23,7 +23,9 @@ use splitvisor_tests::api;
 use splitvisor_tests::daemon::Daemon;
 use splitvisor_tests::image;
 use splitvisor_tests::pattern::{self, BLK_VERIFY_REGION};
-use splitvisor_tests::vm::{ctl, require_kvm, run_splitvisor, RunningVm, VM_TIMEOUT};
+use splitvisor_tests::vm::{
+    ctl, ping_server, require_kvm, run_splitvisor, spawn_run, RunningVm, VM_TIMEOUT,
+};
 use splitvisor_tests::wait::poll_until;
 use splitvisor_tests::workdir::Workdir;
 
@@ -40,24 +42,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// `splitvisor run ARGS --api-socket DIR/NAME.sock` with a piped stdin (the guest's serial
 /// input) and its stdout in `DIR/NAME.stdout`.
 fn spawn(dir: &Workdir, name: &str, args: &[&str]) -> (RunningVm, ChildStdin) {
-    let api = dir.join(&format!("{name}.sock"));
-    let stdout = std::fs::File::create(dir.join(&format!("{name}.stdout"))).expect("stdout file");
-    let mut argv = vec!["run", "--api-socket", api.to_str().expect("utf-8 path")];
-    argv.extend(args);
-    let mut vm = RunningVm::spawn_with(
-        argv,
-        dir.path(),
-        name,
-        Stdio::piped(),
-        Stdio::from(stdout),
-        &[],
-    );
-    dir.log(
-        &format!("{name} stderr"),
-        &dir.join(&format!("{name}.stderr")),
-    );
-    let stdin = vm.child().stdin.take().expect("piped stdin");
-    (vm, stdin)
+    spawn_run(dir, name, args, &[])
 }
 
 /// Gives the guest one line and waits for its echo.
@@ -157,17 +142,6 @@ fn a_disk_verifying_guest_survives_snapshot_restore_cycles() {
 fn disk_usage(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
-}
-
-/// `splitvisor run --net socket=SOCKET --cmdline "ping=10.0.0.2,count=N ip=10.0.0.1/24"` to
-/// its end: every ping must be answered.
-fn ping_server(dir: &Workdir, name: &str, socket: &Path, count: u32) {
-    let net = format!("socket={}", socket.display());
-    let task = format!("ping=10.0.0.2,count={count} ip=10.0.0.1/24");
-    let (pinger, _stdin) = spawn(dir, name, &["--net", &net, "--cmdline", &task]);
-    let run = pinger.wait(VM_TIMEOUT);
-    let result = run.assert_passed();
-    assert_eq!(result["received"], count, "{run}");
 }
 
 /// A guest serving ping on splitvisor-net (the switch) is snapshotted and restored twice: the

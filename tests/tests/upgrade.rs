@@ -15,7 +15,7 @@
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Stdio};
+use std::process::ChildStdin;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -23,7 +23,7 @@ use splitvisor_tests::api;
 use splitvisor_tests::daemon::Daemon;
 use splitvisor_tests::image;
 use splitvisor_tests::pattern::{self, BLK_VERIFY_REGION};
-use splitvisor_tests::vm::{ctl, require_kvm, RunningVm, VM_TIMEOUT};
+use splitvisor_tests::vm::{ctl, ping_server, require_kvm, spawn_run, RunningVm, VM_TIMEOUT};
 use splitvisor_tests::wait::poll_until;
 use splitvisor_tests::workdir::Workdir;
 
@@ -42,27 +42,12 @@ const FD_SLACK: usize = 2;
 /// `DIR/runtime` (XDG_RUNTIME_DIR), with a piped stdin (the guest's serial input) and its
 /// stdout in `DIR/NAME.stdout`.
 fn spawn(dir: &Workdir, name: &str, args: &[&str]) -> (RunningVm, ChildStdin) {
-    let api = dir.join(&format!("{name}.sock"));
     let runtime = dir.join("runtime");
     std::fs::create_dir_all(&runtime).expect("runtime dir");
-    let stdout = std::fs::File::create(dir.join(&format!("{name}.stdout"))).expect("stdout file");
-    let mut argv = vec!["run", "--name", name, "--api-socket"];
-    argv.push(api.to_str().expect("utf-8 path"));
+    let mut argv = vec!["--name", name];
     argv.extend(args);
-    let mut vm = RunningVm::spawn_with(
-        argv,
-        dir.path(),
-        name,
-        Stdio::piped(),
-        Stdio::from(stdout),
-        &[("XDG_RUNTIME_DIR", runtime.to_str().expect("utf-8 path"))],
-    );
-    dir.log(
-        &format!("{name} stderr"),
-        &dir.join(&format!("{name}.stderr")),
-    );
-    let stdin = vm.child().stdin.take().expect("piped stdin");
-    (vm, stdin)
+    let env = [("XDG_RUNTIME_DIR", runtime.to_str().expect("utf-8 path"))];
+    spawn_run(dir, name, &argv, &env)
 }
 
 /// `ctl --api-socket API --json upgrade [ARGS]`, which must succeed; checks the answer names
@@ -216,17 +201,6 @@ fn a_disk_verifying_guest_survives_live_upgrades() {
         "the runtime entry is removed when the VM ends"
     );
     assert!(!api_socket.exists(), "the API socket is removed at the end");
-}
-
-/// `splitvisor run --net socket=SOCKET --cmdline "ping=10.0.0.2,count=N ip=10.0.0.1/24"` to
-/// its end: every ping must be answered.
-fn ping_server(dir: &Workdir, name: &str, socket: &Path, count: u32) {
-    let net = format!("socket={}", socket.display());
-    let task = format!("ping=10.0.0.2,count={count} ip=10.0.0.1/24");
-    let (pinger, _stdin) = spawn(dir, name, &["--net", &net, "--cmdline", &task]);
-    let run = pinger.wait(VM_TIMEOUT);
-    let result = run.assert_passed();
-    assert_eq!(result["received"], count, "{run}");
 }
 
 /// A guest serving ping on splitvisor-net (the switch) is upgraded twice: the NIC's rings
